@@ -1,0 +1,88 @@
+"""``lm-mini`` command line. Each subcommand is parsed here and handed to ``module:function(args)``;
+modules are imported only when their command runs, so ``lm-mini --help`` stays fast."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Callable, List, Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights never come from a hub here; fail fast, not after ~50 s
+
+
+def _handler(target: str) -> Callable[[argparse.Namespace], Optional[int]]:
+    def run(args: argparse.Namespace) -> Optional[int]:
+        module_name, _, func = target.partition(":")
+        return getattr(importlib.import_module(module_name), func)(args)
+
+    return run
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    from lm_mini.config import load_config, to_yaml
+
+    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config (e.g. experiments/demo.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.compressor.grid=4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lm-mini", description="Efficient LLaVA-Mini-style multimodal models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    # config
+    config = sub.add_parser("config", help="inspect configs").add_subparsers(dest="config_command", required=True)
+    p = config.add_parser("show", help="print the resolved config")
+    _add_config_args(p)
+    p.set_defaults(func=_config_show)
+
+    # shards
+    shards = sub.add_parser("shards", help="build and inspect WebDataset shards").add_subparsers(dest="shards_command", required=True)
+    p = shards.add_parser("build", help="LLaVA JSON/JSONL + media -> WebDataset shards with index.json")
+    p.add_argument("--json", nargs="+", required=True, help="LLaVA JSON or JSONL files")
+    p.add_argument("--media-root", default=".", help="directory the records' image/video paths are relative to")
+    p.add_argument("--out", required=True, help="output directory (refused if it holds a different finished build)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--workers", type=int, default=1, help="parallel writer processes")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted build in --out")
+    p.set_defaults(func=_handler("lm_mini.data.shards:cli_build"))
+    p = shards.add_parser("inspect", help="print counts and a few decoded samples")
+    p.add_argument("path", help="shard directory (with index.json) or .tar file")
+    p.add_argument("-n", "--num-samples", type=int, default=3)
+    p.add_argument("--tokenizer", default=None, help="also show token/label layout with this tokenizer")
+    p.add_argument("--template", default=None)
+    p.set_defaults(func=_handler("lm_mini.data.shards:cli_inspect"))
+    p = shards.add_parser("demo", help="generate the synthetic demo data set (shapes, videos, captions)")
+    p.add_argument("--out", default="data_shards/demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, default=1.0, help="multiply the number of samples")
+    p.set_defaults(func=_handler("lm_mini.data.synthetic:cli_demo"))
+
+    # train
+    p = sub.add_parser("train", help="train a stage")
+    _add_config_args(p)
+    p.add_argument("--resume", default=None, help="auto (newest complete checkpoint of this run) or a checkpoint path")
+    p.set_defaults(func=_handler("lm_mini.training.run:cli_train"))
+
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from lm_mini.config import ConfigError
+
+    try:
+        rc = args.func(args)
+    except ConfigError as e:
+        print(f"lm-mini: config error: {e}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

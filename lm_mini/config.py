@@ -1,0 +1,256 @@
+"""Structured configs: one dataclass tree, loaded from YAML with OmegaConf and validated at load time.
+
+``load_config("experiments/demo.yaml", ["model.compressor.grid=4"])`` merges, in order:
+the dataclass defaults, the YAML file (and the files its ``defaults:`` list names, relative
+to it), then ``key=value`` overrides. An unknown key or a value of the wrong type is refused
+with the key's path and the valid keys (or the expected type).
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+# --------------------------------------------------------------------------- model
+@dataclass
+class EncoderConfig:
+    name: str = "hf_clip"  # registry name: hf_clip | hf_siglip | timm | package.module:Class
+    config: Dict[str, Any] = field(default_factory=dict)  # HF vision config kwargs, or timm kwargs (model_name, ...)
+    path: Optional[str] = None  # local pretrained directory (HF) / checkpoint file (timm)
+    select_layer: int = -2  # hidden state to take (LLaVA: penultimate layer)
+    select_feature: str = "patch"  # patch (drop CLS) | cls_patch
+
+
+@dataclass
+class ProjectorConfig:
+    name: str = "mlp2x_gelu"  # mlp2x_gelu | linear | package.module:Class
+
+
+@dataclass
+class CompressorConfig:
+    name: str = "query_attention"  # query_attention | avg_pool | qformer | identity | package.module:Class | entry point
+    grid: int = 1  # C: the compressor emits C*C tokens per image / frame
+    options: Dict[str, Any] = field(default_factory=dict)  # extra kwargs for the compressor class
+
+
+@dataclass
+class PreFusionConfig:
+    depth: int = 4  # number of decoder layers; 0 switches pre-fusion off
+    init: str = "random"  # random (official) | llm_layers (copy the LLM's first `depth` layers)
+
+
+@dataclass
+class LLMConfig:
+    name: str = "hf_causal_lm"  # LLM builder registry name
+    config: Dict[str, Any] = field(default_factory=dict)  # transformers config kwargs incl. model_type
+    path: Optional[str] = None  # local HF directory; overrides `config`
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 | ...
+
+
+@dataclass
+class ModelConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    compressor: CompressorConfig = field(default_factory=CompressorConfig)
+    prefusion: PreFusionConfig = field(default_factory=PreFusionConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    resolution_ratio: int = 1  # R: hi-res images are split into R x R crops plus the global view
+    dtype: str = "float32"  # parameter dtype when built: float32 | bfloat16 | float16
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class ShardSetConfig:
+    path: str = ""  # directory holding index.json and *.tar (or a glob / brace pattern of .tar files)
+    weight: float = 1.0  # mixing weight among training shard sets
+    template: Optional[str] = None  # overrides data.template for this set (e.g. plain for captions)
+
+
+@dataclass
+class DataConfig:
+    tokenizer: str = "data_shards/demo/tokenizer"  # local tokenizer directory (AutoTokenizer)
+    template: str = "vicuna_v1"  # plain | vicuna_v1 | llama3
+    train: List[ShardSetConfig] = field(default_factory=list)
+    val: List[ShardSetConfig] = field(default_factory=list)
+    max_length: int = 2048
+    batch_size: int = 8
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    aspect_mode: str = "square"  # square (LLaVA-Mini) | pad (LLaVA-1.5)
+    video_fps: float = 1.0
+    max_frames: int = 64
+
+
+# --------------------------------------------------------------------------- training
+@dataclass
+class PartConfig:
+    train: bool = True
+    lr: Optional[float] = None  # None: train.lr
+
+
+@dataclass
+class PartsConfig:
+    encoder: PartConfig = field(default_factory=lambda: PartConfig(train=False))
+    projector: PartConfig = field(default_factory=PartConfig)
+    compressor: PartConfig = field(default_factory=PartConfig)
+    prefusion: PartConfig = field(default_factory=PartConfig)
+    llm: PartConfig = field(default_factory=PartConfig)
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "finetune"  # pretrain | finetune
+    parts: PartsConfig = field(default_factory=PartsConfig)
+    init_from: Optional[str] = None  # checkpoint path or run name to start from (finetune after pretrain)
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 0.5
+    accumulate_grad_batches: int = 1
+    max_epochs: int = 1
+    max_steps: int = -1
+    precision: str = "32-true"  # bf16-mixed on GPU
+    activation_checkpointing: bool = False
+    strategy: str = "auto"  # auto | ddp | fsdp
+    devices: Any = 1
+    num_nodes: int = 1
+    accelerator: str = "auto"
+    checkpoint_every_n_steps: int = 100
+    keep_last_k: int = 2
+    log_every_n_steps: int = 1
+    val_every_n_steps: Optional[int] = None
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = 16
+    batch_size: int = 8
+    metrics: List[str] = field(default_factory=lambda: ["exact_match"])
+    max_samples: Optional[int] = None
+
+
+@dataclass
+class LoggingConfig:
+    tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    runs_dir: str = "runs"
+    tags: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    experiment: str = "default"
+    run_name: Optional[str] = None
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# --------------------------------------------------------------------------- loading
+class ConfigError(ValueError):
+    """A config key or value that does not fit the schema; the message names the key."""
+
+
+def _valid_keys(schema: Any, dotted: str) -> List[str]:
+    node = schema
+    for part in [p for p in dotted.split(".")[:-1] if p]:
+        if isinstance(node, DictConfig) and part in node:
+            node = node[part]
+        elif isinstance(node, ListConfig) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return []
+    if isinstance(node, DictConfig):
+        return sorted(str(k) for k in node.keys())
+    return []
+
+
+def _explain(err: OmegaConfBaseException, schema: DictConfig, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or ""
+    if isinstance(err, (ConfigAttributeError, ConfigKeyError)):
+        valid = _valid_keys(schema, key)
+        leaf = key.split(".")[-1]
+        close = difflib.get_close_matches(leaf, valid, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        return ConfigError(f"{source}: unknown config key '{key}'. Valid keys here: {', '.join(valid)}.{hint}")
+    if isinstance(err, ValidationError):
+        return ConfigError(f"{source}: bad value for config key '{key}': {str(err.msg).splitlines()[0]}")
+    return ConfigError(f"{source}: {err}")
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    """Read a YAML file, first merging the files listed in its ``defaults:`` (paths relative to it)."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    raw = OmegaConf.load(path)
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    defaults = raw.pop("defaults", [])
+    merged = OmegaConf.create()
+    for d in defaults:
+        merged = OmegaConf.merge(merged, _read_yaml((path.parent / str(d)).resolve()))
+    return OmegaConf.merge(merged, raw)
+
+
+# Free-form mappings (HF model configs, compressor options, tags) accept any key.
+_OPEN_DICTS = ("model.encoder.config", "model.compressor.options", "model.llm.config", "logging.tags")
+
+
+def schema() -> DictConfig:
+    cfg = OmegaConf.structured(Config)
+    OmegaConf.set_struct(cfg, True)
+    for key in _OPEN_DICTS:
+        OmegaConf.set_struct(OmegaConf.select(cfg, key), False)
+    return cfg
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Defaults <- YAML (with its defaults list) <- ``key=value`` overrides, validated against ``Config``."""
+    cfg = schema()
+    if path is not None:
+        try:
+            cfg = OmegaConf.merge(cfg, _read_yaml(Path(path)))
+        except OmegaConfBaseException as e:
+            raise _explain(e, schema(), str(path)) from None
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise _explain(e, schema(), f"override '{item}'") from None
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def flatten(cfg: Any, prefix: str = "") -> Dict[str, Any]:
+    """{'model.compressor.grid': 1, ...} for MLflow params and sweep names."""
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
+    out: Dict[str, Any] = {}
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(node, list) and node and any(isinstance(v, (dict, list)) for v in node):
+            for i, v in enumerate(node):
+                walk(v, f"{key}.{i}")
+        else:
+            out[key] = node
+
+    walk(container, prefix)
+    return out

@@ -1,0 +1,38 @@
+"""Bad input is skipped and counted, never a crash and never silent."""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Dict, Optional
+
+# Reasons a sample is skipped (or, for the last two, kept but altered). Counted per reason.
+SKIP_REASONS = (
+    "corrupt_image",  # image bytes PIL cannot decode (or truncated)
+    "missing_media",  # record names a media file that is not there / shard record without its media
+    "bad_video",  # zero-length or undecodable video
+    "malformed_record",  # JSON not of the LLaVA form (id, conversations [{from, value}])
+    "placeholder_mismatch",  # number of <image>/<video> tags != number of media
+    "truncated_tar",  # shard ends mid-record
+    "unaligned_mask",  # kept, but every label masked (answer spans could not be aligned)
+    "too_long",  # kept, truncated at max_length
+)
+
+
+class SampleError(Exception):
+    """A sample that cannot be used. ``reason`` is one of SKIP_REASONS; the message names the sample."""
+
+    def __init__(self, reason: str, message: str, sample_id: Optional[str] = None):
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}; expected one of {SKIP_REASONS}")
+        self.reason = reason
+        self.sample_id = sample_id
+        super().__init__(f"[{reason}] {sample_id + ': ' if sample_id else ''}{message}")
+
+
+class SkipCounter(Counter):
+    """Counts skipped/altered samples per reason; ``+`` merges counters from workers and ranks."""
+
+    def add(self, reason: str, n: int = 1) -> None:
+        self[reason] += n
+
+    def as_dict(self) -> Dict[str, int]:
+        return {k: int(v) for k, v in sorted(self.items()) if v}

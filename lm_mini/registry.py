@@ -1,0 +1,83 @@
+"""One small registry type for the swappable parts (timm-style ``register`` + ``create``).
+
+A name resolves, in order, to: a registered entry; ``package.module:Attr`` (imported);
+an entry point of the registry's group (e.g. ``lm_mini.compressors``). Anything else is
+refused with the list of known names.
+"""
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+from typing import Any, Callable, Dict, Generic, List, Optional, TypeVar
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str, home: Optional[str] = None, entry_point_group: Optional[str] = None):
+        self.kind = kind
+        self.home = home  # module whose import registers the built-in entries
+        self.entry_point_group = entry_point_group
+        self._entries: Dict[str, T] = {}
+
+    def register(self, name: Optional[str] = None) -> Callable[[T], T]:
+        """Decorator: ``@COMPRESSORS.register("my_pool")``."""
+
+        def deco(obj: T) -> T:
+            key = name or getattr(obj, "__name__")
+            if key in self._entries and self._entries[key] is not obj:
+                raise KeyError(f"{self.kind} '{key}' is already registered")
+            self._entries[key] = obj
+            return obj
+
+        return deco
+
+    def _load_home(self) -> None:
+        if self.home:
+            importlib.import_module(self.home)
+
+    def _entry_points(self) -> Dict[str, Any]:
+        if not self.entry_point_group:
+            return {}
+        return {ep.name: ep for ep in entry_points(group=self.entry_point_group)}
+
+    def names(self) -> List[str]:
+        self._load_home()
+        return sorted(set(self._entries) | set(self._entry_points()))
+
+    def get(self, name: str) -> T:
+        self._load_home()
+        if name in self._entries:
+            return self._entries[name]
+        if ":" in name:
+            module_name, _, attr = name.partition(":")
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError as e:
+                raise KeyError(f"{self.kind} '{name}': cannot import module '{module_name}' ({e})") from e
+            if not hasattr(module, attr):
+                raise KeyError(f"{self.kind} '{name}': module '{module_name}' has no attribute '{attr}'")
+            return getattr(module, attr)
+        eps = self._entry_points()
+        if name in eps:
+            return eps[name].load()
+        known = ", ".join(self.names()) or "(none)"
+        hint = f"; or 'package.module:Class'" + (f" or an entry point in group '{self.entry_point_group}'" if self.entry_point_group else "")
+        raise KeyError(f"unknown {self.kind} '{name}'. Known {self.kind}s: {known}{hint}")
+
+    def create(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self.get(name)(*args, **kwargs)
+
+    def __contains__(self, name: str) -> bool:
+        try:
+            self.get(name)
+            return True
+        except KeyError:
+            return False
+
+
+ENCODERS: Registry = Registry("vision encoder", home="lm_mini.models.encoders")
+PROJECTORS: Registry = Registry("projector", home="lm_mini.models.projector")
+COMPRESSORS: Registry = Registry("compressor", home="lm_mini.models.compressors", entry_point_group="lm_mini.compressors")
+LLMS: Registry = Registry("llm builder", home="lm_mini.models.llm")
+TEMPLATES: Registry = Registry("conversation template", home="lm_mini.data.conversation")
