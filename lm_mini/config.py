@@ -243,7 +243,7 @@ def flatten(cfg: Any, prefix: str = "") -> Dict[str, Any]:
     out: Dict[str, Any] = {}
 
     def walk(node: Any, key: str) -> None:
-        if isinstance(node, dict) and node:
+        if isinstance(node, dict):  # an empty mapping contributes no key
             for k, v in node.items():
                 walk(v, f"{key}.{k}" if key else str(k))
         elif isinstance(node, list) and node and any(isinstance(v, (dict, list)) for v in node):

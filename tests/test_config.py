@@ -1,0 +1,61 @@
+import pytest
+from omegaconf import OmegaConf
+
+from lm_mini.config import ConfigError, apply_overrides, flatten, load_config
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_defaults_yaml_and_overrides_merge_in_order(tmp_path):
+    write(tmp_path / "model.yaml", "model:\n  compressor:\n    grid: 2\n  prefusion:\n    depth: 3\n")
+    cfg_path = write(tmp_path / "run.yaml", "defaults: [model.yaml]\nexperiment: exp\nmodel:\n  compressor:\n    grid: 4\n")
+    cfg = load_config(cfg_path, ["model.prefusion.depth=0", "train.lr=0.001"])
+    assert cfg.experiment == "exp"
+    assert cfg.model.compressor.grid == 4  # the file beats its defaults
+    assert cfg.model.prefusion.depth == 0  # overrides beat the file
+    assert cfg.train.lr == pytest.approx(1e-3)
+    assert cfg.model.compressor.name == "query_attention"  # dataclass default kept
+
+
+def test_unknown_key_in_yaml_names_path_and_valid_keys(tmp_path):
+    cfg_path = write(tmp_path / "bad.yaml", "model:\n  compresor:\n    grid: 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg_path)
+    msg = str(e.value)
+    assert "bad.yaml" in msg and "model.compresor" in msg
+    assert "compressor" in msg and "prefusion" in msg and "Did you mean 'compressor'" in msg
+
+
+def test_wrong_type_is_refused_with_key():
+    with pytest.raises(ConfigError, match=r"model\.compressor\.grid"):
+        load_config(None, ["model.compressor.grid=many"])
+
+
+def test_unknown_override_and_malformed_override():
+    with pytest.raises(ConfigError, match=r"train\.parts\.llm\.lrr.*Valid keys here: lr, train"):
+        load_config(None, ["train.parts.llm.lrr=1"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["model.compressor.grid"])
+
+
+def test_free_form_mappings_accept_any_key(tmp_path):
+    cfg_path = write(tmp_path / "m.yaml", "model:\n  llm:\n    config:\n      model_type: llama\n      hidden_size: 64\n")
+    cfg = load_config(cfg_path, ["model.llm.config.num_hidden_layers=2", "model.compressor.options.heads=4"])
+    assert OmegaConf.to_container(cfg.model.llm.config) == {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2}
+    assert cfg.model.compressor.options.heads == 4
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_flatten_gives_dotted_keys():
+    cfg = apply_overrides(load_config(), ["model.compressor.grid=3"])
+    flat = flatten(cfg)
+    assert flat["model.compressor.grid"] == 3
+    assert flat["train.parts.encoder.train"] is False
+    assert all(not isinstance(v, dict) for v in flat.values())

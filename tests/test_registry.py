@@ -1,0 +1,47 @@
+import sys
+import types
+
+import pytest
+
+from lm_mini.registry import Registry
+
+
+def test_register_get_create_and_names():
+    reg = Registry("widget")
+
+    @reg.register("square")
+    class Square:
+        def __init__(self, side):
+            self.side = side
+
+    assert reg.get("square") is Square
+    assert reg.create("square", side=3).side == 3
+    assert reg.names() == ["square"]
+    assert "square" in reg and "circle" not in reg
+
+
+def test_duplicate_name_refused():
+    reg = Registry("widget")
+    reg.register("a")(int)
+    with pytest.raises(KeyError, match="already registered"):
+        reg.register("a")(float)
+
+
+def test_import_path_resolves(monkeypatch):
+    mod = types.ModuleType("fake_widgets_mod")
+    mod.Thing = type("Thing", (), {})
+    monkeypatch.setitem(sys.modules, "fake_widgets_mod", mod)
+    reg = Registry("widget")
+    assert reg.get("fake_widgets_mod:Thing") is mod.Thing
+    with pytest.raises(KeyError, match="has no attribute 'Other'"):
+        reg.get("fake_widgets_mod:Other")
+    with pytest.raises(KeyError, match="cannot import module"):
+        reg.get("no_such_module_xyz:Thing")
+
+
+def test_unknown_name_lists_known_names():
+    reg = Registry("widget", entry_point_group="lm_mini.test_widgets_none")
+    reg.register("alpha")(int)
+    reg.register("beta")(float)
+    with pytest.raises(KeyError, match=r"unknown widget 'gamma'\. Known widgets: alpha, beta"):
+        reg.get("gamma")
