@@ -1,0 +1,122 @@
+import pytest
+import torch
+
+from lm_mini.eval.metrics import (
+    ExactMatch,
+    MultipleChoiceAccuracy,
+    POPEMetrics,
+    VQAAccuracy,
+    build_metric,
+    extract_choice,
+    normalize_vqa_answer,
+    parse_yes_no,
+    vqa_score,
+)
+
+
+@pytest.mark.parametrize(
+    "raw, normalized",
+    [
+        ("Two", "2"),  # number words
+        ("the dog.", "dog"),  # article and final period
+        ("A Red-Car", "red car"),  # a hyphen between words becomes a space
+        ("yes!", "yes"),
+        ("dont", "don't"),  # contractions
+        ("3,000", "3000"),  # a digit comma removes every punctuation mark
+        ("it is 1.5", "it is 1.5"),  # a period before a digit stays
+        ("  ten\n", "10"),
+        ("left , right", "left right"),  # a mark touching a space is dropped
+    ],
+)
+def test_vqa_normalisation(raw, normalized):
+    assert normalize_vqa_answer(raw) == normalized
+
+
+@pytest.mark.parametrize(
+    "n_match, expected",
+    [
+        (0, 0.0),
+        # 1 of 10 annotators agrees: the 9 subsets without him score 1/3, his own subset 0.
+        (1, 9 * (1 / 3) / 10),
+        (2, (2 * (1 / 3) + 8 * (2 / 3)) / 10),  # = 0.6
+        (3, (3 * (2 / 3) + 7 * 1.0) / 10),  # = 0.9
+        (4, 1.0),
+        (10, 1.0),
+    ],
+)
+def test_vqa_score_partial_agreement(n_match, expected):
+    answers = ["two"] * n_match + ["three"] * (10 - n_match)
+    assert vqa_score("2", answers) == pytest.approx(expected)
+
+
+def test_vqa_metric_accumulates_and_normalises():
+    m = VQAAccuracy()
+    m.update(["Two.", "the cat"], [["2"] * 3 + ["3"] * 7, ["cat"] * 10])
+    m.update(["no"], [["yes"] * 10])
+    assert m.compute().item() == pytest.approx((0.9 + 1.0 + 0.0) / 3)
+
+
+def test_exact_match_with_alternatives():
+    m = ExactMatch()
+    m.update(["Red.", "blue", "A circle"], ["red", ["green", "teal"], ["circle", "round"]])
+    assert m.compute().item() == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="2 predictions but 1 targets"):
+        m.update(["a", "b"], ["a"])
+
+
+@pytest.mark.parametrize(
+    "text, letter",
+    [
+        ("B", "B"),
+        ("(B)", "B"),
+        ("B. a red circle", "B"),
+        ("B) a red circle", "B"),
+        ("The answer is B", "B"),
+        ("The answer is (C).", "C"),
+        ("Answer: D", "D"),
+        ("I choose option C because", "C"),
+        ("E", None),  # only four options
+        ("no idea", None),
+    ],
+)
+def test_multiple_choice_extraction(text, letter):
+    assert extract_choice(text, 4) == letter
+
+
+def test_multiple_choice_by_option_text():
+    assert extract_choice("it is a square", ["circle", "square", "triangle"]) == "B"
+    m = MultipleChoiceAccuracy()
+    m.update(["(A)", "The answer is C", "hmm"], ["A", "B", "C"], [3, 3, 3])
+    assert m.compute().item() == pytest.approx(1 / 3)
+    assert m.unparsed.item() == 1
+
+
+def test_pope_on_known_confusion_matrix():
+    # 4 TP, 1 FN, 2 FP, 3 TN
+    preds = ["Yes, there is."] * 4 + ["No."] + ["yes"] * 2 + ["There is not a dog.", "no", "No, there isn't."]
+    gold = ["yes"] * 5 + ["no"] * 5
+    m = POPEMetrics()
+    m.update(preds, gold)
+    out = m.compute()
+    assert out["accuracy"].item() == pytest.approx(7 / 10)
+    assert out["precision"].item() == pytest.approx(4 / 6)
+    assert out["recall"].item() == pytest.approx(4 / 5)
+    assert out["f1"].item() == pytest.approx(2 * (4 / 6) * (4 / 5) / (4 / 6 + 4 / 5))
+    assert out["yes_ratio"].item() == pytest.approx(6 / 10)
+    assert parse_yes_no("Not at all. Yes.") == "no"
+    with pytest.raises(ValueError, match="'yes' or 'no'"):
+        m.update(["yes"], ["maybe"])
+
+
+def test_metric_states_merge_like_ranks():
+    a, b = VQAAccuracy(), VQAAccuracy()
+    a.update(["2"], [["2"] * 10])
+    b.update(["3"], [["2"] * 10])
+    a.merge_state(b)  # what a cross-rank sync does with dist_reduce_fx="sum"
+    assert a.compute().item() == pytest.approx(0.5)
+    assert torch.isnan(VQAAccuracy().compute())
+
+
+def test_unknown_metric_lists_known():
+    with pytest.raises(KeyError, match="exact_match"):
+        build_metric("bleu")
