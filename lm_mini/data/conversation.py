@@ -1,0 +1,305 @@
+"""Conversation templates and label masking, following the official LLaVA / LLaVA-Mini formats.
+
+A LLaVA record's ``conversations`` is a list of ``{"from": ..., "value": ...}`` turns. A
+:class:`Template` renders it to the exact prompt string the official code builds, as a list of
+segments, each marked *trained* (an assistant answer plus its end-of-turn token) or not:
+
+    vicuna_v1   <s>SYSTEM USER: <image>\\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT: A2</s>
+    llama3      <|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\nSYSTEM<|eot_id|>
+                <|start_header_id|>user<|end_header_id|>\\n\\n<image>\\nQ<|eot_id|>
+                <|start_header_id|>assistant<|end_header_id|>\\n\\nA<|eot_id|>
+    plain       <s><image>CAPTION\\n                      (caption pretraining, LLaVA stage 1)
+
+The media placeholder becomes the single id ``IMAGE_TOKEN_INDEX`` (each text chunk around it is
+tokenized on its own, like official ``tokenizer_image_token``). Labels are computed by
+tokenizing the text up to every segment boundary and checking that those tokens are a prefix of
+the tokens of the whole text: then the boundary is a token boundary and the masking is exact for
+any tokenizer (byte-level BPE, SentencePiece with its dummy prefix, ...). Where a boundary falls
+inside a token the sample is kept with every label masked and flagged ``unaligned`` (the official
+code prints "tokenization mismatch" and does the same).
+
+BOS: the tokenizer is always called with ``add_special_tokens=False``; a template that wants a
+BOS id (``vicuna_v1``, ``plain``: the Llama tokenizer's ``<s>``) prepends ``tokenizer.bos_token_id``
+itself, and ``llama3`` writes ``<|begin_of_text|>`` in its text. So a tokenizer that adds BOS on
+its own cannot double it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+from lm_mini.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, VIDEO_PLACEHOLDER
+from lm_mini.data.errors import SampleError
+from lm_mini.registry import TEMPLATES
+
+USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
+# Role names found in LLaVA-style data ("from" field), mapped to ours.
+ROLE_ALIASES = {
+    "human": USER, "user": USER,
+    "gpt": ASSISTANT, "assistant": ASSISTANT, "model": ASSISTANT,
+    "system": SYSTEM,
+}
+PLACEHOLDERS = (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)
+
+
+@dataclass(frozen=True)
+class Template:
+    """How one conversation format renders. ``{system}`` / ``{message}`` are filled in.
+
+    The rendered text is ``prefix + system_format + (user_format + assistant_prefix + answer_format)*``;
+    ``answer_format`` is the trained part, so it carries the end-of-turn string.
+    """
+
+    name: str
+    system: str  # default system prompt (a record's own system turn replaces it)
+    system_format: str  # rendered only when the system prompt is non-empty
+    user_format: str
+    assistant_prefix: str  # what the model sees before it answers; build_prompt ends here
+    answer_format: str
+    end_of_turn: str  # the string that ends an answer (generation stops at it)
+    prefix: str = ""  # literal text at the very start (llama3: <|begin_of_text|>)
+    add_bos: bool = False  # prepend tokenizer.bos_token_id (Llama / Vicuna tokenizers add <s>)
+    strip_messages: bool = False  # strip whitespace around each message (official llama3 does)
+    caption_only: bool = False  # plain: the human turn is reduced to the media placeholder
+
+    def stop_token_ids(self, tokenizer: Any) -> List[int]:
+        """Token ids of the end-of-turn string when it is a single token (for generation)."""
+        ids = tokenizer(self.end_of_turn, add_special_tokens=False)["input_ids"]
+        return ids if len(ids) == 1 else []
+
+
+# LLaVA-1.5 (official conv_vicuna_v1, SeparatorStyle.TWO, sep=" ", sep2="</s>"; the "v1" version
+# the LLaVA-1.5 finetune script trains with). The "ASSISTANT:" / " answer" split puts the space
+# in the answer: SentencePiece and byte-level BPE both attach a space to the following word.
+VICUNA_V1 = TEMPLATES.register("vicuna_v1")(Template(
+    name="vicuna_v1",
+    system="A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+    system_format="{system} ",
+    user_format="USER: {message} ",
+    assistant_prefix="ASSISTANT:",
+    answer_format=" {message}</s>",
+    end_of_turn="</s>",
+    add_bos=True,
+))
+
+# LLaVA-Mini release (Llama-3.1-8B, conv mode llava_llama_3_1): the Llama-3 chat layout.
+LLAMA3 = TEMPLATES.register("llama3")(Template(
+    name="llama3",
+    system="You are a helpful language and vision assistant. "
+    "You are able to understand the visual content that the user provides, "
+    "and assist the user with a variety of tasks using natural language.",
+    system_format="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
+    user_format="<|start_header_id|>user<|end_header_id|>\n\n{message}<|eot_id|>",
+    assistant_prefix="<|start_header_id|>assistant<|end_header_id|>\n\n",
+    answer_format="{message}<|eot_id|>",
+    end_of_turn="<|eot_id|>",
+    prefix="<|begin_of_text|>",
+    strip_messages=True,
+))
+
+# Caption pretraining (official conv_llava_plain + preprocess_plain): <s><image>caption\n.
+PLAIN = TEMPLATES.register("plain")(Template(
+    name="plain",
+    system="",
+    system_format="",
+    user_format="{message}",
+    assistant_prefix="",
+    answer_format="{message}\n",
+    end_of_turn="\n",
+    add_bos=True,
+    caption_only=True,
+))
+
+
+@dataclass
+class TokenizedSample:
+    input_ids: List[int]  # IMAGE_TOKEN_INDEX at the media slot
+    labels: List[int]  # IGNORE_INDEX except assistant answers + end-of-turn token
+    truncated: bool = False  # cut at max_length (caller counts "too_long")
+    unaligned: bool = False  # answer spans not on token boundaries: every label masked ("unaligned_mask")
+
+
+# --------------------------------------------------------------------------- record checks
+def _resolve(template: Union[str, Template]) -> Template:
+    return template if isinstance(template, Template) else TEMPLATES.get(template)
+
+
+def normalize_turns(conversations: Any, has_media: bool, sample_id: Optional[str] = None) -> Tuple[Optional[str], List[Tuple[str, str]]]:
+    """Validate a LLaVA ``conversations`` list -> (system prompt or None, [(role, text)]).
+
+    Follows official LLaVA: a leading assistant turn is dropped; the media placeholder is moved
+    to the start of its turn as ``<image>\\n`` (inserted into the first human turn when the record
+    has media but no placeholder). Roles must then alternate user/assistant starting with user.
+    """
+    if not isinstance(conversations, (list, tuple)) or not conversations:
+        raise SampleError("malformed_record", "'conversations' must be a non-empty list", sample_id)
+    system: Optional[str] = None
+    turns: List[Tuple[str, str]] = []
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or not isinstance(turn.get("value"), str):
+            raise SampleError("malformed_record", f"turn {i} is not {{'from': str, 'value': str}}: {turn!r:.80}", sample_id)
+        role = ROLE_ALIASES.get(turn["from"].lower())
+        if role is None:
+            raise SampleError("malformed_record", f"turn {i} has unknown role {turn['from']!r}", sample_id)
+        if role == SYSTEM:
+            if i != 0:
+                raise SampleError("malformed_record", f"system turn at position {i}; only the first turn may be one", sample_id)
+            system = turn["value"]
+            continue
+        turns.append((role, turn["value"]))
+    if turns and turns[0][0] == ASSISTANT:
+        turns = turns[1:]  # official LLaVA: "Skip the first one if it is not from human"
+    if not turns:
+        raise SampleError("malformed_record", "no human turn", sample_id)
+    for j, (role, _) in enumerate(turns):
+        if role != (USER if j % 2 == 0 else ASSISTANT):
+            raise SampleError("malformed_record", f"roles do not alternate human/gpt at turn {j}", sample_id)
+    return system, _place_media(turns, has_media, sample_id)
+
+
+def _place_media(turns: List[Tuple[str, str]], has_media: bool, sample_id: Optional[str]) -> List[Tuple[str, str]]:
+    found = [(j, tag) for j, (_, text) in enumerate(turns) for tag in PLACEHOLDERS for _ in range(text.count(tag))]
+    if not has_media:
+        if found:
+            raise SampleError("placeholder_mismatch", f"text-only sample has {len(found)} media placeholder(s)", sample_id)
+        return turns
+    if len(found) > 1:
+        raise SampleError("placeholder_mismatch", f"{len(found)} media placeholders for one media item", sample_id)
+    j = found[0][0] if found else 0
+    if turns[j][0] != USER:
+        raise SampleError("placeholder_mismatch", f"media placeholder in an assistant turn ({j})", sample_id)
+    text = turns[j][1]
+    for tag in PLACEHOLDERS:
+        text = text.replace(tag, "")
+    out = list(turns)
+    # Official preprocess_multimodal: "<image>\n" + rest.strip(); video uses the same single slot.
+    out[j] = (USER, (IMAGE_PLACEHOLDER + "\n" + text.strip()).strip())
+    return out
+
+
+# --------------------------------------------------------------------------- rendering
+Segment = Tuple[str, bool]  # (text, trained)
+
+
+def render_segments(conversations: Any, template: Union[str, Template], has_media: bool,
+                    generation: bool = False, sample_id: Optional[str] = None) -> List[Segment]:
+    """The rendered prompt as (text, trained) segments; their concatenation is the prompt string.
+
+    ``generation=True``: a trailing assistant turn (the reference answer) is dropped and the text
+    ends with the assistant prefix, ready for the model to answer.
+    """
+    tpl = _resolve(template)
+    system, turns = normalize_turns(conversations, has_media, sample_id)
+    if generation and turns[-1][0] == ASSISTANT:
+        turns = turns[:-1]
+    if tpl.caption_only and len(turns) != (1 if generation else 2):
+        raise SampleError("malformed_record", f"template 'plain' needs one human and one gpt turn, got {len(turns)} turns", sample_id)
+
+    def clean(text: str) -> str:
+        return text.strip() if tpl.strip_messages else text
+
+    system = tpl.system if system is None else system
+    head = tpl.prefix + (tpl.system_format.format(system=clean(system)) if system else "")
+    segments: List[Segment] = []
+    prompt = head
+    for role, text in turns:
+        if role == USER:
+            if tpl.caption_only:  # official preprocess_plain keeps only the image of the human turn
+                text = IMAGE_PLACEHOLDER if has_media else ""
+            prompt += tpl.user_format.format(message=clean(text)) + tpl.assistant_prefix
+        else:
+            segments += [(prompt, False), (tpl.answer_format.format(message=clean(text)), True)]
+            prompt = ""
+    if generation or prompt:
+        segments.append((prompt, False))
+    return [s for s in segments if s[0]]
+
+
+def render(conversations: Any, template: Union[str, Template], has_media: bool, generation: bool = False) -> str:
+    """The full prompt string (what official ``conv.get_prompt()`` returns, BOS id not included)."""
+    return "".join(text for text, _ in render_segments(conversations, template, has_media, generation))
+
+
+# --------------------------------------------------------------------------- tokenization
+def _encode(texts: Sequence[str], tokenizer: Any) -> List[List[int]]:
+    """Tokenize texts without special tokens; each media placeholder becomes IMAGE_TOKEN_INDEX.
+
+    Like official ``tokenizer_image_token``, the chunks around the placeholder are tokenized on
+    their own. All chunks of all texts go through the tokenizer in one batched call.
+    """
+    pieces = [t.split(IMAGE_PLACEHOLDER) for t in texts]
+    flat = [chunk for chunks in pieces for chunk in chunks]
+    ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+    out, k = [], 0
+    for chunks in pieces:
+        seq: List[int] = []
+        for c in range(len(chunks)):
+            if c:
+                seq.append(IMAGE_TOKEN_INDEX)
+            seq.extend(ids[k])
+            k += 1
+        out.append(seq)
+    return out
+
+
+def _bos(template: Template, tokenizer: Any) -> List[int]:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return [bos] if template.add_bos and bos is not None else []
+
+
+def tokenize_conversation(conversations: Any, tokenizer: Any, template: Union[str, Template], max_length: int,
+                          has_media: bool, sample_id: Optional[str] = None) -> TokenizedSample:
+    """Token ids and labels of a training record (every assistant answer + end-of-turn is trained).
+
+    Raises ``SampleError`` (``malformed_record``, ``placeholder_mismatch``) for records that cannot
+    be used; flags ``unaligned`` / ``truncated`` samples that are kept.
+    """
+    tpl = _resolve(template)
+    segments = render_segments(conversations, tpl, has_media, sample_id=sample_id)
+    # Tokens of the text up to each segment end; the last one is the whole text.
+    ends, pos = [], 0
+    for text, _ in segments:
+        pos += len(text)
+        ends.append(pos)
+    full_text = "".join(text for text, _ in segments)
+    prefixes = _encode([full_text[:e] for e in ends], tokenizer)
+    full = prefixes[-1]
+    bos = _bos(tpl, tokenizer)
+    input_ids = bos + full
+    labels = [IGNORE_INDEX] * len(input_ids)
+    unaligned = any(full[: len(p)] != p for p in prefixes)
+    if not unaligned:
+        start = 0
+        for (_, trained), ids in zip(segments, prefixes):
+            if trained:
+                labels[len(bos) + start: len(bos) + len(ids)] = full[start: len(ids)]
+            start = len(ids)
+    truncated = len(input_ids) > max_length
+    if truncated:
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return TokenizedSample(input_ids, labels, truncated, unaligned)
+
+
+def build_prompt(conversations: Any, tokenizer: Any, template: Union[str, Template], has_media: bool,
+                 sample_id: Optional[str] = None) -> List[int]:
+    """Token ids of the conversation so far, ending with the assistant prefix (for generation).
+
+    A trailing assistant turn (e.g. an evaluation record's reference answer) is left out.
+    """
+    tpl = _resolve(template)
+    text = "".join(t for t, _ in render_segments(conversations, tpl, has_media, generation=True, sample_id=sample_id))
+    return _bos(tpl, tokenizer) + _encode([text], tokenizer)[0]
+
+
+def template_corpus(records: Iterable[Tuple[Any, bool]], templates: Sequence[str] = ("plain", "vicuna_v1", "llama3")) -> Iterator[str]:
+    """Texts for training a tokenizer: each (conversations, has_media) rendered through each
+    template, split at the media placeholder (which never reaches the tokenizer). Records a
+    template cannot render (e.g. multi-turn under ``plain``) are left out for that template."""
+    for conversations, has_media in records:
+        for name in templates:
+            try:
+                text = render(conversations, name, has_media)
+            except SampleError:
+                continue
+            yield from (chunk for chunk in text.split(IMAGE_PLACEHOLDER) if chunk)
