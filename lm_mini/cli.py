@@ -69,6 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="auto (newest complete checkpoint of this run) or a checkpoint path")
     p.set_defaults(func=_handler("lm_mini.training.run:cli_train"))
 
+    # sweeps
+    p = sub.add_parser("sweep", help="run a grid sweep (locally or as a SLURM array)")
+    p.add_argument("sweep", help="sweep YAML (base config + grid)")
+    p.add_argument("--dry-run", action="store_true", help="print the runs (and write the sbatch script) without running")
+    p.add_argument("--launcher", choices=["local", "slurm"], default="local")
+    p.add_argument("--max-parallel", type=int, default=1, help="runs at a time (local) / array throttle (slurm)")
+    p.add_argument("--submit", action="store_true", help="slurm: submit the written script with sbatch")
+    p.add_argument("--slurm-script", default=None, help="where to write the sbatch script")
+    p.set_defaults(func=_handler("lm_mini.sweeps.grid:cli_sweep"))
+
+    p = sub.add_parser("compare", help="compare MLflow runs: tables and plots")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--sweep", default=None, help="only runs of this sweep id")
+    p.add_argument("--metric", nargs="*", default=None, help="metrics to show (default: all)")
+    p.add_argument("--format", choices=["table", "markdown", "csv", "json"], default="table")
+    p.add_argument("--plot", default=None, help="write plots to this PNG")
+    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    p.set_defaults(func=_handler("lm_mini.sweeps.compare:cli_compare"))
+
     return parser
 
 

@@ -124,6 +124,8 @@ class TrainConfig:
     keep_last_k: int = 2
     log_every_n_steps: int = 1
     val_every_n_steps: Optional[int] = None
+    sharded_checkpoint: bool = True  # fsdp: one shard per rank (False: gather one full file on rank 0)
+    eval_at_end: bool = True  # greedy-generation exact match on data.val after training (rank 0)
 
 
 @dataclass
@@ -139,6 +141,8 @@ class LoggingConfig:
     tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     runs_dir: str = "runs"
     tags: Dict[str, str] = field(default_factory=dict)
+    connect_timeout_s: float = 10.0  # a tracking server that does not answer /health in this time is an error at start
+    flush_timeout_s: float = 30.0  # at the end, wait this long for an unreachable server, then write metrics locally
 
 
 @dataclass
@@ -254,3 +258,13 @@ def flatten(cfg: Any, prefix: str = "") -> Dict[str, Any]:
 
     walk(container, prefix)
     return out
+
+
+def tracking_uri(cfg: Optional[DictConfig] = None) -> str:
+    """MLflow store: ``logging.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the cwd.
+
+    MLflow 3 refuses a plain ``./mlruns`` file store, so the default is a local SQLite file (no server needed)."""
+    import os
+
+    configured = cfg.logging.tracking_uri if cfg is not None else None
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"

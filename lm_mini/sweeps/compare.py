@@ -1,0 +1,189 @@
+"""Read runs back from MLflow into a table (terminal / Markdown / CSV / JSON), a pivot of one metric
+over C x pre-fusion depth, and plots (metric vs C, one line per depth; metric vs FLOPs)."""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+from lm_mini.config import tracking_uri as resolve_tracking_uri
+
+C_KEY = "model.compressor.grid"
+DEPTH_KEY = "model.prefusion.depth"
+FLOPS_METRIC = "flops_per_sample"  # logged by `lm-mini efficiency --mlflow-run`
+
+
+@dataclass
+class RunRow:
+    run_id: str
+    name: str
+    status: str
+    values: Dict[str, Any]  # grid key -> value (from the run's params)
+    metrics: Dict[str, float]  # final (latest) value of each metric
+
+
+def _parse(value: Optional[str]) -> Any:
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def read_runs(experiment: str, sweep: Optional[str] = None, tracking_uri: Optional[str] = None) -> List[RunRow]:
+    """Runs of an experiment (optionally one sweep), oldest first. Raises LookupError with a clear message."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri or resolve_tracking_uri()
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        known = sorted(e.name for e in client.search_experiments())
+        raise LookupError(f"no MLflow experiment named '{experiment}' in {uri}. Experiments there: {', '.join(known) or '(none)'}")
+    query = f"tags.sweep_id = '{sweep}'" if sweep else ""
+    runs = client.search_runs([exp.experiment_id], query, order_by=["attributes.start_time ASC"], max_results=10000)
+    if not runs:
+        raise LookupError(f"experiment '{experiment}' has no runs" + (f" in sweep '{sweep}'" if sweep else ""))
+    grid_keys: List[str] = []
+    for r in runs:
+        for k in (r.data.tags.get("sweep_keys") or "").split(","):
+            if k and k not in grid_keys:
+                grid_keys.append(k)
+    if not grid_keys:
+        grid_keys = [k for k in (C_KEY, DEPTH_KEY) if any(k in r.data.params for r in runs)]
+    return [
+        RunRow(
+            run_id=r.info.run_id,
+            name=r.info.run_name,
+            status=r.info.status,
+            values={k: _parse(r.data.params.get(k)) for k in grid_keys},
+            metrics=dict(r.data.metrics),
+        )
+        for r in runs
+    ]
+
+
+def _metric_names(rows: Sequence[RunRow], wanted: Sequence[str]) -> List[str]:
+    if wanted:
+        return list(wanted)
+    names = sorted({m for r in rows for m in r.metrics})
+    return [m for m in names if not m.startswith("system/")]
+
+
+def to_records(rows: Sequence[RunRow], metrics: Sequence[str]) -> List[Dict[str, Any]]:
+    return [{"run": r.name, "status": r.status, **r.values, **{m: r.metrics.get(m) for m in metrics}} for r in rows]
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def render(records: List[Dict[str, Any]], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(records, indent=2)
+    columns = list(records[0]) if records else []
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(records)
+        return buf.getvalue()
+    cells = [[_fmt(r[c]) for c in columns] for r in records]
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines + ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells])
+
+
+def pivot(rows: Sequence[RunRow], metric: str, row_key: str = C_KEY, col_key: str = DEPTH_KEY) -> Optional[List[Dict[str, Any]]]:
+    """One record per C value with a column per depth; None when the runs do not vary both keys."""
+    if not all(row_key in r.values and col_key in r.values for r in rows):
+        return None
+    row_vals = sorted({r.values[row_key] for r in rows}, key=_sort_key)
+    col_vals = sorted({r.values[col_key] for r in rows}, key=_sort_key)
+    table = []
+    for rv in row_vals:
+        rec: Dict[str, Any] = {f"{row_key.split('.')[-1]} \\ {col_key.split('.')[-1]}": rv}
+        for cv in col_vals:
+            hits = [r.metrics.get(metric) for r in rows if r.values[row_key] == rv and r.values[col_key] == cv]
+            rec[str(cv)] = hits[-1] if hits else None
+        table.append(rec)
+    return table
+
+
+def _sort_key(v: Any):
+    return (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))
+
+
+def plot(rows: Sequence[RunRow], metric: str, path: str) -> None:
+    """Left: metric vs C, one line per depth. Right: metric vs FLOPs per sample (when logged)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    has_flops = any(FLOPS_METRIC in r.metrics for r in rows)
+    fig, axes = plt.subplots(1, 2 if has_flops else 1, figsize=(11 if has_flops else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    depths = sorted({r.values.get(DEPTH_KEY) for r in rows}, key=_sort_key)
+    for d in depths:
+        pts = sorted(((r.values.get(C_KEY), r.metrics[metric]) for r in rows if r.values.get(DEPTH_KEY) == d and metric in r.metrics), key=lambda p: _sort_key(p[0]))
+        if pts:
+            ax.plot([str(p[0]) for p in pts], [p[1] for p in pts], marker="o", label=f"depth {d}")
+    ax.set_xlabel("C (compressor grid; C² vision tokens)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} vs C")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    if has_flops:
+        ax = axes[0][1]
+        for r in rows:
+            if FLOPS_METRIC in r.metrics and metric in r.metrics:
+                ax.scatter(r.metrics[FLOPS_METRIC] / 1e12, r.metrics[metric])
+                ax.annotate(r.name, (r.metrics[FLOPS_METRIC] / 1e12, r.metrics[metric]), fontsize=7)
+        ax.set_xlabel("TFLOPs per sample")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric} vs FLOPs")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cli_compare(args: argparse.Namespace) -> int:
+    try:
+        rows = read_runs(args.experiment, args.sweep, args.tracking_uri)
+    except LookupError as e:
+        print(f"lm-mini compare: {e}")
+        return 1
+    metrics = _metric_names(rows, args.metric or [])
+    records = to_records(rows, metrics)
+    if args.format == "json":
+        print(render(records, "json"))
+    else:
+        print(render(records, args.format))
+        main_metric = metrics[0] if metrics else None
+        table = pivot(rows, main_metric) if main_metric else None
+        if table:
+            print(f"\n{main_metric} over C x depth:")
+            print(render(table, "markdown" if args.format == "markdown" else "table" if args.format == "table" else "csv"))
+    if args.plot:
+        if not metrics:
+            print("lm-mini compare: no metric to plot")
+            return 1
+        plot(rows, metrics[0], args.plot)
+        if args.format != "json":
+            print(f"\nplot written to {args.plot}")
+    return 0
