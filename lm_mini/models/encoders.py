@@ -1,0 +1,207 @@
+"""Vision encoders: pixels [B, 3, H, W] -> patch features [B, N, D] from one hidden layer.
+
+Registry entries (``ENCODERS``) are called with the fields of ``EncoderConfig`` as keywords:
+``ENCODERS.create(name, config=..., path=..., select_layer=..., select_feature=...)``.
+
+- ``hf_clip``: ``transformers.CLIPVisionModel`` (LLaVA / LLaVA-Mini: CLIP ViT-L/14-336, layer -2, CLS dropped).
+- ``hf_siglip``: ``transformers.SiglipVisionModel`` (no CLS token).
+- ``timm``: any timm ViT-like model with ``forward_intermediates``; prefix tokens dropped.
+
+``select_layer`` follows the Hugging Face ``hidden_states`` convention for every family:
+index 0 is the patch embedding, index k the output of block k, -1 the last block, -2 the one
+before (LLaVA's choice).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from lm_mini.registry import ENCODERS
+
+# transformers.utils.constants, copied so that the data pipeline needs no transformers import
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+HALF = (0.5, 0.5, 0.5)  # SigLIP
+
+
+def plain(mapping: Any) -> Dict[str, Any]:
+    """A YAML mapping (OmegaConf node or dict, possibly nested) as a plain dict for transformers/timm."""
+    if mapping is None:
+        return {}
+    if isinstance(mapping, DictConfig):
+        return OmegaConf.to_container(mapping, resolve=True)
+    return dict(mapping)
+
+
+def building_on_meta() -> bool:
+    """True inside ``with torch.device("meta")``: build from configs, never read weights."""
+    return torch.empty(0).device.type == "meta"
+
+
+class VisionEncoder(nn.Module):
+    """Base class: ``forward(pixels [B,3,H,W]) -> [B, N, D]`` plus the facts the rest of the model needs.
+
+    Attributes: ``hidden_size`` (D), ``grid`` (patches per side, N = grid**2 for ``patch``),
+    ``image_size`` (H = W), ``image_mean`` / ``image_std`` (per-channel normalisation).
+    """
+
+    hidden_size: int
+    grid: int
+    image_size: int
+    image_mean: Tuple[float, float, float]
+    image_std: Tuple[float, float, float]
+
+
+# --------------------------------------------------------------------------- Hugging Face
+_HF_FAMILIES = {
+    # name: (config class, model class, default mean, default std)
+    "hf_clip": ("CLIPVisionConfig", "CLIPVisionModel", OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+    "hf_siglip": ("SiglipVisionConfig", "SiglipVisionModel", HALF, HALF),
+}
+
+
+def _hf_vision_config(family: str, config: Mapping[str, Any], path: Optional[str]):
+    import transformers
+
+    config_cls = getattr(transformers, _HF_FAMILIES[family][0])
+    # from_pretrained on a full CLIP/SigLIP checkpoint picks out its vision_config
+    return config_cls.from_pretrained(path) if path else config_cls(**dict(config))
+
+
+def _normalisation(family: str, path: Optional[str]) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """Mean/std from a local ``preprocessor_config.json`` when there is one, else the family's defaults."""
+    mean, std = _HF_FAMILIES[family][2:]
+    pre = Path(path) / "preprocessor_config.json" if path else None
+    if pre is not None and pre.is_file():
+        data = json.loads(pre.read_text())
+        mean, std = tuple(data.get("image_mean", mean)), tuple(data.get("image_std", std))
+    return tuple(mean), tuple(std)
+
+
+class HFVisionEncoder(VisionEncoder):
+    """A transformers vision tower; features = ``hidden_states[select_layer]`` minus CLS for ``patch``."""
+
+    def __init__(self, family: str, config: Mapping[str, Any], path: Optional[str], select_layer: int, select_feature: str):
+        super().__init__()
+        import transformers
+
+        if select_feature not in ("patch", "cls_patch"):
+            raise ValueError(f"encoder select_feature must be 'patch' or 'cls_patch', got '{select_feature}'")
+        model_cls = getattr(transformers, _HF_FAMILIES[family][1])
+        vcfg = _hf_vision_config(family, config, path)
+        if path and not building_on_meta():
+            self.model = model_cls.from_pretrained(path)
+        else:
+            self.model = model_cls(vcfg)
+        self.select_layer = select_layer
+        self.num_prefix = 1 if family == "hf_clip" else 0  # CLIP's CLS token; SigLIP has none
+        self.drop_prefix = self.num_prefix if select_feature == "patch" else 0
+        self.hidden_size = vcfg.hidden_size
+        self.image_size = vcfg.image_size
+        self.grid = vcfg.image_size // vcfg.patch_size
+        self.image_mean, self.image_std = _normalisation(family, path)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [B, 3, H, W] -> [B, N, D] (N = grid**2 for ``patch``)."""
+        out = self.model(pixel_values=pixels.to(self.model.dtype), output_hidden_states=True)
+        return out.hidden_states[self.select_layer][:, self.drop_prefix :]
+
+
+@ENCODERS.register("hf_clip")
+def hf_clip(config: Mapping[str, Any] = (), path: Optional[str] = None, select_layer: int = -2, select_feature: str = "patch"):
+    return HFVisionEncoder("hf_clip", config or {}, path, select_layer, select_feature)
+
+
+@ENCODERS.register("hf_siglip")
+def hf_siglip(config: Mapping[str, Any] = (), path: Optional[str] = None, select_layer: int = -2, select_feature: str = "patch"):
+    return HFVisionEncoder("hf_siglip", config or {}, path, select_layer, select_feature)
+
+
+# --------------------------------------------------------------------------- timm
+def _split_timm_kwargs(config: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
+    kwargs = dict(config)
+    if "model_name" not in kwargs:
+        raise ValueError("timm encoder: model.encoder.config needs 'model_name' (e.g. vit_large_patch14_clip_336)")
+    return kwargs.pop("model_name"), kwargs
+
+
+@ENCODERS.register("timm")
+class TimmVisionEncoder(VisionEncoder):
+    """A timm ViT (anything with ``forward_intermediates``), randomly initialised or from ``path``."""
+
+    def __init__(self, config: Mapping[str, Any] = (), path: Optional[str] = None, select_layer: int = -2, select_feature: str = "patch"):
+        super().__init__()
+        import timm
+
+        name, kwargs = _split_timm_kwargs(config or {})
+        kwargs.setdefault("num_classes", 0)
+        checkpoint = path if path and not building_on_meta() else ""
+        self.model = timm.create_model(name, pretrained=False, checkpoint_path=checkpoint, **kwargs)
+        n_blocks = len(self.model.blocks)
+        hf_index = n_blocks + 1 + select_layer if select_layer < 0 else select_layer  # hidden_states index
+        if not 1 <= hf_index <= n_blocks:
+            raise ValueError(f"timm encoder: select_layer {select_layer} is not a block output of this {n_blocks}-block model")
+        self.block_index = hf_index - 1
+        self.keep_prefix = select_feature == "cls_patch"
+        self.hidden_size = self.model.embed_dim
+        self.grid = int(self.model.patch_embed.grid_size[0])
+        self.image_size = int(self.model.patch_embed.img_size[0])
+        cfg = self.model.pretrained_cfg
+        self.image_mean, self.image_std = tuple(cfg.get("mean", HALF)), tuple(cfg.get("std", HALF))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [B, 3, H, W] -> [B, N, D]: the chosen block's output, prefix tokens dropped for ``patch``."""
+        out = self.model.forward_intermediates(
+            pixels, indices=[self.block_index], output_fmt="NLC", intermediates_only=True,
+            return_prefix_tokens=self.keep_prefix, stop_early=True,
+        )[0]
+        if self.keep_prefix:
+            spatial, prefix = out
+            return torch.cat([prefix, spatial], dim=1)
+        return out
+
+
+# --------------------------------------------------------------------------- config only
+def image_preprocessing(encoder_cfg: Any) -> Tuple[int, Tuple[float, ...], Tuple[float, ...]]:
+    """``(image_size, mean, std)`` for an ``EncoderConfig``, read from configs alone (no weights).
+
+    For a user encoder (``package.module:Class``) the class may define a static
+    ``image_preprocessing(config, path)``; otherwise the encoder is built once to ask it.
+    """
+    name, config, path = encoder_cfg.name, plain(encoder_cfg.config), encoder_cfg.path
+    if name in _HF_FAMILIES:
+        vcfg = _hf_vision_config(name, config, path)
+        mean, std = _normalisation(name, path)
+        return int(vcfg.image_size), mean, std
+    if name == "timm":
+        import timm
+
+        model_name, kwargs = _split_timm_kwargs(config)
+        pcfg = timm.get_pretrained_cfg(model_name)
+        size = kwargs.get("img_size", pcfg.input_size[-1] if pcfg else 224)
+        size = size[0] if isinstance(size, Sequence) else size
+        mean = tuple(pcfg.mean) if pcfg else HALF
+        std = tuple(pcfg.std) if pcfg else HALF
+        return int(size), mean, std
+    cls = ENCODERS.get(name)
+    if hasattr(cls, "image_preprocessing"):
+        return cls.image_preprocessing(config, path)
+    with torch.device("meta"):
+        enc = cls(config=config, path=path, select_layer=encoder_cfg.select_layer, select_feature=encoder_cfg.select_feature)
+    return enc.image_size, tuple(enc.image_mean), tuple(enc.image_std)
+
+
+def build_encoder(encoder_cfg: Any) -> VisionEncoder:
+    """Build the encoder named by an ``EncoderConfig``."""
+    return ENCODERS.create(
+        encoder_cfg.name,
+        config=plain(encoder_cfg.config),
+        path=encoder_cfg.path,
+        select_layer=encoder_cfg.select_layer,
+        select_feature=encoder_cfg.select_feature,
+    )

@@ -1,0 +1,31 @@
+"""LLM builders (``LLMS``): return a transformers causal LM (a ``PreTrainedModel`` with ``generate``).
+
+Called with the fields of ``LLMConfig`` as keywords:
+``LLMS.create(name, config=..., path=..., attn_implementation=...)``.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+from lm_mini.models.encoders import building_on_meta, plain
+from lm_mini.registry import LLMS
+
+
+@LLMS.register("hf_causal_lm")
+def hf_causal_lm(config: Optional[Mapping[str, Any]] = None, path: Optional[str] = None, attn_implementation: str = "sdpa"):
+    """Any transformers causal LM, randomly initialised from ``config`` (needs ``model_type``) or loaded from ``path``.
+
+    Under ``torch.device("meta")`` a ``path`` contributes only its config: nothing is read or allocated.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if path:
+        if not building_on_meta():
+            return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation)
+        hf_config = AutoConfig.from_pretrained(path)
+    else:
+        kwargs = plain(config)
+        if "model_type" not in kwargs:
+            raise ValueError("model.llm.config needs 'model_type' (e.g. llama, qwen2, mistral) when no model.llm.path is given")
+        hf_config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    return AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn_implementation)

@@ -1,0 +1,68 @@
+"""Modality pre-fusion (LLaVA-Mini): a few decoder layers that let text absorb the image before the LLM.
+
+Input sequence per image / frame: ``[ visual (Nv) | compressed (C²) | text (L) ]`` under a causal
+mask, so every text token sees all visual tokens and the text before it; the compressed tokens
+see the image only. Text tokens outside ``text_mask`` (answers, padding, the ``<image>`` slot)
+are masked out as keys and returned unchanged. As in the official code, there is no final norm
+and positions count valid tokens only (``cumsum(valid) - 1``).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_causal_mask
+
+
+class PreFusion(nn.Module):
+    """``depth`` decoder layers of the LLM's own class (separate weights) plus their rotary embedding.
+
+    Build with :meth:`from_llm`; ``layers`` is a plain ``nn.ModuleList`` of decoder layers so FSDP
+    and activation checkpointing wrap it like the LLM's own layers.
+    """
+
+    def __init__(self, config, layer_cls: type, rotary_cls: type, depth: int):
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"PreFusion needs depth >= 1 (depth 0 means no pre-fusion module), got {depth}")
+        self.config = config  # the LLM's config: attention implementation and mask type follow the LLM
+        self.layers = nn.ModuleList(layer_cls(config, layer_idx=i) for i in range(depth))
+        self.rotary_emb = rotary_cls(config=config)
+
+    @classmethod
+    def from_llm(cls, llm: nn.Module, depth: int, init: str = "random") -> "PreFusion":
+        """Layers shaped like ``llm``'s decoder layers.
+
+        ``init="random"``: the LLM's own weight init (official default);
+        ``init="llm_layers"``: copies of the LLM's first ``depth`` layers.
+        """
+        decoder = llm.get_decoder()
+        module = cls(llm.config, type(decoder.layers[0]), type(decoder.rotary_emb), depth)
+        if init == "random":
+            module.layers.apply(llm._init_weights)
+        elif init == "llm_layers":
+            if depth > len(decoder.layers):
+                raise ValueError(f"prefusion init llm_layers: depth {depth} > the LLM's {len(decoder.layers)} layers")
+            for mine, theirs in zip(module.layers, decoder.layers):
+                mine.load_state_dict(theirs.state_dict())
+        else:
+            raise ValueError(f"unknown prefusion init '{init}': expected 'random' or 'llm_layers'")
+        return module
+
+    def forward(
+        self, visual: torch.Tensor, compressed: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """visual [B, Nv, d], compressed [B, C², d], text [B, L, d], text_mask [B, L] (True = fuse this token)
+        -> (fused compressed [B, C², d], text [B, L, d] fused where ``text_mask``, else the input unchanged)."""
+        n_vis, n_comp, n_text = visual.shape[1], compressed.shape[1], text.shape[1]
+        x = torch.cat([visual, compressed, text.to(visual.dtype)], dim=1)  # [B, S, d]
+        text_mask = text_mask.bool()
+        valid = torch.cat([text_mask.new_ones(x.shape[0], n_vis + n_comp), text_mask], dim=1)  # [B, S]
+        position_ids = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 1)  # masked slots: any value, never seen
+        mask = create_causal_mask(config=self.config, inputs_embeds=x, attention_mask=valid, cache=None, position_ids=position_ids)
+        position_embeddings = self.rotary_emb(x, position_ids)
+        for layer in self.layers:
+            x = layer(x, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
+        fused_text = torch.where(text_mask.unsqueeze(-1), x[:, n_vis + n_comp :], text.to(x.dtype))
+        return x[:, n_vis : n_vis + n_comp], fused_text
