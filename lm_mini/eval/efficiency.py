@@ -1,0 +1,300 @@
+"""Efficiency of a model next to its LLaVA-1.5 baseline: FLOPs, visual tokens, KV cache, frames per budget, latency.
+
+Everything except latency is computed on the ``meta`` device: real sizes, no weight memory.
+
+- **FLOPs** come from ``torch.utils.flop_counter.FlopCounterMode`` (2 FLOPs per multiply-add of every
+  matmul/conv, full — not causal-halved — attention scores and values, elementwise ops ignored),
+  split by part with forward hooks. Attention must be counted: on ``meta`` every Hugging Face
+  config is switched to eager attention (SDPA masks call ``.item()``, impossible on meta) and the
+  CPU SDPA kernel, which the counter has no formula for, gets one (:func:`flop_counter`).
+- **Prefill** is the LLM forward over the whole prompt with logits for the last position only
+  (what generation computes); **per generated token** is one decode step with a KV cache of the
+  prompt length.
+- **KV cache** per token = layers x 2 (K and V) x kv_heads x head_dim x bytes of the dtype.
+- **Frames per budget**: budget = weights + frames x KV cache per frame + the peak working memory
+  of encoding a chunk of frames (measured on meta by :class:`PeakMemory`).
+- The **baseline** is the same encoder and LLM with the ``identity`` compressor and no pre-fusion
+  (LLaVA-1.5).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import statistics
+import time
+import weakref
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from lm_mini.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+PARTS = ("encoder", "compressor", "projector", "prefusion")  # the vision path, run by prepare_inputs
+GIB = 2**30
+
+
+# --------------------------------------------------------------------------- FLOP counting
+def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """Same formula as the counter's CUDA SDPA kernels (full QK^T and AV matmuls)."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def flop_counter() -> FlopCounterMode:
+    """A ``FlopCounterMode`` that also counts the CPU SDPA kernel (otherwise counted as 0 FLOPs)."""
+    aten = torch.ops.aten
+    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flop}
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def use_eager_attention(model: nn.Module) -> None:
+    """Switch every Hugging Face config inside ``model`` to eager attention (sub-configs follow)."""
+    from transformers import PretrainedConfig
+
+    for module in model.modules():
+        cfg = getattr(module, "config", None)
+        if isinstance(cfg, PretrainedConfig):
+            cfg._attn_implementation = "eager"
+
+
+@contextmanager
+def part_flops(counter: FlopCounterMode, parts: Mapping[str, nn.Module], into: Dict[str, int]) -> Iterator[None]:
+    """While active, add the FLOPs counted inside each ``parts[name]`` call to ``into[name]``.
+
+    A part called several times (the projector runs on both the patches and the compressed tokens)
+    accumulates; a part called inside another part counts for the outer one only.
+    """
+    active: list = []  # (name, counter total at entry)
+    handles = []
+
+    def enter(name: str) -> Callable:
+        return lambda module, args: active.append((name, counter.get_total_flops()))
+
+    def leave(module, args, output) -> None:
+        name, start = active.pop()
+        if not active:
+            into[name] = into.get(name, 0) + counter.get_total_flops() - start
+
+    for name, module in parts.items():
+        handles.append(module.register_forward_pre_hook(enter(name)))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# --------------------------------------------------------------------------- memory
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def kv_bytes_per_token(llm_config: Any, dtype: torch.dtype = torch.bfloat16) -> int:
+    """layers x 2 (K, V) x kv_heads x head_dim x bytes: the KV cache one LLM token costs."""
+    cfg = llm_config.get_text_config() if hasattr(llm_config, "get_text_config") else llm_config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers * 2 * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+def weight_bytes(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of all parameters and buffers (shared tensors once) when stored in ``dtype``."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            size = torch.empty(0, dtype=dtype).element_size() if t.is_floating_point() else t.element_size()
+            total += t.numel() * size
+    return total
+
+
+class PeakMemory(TorchDispatchMode):
+    """Peak bytes of tensors created inside the mode and alive at the same time (works on ``meta``).
+
+    Tensors made outside (weights, inputs) are not counted: the result is the working memory of
+    the code run inside. Views share their base's storage and are counted once.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._refs: Dict[int, list] = {}  # storage id -> [bytes, live tensors]
+
+    def _release(self, key: int) -> None:
+        entry = self._refs[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.live -= entry[0]
+            del self._refs[key]
+
+    def _track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata  # the StorageImpl pointer: the same for every view of one allocation
+        if key not in self._refs:
+            self._refs[key] = [storage.nbytes(), 0]
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+        self._refs[key][1] += 1
+        weakref.finalize(t, self._release, key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+
+# --------------------------------------------------------------------------- building
+def baseline_config(model_cfg: Any) -> Any:
+    """LLaVA-1.5 next to ``model_cfg``: same encoder, projector and LLM; all patches, no pre-fusion."""
+    base = copy.deepcopy(model_cfg)
+    base.compressor.name = "identity"
+    base.compressor.options = {}
+    base.prefusion.depth = 0
+    return base
+
+
+def build_model(model_cfg: Any, device: str = "meta") -> nn.Module:
+    """``LlavaMini.from_config`` on ``device`` (random weights unless on meta), eval mode."""
+    from lm_mini.models.llava_mini import LlavaMini
+
+    with torch.device(device):
+        model = LlavaMini.from_config(model_cfg)
+    if device == "meta":
+        use_eager_attention(model)
+    return model.eval()
+
+
+def synthetic_batch(model_cfg: Any, text_tokens: int, frames: int = 0, device: str = "meta", vocab: int = 32000) -> Dict[str, Any]:
+    """One sample: ``text_tokens`` prompt tokens with the media slot after the first quarter of them;
+    an image (``frames == 0``, with its hi-res views) or a video of ``frames`` frames.
+
+    Returns the batch dict of docs/internals.md with ``input_ids [1, text_tokens + 1]``.
+    """
+    from lm_mini.models.encoders import image_preprocessing
+
+    size = image_preprocessing(model_cfg.encoder)[0]
+    ratio = int(model_cfg.resolution_ratio)
+    views = frames if frames else (1 + ratio * ratio if ratio > 1 else 1)
+    slot = max(1, text_tokens // 4)  # system prompt before the image, the question after it
+    ids = torch.randint(3, vocab, (1, text_tokens + 1), device="cpu")
+    ids[0, slot] = IMAGE_TOKEN_INDEX
+    return {
+        "input_ids": ids.to(device),
+        "labels": torch.full_like(ids, IGNORE_INDEX).to(device),
+        "attention_mask": torch.ones_like(ids).to(device),
+        "pixel_values": torch.randn(views, 3, size, size, device=device),
+        "frames_per_sample": torch.tensor([max(frames, 1)], device=device),
+        "is_video": torch.tensor([frames > 0], device=device),
+        "sample_ids": ["efficiency"],
+    }
+
+
+def _unpack(prepared: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``prepare_inputs`` output (tuple or mapping) -> (inputs_embeds, attention_mask, position_ids)."""
+    if isinstance(prepared, Mapping):
+        return prepared["inputs_embeds"], prepared["attention_mask"], prepared["position_ids"]
+    return tuple(prepared[:3])  # type: ignore[return-value]
+
+
+def _vocab(model: nn.Module) -> int:
+    return model.llm.get_input_embeddings().num_embeddings
+
+
+# --------------------------------------------------------------------------- one model
+@torch.no_grad()
+def _llm_prefill_and_step(llm: nn.Module, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> Tuple[int, int]:
+    """FLOPs of the LLM prefill (logits for the last position only) and of one decode step after it."""
+    with flop_counter() as counter:
+        out = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    prefill = counter.get_total_flops()
+    step_mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+    with flop_counter() as counter:
+        llm(inputs_embeds=embeds[:, -1:], attention_mask=step_mask, position_ids=pos[:, -1:] + 1,
+            past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+    return prefill, counter.get_total_flops()
+
+
+@torch.no_grad()
+def profile(model: nn.Module, model_cfg: Any, text_tokens: int = 64, frames: int = 0,
+            dtype: torch.dtype = torch.bfloat16, chunk_frames: int = 16) -> Dict[str, Any]:
+    """Efficiency figures of one model built on ``meta`` (see :func:`build_model`).
+
+    The sample is an image (``frames == 0``) or a video of ``frames`` frames, with ``text_tokens``
+    prompt tokens. The frames-per-budget inputs (KV cache per frame, working memory) come from a
+    video of ``chunk_frames`` frames, the chunk the vision path encodes at once.
+    """
+    vocab = _vocab(model)
+    parts = {name: getattr(model, name) for name in PARTS if getattr(model, name, None) is not None}
+    flops: Dict[str, int] = {}
+    batch = synthetic_batch(model_cfg, text_tokens, frames, vocab=vocab)
+    with flop_counter() as counter, part_flops(counter, parts, flops):
+        embeds, mask, pos = _unpack(model.prepare_inputs(batch))
+    vision_total = counter.get_total_flops()
+    flops = {name: flops.get(name, 0) for name in PARTS}
+    flops["other"] = vision_total - sum(flops.values())  # work of prepare_inputs outside the parts
+    flops["llm_prefill"], per_token = _llm_prefill_and_step(model.llm, embeds, mask, pos)
+    visual_tokens = embeds.shape[1] - (batch["input_ids"].shape[1] - 1)  # the media slot became the visual tokens
+
+    kv_token = kv_bytes_per_token(model.llm.config, dtype)
+    image = batch if not frames else synthetic_batch(model_cfg, text_tokens, 0, vocab=vocab)
+    image_tokens = visual_tokens if not frames else _unpack(model.prepare_inputs(image))[0].shape[1] - text_tokens
+    with PeakMemory() as memory:
+        video_embeds = _unpack(model.prepare_inputs(synthetic_batch(model_cfg, text_tokens, chunk_frames, vocab=vocab)))[0]
+    tokens_per_frame = (video_embeds.shape[1] - text_tokens) / chunk_frames
+    return {
+        "flops": sum(flops.values()),
+        "flops_by_part": flops,
+        "flops_per_token": per_token,
+        "visual_tokens": visual_tokens,
+        "llm_tokens": embeds.shape[1],
+        "kv_cache_bytes_per_token": kv_token,
+        "kv_cache_bytes_per_image": image_tokens * kv_token,
+        "kv_cache_bytes_per_frame": tokens_per_frame * kv_token,
+        "kv_cache_bytes_per_sample": embeds.shape[1] * kv_token,
+        "weight_bytes": weight_bytes(model, dtype),
+        "working_bytes": memory.peak,
+        "text_kv_bytes": text_tokens * kv_token,
+    }
+
+
+def max_frames(figures: Mapping[str, Any], budget_bytes: float) -> int:
+    """Largest video (frames) whose weights + chunk working memory + KV cache fit ``budget_bytes``."""
+    free = budget_bytes - figures["weight_bytes"] - figures["working_bytes"] - figures["text_kv_bytes"]
+    return max(0, int(free // figures["kv_cache_bytes_per_frame"]))
+
+
+# --------------------------------------------------------------------------- model vs baseline
+def _side_by_side(model: Any, baseline: Any) -> Dict[str, Any]:
+    ratio = model / baseline if baseline else float("nan")
+    return {"model": model, "baseline": baseline, "ratio": ratio}
+
+
+def efficiency_report(model_cfg: Any, text_tokens: int = 64, frames: int = 0, budget_gb: float = 24.0,
+                      dtype: str = "bfloat16", chunk_frames: int = 16) -> Dict[str, Any]:
+    """Figures of ``model_cfg`` and of its LLaVA-1.5 baseline, each as ``{model, baseline, ratio}``.
+
+    ``ratio`` is model / baseline (0.23 = 77% fewer). ``budget_gb`` is in GiB (2**30 bytes), the
+    unit GPU memory is sold in.
+    """
+    torch_dtype = _DTYPES[dtype]
+    figures = {}
+    for role, cfg in (("model", model_cfg), ("baseline", baseline_config(model_cfg))):
+        cfg = copy.deepcopy(cfg)
+        cfg.dtype = dtype  # activations in the working-memory figure take the report's dtype
+        fig = profile(build_model(cfg), cfg, text_tokens, frames, torch_dtype, chunk_frames)
+        fig["max_frames"] = max_frames(fig, budget_gb * GIB)
+        figures[role] = fig
+    m, b = figures["model"], figures["baseline"]
+    report: Dict[str, Any] = {k: _side_by_side(m[k], b[k]) for k in m if k != "flops_by_part"}
+    report["flops_by_part"] = {p: _side_by_side(m["flops_by_part"][p], b["flops_by_part"][p]) for p in m["flops_by_part"]}
+    report["setup"] = {"text_tokens": text_tokens, "frames": frames, "budget_gb": budget_gb, "dtype": dtype,
+                       "chunk_frames": chunk_frames, "sample": f"video of {frames} frames" if frames else "image"}
+    return report
