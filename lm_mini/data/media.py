@@ -1,0 +1,199 @@
+"""Media decoding and pixel preprocessing: images with PIL, videos with PyAV.
+
+``decode_image`` / ``decode_video`` turn stored bytes into PIL images (or raise ``SampleError``, so a bad
+sample is skipped and counted, never a crash). ``ImageProcessor`` turns PIL images into the encoder's
+normalised pixel views: one view per image (plus R*R crops at high resolution), one per video frame.
+"""
+from __future__ import annotations
+
+import io
+from typing import List, Optional, Sequence
+
+import av
+import torch
+from PIL import Image, ImageOps
+
+from lm_mini.data.errors import SampleError
+
+# ------------------------------------------------------------------------------------------- decoding
+
+
+def decode_image(data: bytes, sample_id: Optional[str] = None) -> Image.Image:
+    """Bytes -> RGB PIL image with its EXIF orientation applied.
+
+    The image is fully decoded here (``load``) so a truncated or corrupt file fails now, as
+    ``SampleError("corrupt_image")``, rather than later inside a dataloader worker.
+    """
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return image.convert("RGB")
+    except Exception as e:  # PIL signals bad data with OSError, SyntaxError, ValueError, EOFError, ...
+        raise SampleError("corrupt_image", f"cannot decode image ({type(e).__name__}: {e})", sample_id) from e
+
+
+def sample_frame_indices(num_frames: int, frame_rate: float, fps: float = 1.0, max_frames: int = 64) -> List[int]:
+    """Indices of the frames to keep: the middle frame of each of ``n`` equal segments.
+
+    ``n`` is about ``fps`` per second of video (at least 1) and at most ``max_frames``, so a long video
+    gets ``max_frames`` equal segments instead of being cut short.
+    """
+    if num_frames <= 0:
+        return []
+    duration = num_frames / frame_rate
+    n = max(1, min(round(duration * fps), max_frames, num_frames))
+    return [int((k + 0.5) * num_frames / n) for k in range(n)]
+
+
+def _open_video(data: bytes, sample_id: Optional[str]):
+    if not data:
+        raise SampleError("bad_video", "zero-length video", sample_id)
+    try:
+        container = av.open(io.BytesIO(data))
+    except Exception as e:  # av.error.InvalidDataError and friends
+        raise SampleError("bad_video", f"cannot open video ({type(e).__name__}: {e})", sample_id) from e
+    if not container.streams.video:
+        container.close()
+        raise SampleError("bad_video", "no video stream", sample_id)
+    return container
+
+
+def _frame_rate(stream, num_frames: int) -> float:
+    rate = stream.average_rate or stream.guessed_rate
+    if rate:
+        return float(rate)
+    if stream.duration and stream.time_base:  # no rate in the header: derive it from the duration
+        return num_frames / float(stream.duration * stream.time_base)
+    return 1.0
+
+
+def _count_frames(data: bytes, sample_id: Optional[str]) -> tuple:
+    """(number of frames, frame rate): frames counted by demuxing, which is cheap (no decoding)."""
+    container = _open_video(data, sample_id)
+    try:
+        stream = container.streams.video[0]
+        num_frames = sum(1 for p in container.demux(stream) if p.size)
+        return num_frames, _frame_rate(stream, num_frames)
+    except Exception as e:
+        raise SampleError("bad_video", f"cannot read video ({type(e).__name__}: {e})", sample_id) from e
+    finally:
+        container.close()
+
+
+def _decode_frames(data: bytes, wanted: Sequence[int], sample_id: Optional[str]) -> List[Image.Image]:
+    """Decode from the start, converting only the frames whose index is in ``wanted`` (sorted)."""
+    container = _open_video(data, sample_id)  # reopened rather than seeked: not every container seeks
+    frames, targets = [], set(wanted)
+    try:
+        for i, frame in enumerate(container.decode(container.streams.video[0])):
+            if i in targets:
+                frames.append(frame.to_image())
+            if i >= wanted[-1]:
+                break
+    except Exception as e:
+        raise SampleError("bad_video", f"cannot decode video ({type(e).__name__}: {e})", sample_id) from e
+    finally:
+        container.close()
+    return frames
+
+
+def decode_video(data: bytes, fps: float = 1.0, max_frames: int = 64, sample_id: Optional[str] = None) -> List[Image.Image]:
+    """Bytes -> the sampled frames as RGB PIL images (see ``sample_frame_indices``).
+
+    Zero-length, unreadable or frameless videos raise ``SampleError("bad_video")``.
+    """
+    num_frames, rate = _count_frames(data, sample_id)
+    wanted = sample_frame_indices(num_frames, rate, fps, max_frames)
+    if not wanted:
+        raise SampleError("bad_video", "video has no frames", sample_id)
+    frames = _decode_frames(data, wanted, sample_id)
+    # Fewer decoded frames than packets means a damaged stream; a sample with missing frames would
+    # be silently wrong, so it is refused instead.
+    if len(frames) != len(wanted):
+        raise SampleError("bad_video", f"decoded {len(frames)} of {len(wanted)} sampled frames", sample_id)
+    return frames
+
+
+def probe_video(data: bytes, sample_id: Optional[str] = None) -> dict:
+    """Cheap validity check for the shard builder: the video has frames and its first frame decodes.
+
+    Returns ``{"frames": ..., "width": ..., "height": ...}``.
+    """
+    num_frames, _ = _count_frames(data, sample_id)
+    if num_frames == 0:
+        raise SampleError("bad_video", "video has no frames", sample_id)
+    frames = _decode_frames(data, [0], sample_id)
+    if not frames:
+        raise SampleError("bad_video", "no decodable frame", sample_id)
+    return {"frames": num_frames, "width": frames[0].width, "height": frames[0].height}
+
+
+# ------------------------------------------------------------------------------------------ pixels
+
+
+def expand_to_square(image: Image.Image, fill: Sequence[int]) -> Image.Image:
+    """Pad the short side (centred) with a flat colour, as LLaVA-1.5's ``expand2square``."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    out = Image.new(image.mode, (side, side), tuple(fill))
+    out.paste(image, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+class ImageProcessor:
+    """PIL images -> normalised pixel views ``[V, 3, S, S]`` for the vision encoder.
+
+    aspect_mode: ``square`` resizes the whole image to S x S (LLaVA-Mini); ``pad`` first pads it to a
+        square with the encoder's mean colour (LLaVA-1.5), so nothing is stretched.
+    resolution_ratio: R > 1 adds R*R crops of the image resized to (S*R)^2, row-major, after the
+        global view, so an image gives ``1 + R*R`` views (1 when R == 1).
+    Resampling is bicubic; normalisation uses the encoder's own mean/std.
+    """
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], aspect_mode: str = "square", resolution_ratio: int = 1):
+        if aspect_mode not in ("square", "pad"):
+            raise ValueError(f"aspect_mode must be 'square' or 'pad', got {aspect_mode!r}")
+        if resolution_ratio < 1:
+            raise ValueError(f"resolution_ratio must be >= 1, got {resolution_ratio}")
+        self.image_size = int(image_size)
+        self.aspect_mode = aspect_mode
+        self.resolution_ratio = int(resolution_ratio)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.fill = tuple(int(round(255 * m)) for m in mean)
+
+    @property
+    def views_per_image(self) -> int:
+        r = self.resolution_ratio
+        return 1 + r * r if r > 1 else 1
+
+    def _to_tensor(self, image: Image.Image, size: int) -> torch.Tensor:
+        """RGB image -> bicubic resize to size x size -> normalised float tensor [3, size, size]."""
+        image = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3)
+        pixels = pixels.permute(2, 0, 1).float().div_(255.0)
+        return (pixels - self.mean) / self.std
+
+    def _square(self, image: Image.Image) -> Image.Image:
+        return expand_to_square(image.convert("RGB"), self.fill) if self.aspect_mode == "pad" else image
+
+    def image(self, image: Image.Image) -> torch.Tensor:
+        """One image -> ``[V, 3, S, S]``: the global view, then (R > 1) the R*R crops row-major."""
+        image = self._square(image)
+        s, r = self.image_size, self.resolution_ratio
+        views = [self._to_tensor(image, s)]
+        if r > 1:
+            big = self._to_tensor(image, s * r)  # [3, rS, rS] -> [r*r, 3, S, S], rows first
+            crops = big.view(3, r, s, r, s).permute(1, 3, 0, 2, 4).reshape(r * r, 3, s, s)
+            views.extend(crops)
+        return torch.stack(views)
+
+    def video(self, frames: Sequence[Image.Image]) -> torch.Tensor:
+        """Video frames -> ``[T, 3, S, S]`` (one global view per frame; no high-resolution crops)."""
+        return torch.stack([self._to_tensor(self._square(f), self.image_size) for f in frames])
+
+
+__all__ = ["decode_image", "decode_video", "probe_video", "sample_frame_indices", "expand_to_square", "ImageProcessor"]

@@ -1,0 +1,584 @@
+"""WebDataset shards: the schema, the builder (LLaVA JSON/JSONL + media -> shards) and the raw reader.
+
+Schema (DESIGN §4). One sample = one group of tar members sharing a ``__key__``:
+
+    <key>.json                  the LLaVA record: id, conversations [{from, value}], source, image|video path
+    <key>.jpg|png|webp          image bytes, as found on disk          } at most one media member;
+    <key>.mp4|webm|mkv|avi      video bytes, decoded at load time      } none for a text-only record
+
+Caption shards made by img2dataset (``<key>.jpg`` + ``<key>.txt`` [+ metadata ``<key>.json``]) are
+read too, as a one-turn caption record for the ``plain`` template.
+
+A built shard set is a directory::
+
+    shard-000000.tar ...   shard i holds the valid records among input records [i*shard_size, (i+1)*shard_size)
+    index.json             shards (samples per shard and media kind, sha256), sources (sha256), build parameters
+    skipped.json           every skipped input record with its reason (data/errors.py)
+
+Building is deterministic: shard i depends only on its range of input records, so the same input
+gives byte-identical shards with any number of worker processes. Shards are written under temporary
+names and renamed; ``index.json`` is written last, so a directory with an ``index.json`` is complete.
+An interrupted build keeps its state in ``.build/`` and ``resume=True`` finishes it.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import tarfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from lm_mini.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from lm_mini.data.conversation import normalize_turns
+from lm_mini.data.errors import SampleError, SkipCounter
+from lm_mini.data.media import decode_image, probe_video
+
+FORMAT = "lm_mini.shards/1"
+IMAGE_EXTS = ("jpg", "png", "webp")
+VIDEO_EXTS = ("mp4", "webm", "mkv", "avi")
+EXT_ALIASES = {"jpeg": "jpg", "m4v": "mp4", "mov": "mp4"}  # same formats under another file suffix
+INDEX_FILE, SKIPPED_FILE, STATE_DIR = "index.json", "skipped.json", ".build"
+TAR_MTIME = 0  # fixed member time/owner so the same input gives byte-identical tars
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:06d}.tar"
+
+
+def media_kind(ext: Optional[str]) -> Optional[str]:
+    """'image' | 'video' | None (text-only / unknown) for a member extension."""
+    ext = EXT_ALIASES.get(ext, ext)
+    return "image" if ext in IMAGE_EXTS else "video" if ext in VIDEO_EXTS else None
+
+
+class ShardBuildError(RuntimeError):
+    """The build cannot start (unreadable input file, output directory in the way, ...)."""
+
+
+# ------------------------------------------------------------------------------------- records
+
+
+def check_record(record: Any, has_media: bool, sample_id: Optional[str] = None) -> str:
+    """Check a LLaVA record (raises ``SampleError``) and return its id as a string.
+
+    The conversation rules (roles, alternation, one media placeholder at most, none without media)
+    are those of the templates, ``lm_mini.data.conversation.normalize_turns``, so a record that
+    passes here can be rendered.
+    """
+    if not isinstance(record, dict):
+        raise SampleError("malformed_record", f"record is a {type(record).__name__}, not an object", sample_id)
+    if record.get("id") is None:
+        raise SampleError("malformed_record", "record has no 'id'", sample_id)
+    sample_id = str(record["id"])
+    if "image" in record and "video" in record:
+        raise SampleError("malformed_record", "record has both 'image' and 'video'; one media item per sample", sample_id)
+    normalize_turns(record.get("conversations"), has_media, sample_id)
+    return sample_id
+
+
+def media_path(record: dict, sample_id: Optional[str] = None) -> Tuple[Optional[str], Optional[str]]:
+    """(kind, relative path) of a record's media: ('image', 'coco/1.jpg'), ('video', ...) or (None, None)."""
+    for kind in ("image", "video"):
+        if kind in record:
+            path = record[kind]
+            if isinstance(path, list) and len(path) == 1:  # some sets wrap a single file in a list
+                path = path[0]
+            if not isinstance(path, str) or not path:
+                raise SampleError("malformed_record", f"'{kind}' must be one file path, got {path!r:.80}", sample_id)
+            return kind, path
+    return None, None
+
+
+def _load_media(kind: str, path: Path, sample_id: str) -> Tuple[str, bytes]:
+    """Read and check one media file -> (member extension, bytes to store)."""
+    if not path.is_file():
+        raise SampleError("missing_media", f"{kind} file not found: {path}", sample_id)
+    data = path.read_bytes()
+    ext = path.suffix.lower().lstrip(".")
+    ext = EXT_ALIASES.get(ext, ext)
+    if kind == "image":
+        image = decode_image(data, sample_id)  # full decode: a truncated JPEG fails here, not in training
+        if ext not in IMAGE_EXTS:  # gif, bmp, tiff, ...: store losslessly as PNG
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            ext, data = "png", buf.getvalue()
+        return ext, data
+    if ext not in VIDEO_EXTS:
+        raise SampleError("bad_video", f"unsupported video container '.{ext}' ({', '.join(VIDEO_EXTS)})", sample_id)
+    probe_video(data, sample_id)
+    return ext, data
+
+
+# ------------------------------------------------------------------------------------- input
+
+
+@dataclass
+class _Source:
+    path: str
+    sha256: str
+    records: List[Tuple[int, Any]]  # (line or list position, record or a JSONL parse error)
+
+
+class _BadLine(str):
+    """A JSONL line that is not JSON; kept in place so it is reported as a malformed record."""
+
+
+def _read_source(path: Union[str, Path]) -> _Source:
+    """A LLaVA JSON list or a JSONL file (one record per line), told apart by the first character."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ShardBuildError(f"cannot read {path}: {e}") from e
+    sha = hashlib.sha256(raw).hexdigest()
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ShardBuildError(f"{path} is not valid JSON: {e}") from e
+        return _Source(str(path), sha, list(enumerate(records)))
+    out: List[Tuple[int, Any]] = []
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                out.append((line_no, json.loads(line)))
+            except json.JSONDecodeError as e:
+                out.append((line_no, _BadLine(f"line is not JSON: {e}")))
+    return _Source(str(path), sha, out)
+
+
+# ------------------------------------------------------------------------------------- writing
+
+
+@dataclass
+class _ShardTask:
+    index: int
+    first_key: int  # global position of the first record: keys are positions, so unique and ordered
+    records: List[Tuple[str, int, Any]]  # (source path, line/position, record)
+    media_root: str
+    out_dir: str
+
+
+def _make_sample(key: str, source: str, record: Any, media_root: Path) -> dict:
+    """One input record -> the tar members of its sample (raises ``SampleError``)."""
+    if isinstance(record, _BadLine):
+        raise SampleError("malformed_record", str(record))
+    sample_id = str(record.get("id")) if isinstance(record, dict) and record.get("id") is not None else None
+    kind, rel = media_path(record, sample_id) if isinstance(record, dict) else (None, None)
+    sample_id = check_record(record, kind is not None, sample_id)
+    record = {**record, "id": sample_id, "source": record.get("source", Path(source).name)}
+    sample = {"__key__": key, "json": json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8")}
+    if kind is not None:
+        ext, data = _load_media(kind, media_root / rel, sample_id)
+        sample[ext] = data
+    return sample
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_shard(task: _ShardTask) -> dict:
+    """Validate and write one shard (temp name, then rename) and its done-marker; returns its summary."""
+    out_dir, name = Path(task.out_dir), shard_name(task.index)
+    media = {"image": 0, "video": 0, "text": 0}
+    skipped = []
+    tmp = out_dir / (name + ".tmp")
+    with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=TAR_MTIME, user="", group="") as writer:
+        for offset, (source, line, record) in enumerate(task.records):
+            key = f"{task.first_key + offset:09d}"
+            try:
+                sample = _make_sample(key, source, record, Path(task.media_root))
+            except SampleError as e:
+                skipped.append({"key": key, "id": e.sample_id, "source": source, "line": line, "reason": e.reason, "message": str(e)})
+                continue
+            writer.write(sample)
+            media[next((media_kind(k) for k in sample if media_kind(k)), None) or "text"] += 1
+    os.replace(tmp, out_dir / name)
+    summary = {"name": name, "samples": sum(media.values()), "media": media, "sha256": _sha256_file(out_dir / name),
+               "bytes": (out_dir / name).stat().st_size, "skipped": skipped}
+    _write_json(out_dir / STATE_DIR / f"{name}.json", summary)  # the shard is done once this exists
+    return summary
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Atomic JSON write: a reader sees the old file or the complete new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------- building
+
+
+@dataclass
+class BuildReport:
+    out_dir: str
+    num_samples: int
+    num_shards: int
+    media: Dict[str, int]  # samples per media kind: image / video / text
+    skipped: Dict[str, int]  # skipped input records per reason
+    shards_written: int  # shards written by this call (fewer than num_shards on resume)
+    skipped_records: List[dict] = field(default_factory=list, repr=False)
+
+    def summary(self) -> str:
+        media = ", ".join(f"{k} {v}" for k, v in self.media.items())
+        skipped = ", ".join(f"{k} {v}" for k, v in self.skipped.items()) or "none"
+        return (f"{self.out_dir}: {self.num_samples} samples in {self.num_shards} shards ({media}); "
+                f"wrote {self.shards_written} shards; skipped: {skipped}")
+
+
+def _build_params(sources: Sequence[_Source], shard_size: int) -> dict:
+    """What makes two builds the same build (compared on resume). Worker count is not part of it."""
+    return {"shard_size": shard_size,
+            "sources": [{"path": s.path, "sha256": s.sha256, "records": len(s.records)} for s in sources]}
+
+
+def _same_build(old: dict, new: dict) -> Optional[str]:
+    """None when ``old`` and ``new`` build parameters describe the same build, else what differs."""
+    if old.get("shard_size") != new["shard_size"]:
+        return f"shard_size {old.get('shard_size')} != {new['shard_size']}"
+    old_sums = [s.get("sha256") for s in old.get("sources", [])]
+    new_sums = [s["sha256"] for s in new["sources"]]
+    if old_sums != new_sums:
+        return "the source JSON files differ (sha256)"
+    return None
+
+
+def _check_out_dir(out: Path, params: dict, resume: bool) -> str:
+    """Decide what to do with ``out``: 'fresh', 'resume' or 'complete'; refuse anything else."""
+    state_file = out / STATE_DIR / "state.json"
+    if (out / INDEX_FILE).is_file():
+        if not resume:
+            raise ShardBuildError(f"{out} already holds a finished shard set (index.json); "
+                                  "choose another --out or delete it (nothing was written)")
+        index = read_index(out)
+        diff = _same_build({"shard_size": index["build"]["shard_size"], "sources": index["sources"]}, params)
+        if diff:
+            raise ShardBuildError(f"{out} holds a finished build of other inputs ({diff}); refusing to overwrite it")
+        return "complete"
+    if state_file.is_file():
+        if not resume:
+            raise ShardBuildError(f"{out} holds an unfinished build; pass --resume (resume=True) to finish it, "
+                                  "or delete the directory")
+        diff = _same_build(json.loads(state_file.read_text()), params)
+        if diff:
+            raise ShardBuildError(f"cannot resume the build in {out}: {diff}")
+        return "resume"
+    if out.exists() and any(out.iterdir()):
+        raise ShardBuildError(f"{out} is not empty and holds no lm_mini shard build; choose an empty or new directory")
+    return "fresh"
+
+
+def _done_shards(out: Path, n: int) -> Dict[int, dict]:
+    """Shards of an interrupted build that are complete: done-marker present and tar checksum matching."""
+    done = {}
+    for i in range(n):
+        marker, tar = out / STATE_DIR / f"{shard_name(i)}.json", out / shard_name(i)
+        if marker.is_file() and tar.is_file():
+            summary = json.loads(marker.read_text())
+            if summary["sha256"] == _sha256_file(tar):
+                done[i] = summary
+    return done
+
+
+def _run_tasks(tasks: List[_ShardTask], workers: int) -> List[dict]:
+    if workers <= 1 or len(tasks) <= 1:
+        return [_write_shard(t) for t in tasks]
+    # fork: workers only read files and run PIL/PyAV, and re-importing torch per worker (spawn) costs seconds.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method)) as pool:
+        return list(pool.map(_write_shard, tasks))
+
+
+def build_shards(json_files: Sequence[Union[str, Path]], media_root: Union[str, Path], out_dir: Union[str, Path],
+                 shard_size: int = 1000, workers: int = 1, resume: bool = False) -> BuildReport:
+    """LLaVA JSON/JSONL files + media -> WebDataset shards in ``out_dir`` with ``index.json``.
+
+    Every record is checked (conversation form, placeholders, media present and decodable); bad
+    records are skipped and listed by reason in ``skipped.json``. Refuses an ``out_dir`` that holds
+    anything but an interrupted build of the same inputs (``resume=True`` finishes that one).
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if not json_files:
+        raise ValueError("no input JSON files")
+    sources = [_read_source(p) for p in json_files]
+    params = _build_params(sources, shard_size)
+    out = Path(out_dir)
+    action = _check_out_dir(out, params, resume)
+    if action == "complete":
+        return _report(out, read_index(out), _read_skipped(out), shards_written=0)
+
+    flat = [(s.path, line, rec) for s in sources for line, rec in s.records]
+    n_shards = max(1, -(-len(flat) // shard_size))
+    (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    if action == "fresh":
+        _write_json(out / STATE_DIR / "state.json", params)
+    done = _done_shards(out, n_shards) if action == "resume" else {}
+    tasks = [_ShardTask(i, i * shard_size, flat[i * shard_size:(i + 1) * shard_size], str(media_root), str(out))
+             for i in range(n_shards) if i not in done]
+    for summary in _run_tasks(tasks, workers):
+        done[int(summary["name"][len("shard-"):-len(".tar")])] = summary
+    summaries = [done[i] for i in range(n_shards)]
+
+    skipped_records = [r for s in summaries for r in s.pop("skipped")]
+    counts = SkipCounter()
+    for r in skipped_records:
+        counts.add(r["reason"])
+    media = {k: sum(s["media"][k] for s in summaries) for k in ("image", "video", "text")}
+    index = {"format": FORMAT, "num_samples": sum(media.values()), "media": media, "shards": summaries,
+             "skipped": counts.as_dict(), "sources": params["sources"],
+             "build": {"shard_size": shard_size, "media_root": str(media_root), "workers": workers}}
+    _write_json(out / SKIPPED_FILE, {"counts": counts.as_dict(), "records": skipped_records})
+    _write_json(out / INDEX_FILE, index)  # last: its presence marks the set complete
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+    return _report(out, index, skipped_records, shards_written=len(tasks))
+
+
+def _read_skipped(out: Path) -> List[dict]:
+    path = out / SKIPPED_FILE
+    return json.loads(path.read_text())["records"] if path.is_file() else []
+
+
+def _report(out: Path, index: dict, skipped_records: List[dict], shards_written: int) -> BuildReport:
+    return BuildReport(str(out), index["num_samples"], len(index["shards"]), dict(index["media"]),
+                       dict(index["skipped"]), shards_written, skipped_records)
+
+
+def read_index(path: Union[str, Path]) -> dict:
+    """The parsed ``index.json`` of a shard directory (raises ``FileNotFoundError`` when unfinished/absent)."""
+    index_path = Path(path) / INDEX_FILE
+    if not index_path.is_file():
+        hint = " (an unfinished build: run it again with --resume)" if (Path(path) / STATE_DIR).is_dir() else ""
+        raise FileNotFoundError(f"no {INDEX_FILE} in {path}{hint}")
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    if index.get("format") != FORMAT:
+        raise ValueError(f"{index_path}: unknown shard format {index.get('format')!r}, expected {FORMAT!r}")
+    return index
+
+
+def shard_paths(path: Union[str, Path]) -> List[str]:
+    """Paths of the shards listed in a directory's ``index.json``, in order."""
+    return [str(Path(path) / s["name"]) for s in read_index(path)["shards"]]
+
+
+# ------------------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class RawSample:
+    """One undecoded sample. ``record`` is a checked LLaVA record; ``source`` is the shard it came from."""
+
+    key: str
+    record: dict
+    media_kind: Optional[str]  # "image" | "video" | None (text-only)
+    media_ext: Optional[str]
+    media_bytes: Optional[bytes]
+    source: str
+
+
+def _caption_record(key: str, sample: dict, url: str) -> dict:
+    """img2dataset ``jpg`` + ``txt`` [+ metadata ``json``] -> a one-turn caption record (``plain`` template)."""
+    caption = sample["txt"].decode("utf-8").strip()
+    if not caption:
+        raise SampleError("malformed_record", "empty caption", key)
+    meta = {}
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+        except ValueError:
+            meta = {}
+    sample_id = str(meta.get("key") or key) if isinstance(meta, dict) else key
+    return {"id": sample_id, "source": Path(url).name, "template": "plain",
+            "conversations": [{"from": "human", "value": "<image>\n"}, {"from": "gpt", "value": caption}]}
+
+
+def to_raw_sample(sample: dict, url: str) -> RawSample:
+    """A grouped tar sample -> ``RawSample`` (raises ``SampleError`` for unusable ones)."""
+    key = sample["__key__"]
+    media = [(EXT_ALIASES.get(k, k), v) for k, v in sample.items() if media_kind(k)]
+    if len(media) > 1:
+        raise SampleError("malformed_record", f"{len(media)} media members; one per sample", key)
+    ext, data = media[0] if media else (None, None)
+    kind = media_kind(ext)
+    record = None
+    if "json" in sample:
+        try:
+            record = json.loads(sample["json"])
+        except ValueError as e:
+            raise SampleError("malformed_record", f"json member is not JSON: {e}", key) from e
+    if not (isinstance(record, dict) and "conversations" in record):
+        if "txt" in sample:  # img2dataset caption layout (its json, if any, is metadata)
+            if kind != "image":
+                raise SampleError("missing_media", "caption record without an image", key)
+            record = _caption_record(key, sample, url)
+        elif record is None:
+            raise SampleError("malformed_record", "sample has no json record", key)
+    sample_id = check_record(record, kind is not None, key)
+    wanted, _ = media_path(record, sample_id)
+    if wanted is not None and kind != wanted:
+        raise SampleError("missing_media", f"record names a {wanted} but the shard holds {kind or 'no media'}", sample_id)
+    return RawSample(key, record, kind, ext, data, url)
+
+
+def _complete_tar(url: str) -> bool:
+    """Does a local uncompressed tar end with the end-of-archive marker (two zero blocks)?
+
+    Needed because a tar cut exactly at a member boundary reads without any error.
+    """
+    path = Path(url)
+    if not url.endswith(".tar") or not path.is_file():
+        return True  # remote or compressed: truncation shows up as a read error instead
+    size = path.stat().st_size
+    if size < 1024:
+        return False
+    with open(path, "rb") as f:
+        f.seek(size - 1024)
+        return f.read(1024) == bytes(1024)
+
+
+def _shard_samples(url: str, counter: SkipCounter) -> Iterator[RawSample]:
+    errors: List[Exception] = []
+
+    def stop(exn: Exception) -> bool:  # a read error ends the shard: nothing after it is trustworthy
+        errors.append(exn)
+        return False
+
+    pending: Optional[Tuple[Optional[RawSample], Optional[SampleError]]] = None
+    with wds.gopen(url) as stream:  # opened here, not by the handler: a missing shard is an error, not a skip
+        files = tar_file_expander([{"url": url, "stream": stream}], handler=stop, eof_value=None)
+        for sample in group_by_keys(files, handler=stop):
+            if pending is not None:  # held back one sample: in a truncated shard the last one may be partial
+                yield from _emit(pending, counter)
+            try:
+                pending = (to_raw_sample(sample, url), None)
+            except SampleError as e:
+                pending = (None, e)
+    if errors or not _complete_tar(url):
+        counter.add("truncated_tar")
+        if pending is not None and pending[0] is not None:
+            yield pending[0]  # complete in itself: keep it; a partial last sample is covered by truncated_tar
+        return
+    if pending is not None:
+        yield from _emit(pending, counter)
+
+
+def _emit(pending: Tuple[Optional[RawSample], Optional[SampleError]], counter: SkipCounter) -> Iterator[RawSample]:
+    sample, error = pending
+    if error is not None:
+        counter.add(error.reason)
+    else:
+        yield sample
+
+
+def iter_raw_samples(urls: Iterable[Union[str, dict]], counter: SkipCounter) -> Iterator[RawSample]:
+    """Samples of the given shards in order; bad ones are skipped and counted in ``counter``.
+
+    ``urls`` are paths / webdataset URLs, or ``{"url": ...}`` dicts as yielded by webdataset's
+    shard lists and node/worker splitters. A shard cut short (``truncated_tar``) yields the complete
+    samples before the cut.
+    """
+    for url in urls:
+        yield from _shard_samples(url["url"] if isinstance(url, dict) else str(url), counter)
+
+
+# ------------------------------------------------------------------------------------- CLI
+
+
+def cli_build(args: argparse.Namespace) -> int:
+    try:
+        report = build_shards(args.json, args.media_root, args.out, shard_size=args.shard_size,
+                              workers=args.workers, resume=args.resume)
+    except ShardBuildError as e:
+        print(f"lm-mini shards build: {e}")
+        return 1
+    print(report.summary())
+    if report.skipped:
+        print(f"skipped records are listed in {Path(args.out) / SKIPPED_FILE}")
+    return 0
+
+
+def _describe_media(s: RawSample) -> str:
+    sid = s.record.get("id")
+    try:
+        if s.media_kind == "image":
+            w, h = decode_image(s.media_bytes, sid).size
+            return f"image {s.media_ext} {w}x{h}"
+        if s.media_kind == "video":
+            info = probe_video(s.media_bytes, sid)
+            return f"video {s.media_ext} {info['frames']} frames {info['width']}x{info['height']}"
+    except SampleError as e:
+        return f"{s.media_kind} {s.media_ext} UNREADABLE {e}"
+    return "text-only"
+
+
+def _token_layout(s: RawSample, tokenizer: Any, template: str) -> List[str]:
+    """Tokens in runs of the same role: ``ctx`` (no loss) or ``LOSS`` (trained); the media slot shown as <media>."""
+    from lm_mini.data.conversation import tokenize_conversation
+
+    t = tokenize_conversation(s.record["conversations"], tokenizer, template, max_length=1 << 30,
+                              has_media=s.media_kind is not None, sample_id=str(s.record.get("id")))
+    lines, run, trained = [f"  tokens {len(t.input_ids)}, trained {sum(l != IGNORE_INDEX for l in t.labels)}"
+                           + (" (UNALIGNED: all masked)" if t.unaligned else "")], [], None
+
+    def flush() -> None:
+        if run:
+            text = "".join("<media>" if i == IMAGE_TOKEN_INDEX else tokenizer.decode([i]) for i in run)
+            lines.append(f"  {'LOSS' if trained else 'ctx '} | {text!r}")
+
+    for i, label in zip(t.input_ids, t.labels):
+        if (label != IGNORE_INDEX) != trained:
+            flush()
+            run, trained = [], label != IGNORE_INDEX
+        run.append(i)
+    flush()
+    return lines
+
+
+def cli_inspect(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    if path.is_dir():
+        index = read_index(path)
+        print(f"{path}: {index['num_samples']} samples in {len(index['shards'])} shards; media "
+              + ", ".join(f"{k} {v}" for k, v in index["media"].items())
+              + f"; skipped at build: {index['skipped'] or 'none'}")
+        for s in index["shards"]:
+            print(f"  {s['name']}: {s['samples']} samples ({', '.join(f'{k} {v}' for k, v in s['media'].items())})")
+        urls = shard_paths(path)
+    else:
+        urls = [str(path)]
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    counter = SkipCounter()
+    for s in islice(iter_raw_samples(urls, counter), args.num_samples):
+        print(f"--- {s.key} id={s.record['id']} source={s.record.get('source')} | {_describe_media(s)}")
+        for turn in s.record["conversations"]:
+            print(f"  {turn['from']}: {turn['value']!r}")
+        if tokenizer is not None:
+            try:
+                print("\n".join(_token_layout(s, tokenizer, args.template or s.record.get("template") or "vicuna_v1")))
+            except SampleError as e:
+                print(f"  cannot tokenize: {e}")
+    if counter:
+        print(f"skipped while reading: {counter.as_dict()}")
+    return 0
