@@ -79,7 +79,7 @@ def sincos_2d(dim: int, grid: int) -> torch.Tensor:
         raise ValueError(f"2D sin-cos table needs dim divisible by 4, got {dim}")
     rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")  # each [grid, grid]
     table = np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
-    return torch.from_numpy(table).float()
+    return torch.tensor(table, dtype=torch.float32)  # unlike from_numpy, honours a `with torch.device(...)` build
 
 
 def resize_pos_embed(table: torch.Tensor, grid: int, hw: Tuple[int, int]) -> torch.Tensor:

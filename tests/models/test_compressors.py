@@ -115,6 +115,14 @@ def test_query_init_and_pos_embed_is_a_saved_buffer():
     assert m.num_tokens == 64
 
 
+@pytest.mark.parametrize("name", ["query_attention", "qformer"])
+def test_builds_on_meta_device(name):
+    # real-size presets are checked on `meta`: no tensor of the compressor may land in memory
+    with torch.device("meta"):
+        m = COMPRESSORS.create(name, dim=1024, grid=2)
+    assert {t.device.type for t in [*m.parameters(), *m.buffers()]} == {"meta"}
+
+
 def official_state_dict(dim: int, grid: int) -> dict:
     """A state dict keyed like the official LLaVA-Mini ``model.compressor.*`` weights."""
     g = torch.Generator().manual_seed(1)
