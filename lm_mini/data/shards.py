@@ -566,9 +566,9 @@ def cli_inspect(args: argparse.Namespace) -> int:
         urls = [str(path)]
     tokenizer = None
     if args.tokenizer:
-        from transformers import AutoTokenizer
+        from lm_mini.data.tokenizer import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        tokenizer = load_tokenizer(args.tokenizer)
     counter = SkipCounter()
     for s in islice(iter_raw_samples(urls, counter), args.num_samples):
         print(f"--- {s.key} id={s.record['id']} source={s.record.get('source')} | {_describe_media(s)}")

@@ -1,0 +1,140 @@
+"""Media: image/video decoding (EXIF, corrupt input, frame sampling) and pixel preprocessing."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lm_mini.data.errors import SampleError
+from lm_mini.data.media import ImageProcessor, decode_image, decode_video, probe_video, sample_frame_indices
+from media_fixtures import frame_index, gray_video, image_bytes
+
+MEAN, STD = (0.25, 0.5, 0.75), (0.5, 0.25, 0.5)
+RED, BLUE = (255, 0, 0), (0, 0, 255)
+
+
+def normalised(rgb):
+    """What one RGB pixel becomes after normalisation, as a [3] tensor."""
+    return (torch.tensor(rgb, dtype=torch.float32) / 255 - torch.tensor(MEAN)) / torch.tensor(STD)
+
+
+def two_halves(w=40, h=20, left=RED, right=BLUE):
+    image = Image.new("RGB", (w, h), right)
+    image.paste(left, (0, 0, w // 2, h))
+    return image
+
+
+# ------------------------------------------------------------------------------------------ images
+
+
+def test_decode_image_applies_exif_orientation():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: displayed after a 90° clockwise turn
+    data = image_bytes(two_halves(), "JPEG", quality=95, exif=exif.tobytes())
+    image = decode_image(data)
+    assert image.mode == "RGB" and image.size == (20, 40)  # portrait once turned
+    pixels = np.asarray(image).astype(int)
+    # Clockwise: the stored left half (red) ends up on top.
+    assert np.abs(pixels[5, 10] - RED).max() < 20 and np.abs(pixels[35, 10] - BLUE).max() < 20
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK"])
+def test_decode_image_converts_to_rgb(mode):
+    fmt = "JPEG" if mode in ("L", "CMYK") else "PNG"
+    image = decode_image(image_bytes(Image.new("RGB", (8, 6), RED).convert(mode), fmt))
+    assert image.mode == "RGB" and image.size == (8, 6)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_images_raise_sample_error(damage):
+    good = image_bytes(Image.effect_noise((64, 64), 50).convert("RGB"), "JPEG")
+    data = {"truncated": good[: len(good) // 2], "garbage": b"\xff\xd8\xff" + bytes(range(256)) * 4, "empty": b""}[damage]
+    with pytest.raises(SampleError) as err:
+        decode_image(data, sample_id="s1")
+    assert err.value.reason == "corrupt_image" and err.value.sample_id == "s1"
+
+
+def test_square_stretches_and_pad_fills_with_the_mean_colour():
+    image = Image.new("RGB", (40, 20), RED)
+    square = ImageProcessor(16, MEAN, STD, aspect_mode="square").image(image)
+    assert square.shape == (1, 3, 16, 16)
+    assert torch.allclose(square[0], normalised(RED).view(3, 1, 1).expand(3, 16, 16), atol=1e-5)
+
+    pad = ImageProcessor(16, MEAN, STD, aspect_mode="pad").image(image)[0]
+    mean_pixel = normalised([round(255 * m) for m in MEAN])
+    # 40x20 padded to 40x40: the image covers the middle half of the rows, mean colour above and below
+    # (rows next to the edge are left out: the bicubic kernel blends across it).
+    assert torch.allclose(pad[:, :2], mean_pixel.view(3, 1, 1).expand(3, 2, 16), atol=1e-5)
+    assert torch.allclose(pad[:, -2:], mean_pixel.view(3, 1, 1).expand(3, 2, 16), atol=1e-5)
+    assert torch.allclose(pad[:, 6:10], normalised(RED).view(3, 1, 1).expand(3, 4, 16), atol=1e-5)
+    assert mean_pixel.abs().max() < 0.01  # the padding is (almost) zero after normalisation
+
+
+def test_resize_is_bicubic():
+    image = Image.fromarray(np.array([[0, 255], [255, 0]], np.uint8)).convert("RGB")
+    views = ImageProcessor(8, MEAN, STD).image(image)
+    expected = torch.from_numpy(np.array(image.resize((8, 8), Image.Resampling.BICUBIC))).permute(2, 0, 1)
+    expected = (expected.float() / 255 - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    assert torch.allclose(views[0], expected, atol=1e-6)
+    levels = (views[0, 0] * STD[0] + MEAN[0]) * 255
+    assert len(torch.unique(levels.round())) > 2  # interpolated, not nearest-neighbour's two levels
+
+
+def test_high_resolution_views_are_global_then_crops_row_major():
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]  # TL, TR, BL, BR quadrants
+    image = Image.new("RGB", (32, 32))
+    for k, colour in enumerate(colours):
+        x, y = 16 * (k % 2), 16 * (k // 2)
+        image.paste(colour, (x, y, x + 16, y + 16))
+    proc = ImageProcessor(8, MEAN, STD, resolution_ratio=2)
+    views = proc.image(image)
+    assert proc.views_per_image == 5 and views.shape == (5, 3, 8, 8)
+    assert torch.equal(views[0], ImageProcessor(8, MEAN, STD).image(image)[0])  # global view first
+    for k, colour in enumerate(colours):  # each crop's interior is its quadrant's flat colour
+        assert torch.allclose(views[1 + k][:, 2:6, 2:6], normalised(colour).view(3, 1, 1).expand(3, 4, 4), atol=1e-5), k
+    big = ImageProcessor(16, MEAN, STD).image(image)[0]  # crops tile the image resized to (S*R)^2
+    assert torch.equal(views[2], big[:, :8, 8:]) and torch.equal(views[3], big[:, 8:, :8])
+    assert ImageProcessor(8, MEAN, STD, resolution_ratio=1).image(image).shape == (1, 3, 8, 8)
+
+
+# ------------------------------------------------------------------------------------------ videos
+
+
+@pytest.fixture(scope="module")
+def video_30_frames():
+    return gray_video(30, rate=10)  # 3 seconds at 10 fps
+
+
+@pytest.mark.parametrize("fps, max_frames, expected", [
+    (1.0, 64, [5, 15, 25]),  # 3 segments of 10 frames: their middles
+    (2.0, 64, [2, 7, 12, 17, 22, 27]),  # 6 segments of 5
+    (10.0, 2, [7, 22]),  # 30 segments wanted, capped: 2 equal segments of 15
+])
+def test_video_keeps_middle_frames_of_equal_segments(video_30_frames, fps, max_frames, expected):
+    frames = decode_video(video_30_frames, fps=fps, max_frames=max_frames)
+    assert [frame_index(f) for f in frames] == expected
+    assert all(f.mode == "RGB" and f.size == (32, 32) for f in frames)
+
+
+def test_sample_frame_indices_caps_long_videos():
+    idx = sample_frame_indices(num_frames=3000, frame_rate=30.0, fps=1.0, max_frames=64)  # 100 s
+    assert len(idx) == 64 and idx[0] == int(0.5 * 3000 / 64) and idx[-1] == int(63.5 * 3000 / 64)
+    assert sample_frame_indices(num_frames=6, frame_rate=30.0, fps=1.0) == [3]  # 0.2 s: still one frame
+    assert sample_frame_indices(num_frames=0, frame_rate=30.0) == []
+
+
+@pytest.mark.parametrize("damage", ["empty", "garbage", "truncated"])
+def test_bad_videos_raise_sample_error(video_30_frames, damage):
+    data = {"empty": b"", "garbage": bytes(range(256)) * 8, "truncated": video_30_frames[:300]}[damage]
+    for fn in (decode_video, probe_video):
+        with pytest.raises(SampleError) as err:
+            fn(data, sample_id="v1")
+        assert err.value.reason == "bad_video" and err.value.sample_id == "v1"
+
+
+def test_probe_and_video_views(video_30_frames):
+    assert probe_video(video_30_frames) == {"frames": 30, "width": 32, "height": 32}
+    frames = decode_video(video_30_frames, fps=1.0)
+    pixels = ImageProcessor(16, MEAN, STD, aspect_mode="pad").video(frames)
+    assert pixels.shape == (3, 3, 16, 16)
+    level = (pixels[1, 0, 8, 8] * STD[0] + MEAN[0]) * 255  # the middle kept frame is frame 15
+    assert abs(float(level) - 15 * 8) < 4
