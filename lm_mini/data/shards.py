@@ -431,10 +431,11 @@ def to_raw_sample(sample: dict, url: str) -> RawSample:
             record = _caption_record(key, sample, url)
         elif record is None:
             raise SampleError("malformed_record", "sample has no json record", key)
-    sample_id = check_record(record, kind is not None, key)
-    wanted, _ = media_path(record, sample_id)
-    if wanted is not None and kind != wanted:
-        raise SampleError("missing_media", f"record names a {wanted} but the shard holds {kind or 'no media'}", sample_id)
+    wanted = media_path(record, key)[0] if isinstance(record, dict) else None
+    if wanted is not None and kind != wanted:  # e.g. its media member was lost
+        raise SampleError("missing_media", f"record names a {wanted} but the shard holds {kind or 'no media'}",
+                          str(record.get("id", key)))
+    check_record(record, kind is not None, key)
     return RawSample(key, record, kind, ext, data, url)
 
 

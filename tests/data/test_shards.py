@@ -1,0 +1,303 @@
+"""Shards: LLaVA JSON/JSONL -> WebDataset shards -> raw samples; determinism, resume, bad input."""
+import hashlib
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from lm_mini.cli import main
+from lm_mini.data import shards
+from lm_mini.data.conversation import render
+from lm_mini.data.errors import SkipCounter
+from lm_mini.data.shards import ShardBuildError, build_shards, iter_raw_samples, read_index, shard_paths
+from media_fixtures import gray_video, image_bytes
+
+
+class Crash(Exception):
+    """Stands for the build being killed part-way."""
+
+
+def turns(question, answer="yes"):
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """Media files, a LLaVA JSON list (image, video, text-only, multi-turn) and a JSONL file."""
+    media = tmp_path / "media"
+    (media / "coco").mkdir(parents=True)
+    (media / "coco" / "red.jpg").write_bytes(image_bytes(Image.new("RGB", (24, 16), (255, 0, 0))))
+    (media / "blue.png").write_bytes(image_bytes(Image.new("RGB", (10, 12), (0, 0, 255)), "PNG"))
+    (media / "clip.mp4").write_bytes(gray_video(12))
+    records = [
+        {"id": "img-1", "image": "coco/red.jpg", "conversations": turns("<image>\nWhat colour?", "Red.")},
+        {"id": "vid-1", "video": "clip.mp4", "conversations": turns("<video>\nWhat happens?", "It brightens.")},
+        {"id": "txt-1", "conversations": turns("Say hi.", "Hi.")},
+        {"id": 7, "image": "blue.png", "conversations": turns("<image>\nColour?", "Blue.") + turns("Sure?", "Yes.")},
+        {"id": "img-2", "image": "coco/red.jpg", "conversations": turns("Describe it.", "A red box.")},  # no tag
+    ]
+    lines = [
+        {"id": "l-1", "conversations": turns("Two plus two?", "Four.")},
+        {"id": "l-2", "image": "blue.png", "conversations": turns("<image>\nShape?", "Rectangle.")},
+    ]
+    (tmp_path / "llava.json").write_text(json.dumps(records))
+    (tmp_path / "extra.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return {"root": tmp_path, "media": media, "json": [tmp_path / "llava.json", tmp_path / "extra.jsonl"],
+            "records": records + lines}
+
+
+def build(ds, out, **kw):
+    return build_shards(ds["json"], ds["media"], ds["root"] / out, **{"shard_size": 3, **kw})
+
+
+def read_all(path):
+    counter = SkipCounter()
+    return list(iter_raw_samples(shard_paths(path), counter)), counter
+
+
+def shard_bytes(path):
+    return {p.name: p.read_bytes() for p in sorted(Path(path).glob("*.tar"))}
+
+
+# ------------------------------------------------------------------------------------------ builder
+
+
+def test_round_trip_image_video_text(dataset):
+    report = build(dataset, "out")
+    out = dataset["root"] / "out"
+    assert (report.num_samples, report.num_shards, report.skipped) == (7, 3, {})
+    assert report.media == {"image": 4, "video": 1, "text": 2}
+    index = read_index(out)
+    assert [s["name"] for s in index["shards"]] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert [s["samples"] for s in index["shards"]] == [3, 3, 1]
+    assert index["shards"][0]["media"] == {"image": 1, "video": 1, "text": 1}
+    for s in index["shards"]:
+        assert s["sha256"] == hashlib.sha256((out / s["name"]).read_bytes()).hexdigest()
+    assert [src["sha256"] for src in index["sources"]] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in dataset["json"]]
+    assert index["build"]["shard_size"] == 3 and not (out / ".build").exists()
+
+    samples, counter = read_all(out)
+    assert not counter
+    assert [s.record["id"] for s in samples] == ["img-1", "vid-1", "txt-1", "7", "img-2", "l-1", "l-2"]
+    assert len({s.key for s in samples}) == 7
+    for sample, original in zip(samples, dataset["records"]):
+        assert sample.record["conversations"] == original["conversations"]
+        assert sample.source.endswith(".tar")
+        path = original.get("image") or original.get("video")
+        if path is None:
+            assert (sample.media_kind, sample.media_ext, sample.media_bytes) == (None, None, None)
+        else:
+            assert sample.media_bytes == (dataset["media"] / path).read_bytes()
+    assert [(s.media_kind, s.media_ext) for s in samples[:4]] == [("image", "jpg"), ("video", "mp4"), (None, None), ("image", "png")]
+    assert samples[0].record["source"] == "llava.json" and samples[5].record["source"] == "extra.jsonl"
+
+
+def test_build_is_deterministic_across_runs_and_workers(dataset):
+    build(dataset, "a", workers=1)
+    build(dataset, "b", workers=2)
+    a, b = shard_bytes(dataset["root"] / "a"), shard_bytes(dataset["root"] / "b")
+    assert len(a) == 3 and a == b
+    assert read_index(dataset["root"] / "a")["shards"] == read_index(dataset["root"] / "b")["shards"]
+    with tarfile.open(dataset["root"] / "a" / "shard-000000.tar") as tar:
+        assert {(m.mtime, m.uid, m.gid) for m in tar.getmembers()} == {(0, 0, 0)}
+
+
+def test_rerun_is_refused_unless_resume(dataset):
+    build(dataset, "out")
+    before = shard_bytes(dataset["root"] / "out")
+    with pytest.raises(ShardBuildError, match="already holds a finished shard set"):
+        build(dataset, "out")
+    assert build(dataset, "out", resume=True).shards_written == 0
+    with pytest.raises(ShardBuildError, match="other inputs"):
+        build(dataset, "out", resume=True, shard_size=2)
+    assert shard_bytes(dataset["root"] / "out") == before
+    (dataset["root"] / "stuff").mkdir()
+    (dataset["root"] / "stuff" / "notes.txt").write_text("mine")
+    with pytest.raises(ShardBuildError, match="not empty"):
+        build(dataset, "stuff")
+
+
+def test_interrupted_build_resumes_to_identical_output(dataset, monkeypatch):
+    real_write, calls = shards._write_shard, []
+
+    def crash_on_second_shard(task):
+        calls.append(task.index)
+        if calls == [0, 1]:
+            (Path(task.out_dir) / "shard-000001.tar.tmp").write_bytes(b"half a shard")
+            raise Crash
+        return real_write(task)
+
+    monkeypatch.setattr(shards, "_write_shard", crash_on_second_shard)
+    with pytest.raises(Crash):
+        build(dataset, "out")
+    out = dataset["root"] / "out"
+    assert (out / "shard-000000.tar").is_file() and not (out / "index.json").exists()
+    with pytest.raises(FileNotFoundError, match="--resume"):
+        read_index(out)
+    with pytest.raises(ShardBuildError, match="unfinished build"):
+        build(dataset, "out")
+
+    calls.clear()
+    report = build(dataset, "out", resume=True)
+    assert calls == [1, 2] and report.shards_written == 2 and report.num_samples == 7
+    build(dataset, "clean")
+    assert shard_bytes(out) == shard_bytes(dataset["root"] / "clean")
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", "shard-000000.tar", "shard-000001.tar",
+                                                      "shard-000002.tar", "skipped.json"]
+
+
+def test_resume_refuses_changed_sources(dataset, monkeypatch):
+    monkeypatch.setattr(shards, "_write_shard", lambda task: (_ for _ in ()).throw(Crash))
+    with pytest.raises(Crash):
+        build(dataset, "out")
+    monkeypatch.undo()
+    dataset["json"][0].write_text(json.dumps(dataset["records"][:2]))
+    with pytest.raises(ShardBuildError, match="source JSON files differ"):
+        build(dataset, "out", resume=True)
+
+
+def test_every_bad_record_is_skipped_and_counted(dataset):
+    media, root = dataset["media"], dataset["root"]
+    good_jpeg = (media / "coco" / "red.jpg").read_bytes()
+    noisy = image_bytes(Image.effect_noise((64, 64), 40).convert("RGB"))
+    (media / "truncated.jpg").write_bytes(noisy[: len(noisy) // 2])
+    (media / "garbage.jpg").write_bytes(b"\xff\xd8" + bytes(300))
+    (media / "empty.mp4").write_bytes(b"")
+    (media / "garbage.mp4").write_bytes(bytes(range(256)) * 4)
+    (media / "clip.mov").write_bytes(gray_video(4))
+    (media / "ok.jpg").write_bytes(good_jpeg)
+    q = turns("<image>\nWhat?")
+    records = [
+        {"id": "ok-image", "image": "ok.jpg", "conversations": q},
+        {"id": "truncated-jpeg", "image": "truncated.jpg", "conversations": q},
+        {"id": "garbage-jpeg", "image": "garbage.jpg", "conversations": q},
+        {"id": "missing-file", "image": "nowhere/none.jpg", "conversations": q},
+        {"id": "empty-video", "video": "empty.mp4", "conversations": turns("<video>\nWhat?")},
+        {"id": "garbage-video", "video": "garbage.mp4", "conversations": turns("<video>\nWhat?")},
+        {"id": "mov-video", "video": "clip.mov", "conversations": turns("<video>\nWhat?")},  # .mov is stored as mp4
+        {"id": "two-tags", "image": "ok.jpg", "conversations": turns("<image>\n<image>\nWhat?")},
+        {"id": "tag-without-media", "conversations": q},
+        {"id": "no-conversations"},
+        {"id": "bad-role", "conversations": [{"from": "robot", "value": "hi"}]},
+        {"id": "value-not-text", "conversations": [{"from": "human", "value": 3}]},
+        {"conversations": turns("no id")},
+        {"id": "two-media", "image": "ok.jpg", "video": "clip.mov", "conversations": q},
+        ["not", "a", "record"],
+    ]
+    (root / "bad.json").write_text(json.dumps(records))
+    (root / "bad.jsonl").write_text('{"id": "fine", "conversations": %s}\n{"id": "broken", \n' % json.dumps(turns("hi")))
+    report = build_shards([root / "bad.json", root / "bad.jsonl"], media, root / "out", shard_size=4, workers=2)
+    expected = {"corrupt_image": 2, "missing_media": 1, "bad_video": 2, "placeholder_mismatch": 2, "malformed_record": 7}
+    assert report.skipped == expected and read_index(root / "out")["skipped"] == expected
+    skipped = json.loads((root / "out" / "skipped.json").read_text())
+    assert skipped["counts"] == expected
+    by_id = {r["id"]: r["reason"] for r in skipped["records"]}
+    assert by_id["truncated-jpeg"] == "corrupt_image" and by_id["missing-file"] == "missing_media"
+    assert by_id["empty-video"] == "bad_video" and by_id["two-tags"] == "placeholder_mismatch"
+    assert {r["line"] for r in skipped["records"] if r["source"].endswith(".jsonl")} == {2}
+    samples, counter = read_all(root / "out")
+    assert not counter
+    assert [(s.record["id"], s.media_ext) for s in samples] == [("ok-image", "jpg"), ("mov-video", "mp4"), ("fine", None)]
+
+
+# ------------------------------------------------------------------------------------------ reader
+
+
+def test_truncated_tar_keeps_the_complete_records_before_the_cut(dataset, tmp_path):
+    build(dataset, "out", shard_size=4)  # shard 0: img-1 (jpg, json), vid-1 (json, mp4), txt-1 (json), 7 (json, png)
+    out = dataset["root"] / "out"
+    first, second = shard_paths(out)
+    with tarfile.open(first) as tar:
+        members = tar.getmembers()
+    assert [m.name.split(".")[1] for m in members] == ["jpg", "json", "json", "mp4", "json", "json", "png"]
+    png, last_json, txt_json = members[-1], members[-2], members[-3]
+    cuts = {  # cut position -> ids expected from the cut shard
+        "inside the last member's data": (png.offset_data + png.size // 2, ["img-1", "vid-1", "txt-1"]),
+        "between the last sample's members": (png.offset, ["img-1", "vid-1", "txt-1"]),
+        "between samples": (last_json.offset, ["img-1", "vid-1", "txt-1"]),
+        "inside a header": (last_json.offset + 100, ["img-1", "vid-1", "txt-1"]),
+        "after the last member, before the end marker": (png.offset_data + 512, ["img-1", "vid-1", "txt-1", "7"]),
+        "inside an earlier sample": (txt_json.offset_data + 3, ["img-1", "vid-1"]),
+    }
+    data = Path(first).read_bytes()
+    for what, (cut, ids) in cuts.items():
+        cut_path = tmp_path / "cut.tar"
+        cut_path.write_bytes(data[:cut])
+        counter = SkipCounter()
+        samples = list(iter_raw_samples([str(cut_path), second], counter))
+        assert [s.record["id"] for s in samples] == ids + ["img-2", "l-1", "l-2"], what
+        assert counter.as_dict() == {"truncated_tar": 1}, what
+
+
+def write_tar(path, samples):
+    with wds.TarWriter(str(path), encoder=False) as writer:
+        for sample in samples:
+            writer.write(sample)
+
+
+def test_reader_skips_and_counts_bad_records(tmp_path):
+    jpeg = image_bytes(Image.new("RGB", (4, 4), (0, 255, 0)))
+    record = {"id": "ok", "conversations": turns("Hi?")}
+    write_tar(tmp_path / "bad.tar", [
+        {"__key__": "a", "jpg": jpeg},  # no json
+        {"__key__": "b", "json": json.dumps({"id": "b", "image": "x.jpg", "conversations": turns("<image>\nQ")}).encode()},
+        {"__key__": "c", "json": b"{not json"},
+        {"__key__": "d", "json": json.dumps({"id": "d", "conversations": turns("<image>\nQ")}).encode(), "jpg": jpeg, "png": jpeg},
+        {"__key__": "e", "json": json.dumps({"id": "e", "conversations": [{"from": "gpt", "value": "A"}]}).encode()},
+        {"__key__": "f", "json": json.dumps(record).encode()},
+        {"__key__": "g", "json": json.dumps({"id": "g", "conversations": turns("Q")}).encode(), "jpg": jpeg},  # tag added
+    ])
+    counter = SkipCounter()
+    samples = list(iter_raw_samples([{"url": str(tmp_path / "bad.tar")}], counter))
+    assert [s.key for s in samples] == ["f", "g"] and samples[1].media_kind == "image"
+    assert counter.as_dict() == {"malformed_record": 4, "missing_media": 1}
+    with pytest.raises(FileNotFoundError):  # a missing shard is an error, not a skipped sample
+        list(iter_raw_samples([str(tmp_path / "absent.tar")], counter))
+
+
+def test_img2dataset_caption_shards_read_as_plain_records(tmp_path):
+    jpeg = image_bytes(Image.new("RGB", (6, 6), (9, 9, 9)))
+    meta = {"key": "000000017", "caption": "a gray square", "status": "success", "width": 6, "height": 6}
+    write_tar(tmp_path / "00000.tar", [
+        {"__key__": "000000017", "jpg": jpeg, "txt": b"a gray square", "json": json.dumps(meta).encode()},
+        {"__key__": "000000018", "jpg": jpeg, "txt": b"  a dark photo \n"},  # no metadata json
+        {"__key__": "000000019", "txt": b"caption without image"},
+    ])
+    counter = SkipCounter()
+    samples = list(iter_raw_samples([str(tmp_path / "00000.tar")], counter))
+    assert [s.record["id"] for s in samples] == ["000000017", "000000018"]
+    assert samples[0].record["conversations"] == [{"from": "human", "value": "<image>\n"}, {"from": "gpt", "value": "a gray square"}]
+    assert samples[1].record["conversations"][1]["value"] == "a dark photo"
+    assert samples[0].record["template"] == "plain" and samples[0].media_bytes == jpeg
+    assert render(samples[0].record["conversations"], "plain", has_media=True) == "<image>a gray square\n"
+    assert counter.as_dict() == {"missing_media": 1}
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_build_and_inspect(dataset, capsys):
+    args = ["shards", "build", "--json", *map(str, dataset["json"]), "--media-root", str(dataset["media"]),
+            "--out", str(dataset["root"] / "out"), "--shard-size", "4", "--workers", "2"]
+    assert main(args) == 0
+    assert "7 samples in 2 shards (image 4, video 1, text 2)" in capsys.readouterr().out
+    assert main(args) == 1
+    assert "already holds a finished shard set" in capsys.readouterr().out
+    assert main(args + ["--resume"]) == 0
+
+    capsys.readouterr()
+    assert main(["shards", "inspect", str(dataset["root"] / "out"), "-n", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "7 samples in 2 shards" in text and "shard-000001.tar: 3 samples" in text
+    assert "id=img-1" in text and "image jpg 24x16" in text
+    assert "id=vid-1" in text and "video mp4 12 frames 32x32" in text
+    assert "id=txt-1" in text and "text-only" in text and "human: 'Say hi.'" in text
+    assert "id=7" not in text  # -n 3
+
+    shutil.copy(dataset["root"] / "out" / "shard-000001.tar", dataset["root"] / "one.tar")
+    assert main(["shards", "inspect", str(dataset["root"] / "one.tar"), "-n", "1"]) == 0
+    assert "id=img-2" in capsys.readouterr().out
