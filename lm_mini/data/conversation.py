@@ -11,12 +11,12 @@ segments, each marked *trained* (an assistant answer plus its end-of-turn token)
     plain       <s><image>CAPTION\\n                      (caption pretraining, LLaVA stage 1)
 
 The media placeholder becomes the single id ``IMAGE_TOKEN_INDEX`` (each text chunk around it is
-tokenized on its own, like official ``tokenizer_image_token``). Labels are computed by
-tokenizing the text up to every segment boundary and checking that those tokens are a prefix of
-the tokens of the whole text: then the boundary is a token boundary and the masking is exact for
-any tokenizer (byte-level BPE, SentencePiece with its dummy prefix, ...). Where a boundary falls
-inside a token the sample is kept with every label masked and flagged ``unaligned`` (the official
-code prints "tokenization mismatch" and does the same).
+tokenized on its own, like official ``tokenizer_image_token``). Labels come from tokenizing segment
+by segment and checking the result against the tokens of the whole text (see ``_align``), so the
+masking is exact for any tokenizer (byte-level BPE, SentencePiece with its dummy prefix, ...) instead
+of relying on per-tokenizer length corrections as the official ``preprocess_*`` do. Where a segment
+boundary falls inside a token the sample is kept with every label masked and flagged
+``unaligned`` (the official code prints "tokenization mismatch" and does the same).
 
 BOS: the tokenizer is always called with ``add_special_tokens=False``; a template that wants a
 BOS id (``vicuna_v1``, ``plain``: the Llama tokenizer's ``<s>``) prepends ``tokenizer.bos_token_id``
@@ -26,6 +26,7 @@ its own cannot double it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from lm_mini.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, VIDEO_PLACEHOLDER
@@ -248,6 +249,24 @@ def _bos(template: Template, tokenizer: Any) -> List[int]:
     return [bos] if template.add_bos and bos is not None else []
 
 
+def _align(segments: List[Segment], tokenizer: Any) -> Tuple[List[int], Optional[List[int]]]:
+    """Tokens of the whole text, and the token index where each segment ends (None: unaligned).
+
+    Fast path: the segments tokenized one by one concatenate to the whole text's tokens (true for
+    byte-level BPE whose pre-tokenizer splits at the boundaries). Otherwise (e.g. SentencePiece's
+    dummy prefix at the start of every call) tokenize the text up to each segment end and require
+    those tokens to be a prefix of the whole text's tokens: then that end is a token boundary.
+    """
+    texts = [text for text, _ in segments]
+    *parts, full = _encode(texts + ["".join(texts)], tokenizer)
+    if [t for p in parts for t in p] == full:
+        return full, list(accumulate(len(p) for p in parts))
+    prefixes = _encode(["".join(texts[: k + 1]) for k in range(len(texts) - 1)], tokenizer) + [full]
+    if any(full[: len(p)] != p for p in prefixes):
+        return full, None
+    return full, [len(p) for p in prefixes]
+
+
 def tokenize_conversation(conversations: Any, tokenizer: Any, template: Union[str, Template], max_length: int,
                           has_media: bool, sample_id: Optional[str] = None) -> TokenizedSample:
     """Token ids and labels of a training record (every assistant answer + end-of-turn is trained).
@@ -257,24 +276,17 @@ def tokenize_conversation(conversations: Any, tokenizer: Any, template: Union[st
     """
     tpl = _resolve(template)
     segments = render_segments(conversations, tpl, has_media, sample_id=sample_id)
-    # Tokens of the text up to each segment end; the last one is the whole text.
-    ends, pos = [], 0
-    for text, _ in segments:
-        pos += len(text)
-        ends.append(pos)
-    full_text = "".join(text for text, _ in segments)
-    prefixes = _encode([full_text[:e] for e in ends], tokenizer)
-    full = prefixes[-1]
+    full, ends = _align(segments, tokenizer)
     bos = _bos(tpl, tokenizer)
     input_ids = bos + full
     labels = [IGNORE_INDEX] * len(input_ids)
-    unaligned = any(full[: len(p)] != p for p in prefixes)
-    if not unaligned:
+    if ends is not None:
         start = 0
-        for (_, trained), ids in zip(segments, prefixes):
+        for (_, trained), end in zip(segments, ends):
             if trained:
-                labels[len(bos) + start: len(bos) + len(ids)] = full[start: len(ids)]
-            start = len(ids)
+                labels[len(bos) + start: len(bos) + end] = full[start:end]
+            start = end
+    unaligned = ends is None
     truncated = len(input_ids) > max_length
     if truncated:
         input_ids, labels = input_ids[:max_length], labels[:max_length]

@@ -251,6 +251,32 @@ def test_unaligned_answer_spans_mask_whole_sample():
     assert not tokenize_conversation(TEXT, tok, "vicuna_v1", 2048, False).unaligned
 
 
+def test_dummy_prefix_tokenizer_aligns_through_prefix_check():
+    """A SentencePiece-like tokenizer puts "▁" before the first word of every call (not after a
+    special token), so segments tokenized alone differ from the whole text ("▁USER:" vs "USER:"
+    after "</s>", the official LLaVA "tokenization mismatch"); the prefix check still aligns."""
+    sp = Tokenizer(models.BPE(unk_token="<unk>"))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    sp.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    sp.train_from_iterator([render(MULTI, "vicuna_v1", True)] * 5, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    text = render(MULTI, "vicuna_v1", True)
+    whole = tok(text.split("<image>")[1], add_special_tokens=False)["input_ids"]
+    second_turn = tok("USER: Where is the triangle?", add_special_tokens=False)["input_ids"]
+    assert not any(whole[k:k + len(second_turn)] == second_turn for k in range(len(whole)))  # segments differ
+
+    sample = tokenize_conversation(MULTI, tok, "vicuna_v1", 2048, True)
+    assert not sample.unaligned
+    spans, run = [], []
+    for t in sample.labels + [IGNORE_INDEX]:
+        if t != IGNORE_INDEX:
+            run.append(t)
+        elif run:
+            spans, run = spans + ["".join(tok.convert_ids_to_tokens(run))], []
+    assert spans == ["\u2581Three.</s>", "\u2581At\u2581the\u2581top\u2581left.</s>"]
+
+
 def test_our_tokenizer_aligns_awkward_text(tok):
     """Whitespace, digits and newlines around the answer boundaries still align with the trained tokenizer."""
     awkward = turns(("human", "  Count: 1234567\n\n"), ("gpt", "\n 42 items\n\n"), ("human", "and?\t"), ("gpt", "é🙂 done "))
