@@ -271,8 +271,9 @@ def tokenize_conversation(conversations: Any, tokenizer: Any, template: Union[st
                           has_media: bool, sample_id: Optional[str] = None) -> TokenizedSample:
     """Token ids and labels of a training record (every assistant answer + end-of-turn is trained).
 
-    Raises ``SampleError`` (``malformed_record``, ``placeholder_mismatch``) for records that cannot
-    be used; flags ``unaligned`` / ``truncated`` samples that are kept.
+    Raises ``SampleError`` for records that cannot be used (``malformed_record``,
+    ``placeholder_mismatch``, ``too_long`` when truncation would cut the media slot); flags the
+    samples that are kept but altered (``unaligned``, ``truncated``).
     """
     tpl = _resolve(template)
     segments = render_segments(conversations, tpl, has_media, sample_id=sample_id)
@@ -289,6 +290,10 @@ def tokenize_conversation(conversations: Any, tokenizer: Any, template: Union[st
     unaligned = ends is None
     truncated = len(input_ids) > max_length
     if truncated:
+        if IMAGE_TOKEN_INDEX in input_ids[max_length:]:
+            # Cutting the media slot would leave pixels with nowhere to go: not a usable sample.
+            raise SampleError("too_long", f"media slot at token {input_ids.index(IMAGE_TOKEN_INDEX)} is beyond "
+                              f"max_length {max_length}", sample_id)
         input_ids, labels = input_ids[:max_length], labels[:max_length]
     return TokenizedSample(input_ids, labels, truncated, unaligned)
 

@@ -158,6 +158,11 @@ def test_labels_are_exactly_the_answers_plus_end_of_turn(tok, template, eot):
             assert sample.labels[trained[-1]] == tok.convert_tokens_to_ids(eot)
 
 
+def test_stop_token_ids(tok):
+    assert TEMPLATES.get("vicuna_v1").stop_token_ids(tok) == [tok.eos_token_id]
+    assert TEMPLATES.get("llama3").stop_token_ids(tok) == [tok.convert_tokens_to_ids("<|eot_id|>")]
+
+
 # --------------------------------------------------------------------------- placeholders
 def test_missing_placeholder_is_inserted_at_start_of_first_human_turn(tok):
     bare = turns(("human", "What colour is the square?"), ("gpt", "Red."))
@@ -225,6 +230,14 @@ def test_too_long_is_truncated(tok):
     cut = tokenize_conversation(MULTI, tok, "vicuna_v1", len(full.input_ids) - 3, True)
     assert cut.truncated and not full.truncated
     assert cut.input_ids == full.input_ids[:-3] and cut.labels == full.labels[:-3]
+
+
+def test_truncation_that_cuts_the_media_slot_is_refused(tok):
+    slot = tokenize_conversation(SINGLE, tok, "vicuna_v1", 2048, True).input_ids.index(IMG)
+    assert tokenize_conversation(SINGLE, tok, "vicuna_v1", slot + 1, True).truncated  # slot kept: fine
+    with pytest.raises(SampleError, match="media slot") as err:
+        tokenize_conversation(SINGLE, tok, "vicuna_v1", slot, True, sample_id="s1")
+    assert err.value.reason == "too_long"
 
 
 def _gpt2_style_tokenizer():
