@@ -299,7 +299,7 @@ def test_our_tokenizer_aligns_awkward_text(tok):
         assert len(label_spans(tok, sample.labels)) == 2
 
 
-def test_tokenizer_that_adds_bos_itself_gets_one_bos(tok, tmp_path):
+def test_tokenizer_that_adds_bos_itself_gets_one_bos(tok):
     auto_bos = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tok.backend_tokenizer.to_str()),
                                        bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
     auto_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(
