@@ -301,3 +301,22 @@ def test_cli_build_and_inspect(dataset, capsys):
     shutil.copy(dataset["root"] / "out" / "shard-000001.tar", dataset["root"] / "one.tar")
     assert main(["shards", "inspect", str(dataset["root"] / "one.tar"), "-n", "1"]) == 0
     assert "id=img-2" in capsys.readouterr().out
+
+
+def test_cli_inspect_shows_token_and_label_layout(dataset, capsys):
+    from lm_mini.data.conversation import template_corpus
+    from lm_mini.data.tokenizer import train_tokenizer
+
+    build(dataset, "out")
+    corpus = list(template_corpus([(r["conversations"], "image" in r or "video" in r) for r in dataset["records"]]))
+    train_tokenizer(corpus * 4, dataset["root"] / "tok", vocab_size=300)
+    capsys.readouterr()
+    assert main(["shards", "inspect", str(dataset["root"] / "out"), "-n", "3", "--tokenizer", str(dataset["root"] / "tok")]) == 0
+    text = capsys.readouterr().out
+    # vicuna_v1 by default: the prompt carries no loss; each answer and its </s> do.
+    assert 'ctx  | "<s>A chat between' in text and "USER: <media>\\nWhat colour? ASSISTANT:" in text
+    assert "LOSS | ' Red.</s>'" in text and "LOSS | ' Hi.</s>'" in text
+    capsys.readouterr()
+    assert main(["shards", "inspect", str(dataset["root"] / "out"), "-n", "1", "--tokenizer", str(dataset["root"] / "tok"),
+                 "--template", "plain"]) == 0
+    assert "ctx  | '<s><media>'" in capsys.readouterr().out
