@@ -26,6 +26,7 @@ import argparse
 import hashlib
 import io
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -50,6 +51,7 @@ VIDEO_EXTS = ("mp4", "webm", "mkv", "avi")
 EXT_ALIASES = {"jpeg": "jpg", "m4v": "mp4", "mov": "mp4"}  # same formats under another file suffix
 INDEX_FILE, SKIPPED_FILE, STATE_DIR = "index.json", "skipped.json", ".build"
 TAR_MTIME = 0  # fixed member time/owner so the same input gives byte-identical tars
+log = logging.getLogger(__name__)
 
 
 def shard_name(i: int) -> str:
@@ -156,6 +158,8 @@ def _read_source(path: Union[str, Path]) -> _Source:
                 out.append((line_no, json.loads(line)))
             except json.JSONDecodeError as e:
                 out.append((line_no, _BadLine(f"line is not JSON: {e}")))
+    if out and all(isinstance(r, _BadLine) for _, r in out):  # e.g. a pretty-printed object, not records
+        raise ShardBuildError(f"{path} is neither a JSON list of records nor JSON lines")
     return _Source(str(path), sha, out)
 
 
@@ -298,13 +302,15 @@ def _done_shards(out: Path, n: int) -> Dict[int, dict]:
     return done
 
 
-def _run_tasks(tasks: List[_ShardTask], workers: int) -> List[dict]:
+def _run_tasks(tasks: List[_ShardTask], workers: int) -> Iterator[dict]:
+    """Write the shards (in worker processes when workers > 1), yielding their summaries in order."""
     if workers <= 1 or len(tasks) <= 1:
-        return [_write_shard(t) for t in tasks]
+        yield from map(_write_shard, tasks)
+        return
     # fork: workers only read files and run PIL/PyAV, and re-importing torch per worker (spawn) costs seconds.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method)) as pool:
-        return list(pool.map(_write_shard, tasks))
+        yield from pool.map(_write_shard, tasks)
 
 
 def build_shards(json_files: Sequence[Union[str, Path]], media_root: Union[str, Path], out_dir: Union[str, Path],
@@ -334,8 +340,9 @@ def build_shards(json_files: Sequence[Union[str, Path]], media_root: Union[str, 
     done = _done_shards(out, n_shards) if action == "resume" else {}
     tasks = [_ShardTask(i, i * shard_size, flat[i * shard_size:(i + 1) * shard_size], str(media_root), str(out))
              for i in range(n_shards) if i not in done]
-    for summary in _run_tasks(tasks, workers):
-        done[int(summary["name"][len("shard-"):-len(".tar")])] = summary
+    for k, (task, summary) in enumerate(zip(tasks, _run_tasks(tasks, workers)), 1):
+        done[task.index] = summary
+        log.info("%s: %d samples, %d skipped [%d/%d]", summary["name"], summary["samples"], len(summary["skipped"]), k, len(tasks))
     summaries = [done[i] for i in range(n_shards)]
 
     skipped_records = [r for s in summaries for r in s.pop("skipped")]
@@ -504,6 +511,7 @@ def iter_raw_samples(urls: Iterable[Union[str, dict]], counter: SkipCounter) -> 
 
 
 def cli_build(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # one progress line per shard
     try:
         report = build_shards(args.json, args.media_root, args.out, shard_size=args.shard_size,
                               workers=args.workers, resume=args.resume)

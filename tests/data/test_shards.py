@@ -121,6 +121,17 @@ def test_rerun_is_refused_unless_resume(dataset):
         build(dataset, "stuff")
 
 
+@pytest.mark.parametrize("content, message", [
+    ('[{"id": 1, "conversations": []', "not valid JSON"),
+    (json.dumps({"records": [{"id": 1}]}, indent=2), "neither a JSON list of records nor JSON lines"),
+])
+def test_unreadable_input_file_is_refused_before_writing(tmp_path, content, message):
+    (tmp_path / "in.json").write_text(content)
+    with pytest.raises(ShardBuildError, match=message):
+        build_shards([tmp_path / "in.json"], tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_interrupted_build_resumes_to_identical_output(dataset, monkeypatch):
     real_write, calls = shards._write_shard, []
 
