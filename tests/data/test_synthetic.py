@@ -1,0 +1,253 @@
+"""The synthetic demo set: right counts and kinds, answers that are true of the drawn pixels and
+frames (checked by an independent pixel oracle, not by the generator's own scene records),
+eval disjoint from train, balanced answers, a correct majority baseline, determinism."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from lm_mini.constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+from lm_mini.data import synthetic as syn
+from lm_mini.data.conversation import normalize_turns
+
+SCALE = 0.05  # ~250 records: a fraction of a second
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    """(root, {sub-set: records}) of a small generated set."""
+    root = tmp_path_factory.mktemp("raw")
+    paths = syn.generate_records(root, seed=0, scale=SCALE)
+    return root, {name: json.loads(p.read_text()) for name, p in paths.items()}
+
+
+def qa_pairs(record):
+    conv = record["conversations"]
+    return [(conv[i]["value"].replace(IMAGE_PLACEHOLDER + "\n", "").replace(VIDEO_PLACEHOLDER + "\n", ""), conv[i + 1]["value"])
+            for i in range(0, len(conv), 2)]
+
+
+# --------------------------------------------------------------------------- pixel oracle
+SLOT_CENTRES = np.array(list(syn.SLOTS.values()))
+YY, XX = np.mgrid[0:syn.IMAGE_SIZE, 0:syn.IMAGE_SIZE]
+# Each pixel belongs to the nearest slot centre (the slots' shapes never cross these borders).
+SLOT_OF_PIXEL = np.argmin((XX[..., None] - SLOT_CENTRES[:, 0]) ** 2 + (YY[..., None] - SLOT_CENTRES[:, 1]) ** 2, axis=-1)
+ATTRIBUTE_WORDS = (set(syn.SHAPES), set(syn.COLORS), set(syn.SLOTS))  # words naming each part of a triple
+PALETTE = np.array(list(syn.COLORS.values()), dtype=float)
+
+
+def colour_labels(pixels: np.ndarray) -> np.ndarray:
+    """Palette index per pixel, -1 for background (read from the corner).
+
+    An edge pixel is a blend of one colour with the background, so each pixel goes to the colour
+    whose background-to-colour segment passes nearest to it (a half-yellow edge pixel is nearer
+    to pure green than to pure yellow, but lies on yellow's segment); under half coverage it is
+    background."""
+    p = pixels.astype(float)[..., None, :]
+    bg = p[0, 0]
+    span = PALETTE - bg  # [colours, 3]
+    alpha = np.clip(((p - bg) * span).sum(-1) / (span * span).sum(-1), 0, 1)  # coverage per colour
+    residual = ((p - bg - alpha[..., None] * span) ** 2).sum(-1)
+    best = np.argmin(residual, axis=-1)
+    covered = np.take_along_axis(alpha, best[..., None], -1)[..., 0] >= 0.5
+    return np.where(covered, best, -1)
+
+
+IDEAL_AREA = {"circle": np.pi, "square": 4.0, "triangle": 2.0}  # area of each shape of half-size r, over r^2
+PIXEL_CENTRES = np.mgrid[0:syn.IMAGE_SIZE, 0:syn.IMAGE_SIZE] + 0.5
+
+
+def ideal_mask(shape: str, mask: np.ndarray) -> np.ndarray:
+    """The ideal ``shape`` with the mask's area and centroid (apex-up triangle: centroid 2/3 down)."""
+    ys, xs = PIXEL_CENTRES
+    cx, cy = xs[mask].mean(), ys[mask].mean()
+    r = np.sqrt(mask.sum() / IDEAL_AREA[shape])
+    if shape == "circle":
+        return (xs - cx) ** 2 + (ys - cy) ** 2 <= r * r
+    if shape == "square":
+        return (abs(xs - cx) <= r) & (abs(ys - cy) <= r)
+    top = cy - 4 * r / 3
+    return (ys >= top) & (ys <= top + 2 * r) & (abs(xs - cx) <= (ys - top) / 2)
+
+
+def shape_of(mask: np.ndarray) -> str:
+    """The shape whose ideal outline overlaps the mask best (intersection over union)."""
+    return max(syn.SHAPES, key=lambda s: (mask & ideal_mask(s, mask)).sum() / (mask | ideal_mask(s, mask)).sum())
+
+
+def see(image: Image.Image):
+    """The shapes in an image as (shape, colour, slot), read from the pixels alone."""
+    labels = colour_labels(np.asarray(image.convert("RGB")))
+    found = []
+    for s, slot in enumerate(syn.SLOTS):
+        for c, colour in enumerate(syn.COLORS):
+            mask = (labels == c) & (SLOT_OF_PIXEL == s)
+            if mask.sum() >= 30:  # a shape has >= ~70 pixels; JPEG fringes have a few
+                found.append((shape_of(mask), colour, slot))
+    return found
+
+
+def answer(question: str, things) -> str:
+    """Answer a demo question from (shape, colour, slot) triples: the words of the question that
+    name a colour, shape or slot select the shape it asks about."""
+    words = set(re.findall(r"[a-z]+", question.lower()))
+    if question.startswith("How many"):
+        return str(len(things))
+    asked = {"What color": 1, "Which shape": 0, "What shape": 0, "Where": 2}
+    attr = next(i for prefix, i in asked.items() if question.startswith(prefix))
+    named = [words & vocab for vocab in ATTRIBUTE_WORDS]
+    picked = [t for t in things if all(not named[i] or t[i] in named[i] for i in range(3) if i != attr)]
+    assert len(picked) == 1, (question, things)
+    return picked[0][attr]
+
+
+def frames_of(path: Path):
+    with av.open(str(path)) as container:
+        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+
+
+def blob(frame: np.ndarray):
+    """Centre and colour of the one shape in a video frame."""
+    labels = colour_labels(frame)
+    ys, xs = np.nonzero(labels >= 0)
+    colour = list(syn.COLORS)[Counter(labels[labels >= 0].tolist()).most_common(1)[0][0]]
+    return xs.mean(), ys.mean(), colour
+
+
+# --------------------------------------------------------------------------- records
+def test_counts_kinds_and_llava_form(raw):
+    root, recs = raw
+    expect = {"captions": syn._count("captions", SCALE),
+              "instruct": syn._count("instruct_image", SCALE) + syn._count("instruct_text", SCALE),
+              "video": syn._count("video", SCALE),
+              "eval": syn._count("eval_image", SCALE) + syn._count("eval_video", SCALE)}
+    assert {k: len(v) for k, v in recs.items()} == expect
+    kinds = {k: Counter(syn._media_kind(r) for r in v) for k, v in recs.items()}
+    assert kinds["captions"] == {"image": expect["captions"]}
+    assert kinds["instruct"] == {"image": syn._count("instruct_image", SCALE), "text": syn._count("instruct_text", SCALE)}
+    assert kinds["video"] == {"video": expect["video"]}
+    assert kinds["eval"] == {"image": syn._count("eval_image", SCALE), "video": syn._count("eval_video", SCALE)}
+    every = [r for v in recs.values() for r in v]
+    assert len({r["id"] for r in every}) == len(every)
+    for r in every:
+        kind = syn._media_kind(r)
+        first = r["conversations"][0]["value"]
+        assert first.startswith({"image": IMAGE_PLACEHOLDER + "\n", "video": VIDEO_PLACEHOLDER + "\n"}.get(kind, "")), r
+        assert kind == "text" or (root / r[kind]).is_file()
+        normalize_turns(r["conversations"], has_media=kind != "text", sample_id=r["id"])  # valid LLaVA record
+        assert all(len(a.split()) == 1 for _, a in qa_pairs(r)) or r["id"].startswith("captions")
+    multi = [r for r in recs["instruct"] if r["question_type"] == "multi_turn"]
+    assert multi and all(len(r["conversations"]) >= 4 for r in multi)
+    assert all(len(r["conversations"]) == 2 for r in recs["eval"])
+
+
+def test_image_answers_are_true_of_the_pixels(raw):
+    root, recs = raw
+    checked = Counter()
+    for r in recs["instruct"] + recs["eval"]:
+        if "image" not in r:
+            continue
+        things = see(Image.open(root / r["image"]))
+        for question, given in qa_pairs(r):
+            assert answer(question, things) == given, (r["id"], question, things)
+            checked[r["question_type"]] += 1
+    assert set(checked) == {"color", "shape", "count", "position", "multi_turn"}
+
+
+def test_captions_are_true_of_the_pixels(raw):
+    root, recs = raw
+    for r in recs["captions"]:
+        said = set(re.findall(r"a (\w+) (\w+) (?:on|at) the (\w+)", r["conversations"][1]["value"]))
+        assert said == {(colour, shape, slot) for shape, colour, slot in see(Image.open(root / r["image"]))}, r
+
+
+def test_video_answers_are_true_of_the_frames(raw):
+    root, recs = raw
+    seen = Counter()
+    for r in recs["video"] + recs["eval"]:
+        if "video" not in r:
+            continue
+        frames = frames_of(root / r["video"])
+        assert len(frames) == syn.VIDEO_FRAMES and frames[0].shape == (syn.IMAGE_SIZE, syn.IMAGE_SIZE, 3)
+        (x0, y0, c0), (x1, y1, c1) = blob(frames[0]), blob(frames[-1])
+        (question, given), = qa_pairs(r)
+        if r["question_type"] == "direction":
+            dx, dy = x1 - x0, y1 - y0
+            moved = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
+            assert max(abs(dx), abs(dy)) > 25 and moved == given, (r["id"], dx, dy)
+        else:
+            assert c0 != c1 and given == (c0 if question.endswith("first?") else c1), (r["id"], c0, c1)
+        seen[r["question_type"]] += 1
+    assert set(seen) == {"direction", "order"}
+
+
+def test_text_only_answers(raw):
+    _, recs = raw
+    texts = [r for r in recs["instruct"] if syn._media_kind(r) == "text"]
+    for r in texts:
+        (question, given), = qa_pairs(r)
+        m = re.fullmatch(r"What is (\d) (plus|minus) (\d)\?", question)
+        if m:
+            a, b = int(m[1]), int(m[3])
+            assert int(given) == (a + b if m[2] == "plus" else a - b)
+        else:
+            assert (question, given) in syn.FACTS
+
+
+def test_eval_is_disjoint_from_train(raw):
+    root, recs = raw
+    digest = lambda r: hashlib.sha256((root / r[syn._media_kind(r)]).read_bytes()).hexdigest()  # noqa: E731
+    train = {digest(r) for k in ("captions", "instruct", "video") for r in recs[k] if "id" in r and syn._media_kind(r) != "text"}
+    held = {digest(r) for r in recs["eval"]}
+    assert len(held) == len(recs["eval"]) and not train & held
+    assert not {r["id"] for r in recs["eval"]} & {r["id"] for k in ("captions", "instruct", "video") for r in recs[k]}
+
+
+def test_eval_answers_are_balanced(raw):
+    _, recs = raw
+    by_type = {}
+    for r in recs["eval"]:
+        by_type.setdefault(r["question_type"], Counter())[r["conversations"][1]["value"]] += 1
+    assert set(by_type) == set(syn.IMAGE_QUESTION_TYPES + syn.VIDEO_QUESTION_TYPES)
+    for qtype, counts in by_type.items():
+        assert set(counts) <= set(syn.ANSWERS[qtype])
+        assert max(counts.values()) - min(counts.get(a, 0) for a in syn.ANSWERS[qtype]) <= 1, (qtype, counts)
+
+
+def test_balanced_plan_at_scale_one():
+    import random
+
+    plan = syn.balanced_plan(random.Random(1), syn.IMAGE_QUESTION_TYPES, 400)
+    per_type = Counter(q for q, _ in plan)
+    assert set(per_type.values()) == {100}
+    for qtype in syn.IMAGE_QUESTION_TYPES:
+        counts = Counter(a for q, a in plan if q == qtype)
+        assert max(counts.values()) - min(counts.values()) <= 1
+        # majority baseline of this type is chance level
+        assert max(counts.values()) / 100 <= 1 / len(syn.ANSWERS[qtype]) + 0.01
+
+
+def test_majority_baseline_hand_worked():
+    def rec(qtype, *answers):
+        conv = []
+        for a in answers:
+            conv += [{"from": "human", "value": "q"}, {"from": "gpt", "value": a}]
+        return {"conversations": conv, "question_type": qtype}
+
+    records = [rec("color", "red"), rec("color", "blue"), rec("color", "red"), rec("color", "green"),
+               rec("count", "2"), rec("count", "1"),  # tie: alphabetically first answer wins
+               rec("multi", "left", "left")]  # every answer of a multi-turn record counts
+    base = syn.majority_baseline(records)
+    assert base["color"] == {"answer": "red", "accuracy": 0.5, "n": 4}
+    assert base["count"] == {"answer": "1", "accuracy": 0.5, "n": 2}
+    assert base["multi"] == {"answer": "left", "accuracy": 1.0, "n": 2}
+    assert base["overall"] == {"accuracy": pytest.approx(5 / 8), "n": 8}
