@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from lm_mini.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -151,6 +152,71 @@ class PeakMemory(TorchDispatchMode):
         return out
 
 
+# --------------------------------------------------------------------------- meta with real bookkeeping
+_INDEX_OPS = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default,
+              torch.ops.aten._index_put_impl_.default}
+
+
+def _to_meta(x: Any) -> Any:
+    return x.to("meta") if isinstance(x, torch.Tensor) and x.device.type != "meta" else x
+
+
+def _bool_index_to_long(indices: list) -> list:
+    """A real boolean index -> the long indices it selects (meta cannot index with a boolean mask)."""
+    out = []
+    for idx in indices:
+        if isinstance(idx, torch.Tensor) and idx.dtype == torch.bool and idx.device.type != "meta":
+            out.extend(idx.nonzero(as_tuple=True))
+        else:
+            out.append(idx)
+    return out
+
+
+class MetaHybridMode(TorchDispatchMode):
+    """Run a model built on ``meta`` on a batch whose small bookkeeping tensors stay real (CPU).
+
+    Model code reads data from small tensors (``frames_per_sample.tolist()``, the position of the
+    ``<image>`` slot, padding masks), which a meta tensor cannot answer. Under this mode:
+
+    - an op whose tensors are all real runs for real, unless it would blow small inputs up into a
+      large output (> ``small`` elements and > 4x its inputs: attention masks of long sequences
+      broadcast from position vectors), then on meta;
+    - an op mixing real and meta tensors runs on meta (boolean indices become long indices first);
+    - a factory op asked for meta with a small output (``torch.arange(n, device=meta)``) is made real.
+
+    Large tensors (weights, activations) therefore stay on meta and cost no memory or time.
+    """
+
+    def __init__(self, small: int = 1 << 16) -> None:
+        super().__init__()
+        self.small = small
+
+    def _keep_real(self, out: Any, inputs: list) -> bool:
+        numel = sum(t.numel() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+        return numel <= self.small or numel <= 4 * sum(t.numel() for t in inputs)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        meta_in = any(t.device.type == "meta" for t in tensors)
+        meta_device = kwargs.get("device") is not None and torch.device(kwargs["device"]).type == "meta"
+        if meta_in:
+            if func in _INDEX_OPS:
+                args = (args[0], _bool_index_to_long(args[1]), *args[2:])
+            if "device" in kwargs:  # a copy of a meta tensor to a real device stays on meta
+                kwargs["device"] = torch.device("meta")
+            return func(*tree_map(_to_meta, args), **tree_map(_to_meta, kwargs))
+        try:  # the output's size, without computing it
+            on_meta = func(*tree_map(_to_meta, args), **{**tree_map(_to_meta, kwargs), **({"device": "meta"} if meta_device else {})})
+        except (RuntimeError, NotImplementedError):  # data-dependent ops (item, nonzero): only real tensors can answer
+            on_meta = None
+        if on_meta is not None and not self._keep_real(on_meta, tensors):
+            return on_meta
+        if meta_device:
+            kwargs["device"] = torch.device("cpu")
+        return func(*args, **kwargs)
+
+
 # --------------------------------------------------------------------------- building
 def baseline_config(model_cfg: Any) -> Any:
     """LLaVA-1.5 next to ``model_cfg``: same encoder, projector and LLM; all patches, no pre-fusion."""
@@ -172,11 +238,13 @@ def build_model(model_cfg: Any, device: str = "meta") -> nn.Module:
     return model.eval()
 
 
-def synthetic_batch(model_cfg: Any, text_tokens: int, frames: int = 0, device: str = "meta", vocab: int = 32000) -> Dict[str, Any]:
+def synthetic_batch(model_cfg: Any, text_tokens: int, frames: int = 0, device: str = "cpu", vocab: int = 32000,
+                    pixel_device: Optional[str] = None) -> Dict[str, Any]:
     """One sample: ``text_tokens`` prompt tokens with the media slot after the first quarter of them;
     an image (``frames == 0``, with its hi-res views) or a video of ``frames`` frames.
 
-    Returns the batch dict of docs/internals.md with ``input_ids [1, text_tokens + 1]``.
+    Returns the batch dict of docs/internals.md with ``input_ids [1, text_tokens + 1]``; the pixels
+    go to ``pixel_device`` (default ``device``): ``meta`` for counting under :class:`MetaHybridMode`.
     """
     from lm_mini.models.encoders import image_preprocessing
 
@@ -190,7 +258,7 @@ def synthetic_batch(model_cfg: Any, text_tokens: int, frames: int = 0, device: s
         "input_ids": ids.to(device),
         "labels": torch.full_like(ids, IGNORE_INDEX).to(device),
         "attention_mask": torch.ones_like(ids).to(device),
-        "pixel_values": torch.randn(views, 3, size, size, device=device),
+        "pixel_values": torch.randn(views, 3, size, size, device=pixel_device or device),
         "frames_per_sample": torch.tensor([max(frames, 1)], device=device),
         "is_video": torch.tensor([frames > 0], device=device),
         "sample_ids": ["efficiency"],
@@ -218,11 +286,10 @@ def _llm_prefill_and_step(llm: nn.Module, embeds: torch.Tensor, mask: torch.Tens
     step_mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
     with flop_counter() as counter:
         llm(inputs_embeds=embeds[:, -1:], attention_mask=step_mask, position_ids=pos[:, -1:] + 1,
-            past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+            cache=out.cache, use_cache=True, logits_to_keep=1)
     return prefill, counter.get_total_flops()
 
 
-@torch.no_grad()
 def profile(model: nn.Module, model_cfg: Any, text_tokens: int = 64, frames: int = 0,
             dtype: torch.dtype = torch.bfloat16, chunk_frames: int = 16) -> Dict[str, Any]:
     """Efficiency figures of one model built on ``meta`` (see :func:`build_model`).
@@ -231,10 +298,15 @@ def profile(model: nn.Module, model_cfg: Any, text_tokens: int = 64, frames: int
     prompt tokens. The frames-per-budget inputs (KV cache per frame, working memory) come from a
     video of ``chunk_frames`` frames, the chunk the vision path encodes at once.
     """
+    with torch.no_grad(), MetaHybridMode():
+        return _profile(model, model_cfg, text_tokens, frames, dtype, chunk_frames)
+
+
+def _profile(model: nn.Module, model_cfg: Any, text_tokens: int, frames: int, dtype: torch.dtype, chunk_frames: int) -> Dict[str, Any]:
     vocab = _vocab(model)
     parts = {name: getattr(model, name) for name in PARTS if getattr(model, name, None) is not None}
     flops: Dict[str, int] = {}
-    batch = synthetic_batch(model_cfg, text_tokens, frames, vocab=vocab)
+    batch = synthetic_batch(model_cfg, text_tokens, frames, vocab=vocab, pixel_device="meta")
     with flop_counter() as counter, part_flops(counter, parts, flops):
         embeds, mask, pos = _unpack(model.prepare_inputs(batch))
     vision_total = counter.get_total_flops()
@@ -244,10 +316,11 @@ def profile(model: nn.Module, model_cfg: Any, text_tokens: int = 64, frames: int
     visual_tokens = embeds.shape[1] - (batch["input_ids"].shape[1] - 1)  # the media slot became the visual tokens
 
     kv_token = kv_bytes_per_token(model.llm.config, dtype)
-    image = batch if not frames else synthetic_batch(model_cfg, text_tokens, 0, vocab=vocab)
+    image = batch if not frames else synthetic_batch(model_cfg, text_tokens, 0, vocab=vocab, pixel_device="meta")
     image_tokens = visual_tokens if not frames else _unpack(model.prepare_inputs(image))[0].shape[1] - text_tokens
     with PeakMemory() as memory:
-        video_embeds = _unpack(model.prepare_inputs(synthetic_batch(model_cfg, text_tokens, chunk_frames, vocab=vocab)))[0]
+        chunk = synthetic_batch(model_cfg, text_tokens, chunk_frames, vocab=vocab, pixel_device="meta")
+        video_embeds = _unpack(model.prepare_inputs(chunk))[0]
     tokens_per_frame = (video_embeds.shape[1] - text_tokens) / chunk_frames
     return {
         "flops": sum(flops.values()),

@@ -65,7 +65,7 @@ def test_kv_bytes_per_token_matches_a_real_cache():
     use_eager_attention(model)
     ids = torch.ones(1, 37, dtype=torch.long, device="meta")
     out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-    cached = sum(layer.keys.nbytes + layer.values.nbytes for layer in out.past_key_values.layers)
+    cached = sum(layer.keys.nbytes + layer.values.nbytes for layer in out.cache.layers)
     assert cached == 37 * kv_bytes_per_token(cfg, torch.bfloat16)
     assert kv_bytes_per_token(cfg, torch.bfloat16) == 3 * 2 * 2 * 16 * 2  # layers x K,V x kv_heads x head_dim x bytes
 
@@ -93,3 +93,90 @@ def test_part_flops_attributes_each_part_and_accumulates_repeated_calls():
         h @ h.T  # outside every part
     assert got == {"encoder": 2 * 3 * 8 * 16, "projector": 2 * (2 * 3 * 16 * 4)}
     assert counter.get_total_flops() == sum(got.values()) + 2 * 3 * 16 * 3
+
+
+# --------------------------------------------------------------------------- the package's models
+from lm_mini.config import load_config  # noqa: E402
+from lm_mini.eval.efficiency import (  # noqa: E402
+    MetaHybridMode, baseline_config, build_model, efficiency_report, max_frames, profile, synthetic_batch,
+)
+
+
+def test_meta_hybrid_mode_keeps_bookkeeping_real_and_big_tensors_on_meta():
+    big = torch.empty(1000, 1000, device="meta")
+    with MetaHybridMode(small=100):
+        ids = torch.tensor([3, -200, 5])
+        assert int((ids == -200).nonzero()[0]) == 1  # data-dependent ops answer from real values
+        small = torch.zeros(4, device="meta")  # small factory output: made real
+        picked = big[torch.tensor([True] * 10 + [False] * 990)]  # boolean index into meta
+        copied = torch.tensor([1.0] * 1000) + 1  # real data stays real, whatever its size
+        large = torch.arange(200)[:, None] >= torch.arange(200)  # a mask blown up from small vectors: meta
+    assert small.device.type == "cpu" and picked.shape == (10, 1000) and picked.device.type == "meta"
+    assert large.device.type == "meta" and large.shape == (200, 200) and copied.device.type == "cpu"
+
+
+def test_meta_profile_counts_the_same_flops_as_a_real_forward_of_the_tiny_preset():
+    cfg = load_config("experiments/models/tiny.yaml").model
+    fig = profile(build_model(cfg), cfg, text_tokens=20)
+    real = build_model(cfg, device="cpu")  # random weights, eager so attention is a plain matmul
+    real.llm.config._attn_implementation = "eager"
+    batch = synthetic_batch(cfg, 20, vocab=cfg.llm.config.vocab_size)
+    with torch.no_grad(), flop_counter() as counter:
+        embeds, mask, pos, _ = real.prepare_inputs(batch)
+        real.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, logits_to_keep=1)
+    by_part = fig["flops_by_part"]
+    assert fig["flops"] == counter.get_total_flops()
+    assert by_part["prefusion"] > 0 and by_part["compressor"] > 0 and by_part["other"] == 0
+    assert fig["visual_tokens"] == 1 and fig["llm_tokens"] == 21
+
+
+def test_max_frames_fills_the_budget_with_frame_caches():
+    fig = {"weight_bytes": 10 * GIB_, "working_bytes": GIB_, "text_kv_bytes": 0, "kv_cache_bytes_per_frame": GIB_ / 4}
+    assert max_frames(fig, 24 * GIB_) == 52
+    assert max_frames(fig, 5 * GIB_) == 0
+
+
+GIB_ = 2**30
+
+
+def clip_hand_flops(image=336, patch=14, d=1024, mlp=4096, layers=24) -> int:
+    n = (image // patch) ** 2
+    tokens = n + 1  # CLS
+    conv = 2 * n * 3 * patch * patch * d
+    per_layer = 2 * tokens * (4 * d * d + 2 * d * mlp) + 4 * tokens * tokens * d
+    return conv + layers * per_layer
+
+
+@pytest.fixture(scope="module")
+def vicuna_report():
+    """LLaVA-Mini (C=1, depth 4) on Vicuna-7B vs LLaVA-1.5-7B at real size on meta (~20 s on 2 cores)."""
+    cfg = load_config("experiments/models/llava_mini_vicuna7b.yaml").model
+    return efficiency_report(cfg, text_tokens=64)
+
+
+def test_baseline_llava15_flops_equal_the_hand_count(vicuna_report):
+    vicuna = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=32000)
+    projector = 2 * 576 * (1024 * 4096 + 4096 * 4096)
+    hand = clip_hand_flops() + projector + llama_hand_flops(vicuna, 640, logits_for=1)
+    assert vicuna_report["llm_tokens"]["baseline"] == 640
+    assert vicuna_report["flops"]["baseline"] == pytest.approx(hand, rel=0.02)
+    assert vicuna_report["flops_by_part"]["encoder"]["baseline"] == pytest.approx(clip_hand_flops(), rel=0.02)
+
+
+def test_llava_mini_cuts_flops_by_70_percent_and_kv_cache_576x(vicuna_report):
+    r = vicuna_report
+    assert r["flops"]["ratio"] <= 0.30
+    assert r["visual_tokens"]["model"] == 1 and r["visual_tokens"]["baseline"] == 576
+    assert r["kv_cache_bytes_per_image"]["baseline"] == 576 * r["kv_cache_bytes_per_image"]["model"]
+    assert r["kv_cache_bytes_per_image"]["model"] == 32 * 2 * 4096 * 2  # one token of Vicuna-7B in bf16
+    assert r["flops_per_token"]["ratio"] < 1  # the decode step attends to a 65-token instead of a 640-token cache
+    # 24 GiB minus ~15.5 GiB of bf16 weights holds >10,000 one-token frames but only dozens of 576-token frames
+    assert r["max_frames"]["model"] > 10_000 and 10 < r["max_frames"]["baseline"] < 40
+
+
+def test_baseline_config_is_llava15():
+    cfg = load_config("experiments/models/llava_mini_vicuna7b.yaml").model
+    base = baseline_config(cfg)
+    assert (base.compressor.name, base.prefusion.depth) == ("identity", 0)
+    assert (cfg.compressor.name, cfg.prefusion.depth) == ("query_attention", 4)  # the input is untouched
