@@ -2,7 +2,7 @@
 import pytest
 import torch
 from omegaconf import OmegaConf
-from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
 from lm_mini.config import EncoderConfig
 from lm_mini.models.encoders import OPENAI_CLIP_MEAN, build_encoder, image_preprocessing
@@ -69,11 +69,14 @@ def test_image_preprocessing_reads_a_local_checkpoint_without_weights(tmp_path):
     assert image_preprocessing(encoder_cfg("hf_clip", VIT))[1] == OPENAI_CLIP_MEAN
 
 
-def test_encoder_loads_pretrained_weights_from_a_local_path(tmp_path):
-    saved = CLIPVisionModel(CLIPVisionConfig(**VIT))
+def test_clip_encoder_loads_the_vision_tower_of_a_full_clip_checkpoint(tmp_path):
+    """The released openai/clip-vit-large-patch14-336 directory is a full CLIPModel (text + vision)."""
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=99)
+    saved = CLIPModel(CLIPConfig(vision_config=VIT, text_config=text))
     saved.save_pretrained(tmp_path)
     enc = build_encoder(encoder_cfg("hf_clip", {}, path=str(tmp_path)))
-    torch.testing.assert_close(enc.model.state_dict(), saved.state_dict())
+    torch.testing.assert_close(enc.model.state_dict(), saved.vision_model.state_dict())
+    assert (enc.grid, enc.hidden_size) == (4, 32)
 
 
 def test_unknown_encoder_lists_the_known_ones():
