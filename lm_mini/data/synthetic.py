@@ -20,16 +20,18 @@ Same seed and scale -> byte-identical output (given the same Pillow / PyAV build
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import math
+import os
 import random
 import shutil
 import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from PIL import Image, ImageDraw
 
@@ -431,6 +433,16 @@ def _media_kind(record: dict) -> str:
     return "video" if "video" in record else "image" if "image" in record else "text"
 
 
+@contextlib.contextmanager
+def _working_dir(path: Union[str, Path]) -> Iterator[None]:
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
 def build_demo(out: Path, seed: int = 0, scale: float = 1.0) -> dict:
     """Generate the demo set into ``out`` (which must be absent or empty) and return its manifest.
 
@@ -446,12 +458,15 @@ def build_demo(out: Path, seed: int = 0, scale: float = 1.0) -> dict:
     staging = out.parent / f".{out.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    with tempfile.TemporaryDirectory(prefix="lm_mini_demo_") as tmp:
-        json_files = generate_records(Path(tmp), seed, scale)
+    staging = staging.resolve()
+    with tempfile.TemporaryDirectory(prefix="lm_mini_demo_") as tmp, _working_dir(tmp):
+        # Relative paths: index.json records its sources and media root, and a random temporary
+        # folder name there would make two builds differ.
+        json_files = generate_records(Path("."), seed, scale)
         records = {name: json.loads(path.read_text()) for name, path in json_files.items()}
         for name, path in json_files.items():
             shard_size = math.ceil(len(records[name]) / SHARDS_PER_SET)
-            build_shards([path], Path(tmp), staging / name, shard_size=shard_size, workers=1)
+            build_shards([path.name], ".", staging / name, shard_size=shard_size, workers=1)
     every = [r for recs in records.values() for r in recs]
     tokenizer = train_tokenizer(
         template_corpus(((r["conversations"], _media_kind(r) != "text") for r in every), TEMPLATE_NAMES),

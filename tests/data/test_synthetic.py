@@ -251,3 +251,78 @@ def test_majority_baseline_hand_worked():
     assert base["count"] == {"answer": "1", "accuracy": 0.5, "n": 2}
     assert base["multi"] == {"answer": "left", "accuracy": 1.0, "n": 2}
     assert base["overall"] == {"accuracy": pytest.approx(5 / 8), "n": 8}
+
+
+# --------------------------------------------------------------------------- the built set
+BUILD_SCALE = 0.02  # a handful of records per sub-set
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A demo set built through the command line."""
+    from lm_mini.cli import main
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    assert main(["shards", "demo", "--out", str(out), "--scale", str(BUILD_SCALE)]) == 0
+    return out
+
+
+def tree(root: Path):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_build_is_deterministic(built, tmp_path):
+    again = tmp_path / "again"
+    syn.build_demo(again, seed=0, scale=BUILD_SCALE)
+    assert tree(again) == tree(built)
+    assert not (tmp_path / ".again.partial").exists()
+    # another seed draws other data
+    a, b = tmp_path / "s0", tmp_path / "s1"
+    assert json.loads(syn.generate_records(a, 0, BUILD_SCALE)["eval"].read_text()) != \
+        json.loads(syn.generate_records(b, 1, BUILD_SCALE)["eval"].read_text())
+
+
+def test_built_shards_match_manifest_and_records(built):
+    from lm_mini.data.errors import SkipCounter
+    from lm_mini.data.shards import iter_raw_samples, read_index, shard_paths
+
+    manifest = json.loads((built / "manifest.json").read_text())
+    assert set(manifest["subsets"]) == {"captions", "instruct", "video", "eval"}
+    for name, sub in manifest["subsets"].items():
+        index = read_index(built / sub["path"])
+        assert index["num_samples"] == sub["records"] and index["skipped"] == {}
+        assert {k: v for k, v in index["media"].items() if v} == sub["media"]
+        assert 1 < len(index["shards"]) <= syn.SHARDS_PER_SET  # several shards: ranks x workers can split them
+        counter = SkipCounter()
+        samples = list(iter_raw_samples(shard_paths(built / sub["path"]), counter))
+        assert not counter and len(samples) == sub["records"]
+        assert syn.question_types(s.record for s in samples) == sub["question_types"]
+        for s in samples:
+            assert s.media_kind == {"image": "image", "video": "video", "text": None}[syn._media_kind(s.record)]
+    evaluation = [s.record for s in iter_raw_samples(shard_paths(built / "eval"), SkipCounter())]
+    assert manifest["majority_baseline"]["eval"] == syn.majority_baseline(evaluation)
+    assert "lm-mini shards demo --out data_shards/demo" in (built / "README.md").read_text()
+
+
+def test_tokenizer_covers_every_template(built):
+    from lm_mini.data.conversation import tokenize_conversation
+    from lm_mini.data.errors import SkipCounter
+    from lm_mini.data.shards import iter_raw_samples, shard_paths
+    from lm_mini.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(built / "tokenizer")
+    unk = tok.convert_tokens_to_ids("<unk>")
+    for name in ("captions", "instruct", "video", "eval"):
+        for s in iter_raw_samples(shard_paths(built / name), SkipCounter()):
+            conv, has_media = s.record["conversations"], s.media_kind is not None
+            for template in ("vicuna_v1", "llama3") + (("plain",) if len(conv) == 2 else ()):
+                t = tokenize_conversation(conv, tok, template, max_length=512, has_media=has_media)
+                assert not t.unaligned and not t.truncated and unk not in t.input_ids
+                assert any(label >= 0 for label in t.labels)
+
+
+def test_refuses_a_non_empty_out(built):
+    before = tree(built)
+    with pytest.raises(FileExistsError, match="not empty"):
+        syn.build_demo(built, seed=1, scale=BUILD_SCALE)
+    assert tree(built) == before
