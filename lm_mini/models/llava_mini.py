@@ -124,7 +124,10 @@ class LlavaMini(nn.Module):
         with torch.no_grad() if frozen else contextlib.nullcontext():
             feats = self.encoder(pixels)
         if feats.shape[1] != self.encoder.grid**2:
-            raise ValueError(f"encoder returned {feats.shape[1]} tokens per view; expected grid**2 = {self.encoder.grid**2}")
+            raise ValueError(
+                f"encoder returned {feats.shape[1]} tokens per view, not its {self.encoder.grid}x{self.encoder.grid} patch grid; "
+                "compressors need model.encoder.select_feature=patch"
+            )
         return feats
 
     def encode_media(
@@ -139,10 +142,9 @@ class LlavaMini(nn.Module):
         B = text.shape[0]
         views, owner = self._media_units(batch)
         media: List[Optional[torch.Tensor]] = [None] * B
-        has_media = torch.zeros(B, dtype=torch.bool, device=text.device)
         fused_sum = torch.zeros(text.shape, dtype=torch.float32, device=text.device)
         if not views:
-            return media, fused_sum, has_media
+            return media, fused_sum, torch.zeros(B, dtype=torch.bool, device=text.device)
         feats = self._encode(batch["pixel_values"])  # [V, N, D]
         g, R = self.encoder.grid, self.resolution_ratio
         starts = torch.tensor([0] + views[:-1], device=feats.device).cumsum(0)
@@ -167,14 +169,11 @@ class LlavaMini(nn.Module):
                 fused_sum.index_add_(0, sample, fused.float())
             for u, tokens in zip(units, compressed):
                 per_unit[u] = tokens
-        counts = torch.zeros(B, device=text.device)
-        for u, b in enumerate(owner):
-            counts[b] += 1
+        counts = torch.bincount(torch.tensor(owner, device=text.device), minlength=B)  # units per sample
         for b in set(owner):
             media[b] = torch.cat([per_unit[u] for u, o in enumerate(owner) if o == b])  # [T·C², d], time order
-        has_media[counts > 0] = True
         fused_text = (fused_sum / counts.clamp(min=1)[:, None, None]).to(text.dtype)
-        return media, fused_text, has_media
+        return media, fused_text, counts > 0
 
     # ------------------------------------------------------------------ LLM inputs
     def prepare_inputs(
