@@ -1,0 +1,162 @@
+"""``lm-mini export (RUN|CHECKPOINT) --out DIR``, and loading any trained model by path.
+
+Three kinds of path name a model:
+
+- a **model directory** (``config.yaml`` + ``model.safetensors`` / index: what import and export write);
+- a **run directory** ``runs/<experiment>/<run>/`` (``config.yaml`` + ``checkpoints/``): its newest
+  complete checkpoint;
+- a **checkpoint** ``runs/<experiment>/<run>/checkpoints/step=N.ckpt``: a Lightning file, or a folder of
+  FSDP shards, which :func:`lm_mini.training.checkpoint.load_checkpoint` consolidates into full tensors.
+
+Export pins the config first: parts built from a local path (``model.llm.path``, ``model.encoder.path``)
+get that path's config written out and the path removed, since every weight now lives in the export.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lm_mini.interop.pretrained import (PathLike, build_model, check_weights, floating_dtype, is_model_dir, load_weights,
+                                        model_summary, read_config, read_safetensors, save_pretrained, tied_aliases)
+
+
+@dataclass
+class Source:
+    """Where a model's config and weights come from."""
+
+    kind: str  # model_dir | run | checkpoint
+    path: Path
+    cfg: DictConfig
+    checkpoint: Optional[Path] = None  # the Lightning checkpoint (run, checkpoint)
+    run_dir: Optional[Path] = None
+    info: Dict[str, Any] = field(default_factory=dict)  # MLflow run, step: for the model card
+
+
+def _run_config(run_dir: Path, what: str) -> DictConfig:
+    from lm_mini.config import load_config
+
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{what}: its run's config.yaml is not in {run_dir}")
+    return load_config(run_dir / "config.yaml")
+
+
+def resolve_source(path: PathLike) -> Source:
+    """Recognise a model directory, a run directory or a checkpoint; clear errors for anything else."""
+    from lm_mini.training.checkpoint import latest_checkpoint
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such model directory, run directory or checkpoint")
+    if is_model_dir(p):
+        return Source("model_dir", p, read_config(p))
+    if p.is_dir() and (p / "checkpoints").is_dir():
+        ckpt = latest_checkpoint(p / "checkpoints")
+        if ckpt is None:
+            raise FileNotFoundError(f"run {p} has no complete checkpoint in {p / 'checkpoints'}")
+        kind, run_dir = "run", p
+    elif p.name.endswith(".ckpt"):
+        ckpt, kind = p, "checkpoint"
+        run_dir = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+    else:
+        raise ValueError(f"{p} is not a model directory (config.yaml + model.safetensors), a run directory "
+                         "(config.yaml + checkpoints/) or a checkpoint (*.ckpt)")
+    info: Dict[str, Any] = {"run_dir": str(run_dir), "checkpoint": ckpt.name}
+    if (run_dir / "mlflow.json").is_file():
+        info.update(json.loads((run_dir / "mlflow.json").read_text()))
+    return Source(kind, p, _run_config(run_dir, str(p)), ckpt, run_dir, info)
+
+
+def source_weights(source: Source) -> Dict[str, torch.Tensor]:
+    """The model's tensors under lm_mini's names (sharded checkpoints gathered into full tensors)."""
+    if source.kind == "model_dir":
+        return read_safetensors(source.path)
+    from lm_mini.training.checkpoint import load_checkpoint, model_state_dict
+
+    checkpoint = load_checkpoint(source.checkpoint)
+    if "global_step" in checkpoint:
+        source.info["global_step"] = int(checkpoint["global_step"])
+    # contiguous CPU copies: DCP-loaded tensors may be views, and safetensors wants plain storage
+    return {k: v.detach().to("cpu").contiguous() for k, v in model_state_dict(checkpoint).items()}
+
+
+def pin_config(cfg: DictConfig) -> Tuple[DictConfig, torch.nn.Module]:
+    """``cfg`` with local-path parts replaced by their configs, and the model it builds on meta."""
+    from lm_mini.interop.importers import hf_config_dict
+
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    model = build_model(cfg.model, meta=True)
+    m = cfg.model
+    if m.llm.path:
+        m.llm.config, m.llm.path = hf_config_dict(model.llm.config, keep_model_type=True), None
+    if m.encoder.path:
+        hf = getattr(getattr(model.encoder, "model", None), "config", None)
+        if m.encoder.name in ("hf_clip", "hf_siglip") and hf is not None:
+            m.encoder.config = hf_config_dict(hf, keep_model_type=False)
+        m.encoder.path = None
+    return cfg, model
+
+
+def load_model(path: PathLike, device: Any = None) -> Tuple[torch.nn.Module, DictConfig]:
+    """``(model in eval mode, config)`` for a model directory, run directory or checkpoint.
+
+    The config's ``data.tokenizer`` is resolved to the directory found (see :func:`tokenizer_dir`).
+    """
+    source = resolve_source(path)
+    cfg, _ = pin_config(source.cfg)
+    cfg.data.tokenizer = str(tokenizer_dir(cfg, source))
+    model = load_weights(build_model(cfg.model), source_weights(source), str(source.checkpoint or source.path))
+    model = model.to(device) if device is not None else model
+    return model.eval(), cfg
+
+
+def tokenizer_dir(cfg: DictConfig, source: Source) -> Path:
+    """The tokenizer directory of a source: ``data.tokenizer`` as given, else relative to the run directory."""
+    tok = Path(cfg.data.tokenizer)
+    for candidate in (tok, (source.run_dir / tok) if source.run_dir and not tok.is_absolute() else None):
+        if candidate is not None and candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"{source.path}: tokenizer directory data.tokenizer={cfg.data.tokenizer} not found "
+                            f"(run the command from the directory training ran in)")
+
+
+def model_card(name: str, cfg: DictConfig, source: Source) -> str:
+    info = source.info
+    origin = f"Exported with `lm-mini export {source.path}`"
+    if source.checkpoint is not None:
+        origin += f" from checkpoint `{source.checkpoint.name}`" + (f" (step {info['global_step']})" if "global_step" in info else "")
+    mlflow = (f"- MLflow run: `{info['run_id']}` (experiment `{info.get('experiment', cfg.experiment)}`, "
+              f"tracking URI `{info.get('tracking_uri', '')}`)\n") if info.get("run_id") else "- MLflow run: unknown\n"
+    summary = "".join(f"- {k}: {v}\n" for k, v in model_summary(cfg).items())
+    return (f"---\nlibrary_name: lm_mini\ntags: [llava-mini, multimodal, lm_mini]\n---\n# {name}\n\n{origin}.\n\n"
+            f"{mlflow}{summary}\n## Use\n\n```bash\nlm-mini generate {name} --image photo.jpg --prompt 'What is shown?'\n```\n\n"
+            f"```python\nfrom lm_mini.interop import load_pretrained\nmodel = load_pretrained('{name}')\n```\n\n"
+            f"## Training config\n\n```yaml\n{OmegaConf.to_yaml(source.cfg, resolve=True)}```\n")
+
+
+def export(path: PathLike, out: PathLike, max_shard_size: Any = "5GB") -> Path:
+    """Write the model named by ``path`` as a model directory ``out`` (every tensor checked first)."""
+    source = resolve_source(path)
+    cfg, model = pin_config(source.cfg)
+    state = source_weights(source)
+    check_weights(state, model.state_dict(), str(source.checkpoint or source.path), aliases=tied_aliases(model))
+    dtype = floating_dtype(state)
+    if dtype in ("float32", "bfloat16", "float16"):
+        cfg.model.dtype = dtype  # load_pretrained rebuilds in the precision the weights are stored in
+    tok = tokenizer_dir(cfg, source)
+    return save_pretrained(out, state, cfg, tok, model_card(Path(out).name, cfg, source), max_shard_size)
+
+
+def cli_export(args: Any) -> int:
+    try:
+        out = export(args.source, args.out, args.max_shard_size)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"lm-mini export: {e}", file=sys.stderr)
+        return 2
+    print(f"lm-mini: exported {args.source} -> {out}")
+    return 0

@@ -1,0 +1,175 @@
+"""``lm-mini generate`` and ``lm-mini chat``: answer questions about one image or video from the terminal.
+
+    lm-mini generate runs/demo/finetune-1 --image cat.jpg --prompt "What animal is this?"
+    lm-mini generate exported/ --video clip.mp4 --prompt "What happens?" --json
+    lm-mini chat exported/ --image cat.jpg          # one question per line on stdin; EOF or "exit" ends
+
+The model is any model directory, run directory or checkpoint (see :mod:`lm_mini.interop.export`); the
+conversation template, image preprocessing and video frame sampling come from its config. Answers are
+greedy and stream to the terminal token by token (``transformers.TextStreamer``); ``--json`` prints one
+JSON object per answer instead. Each chat turn re-reads the whole conversation: pre-fusion mixes the
+text into the vision tokens, so a new question changes every token the LLM sees.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, TextIO
+
+import torch
+from omegaconf import DictConfig
+from transformers import TextStreamer
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
+EXIT_WORDS = ("exit", "quit")
+
+
+@dataclass
+class Media:
+    path: Path
+    is_video: bool
+    pixels: torch.Tensor  # [V, 3, H, W]: the views of one image, or one view per sampled video frame
+    frames: int  # 1 for an image, T for a video
+
+
+def load_media(path: str, is_video: bool, cfg: DictConfig) -> Media:
+    """Decode and preprocess one image or video the way the model's training data was."""
+    from lm_mini.data.errors import SampleError
+    from lm_mini.data.media import ImageProcessor, decode_image, decode_video
+    from lm_mini.models.encoders import image_preprocessing
+
+    p = Path(path)
+    kind, exts = ("video", VIDEO_EXTS) if is_video else ("image", IMAGE_EXTS)
+    if not p.is_file():
+        raise FileNotFoundError(f"{kind} file not found: {p}")
+    if p.suffix.lower() not in exts:
+        raise ValueError(f"{p}: unsupported {kind} type '{p.suffix or '(none)'}'; supported: {' '.join(exts)}")
+    size, mean, std = image_preprocessing(cfg.model.encoder)
+    processor = ImageProcessor(size, mean, std, cfg.data.aspect_mode, cfg.model.resolution_ratio)
+    try:
+        if is_video:
+            pixels = processor.video(decode_video(p.read_bytes(), cfg.data.video_fps, cfg.data.max_frames, str(p)))
+        else:
+            pixels = processor.image(decode_image(p.read_bytes(), str(p)))
+    except SampleError as e:
+        raise ValueError(f"{p}: {e}") from e
+    return Media(p, is_video, pixels, pixels.shape[0] if is_video else 1)
+
+
+@dataclass
+class Conversation:
+    """A multi-turn conversation about one media item; ``ask`` answers and remembers the turn."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    template: str
+    media: Media
+    turns: List[Dict[str, str]] = field(default_factory=list)  # LLaVA record turns so far
+
+    def batch(self, question: str) -> Dict[str, Any]:
+        """The one-sample batch of docs/internals.md for the conversation plus ``question``."""
+        from lm_mini.data.conversation import build_prompt
+
+        # has_media=True: the template puts the media slot at the front of the first question
+        ids = build_prompt(self.turns + [{"from": "human", "value": question}], self.tokenizer, self.template, has_media=True)
+        device = next(self.model.parameters()).device
+        input_ids = torch.tensor([ids], device=device)
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                "pixel_values": self.media.pixels.to(device), "frames_per_sample": torch.tensor([self.media.frames]),
+                "is_video": torch.tensor([self.media.is_video]), "sample_ids": ["prompt"]}
+
+    def stop_ids(self) -> List[int]:
+        from lm_mini.registry import TEMPLATES
+
+        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        return sorted(set(TEMPLATES.get(self.template).stop_token_ids(self.tokenizer) + eos))
+
+    def ask(self, question: str, max_new_tokens: int = 128, stream: Optional[TextIO] = None) -> Dict[str, Any]:
+        """Greedy answer to ``question`` (streamed to ``stream`` as it is generated)."""
+        stop = self.stop_ids()
+        kwargs: Dict[str, Any] = {"eos_token_id": stop or None}
+        if stream is not None:
+            kwargs["streamer"] = StreamTo(stream, self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        new = self.model.generate(self.batch(question), max_new_tokens=max_new_tokens, **kwargs)[0].tolist()
+        tokens = new[: next((i for i, t in enumerate(new) if t in stop), len(new))]
+        answer = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        self.turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+        return {"answer": answer, "tokens": tokens, "stopped": len(tokens) < len(new)}
+
+
+class StreamTo(TextStreamer):
+    """``transformers.TextStreamer`` writing to any text stream (stdout, or a StringIO in tests)."""
+
+    def __init__(self, stream: TextIO, tokenizer: Any, **kwargs: Any):
+        super().__init__(tokenizer, **kwargs)
+        self.stream = stream
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.stream.write(text + ("\n" if stream_end else ""))
+        self.stream.flush()
+
+
+def open_conversation(source: str, image: Optional[str], video: Optional[str], device: Optional[str] = None) -> Conversation:
+    """Load the model named by ``source`` and the media item (exactly one of ``image`` / ``video``)."""
+    from lm_mini.data.tokenizer import load_tokenizer
+    from lm_mini.interop.export import load_model
+
+    if (image is None) == (video is None):
+        raise ValueError("give exactly one of --image FILE or --video FILE")
+    if not Path(source).exists():
+        raise FileNotFoundError(f"{source}: no such model directory, run directory or checkpoint")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, cfg = load_model(source, device)
+    media = load_media(video or image, video is not None, cfg)
+    return Conversation(model, load_tokenizer(cfg.data.tokenizer), cfg.data.template, media)
+
+
+def _record(conv: Conversation, question: str, result: Dict[str, Any]) -> str:
+    return json.dumps({"question": question, "answer": result["answer"], "tokens": result["tokens"],
+                       "stopped": result["stopped"], "media": str(conv.media.path),
+                       "kind": "video" if conv.media.is_video else "image", "frames": conv.media.frames,
+                       "template": conv.template})
+
+
+def _open_or_report(args: Any, command: str) -> Optional[Conversation]:
+    try:
+        return open_conversation(args.source, args.image, args.video, args.device)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"lm-mini {command}: {e}", file=sys.stderr)
+        return None
+
+
+def cli_generate(args: Any) -> int:
+    conv = _open_or_report(args, "generate")
+    if conv is None:
+        return 2
+    result = conv.ask(args.prompt, args.max_new_tokens, stream=None if args.json else sys.stdout)
+    if args.json:
+        print(_record(conv, args.prompt, result))
+    return 0
+
+
+def cli_chat(args: Any, lines: Optional[TextIO] = None) -> int:
+    """One question per input line; an empty line is skipped; EOF, ``exit`` or ``quit`` ends."""
+    conv = _open_or_report(args, "chat")
+    if conv is None:
+        return 2
+    lines = lines or sys.stdin
+    interactive = lines.isatty()
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = lines.readline()
+        question = line.strip()
+        if not line or question.lower() in EXIT_WORDS:
+            return 0
+        if not question:
+            continue
+        if args.json:
+            print(_record(conv, question, conv.ask(question, args.max_new_tokens)), flush=True)
+        else:
+            print("assistant> ", end="", flush=True)
+            conv.ask(question, args.max_new_tokens, stream=sys.stdout)

@@ -1,0 +1,213 @@
+"""The model directory: what ``lm-mini import`` and ``lm-mini export`` write and ``load_pretrained`` reads.
+
+A model directory is laid out like a Hugging Face checkpoint::
+
+    config.yaml                      the lm_mini config (model, data.template, ...), loadable by ``load_config``
+    config.json                      the same model config as JSON, plus a short summary (for the hub's viewers)
+    model.safetensors                weights under lm_mini's own names (``encoder.model.*``, ``llm.lm_head.weight``, ...)
+      or model-0000k-of-0000n.safetensors + model.safetensors.index.json   (sharded above ``max_shard_size``)
+    tokenizer.json, tokenizer_config.json, ...
+    README.md                        model card
+
+Weights are written with ``huggingface_hub.save_torch_state_dict`` (tied tensors stored once) and read
+with ``safetensors.torch.load_file``. Every load checks the tensors against the model built from the
+config: missing, unexpected and wrongly shaped tensors are all named in one error.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+PathLike = Union[str, Path]
+CONFIG_YAML, CONFIG_JSON, CARD = "config.yaml", "config.json", "README.md"
+WEIGHTS, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
+# Files a tokenizer directory may hold (SentencePiece, byte-level BPE, tokenizers JSON, chat template).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+)
+
+
+# --------------------------------------------------------------------------- reading safetensors
+def weight_files(path: PathLike) -> List[Path]:
+    """The safetensors files of a checkpoint: a file, a directory with an index, or one with a single file."""
+    from safetensors.torch import load_file  # noqa: F401  (fail early if safetensors is missing)
+
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"no such checkpoint file or directory: {path}")
+    index = path / WEIGHTS_INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise FileNotFoundError(f"{index} lists shards that are not in {path}: {', '.join(absent)}")
+        return files
+    if (path / WEIGHTS).is_file():
+        return [path / WEIGHTS]
+    found = sorted(path.glob("*.safetensors"))
+    if len(found) == 1:
+        return found
+    pickles = sorted(p.name for p in path.glob("*.bin"))
+    hint = f" (it has {', '.join(pickles)}: convert pickled weights to safetensors first)" if pickles else ""
+    what = f"{len(found)} .safetensors files and no {WEIGHTS_INDEX}" if found else "no .safetensors weights"
+    raise FileNotFoundError(f"{path}: {what}{hint}")
+
+
+def read_safetensors(path: PathLike) -> Dict[str, torch.Tensor]:
+    """All tensors of a checkpoint (see :func:`weight_files`) as one CPU state dict."""
+    from safetensors.torch import load_file
+
+    state: Dict[str, torch.Tensor] = {}
+    for f in weight_files(path):
+        shard = load_file(str(f))
+        twice = sorted(set(shard) & set(state))
+        if twice:
+            raise ValueError(f"{f.name}: tensors also stored in another shard: {', '.join(twice[:10])}")
+        state.update(shard)
+    return state
+
+
+# --------------------------------------------------------------------------- checking
+class WeightsMismatch(ValueError):
+    """A set of tensors that does not fit a model; ``missing``, ``unexpected`` and ``mismatched`` name them."""
+
+    def __init__(self, where: str, missing: Sequence[str], unexpected: Sequence[str], mismatched: Sequence[str]):
+        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
+        lines = [f"{where}: the weights do not fit the model"]
+        for title, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+            if names:
+                lines.append(f"  {title} ({len(names)}):")
+                lines.extend(f"    {n}" for n in names)
+        super().__init__("\n".join(lines))
+
+
+def tied_aliases(model: torch.nn.Module) -> Dict[str, List[str]]:
+    """Names sharing one parameter in ``model`` (tied embeddings): key -> the other names. Works on meta."""
+    groups: Dict[int, List[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():  # tied names hold the same Parameter object
+        groups.setdefault(id(t), []).append(name)
+    return {n: [m for m in g if m != n] for g in groups.values() if len(g) > 1 for n in g}
+
+
+def check_weights(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], where: str,
+                  source_name: Callable[[str], str] = str, aliases: Optional[Mapping[str, Iterable[str]]] = None,
+                  unmatched: Sequence[str] = ()) -> None:
+    """Raise :class:`WeightsMismatch` unless ``state`` has exactly the keys and shapes of ``expected``.
+
+    ``source_name(key)`` says how a key is called in the file the user gave (for the message);
+    a key missing from ``state`` is fine when one of its ``aliases`` (a tied tensor) is present;
+    ``unmatched`` are checkpoint names that could not even be translated (listed as unexpected).
+    """
+    aliases = aliases or {}
+    missing = [f"{source_name(k)}" + (f" (-> {k})" if source_name(k) != k else "") for k in expected
+               if k not in state and not any(a in state for a in aliases.get(k, ()))]
+    unexpected = list(unmatched) + [source_name(k) for k in state if k not in expected]
+    mismatched = [f"{source_name(k)}: {list(state[k].shape)} in the checkpoint, the model has {list(expected[k].shape)}"
+                  for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or mismatched:
+        raise WeightsMismatch(where, sorted(missing), sorted(unexpected), sorted(mismatched))
+
+
+# --------------------------------------------------------------------------- building
+def build_model(model_cfg: DictConfig, meta: bool = False) -> torch.nn.Module:
+    """``LlavaMini.from_config``; on the meta device (shapes and names only, no memory) when ``meta``."""
+    from lm_mini.models.llava_mini import LlavaMini
+
+    if meta:
+        with torch.device("meta"):
+            return LlavaMini.from_config(model_cfg)
+    return LlavaMini.from_config(model_cfg)
+
+
+def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], where: str,
+                 source_name: Callable[[str], str] = str) -> torch.nn.Module:
+    """Check ``state`` against ``model`` (names and shapes, every tensor) and copy it in."""
+    expected = model.state_dict()
+    check_weights(state, expected, where, source_name, tied_aliases(model))
+    model.load_state_dict(state, strict=False)  # strictness checked above (tied aliases may be absent)
+    return model
+
+
+def floating_dtype(state: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """The one floating dtype of a state dict's weights ('float32', 'bfloat16', ...), None if mixed."""
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    return str(dtypes.pop()).replace("torch.", "") if len(dtypes) == 1 else None
+
+
+# --------------------------------------------------------------------------- the model directory
+def is_model_dir(path: PathLike) -> bool:
+    p = Path(path)
+    return (p / CONFIG_YAML).is_file() and ((p / WEIGHTS).is_file() or (p / WEIGHTS_INDEX).is_file())
+
+
+def copy_tokenizer(src: PathLike, out: PathLike) -> List[str]:
+    """Copy a tokenizer directory's files into ``out``; refuse a directory without any."""
+    src = Path(src)
+    names = [n for n in TOKENIZER_FILES if (src / n).is_file()]
+    if not names:
+        raise FileNotFoundError(f"no tokenizer in {src}: expected some of {', '.join(TOKENIZER_FILES)}")
+    for n in names:
+        shutil.copyfile(src / n, Path(out) / n)
+    return names
+
+
+def model_summary(cfg: DictConfig) -> Dict[str, object]:
+    """A few LLaVA-Mini style fields describing the architecture (for config.json and the model card)."""
+    m = cfg.model
+    return {
+        "vision_encoder": m.encoder.name, "mm_vision_select_layer": m.encoder.select_layer,
+        "mm_projector_type": m.projector.name, "compressor": m.compressor.name, "compressor_size": m.compressor.grid,
+        "prefusion_layer_num": m.prefusion.depth, "resolution_ratio": m.resolution_ratio,
+        "llm_model_type": m.llm.config.get("model_type"), "template": cfg.data.template, "torch_dtype": m.dtype,
+    }
+
+
+def save_pretrained(out: PathLike, state: Mapping[str, torch.Tensor], cfg: DictConfig, tokenizer: PathLike,
+                    card: str, max_shard_size: Union[int, str] = "5GB") -> Path:
+    """Write a model directory. ``cfg`` must build the model without external paths (weights are all in ``state``).
+
+    ``data.tokenizer`` is set to ``"."``: the tokenizer travels with the weights.
+    """
+    from huggingface_hub import save_torch_state_dict
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stale = [p.name for p in out.glob("*.safetensors")] + ([WEIGHTS_INDEX] if (out / WEIGHTS_INDEX).exists() else [])
+    if stale:
+        raise FileExistsError(f"{out} already holds weights ({', '.join(sorted(stale))}); choose an empty --out directory")
+    cfg = OmegaConf.merge(cfg, {"data": {"tokenizer": "."}})
+    copy_tokenizer(tokenizer, out)
+    save_torch_state_dict(dict(state), out, max_shard_size=max_shard_size)
+    (out / CONFIG_YAML).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    summary = {"architectures": ["LlavaMini"], "model_type": "lm_mini", **model_summary(cfg),
+               "lm_mini": OmegaConf.to_container(cfg.model, resolve=True)}
+    (out / CONFIG_JSON).write_text(json.dumps(summary, indent=2) + "\n")
+    (out / CARD).write_text(card)
+    return out
+
+
+def read_config(path: PathLike) -> DictConfig:
+    """A model directory's config, with ``data.tokenizer`` resolved against the directory."""
+    from lm_mini.config import load_config
+
+    path = Path(path)
+    if not is_model_dir(path):
+        raise FileNotFoundError(f"{path} is not an lm_mini model directory (needs {CONFIG_YAML} and {WEIGHTS} or {WEIGHTS_INDEX})")
+    cfg = load_config(path / CONFIG_YAML)
+    return OmegaConf.merge(cfg, {"data": {"tokenizer": str((path / cfg.data.tokenizer).resolve())}})
+
+
+def load_pretrained(path: PathLike, device: Union[str, torch.device, None] = None) -> torch.nn.Module:
+    """The ``LlavaMini`` stored in a model directory, in eval mode (every tensor checked on the way)."""
+    cfg = read_config(path)
+    model = load_weights(build_model(cfg.model), read_safetensors(path), str(path))
+    return model.to(device).eval() if device is not None else model.eval()
