@@ -87,9 +87,10 @@ class LlavaMini(nn.Module):
             )
         width = self.llm.get_input_embeddings().embedding_dim
         param = next(self.projector.parameters(), None)
-        probe = torch.zeros(1, self.encoder.hidden_size, device=param.device if param is not None else None,
+        probe = torch.zeros(1, 1, self.encoder.hidden_size, device=param.device if param is not None else None,
                             dtype=param.dtype if param is not None else None)
-        out_width = self.projector(probe).shape[-1]  # one vector: cheap even at 7B sizes, free on meta
+        with torch.no_grad():
+            out_width = self.projector(probe).shape[-1]  # one token: cheap even at 7B sizes, free on meta
         if out_width != width:
             raise ValueError(
                 f"projector {type(self.projector).__name__} maps {self.encoder.hidden_size} -> {out_width}, "
