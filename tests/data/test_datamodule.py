@@ -2,11 +2,13 @@
 import io
 import json
 import subprocess
+import tarfile
 import sys
 import textwrap
 from collections import Counter
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -15,10 +17,12 @@ from PIL import Image
 from lm_mini.config import ShardSetConfig, load_config
 from lm_mini.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from lm_mini.data.datamodule import build_datamodule
+from lm_mini.data.errors import SkipCounter
+from lm_mini.data.shards import build_shards, iter_raw_samples, shard_paths
+from lm_mini.data.streaming import ShardSet
 from lm_mini.data.tokenizer import train_tokenizer
 
 IMAGE_SIZE = 16  # encoder input side for these tests (tiny CLIP config)
-COUNTS = {"img": (7, 0, 5, 9), "cap": (4, 4), "text": (3,)}
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -37,47 +41,54 @@ def _mp4(frames: int = 4, fps: int = 2) -> bytes:
         stream.width = stream.height = 32
         stream.pix_fmt = "yuv420p"
         for t in range(frames):
-            img = Image.new("RGB", (32, 32), (40 * t, 100, 100))
-            container.mux(stream.encode(__import__("av").VideoFrame.from_image(img)))
+            container.mux(stream.encode(av.VideoFrame.from_image(Image.new("RGB", (32, 32), (40 * t, 100, 100)))))
         container.mux(stream.encode())
     return buf.getvalue()
 
 
-def _qa(question: str, answer: str, media: bool = True):
-    return [{"from": "human", "value": ("<image>\n" if media else "") + question}, {"from": "gpt", "value": answer}]
+def _qa(question: str, answer: str, placeholder: str = "<image>"):
+    return [{"from": "human", "value": (placeholder + "\n" if placeholder else "") + question},
+            {"from": "gpt", "value": answer}]
 
 
-def write_set(root: Path, name: str, shards, make):
-    """A shard set: ``shards`` = samples per shard; ``make(key, i)`` -> {json record, media field}."""
-    import webdataset as wds
-
-    out = root / name
-    out.mkdir(parents=True)
-    index, i = [], 0
-    for s, count in enumerate(shards):
-        fname = f"{name}-{s:06d}.tar"
-        with wds.TarWriter(str(out / fname)) as tar:
-            for _ in range(count):
-                key = f"{name}{i:05d}"
-                sample = {"__key__": key, **make(key, i)}
-                sample["json"] = json.dumps(sample["json"]).encode()
-                tar.write(sample)
-                i += 1
-        index.append({"name": fname, "count": count})
-    (out / "index.json").write_text(json.dumps({"shards": index}))
-    return str(out)
+def image_qa(i):
+    return {"conversations": _qa(f"What colour is shape {i}?", f"Colour {i}."), "image": _jpeg(i)}
 
 
-def image_qa(key, i):
-    return {"json": {"id": key, "conversations": _qa(f"What colour is shape {i}?", f"Colour {i}.")}, "jpg": _jpeg(i)}
+def caption(i):
+    return {"conversations": _qa("", f"a square number {i}"), "image": _jpeg(i)}
 
 
-def caption(key, i):
-    return {"json": {"id": key, "conversations": _qa("", f"a square number {i}")}, "jpg": _jpeg(i)}
+def text_only(i):
+    return {"conversations": _qa(f"Say {i}.", f"{i}.", placeholder="")}
 
 
-def text_only(key, i):
-    return {"json": {"id": key, "conversations": _qa(f"Say {i}.", f"{i}.", media=False)}}
+def video_qa(i):
+    return {"conversations": _qa("What moves?", "A square.", placeholder="<video>"), "video": _mp4()}
+
+
+def write_set(root: Path, name: str, records, shard_size: int) -> str:
+    """LLaVA JSON + media files -> a shard set built by ``build_shards`` (records given as media bytes;
+    ``image: None`` names a file that does not exist, so the builder skips that record)."""
+    src = root / f"{name}-src"
+    src.mkdir()
+    items = []
+    for i, r in enumerate(records):
+        item = {"id": f"{name}-{i}", "conversations": r["conversations"]}
+        for kind, ext in (("image", "jpg"), ("video", "mp4")):
+            if kind in r:
+                item[kind] = f"{i}.{ext}"
+                if r[kind] is not None:
+                    (src / item[kind]).write_bytes(r[kind])
+        items.append(item)
+    (src / "data.json").write_text(json.dumps(items))
+    build_shards([src / "data.json"], src, root / name, shard_size=shard_size)
+    return str(root / name)
+
+
+def set_ids(path: str):
+    """Sample ids of a set as an independent reader (shards.iter_raw_samples) sees them."""
+    return [f"{Path(path).name}/{s.key}" for s in iter_raw_samples(shard_paths(path), SkipCounter())]
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +96,18 @@ def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
     texts = ["USER: What colour is shape 12? ASSISTANT: Colour 12.</s>", "a square number 3\n", "Say 4."] * 10
     train_tokenizer(texts, root / "tok", vocab_size=300)
+    # Records 3-5 and 10-19 name missing images: shards of 7, 0 and 10 samples.
+    images = [dict(image_qa(i), image=None) if i in (3, 4, 5) or 10 <= i < 20 else image_qa(i) for i in range(30)]
     return {
-        "root": root,
         "tok": str(root / "tok"),
-        "img": write_set(root, "img", COUNTS["img"], image_qa),
-        "cap": write_set(root, "cap", COUNTS["cap"], caption),
-        "text": write_set(root, "text", COUNTS["text"], text_only),
+        "img": write_set(root, "img", images, shard_size=10),
+        "cap": write_set(root, "cap", [caption(i) for i in range(8)], shard_size=4),
+        "text": write_set(root, "text", [text_only(i) for i in range(3)], shard_size=5),
     }
+
+
+def test_fixture_has_uneven_shards(corpus):
+    assert ShardSet.from_config(ShardSetConfig(corpus["img"])).counts == (7, 0, 10)
 
 
 def make_cfg(corpus, train, val=(), **data):
@@ -116,27 +132,31 @@ def ids_of(batches):
     return [i for b in batches for i in b["sample_ids"]]
 
 
+def set_of(sample_id):
+    return sample_id.split("/")[0]
+
+
 # ----------------------------------------------------------------------------- partition
 @pytest.mark.parametrize("workers", [0, 2])
 def test_every_sample_once_per_epoch_for_world_sizes(corpus, workers):
-    expected = Counter(f"{n}{i:05d}" for n in COUNTS for i in range(sum(COUNTS[n])))
+    expected = Counter(i for n in ("img", "cap", "text") for i in set_ids(corpus[n]))
+    assert len(expected) == 17 + 8 + 3
     for world in (1, 2, 4):
         ledger, lengths = Counter(), set()
         for rank in range(world):
             dm = build_datamodule(make_cfg(corpus, MIX, **{"data.num_workers": workers}), rank=rank, world_size=world)
             loader = dm.train_dataloader()
             batches = list(loader)
-            assert len(batches) == len(loader)  # every rank: exactly its announced length
+            assert len(batches) == len(loader)  # every rank delivers exactly its announced length
             lengths.add(len(batches))
             ledger.update(i for i in ids_of(batches) if i is not None)
         assert ledger == expected, f"world {world}"
-        assert len(lengths) == 1, f"ranks disagree on batch count: {lengths}"
+        assert len(lengths) == 1, f"ranks disagree on the number of batches: {lengths}"
 
 
 def test_epochs_reshuffle_deterministically(corpus):
     def two_epochs(seed):
-        dm = build_datamodule(make_cfg(corpus, MIX, seed=seed))
-        loader = dm.train_dataloader()
+        loader = build_datamodule(make_cfg(corpus, MIX, seed=seed)).train_dataloader()
         return [ids_of(loader) for _ in range(2)]
 
     e0, e1 = two_epochs(3)
@@ -146,45 +166,43 @@ def test_epochs_reshuffle_deterministically(corpus):
 
 
 # ----------------------------------------------------------------------------- resume
+# Runs in a fresh interpreter; imports the loader alone (no Lightning) to keep the test quick.
 RESUME_SCRIPT = textwrap.dedent("""
     import json, sys, torch
     from omegaconf import OmegaConf
-    from lm_mini.data.datamodule import build_datamodule
+    from lm_mini.data.streaming import build_loader
     for cfg_path, state_path, out_path in json.loads(sys.argv[1]):
-        loader = build_datamodule(OmegaConf.load(cfg_path)).train_dataloader()
+        loader = build_loader(OmegaConf.load(cfg_path), train=True)
         loader.load_state_dict(torch.load(state_path, weights_only=False))
-        ids = [b["sample_ids"] for b in loader]          # rest of the interrupted epoch
-        ids += [b["sample_ids"] for b in loader]         # and the next one
+        ids = [b["sample_ids"] for b in loader]  # the rest of the interrupted epoch
+        ids += [b["sample_ids"] for b in loader]  # and the next epoch
         json.dump({"ids": ids, "skips": loader.skips.as_dict()}, open(out_path, "w"))
 """)
 
 
 def test_resume_in_new_process_continues_the_same_sequence(corpus, tmp_path):
     jobs, expected = [], {}
-    for workers in (0, 2):
+    for workers, k in ((0, 4), (2, 4), (2, 10)):  # k = 10: saved after the epoch's last batch
         cfg = make_cfg(corpus, MIX, **{"data.num_workers": workers})
         full = build_datamodule(cfg).train_dataloader()
-        expected[workers] = [b["sample_ids"] for b in full] + [b["sample_ids"] for b in full]
+        expected[workers, k] = [b["sample_ids"] for b in full] + [b["sample_ids"] for b in full]
 
         loader = build_datamodule(cfg).train_dataloader()
-        it, k = iter(loader), 4
-        head = [next(it)["sample_ids"] for _ in range(k)]
-        assert head == expected[workers][:k]
-        cfg_path, state_path = tmp_path / f"cfg{workers}.yaml", tmp_path / f"state{workers}.pt"
+        it = iter(loader)
+        assert [next(it)["sample_ids"] for _ in range(k)] == expected[workers, k][:k]
+        cfg_path, state_path = tmp_path / f"cfg{workers}-{k}.yaml", tmp_path / f"state{workers}-{k}.pt"
         OmegaConf.save(cfg, cfg_path)
         torch.save(loader.state_dict(), state_path)
-        del it
-        jobs.append((str(cfg_path), str(state_path), str(tmp_path / f"out{workers}.json")))
-    subprocess.run([sys.executable, "-c", RESUME_SCRIPT, json.dumps(jobs)], check=True, timeout=120)
-    for workers, (_, _, out) in zip((0, 2), jobs):
+        jobs.append((str(cfg_path), str(state_path), str(tmp_path / f"out{workers}-{k}.json")))
+    subprocess.run([sys.executable, "-c", RESUME_SCRIPT, json.dumps(jobs)], check=True, timeout=300)
+    for (workers, k), (_, _, out) in zip(expected, jobs):
         rest = json.load(open(out))["ids"]
-        assert expected[workers][:4] + rest == expected[workers], f"workers={workers}"
+        assert expected[workers, k][:k] + rest == expected[workers, k], f"workers={workers}, k={k}"
 
 
 def test_resume_refuses_a_different_layout(corpus):
     loader = build_datamodule(make_cfg(corpus, MIX)).train_dataloader()
-    it = iter(loader)
-    next(it)
+    next(iter(loader))
     state = loader.state_dict()
     other = build_datamodule(make_cfg(corpus, MIX, **{"data.batch_size": 2})).train_dataloader()
     other.load_state_dict(state)
@@ -192,86 +210,147 @@ def test_resume_refuses_a_different_layout(corpus):
         next(iter(other))
 
 
+class Recorder(L.LightningModule):
+    """Stand-in model: one parameter, records the sample ids of every training batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch["sample_ids"])
+        return (self.w * batch["attention_mask"].sum()).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+class Preempt(L.Callback):
+    """Saves a checkpoint inside the training loop after ``step`` steps (as a SIGTERM handler or a
+    step-interval ModelCheckpoint does), then stops the run."""
+
+    def __init__(self, step, path):
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
+def _trainer(**kw):
+    return L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                     num_sanity_val_steps=0, **kw)
+
+
+@pytest.mark.parametrize("workers,step", [(0, 13), (2, 13)])
+def test_lightning_fit_interrupted_and_resumed_sees_the_same_ledger(corpus, tmp_path, workers, step):
+    cfg = make_cfg(corpus, MIX, **{"data.num_workers": workers})
+    whole = Recorder()
+    _trainer().fit(whole, datamodule=build_datamodule(cfg))
+    assert len(whole.seen) == 20  # 2 epochs x 10 batches
+
+    first, second, ckpt = Recorder(), Recorder(), tmp_path / "mid.ckpt"
+    _trainer(callbacks=[Preempt(step, ckpt)]).fit(first, datamodule=build_datamodule(cfg))
+    _trainer().fit(second, datamodule=build_datamodule(cfg), ckpt_path=ckpt)
+    assert len(first.seen) == step
+    assert first.seen + second.seen == whole.seen
+
+
 # ----------------------------------------------------------------------------- mixing
 def test_mixing_weights_give_expected_counts(corpus):
     cfg = make_cfg(corpus, [("img", 2.0, None), ("cap", 0.5, "plain"), ("text", 1.0, None)])
     ids = [i for i in ids_of(build_datamodule(cfg).train_dataloader()) if i is not None]
-    per_set = Counter(i.rstrip("0123456789") for i in ids)
-    assert per_set == {"img": 2 * 21, "cap": 4, "text": 3}
-    assert set(Counter(i for i in ids if i.startswith("img")).values()) == {2}  # every image sample twice
-    assert len(set(i for i in ids if i.startswith("cap"))) == 4  # half the captions, each once
-    # Interleaved, not set after set: the first third of the epoch already holds every set.
-    assert {i.rstrip("0123456789") for i in ids[: len(ids) // 3]} == {"img", "cap", "text"}
+    assert Counter(map(set_of, ids)) == {"img": 2 * 17, "cap": 4, "text": 3}
+    assert Counter(i for i in ids if set_of(i) == "img") == Counter(set_ids(corpus["img"]) * 2)  # each twice
+    assert len({i for i in ids if set_of(i) == "cap"}) == 4  # half the captions, each once
+    # Interleaved, not one set after another: the first third of the epoch holds every set.
+    assert {set_of(i) for i in ids[: len(ids) // 3]} == {"img", "cap", "text"}
 
 
-def test_plain_template_for_caption_set(corpus):
+def test_set_template_overrides_data_template(corpus):
     cfg = make_cfg(corpus, [("cap", 1.0, "plain")], **{"data.template": "vicuna_v1"})
-    batch = next(iter(build_datamodule(cfg).train_dataloader()))
-    tok = build_datamodule(cfg).processor.tokenizer
+    dm = build_datamodule(cfg)
+    batch = next(iter(dm.train_dataloader()))
     first = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
-    assert first[1] == IMAGE_TOKEN_INDEX  # plain: <s><image>caption\n, no system prompt
-    assert "USER" not in tok.decode([t for t in first if t >= 0])
+    assert first[1] == IMAGE_TOKEN_INDEX  # plain: <s><image>caption\n, no system prompt, no USER:
+    assert dm.processor.tokenizer.decode(first[2:]).startswith("a square number")
 
 
 # ----------------------------------------------------------------------------- bad samples
-def test_corrupt_images_become_counted_padding(corpus, tmp_path):
-    def sometimes_corrupt(key, i):
-        s = image_qa(key, i)
-        if i % 3 == 0:
-            s["jpg"] = s["jpg"][:40]  # truncated JPEG
-        return s
+def corrupt_jpegs(set_dir: str, every: int) -> None:
+    """Truncate the JPEG of every ``every``-th sample (by key) inside the built shards."""
+    for path in sorted(Path(set_dir).glob("*.tar")):
+        with tarfile.open(path) as src:
+            members = [(m, src.extractfile(m).read()) for m in src]
+        with tarfile.open(path, "w") as dst:
+            for m, data in members:
+                if m.name.endswith(".jpg") and int(m.name.split(".")[0]) % every == 0:
+                    data = data[:40]
+                    m.size = len(data)
+                dst.addfile(m, io.BytesIO(data))
 
-    corpus = dict(corpus, bad=write_set(tmp_path, "bad", (6, 6), sometimes_corrupt))
-    for workers in (0, 2):
-        dm = build_datamodule(make_cfg(corpus, [("bad", 1.0, None)], **{"data.num_workers": workers}))
-        loader = dm.train_dataloader()
-        batches = list(loader)
-        assert len(batches) == len(loader) == 4  # lengths unchanged: padding stands in
-        ids = ids_of(batches)
-        assert sorted(i for i in ids if i is not None) == [f"bad{i:05d}" for i in range(12) if i % 3]
-        assert ids.count(None) == 4
-        for b in batches:
-            pad = torch.tensor([i is None for i in b["sample_ids"]])
-            assert (b["labels"][pad] == IGNORE_INDEX).all()
-            assert (b["frames_per_sample"][pad] == 0).all()
-        assert dm.skip_counts() == {"corrupt_image": 4}
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_images_become_counted_padding(corpus, tmp_path, workers):
+    bad = write_set(tmp_path, "bad", [image_qa(i) for i in range(12)], shard_size=6)
+    corrupt_jpegs(bad, every=3)
+    dm = build_datamodule(make_cfg(dict(corpus, bad=bad), [("bad", 1.0, None)], **{"data.num_workers": workers}))
+    loader = dm.train_dataloader()
+    batches = list(loader)
+    assert len(batches) == len(loader) == 4  # lengths unchanged: padding stands in
+    ids = ids_of(batches)
+    assert sorted(i for i in ids if i is not None) == [f"bad/{i:09d}" for i in range(12) if i % 3]
+    assert ids.count(None) == 4
+    for b in batches:
+        pad = torch.tensor([i is None for i in b["sample_ids"]])
+        assert (b["labels"][pad] == IGNORE_INDEX).all() and (b["frames_per_sample"][pad] == 0).all()
+    assert dm.skip_counts() == {"corrupt_image": 4}
+
+
+def test_truncated_shard_pads_the_rest_and_never_repeats(corpus, tmp_path):
+    cut = write_set(tmp_path, "cut", [image_qa(i) for i in range(10)], shard_size=10)
+    tar = Path(cut) / "shard-000000.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    dm = build_datamodule(make_cfg(dict(corpus, cut=cut), [("cut", 1.0, None)], **{"data.num_workers": 2}))
+    ids = ids_of(dm.train_dataloader())
+    real = [i for i in ids if i is not None]
+    assert len(ids) == 10 and len(real) == len(set(real)) and 0 < len(real) < 10
+    assert set(dm.skip_counts()) <= {"truncated_tar", "missing_media"}
+    assert sum(dm.skip_counts().values()) == 10 - len(real)
 
 
 # ----------------------------------------------------------------------------- batch contract
 def test_batches_follow_the_contract_for_image_video_text_and_hires(corpus, tmp_path):
-    def mixed(key, i):
-        if i == 0:
-            return {"json": {"id": key, "conversations": _qa("What moves?", "A square.")}, "mp4": _mp4()}
-        return image_qa(key, i) if i == 1 else text_only(key, i)
-
-    corpus = dict(corpus, mixed=write_set(tmp_path, "mixed", (3,), mixed))
-    cfg = make_cfg(corpus, [("mixed", 1.0, None)], **{"model.resolution_ratio": 2, "data.max_frames": 8,
-                                                      "data.video_fps": 2.0, "data.shuffle_buffer": 1})
+    mixed = write_set(tmp_path, "mixed", [video_qa(0), image_qa(1), text_only(2)], shard_size=3)
+    cfg = make_cfg(dict(corpus, mixed=mixed), [("mixed", 1.0, None)],
+                   **{"model.resolution_ratio": 2, "data.max_frames": 8, "data.video_fps": 2.0})
     dm = build_datamodule(cfg)
     batch = next(iter(dm.train_dataloader()))
-    order = [int(i[-1]) for i in batch["sample_ids"]]
+    order = [int(i[-1]) for i in batch["sample_ids"]]  # key = record index: 0 video, 1 image, 2 text
     frames = dict(zip(order, batch["frames_per_sample"].tolist()))
-    assert frames[1] == 1 and frames[2] == 0 and frames[0] >= 2  # image, text-only, video
+    assert frames[1] == 1 and frames[2] == 0 and frames[0] >= 2
     assert batch["is_video"].tolist() == [o == 0 for o in order]
-    views = sum(frames[o] if o == 0 else 5 * frames[o] for o in order)  # hi-res R=2: 1 + 2*2 views
+    views = frames[0] + 5  # video: one view per frame; hi-res image (R=2): global + 2x2 crops
     assert batch["pixel_values"].shape == (views, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert batch["pixel_values"].dtype == torch.float32
-    B, L = batch["input_ids"].shape
-    assert B == 3 and batch["labels"].shape == batch["attention_mask"].shape == (B, L)
+    B, L_ = batch["input_ids"].shape
+    assert B == 3 and batch["labels"].shape == batch["attention_mask"].shape == (B, L_)
     for k in ("input_ids", "labels", "attention_mask", "frames_per_sample"):
         assert batch[k].dtype == torch.long, k
-    lengths = batch["attention_mask"].sum(1)
     pad_id = dm.processor.pad_id
-    for row, n, o in zip(range(B), lengths.tolist(), order):
+    for row, (n, o) in enumerate(zip(batch["attention_mask"].sum(1).tolist(), order)):
+        assert (batch["attention_mask"][row, :n] == 1).all()
         assert (batch["input_ids"][row, n:] == pad_id).all() and (batch["labels"][row, n:] == IGNORE_INDEX).all()
         assert (batch["input_ids"][row, :n] == IMAGE_TOKEN_INDEX).sum() == (0 if o == 2 else 1)
         assert (batch["labels"][row] != IGNORE_INDEX).any()  # every real sample trains its answer
-    assert "skipped" not in batch
+    assert "skipped" not in batch  # the loader takes its tally out
 
 
 def test_val_loader_every_sample_once_in_order(corpus):
     cfg = make_cfg(corpus, MIX, val=["img", "text"], **{"data.batch_size": 4})
     loader = build_datamodule(cfg).val_dataloader()
-    ids = ids_of(loader)
-    assert ids == [f"img{i:05d}" for i in range(21)] + [f"text{i:05d}" for i in range(3)]
-    assert len(loader) == 6  # 24 samples, no padding
+    assert ids_of(loader) == set_ids(corpus["img"]) + set_ids(corpus["text"])
+    assert len(loader) == 5  # 20 samples, no padding

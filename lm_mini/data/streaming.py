@@ -1,0 +1,294 @@
+"""Streaming shards into batches: the planned, resumable ``IterableDataset`` and its loader.
+
+- :class:`ShardSet` — a shard set's shard files and sample counts (its ``index.json``), weight, template.
+- :class:`StreamingDataset` — in each DataLoader worker, reads exactly the samples that
+  :class:`lm_mini.data.plan.EpochPlan` assigns to this (rank, worker) for the epoch, in the plan's
+  shuffled order. A sample that fails (corrupt image, malformed record, truncated shard, ...) is
+  replaced by a padding sample (``sample_id`` None, labels IGNORE) and counted, so every rank still
+  yields its planned number of batches. The iterator's state is just ``(epoch, samples delivered)``:
+  on resume the plan is rebuilt and the delivered prefix stepped over without decoding anything.
+- :class:`StreamingLoader` — a torchdata ``StatefulDataLoader`` whose ``__len__`` comes from the
+  index counts (so Lightning does not fetch a batch ahead, see STACK_NOTES). It numbers epochs and
+  keeps the running skip tally: it pops each batch's ``skipped`` entry (made in the worker that
+  built the batch) as it hands the batch out, and saves the total in its ``state_dict`` — so the
+  counts cover exactly the delivered batches, from every worker, across resumes.
+
+Epochs: Lightning's ``set_epoch`` hook only reaches a loader's sampler, and an ``IterableDataset``
+loader has none of its own, so the loader counts passes itself: each fresh pass is the next epoch
+(starting at ``start_epoch``), a restored state continues its own epoch, ``set_epoch(e)`` sets the
+next one. Workers must not be persistent: they copy the dataset (and its epoch) when they start.
+
+Sample ids are ``"<set name>/<shard key>"`` (the set's directory name): unique across sets, so a
+ledger over a mixed epoch counts each sample's repeats exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import itertools
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional, Sequence, Union
+
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+from torchdata.stateful_dataloader import StatefulDataLoader
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
+
+from lm_mini.data.errors import SampleError, SkipCounter
+from lm_mini.data.plan import PAD, EpochPlan, SetSpec, Slot, fingerprint
+from lm_mini.data.samples import SKIPPED, Collator, SampleProcessor
+from lm_mini.data.shards import INDEX_FILE, RawSample, read_index, to_raw_sample
+
+
+# ------------------------------------------------------------------------------------- shard sets
+@dataclass(frozen=True)
+class ShardSet:
+    """Shard files (in ``index.json`` order) with their sample counts, plus mixing weight and template."""
+
+    name: str
+    urls: tuple
+    counts: tuple
+    weight: float = 1.0
+    template: Optional[str] = None  # None: the record's own, else data.template
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "ShardSet":
+        """From a ``ShardSetConfig``: a directory with ``index.json``, or a glob/brace pattern of tars
+        (e.g. img2dataset output), whose samples are then counted once from the tar headers."""
+        path = Path(str(cfg.path))
+        if (path / INDEX_FILE).is_file():
+            shards = read_index(path)["shards"]
+            urls, counts, name = [str(path / s["name"]) for s in shards], [s["samples"] for s in shards], path.name
+        else:
+            urls = sorted(f for u in wds.shardlists.expand_urls(str(path)) for f in glob.glob(u))
+            if not urls:
+                raise FileNotFoundError(f"no {INDEX_FILE} in {path} and no tar files match it")
+            counts, name = [count_samples(u) for u in urls], path.parent.name
+        return cls(name, tuple(urls), tuple(int(c) for c in counts), float(cfg.weight), cfg.template)
+
+    @property
+    def spec(self) -> SetSpec:
+        return SetSpec(self.counts, self.weight)
+
+
+def count_samples(url: str) -> int:
+    """Samples (distinct keys) in a local tar, from its member headers only."""
+    with tarfile.open(url) as tar:
+        return len({base_plus_ext(m.name)[0] for m in tar if m.isreg()} - {None})
+
+
+def read_shard(url: str) -> Iterator[Union[RawSample, SampleError]]:
+    """Every record of one shard in order: a ``RawSample``, or the ``SampleError`` that rules it out.
+
+    Unlike ``shards.iter_raw_samples`` a bad record keeps its place, so positions within the shard
+    stay those the plan counts on (a dropped record would shift every later position and hand one
+    sample to two workers). A read error ends the shard; the plan's later positions then count as
+    ``truncated_tar``.
+    """
+    with wds.gopen(url) as stream:
+        files = tar_file_expander([{"url": url, "stream": stream}], handler=lambda exn: False, eof_value=None)
+        for sample in group_by_keys(files, handler=lambda exn: False):
+            try:
+                yield to_raw_sample(sample, url)
+            except SampleError as e:
+                yield e
+
+
+# ------------------------------------------------------------------------------------- one worker
+class _SetCursor:
+    """Reads one set's epoch stream forward: ``read(p)`` gives the record at stream position ``p``."""
+
+    def __init__(self, shard_set: ShardSet, stream: Any):
+        self.set, self.stream = shard_set, stream
+        self._open: Optional[tuple] = None  # (pass, shard) being read
+        self._records: Iterator[Any] = iter(())
+        self._next = 0  # offset of the next record in the open shard
+
+    def read(self, position: int) -> Union[RawSample, SampleError]:
+        shard, offset = self.stream.locate(position)
+        where = (position // self.stream.spec.size, shard)
+        if where != self._open or offset < self._next:
+            self._open, self._records, self._next = where, read_shard(self.set.urls[shard]), 0
+        # Records before ``offset`` belong to other workers or were delivered before a resume:
+        # step over them undecoded.
+        record = next(itertools.islice(self._records, offset - self._next, None), None)
+        self._next = offset + 1
+        if record is None:
+            return SampleError("truncated_tar", f"{self.set.urls[shard]} ends before its sample {offset}")
+        return record
+
+
+class _WorkerStream:
+    """One worker's samples for one epoch, in plan order. State: (epoch, samples delivered)."""
+
+    def __init__(self, dataset: "StreamingDataset", worker: int):
+        self.dataset, self.worker = dataset, worker
+        self.epoch, self.delivered = dataset.epoch, 0
+        self._samples: Optional[Iterator[Dict[str, Any]]] = None
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"epoch": self.epoch, "delivered": self.delivered,
+                "plan": fingerprint(self.dataset.plan(self.epoch), self.worker)}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if self._samples is not None:
+            raise RuntimeError("cannot load a state into a stream that has started")
+        self.epoch, self.delivered = int(state["epoch"]), int(state["delivered"])
+        expected = fingerprint(self.dataset.plan(self.epoch), self.worker)
+        if state["plan"] != expected:
+            raise ValueError(f"the saved data position was made with {state['plan']}, this run has {expected}: "
+                             "resuming needs the same seed, world size, workers, batch size and shard sets")
+
+    def __iter__(self) -> "_WorkerStream":
+        return self
+
+    def __next__(self) -> Dict[str, Any]:
+        if self._samples is None:  # started lazily: a restored state is loaded after iter()
+            self._samples = self._generate()
+        sample = next(self._samples)
+        self.delivered += 1
+        return sample
+
+    def _generate(self) -> Iterator[Dict[str, Any]]:
+        ds = self.dataset
+        plan = ds.plan(self.epoch)
+        slots = plan.worker_slots(self.worker)
+        order = plan.emit_order(len(slots), self.worker, ds.shuffle_buffer)[self.delivered:].tolist()
+        wanted = set(order)  # read indices still to emit; the others were delivered before a resume
+        cursors: Dict[int, _SetCursor] = {}
+        held: Dict[int, Any] = {}  # read, waiting in the shuffle buffer (at most shuffle_buffer of them)
+        next_read = 0
+        for i in order:
+            while i not in held:
+                if next_read in wanted:
+                    held[next_read] = self._read(slots[next_read], plan, cursors)
+                next_read += 1
+            yield self._process(held.pop(i), slots[i])
+
+    def _read(self, slot: Slot, plan: EpochPlan, cursors: Dict[int, _SetCursor]) -> Any:
+        if slot.set_index == PAD:
+            return None
+        if slot.set_index not in cursors:
+            cursors[slot.set_index] = _SetCursor(self.dataset.sets[slot.set_index], plan.stream(slot.set_index))
+        return cursors[slot.set_index].read(slot.position)
+
+    def _process(self, raw: Any, slot: Slot) -> Dict[str, Any]:
+        processor = self.dataset.processor
+        if raw is None:
+            return processor.padding()
+        if isinstance(raw, SampleError):
+            return processor.padding(raw.reason)
+        shard_set = self.dataset.sets[slot.set_index]
+        try:
+            return processor(raw, f"{shard_set.name}/{raw.key}", shard_set.template)
+        except SampleError as e:
+            return processor.padding(e.reason)
+
+
+# ------------------------------------------------------------------------------------- dataset, loader
+class StreamingDataset(IterableDataset):
+    """The shard sets' samples for one rank; ``len()`` counts padding too and is equal on every rank."""
+
+    def __init__(self, sets: Sequence[ShardSet], processor: SampleProcessor, *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, batch_size: int = 1, num_workers: int = 0, shuffle: bool = True,
+                 shuffle_buffer: int = 1000):
+        self.sets, self.processor = list(sets), processor
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
+        self.epoch = 0
+
+    def plan(self, epoch: int) -> EpochPlan:
+        return EpochPlan(tuple(s.spec for s in self.sets), seed=self.seed, epoch=epoch, rank=self.rank,
+                         world_size=self.world_size, num_workers=self.num_workers,
+                         batch_size=self.batch_size, shuffle=self.shuffle)
+
+    def __len__(self) -> int:
+        return self.plan(self.epoch).per_rank
+
+    def __iter__(self) -> _WorkerStream:
+        info = get_worker_info()
+        workers = info.num_workers if info is not None else 1
+        if workers != max(self.num_workers, 1):
+            raise RuntimeError(f"dataset planned for {self.num_workers} workers runs in {workers}")
+        return _WorkerStream(self, info.id if info is not None else 0)
+
+
+class StreamingLoader(StatefulDataLoader):
+    """``StatefulDataLoader`` over a :class:`StreamingDataset` that numbers epochs and totals skips."""
+
+    def __init__(self, dataset: StreamingDataset, *, start_epoch: int = 0, **kwargs: Any):
+        if kwargs.get("persistent_workers"):
+            raise ValueError("persistent workers would keep the previous epoch in their dataset copy")
+        super().__init__(dataset, batch_size=dataset.batch_size, num_workers=dataset.num_workers,
+                         collate_fn=Collator(dataset.processor.pad_id), **kwargs)
+        self.epoch = self._next_epoch = start_epoch
+        self.skips = SkipCounter()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch of the next fresh pass."""
+        self._next_epoch = epoch
+
+    def _get_iterator(self):
+        if self.next_iter_state is None:  # a fresh pass, not a restored one
+            self.epoch, self._next_epoch = self._next_epoch, self._next_epoch + 1
+        self.dataset.epoch = self.epoch
+        return super()._get_iterator()
+
+    def __iter__(self) -> "_TallyingIterator":
+        return _TallyingIterator(super().__iter__(), self.skips)
+
+    def state_dict(self) -> Dict[str, Any]:
+        loader = super().state_dict()  # first: it may start the upcoming pass, which fixes its epoch
+        return {"epoch": self.epoch, "next_epoch": self._next_epoch, "skips": self.skips.as_dict(), "loader": loader}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.epoch, self._next_epoch = int(state["epoch"]), int(state["next_epoch"])
+        self.skips = SkipCounter(state["skips"])
+        super().load_state_dict(state["loader"])
+
+
+class _TallyingIterator:
+    """Hands batches on, moving each batch's ``skipped`` tally into the loader's running total."""
+
+    def __init__(self, inner: Iterator[Dict[str, Any]], total: SkipCounter):
+        self.inner, self.total = inner, total
+
+    def __iter__(self) -> "_TallyingIterator":
+        return self
+
+    def __next__(self) -> Dict[str, Any]:
+        batch = next(self.inner)
+        self.total.update(batch.pop(SKIPPED))
+        return batch
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+# ------------------------------------------------------------------------------------- from the config
+def build_processor(cfg: Any) -> SampleProcessor:
+    """The sample processor for a whole ``Config`` (tokenizer, template, pixels of ``cfg.model``'s encoder)."""
+    from lm_mini.data.media import ImageProcessor
+    from lm_mini.data.tokenizer import load_tokenizer
+    from lm_mini.models.encoders import image_preprocessing
+
+    d = cfg.data
+    size, mean, std = image_preprocessing(cfg.model.encoder)
+    images = ImageProcessor(size, mean, std, d.aspect_mode, cfg.model.resolution_ratio)
+    return SampleProcessor(load_tokenizer(d.tokenizer), d.template, d.max_length, images, d.video_fps, d.max_frames)
+
+
+def build_loader(cfg: Any, train: bool, rank: int = 0, world_size: int = 1, start_epoch: int = 0,
+                 processor: Optional[SampleProcessor] = None) -> StreamingLoader:
+    """Train loader (weighted mix, shuffled) or val loader (every sample once, in index order)."""
+    d = cfg.data
+    sets = [ShardSet.from_config(s) for s in (d.train if train else d.val)]
+    if not train:  # a weight shapes the training mix only
+        sets = [dataclasses.replace(s, weight=1.0) for s in sets]
+    dataset = StreamingDataset(sets, processor or build_processor(cfg), seed=cfg.seed, rank=rank,
+                               world_size=world_size, batch_size=d.batch_size, num_workers=d.num_workers,
+                               shuffle=train, shuffle_buffer=d.shuffle_buffer)
+    return StreamingLoader(dataset, start_epoch=start_epoch)
