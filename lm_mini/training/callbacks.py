@@ -1,0 +1,175 @@
+"""Training callbacks: step checkpoints, preemption, throughput and skipped-sample counters."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from typing import Any, Dict, Optional
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.throughput import Throughput
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from lm_mini.data.errors import SKIP_REASONS
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """``step=XXXXXXXX.ckpt`` every ``every_n_steps`` optimizer steps and at the end; keeps the newest ``keep_last_k``.
+
+    Keep-last-K is Lightning's top-k with the step as the monitored value. A new checkpoint is complete
+    (atomic rename, see checkpoint.py) before the oldest one is deleted, so a kill at any moment leaves
+    at least one complete checkpoint.
+    """
+
+    def __init__(self, dirpath: str, every_n_steps: int, keep_last_k: int):
+        super().__init__(
+            dirpath=dirpath,
+            filename="step={step:08d}",
+            auto_insert_metric_name=False,
+            monitor="step",
+            mode="max",
+            save_top_k=keep_last_k,
+            every_n_train_steps=every_n_steps,
+            save_last=False,
+            enable_version_counter=False,
+        )
+
+    def save_now(self, trainer: L.Trainer) -> None:
+        """Checkpoint the current step unless it is already saved (all ranks must call this together)."""
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save_now(trainer)
+
+
+class PreemptionHandler(Callback):
+    """SIGTERM / SIGUSR1: checkpoint at the next optimizer-step boundary, stop cleanly, requeue on SLURM.
+
+    Lightning's own handlers are replaced while training runs: its SLURM handler checkpoints from inside
+    the signal handler (mid-step, possibly mid gradient accumulation, with collectives under FSDP), and
+    its SIGTERM path exits without a checkpoint. Here the handler only records the signal; at the next
+    step boundary the ranks agree (one all-reduce), save through ``StepCheckpoint`` and stop, so the
+    checkpoint resumes bit-exactly. ``run.py`` requeues the SLURM job afterwards.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, checkpoint: StepCheckpoint):
+        self.checkpoint = checkpoint
+        self.received: Optional[int] = None
+        self.preempted = False
+        self._previous: Dict[int, Any] = {}
+        self._last_step = -1
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is None:
+            print(f"lm-mini: received {signal.Signals(signum).name}; checkpointing at the next optimizer step, then exiting", flush=True)
+        self.received = signum
+        launcher = self._launcher
+        if launcher is not None and hasattr(launcher, "kill"):  # processes Lightning started get the signal too
+            launcher.kill(signum)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Registered here, after Lightning installed its handlers at fit start, to take their place.
+        self._launcher = trainer.strategy.launcher
+        self._last_step = trainer.global_step
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self._last_step:  # mid gradient accumulation: not a resumable point
+            return
+        self._last_step = trainer.global_step
+        stop = self.received is not None
+        if trainer.world_size > 1:  # every rank must take the same decision (the save is collective)
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            self.checkpoint.save_now(trainer)
+            self.preempted = True
+            trainer.should_stop = True
+            rank_zero_info(f"lm-mini: preempted at step {trainer.global_step}; checkpoint saved in {self.checkpoint.dirpath}")
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def requeue_slurm_job() -> bool:
+    """``scontrol requeue`` this SLURM job (array task aware); False when not on SLURM or it failed."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    if not job:
+        return False
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if result.returncode != 0:
+        rank_zero_warn(f"scontrol requeue {job} failed: {result.stderr.strip()}")
+    return result.returncode == 0
+
+
+class ThroughputLogger(Callback):
+    """Live samples/s, tokens/s (LLM input tokens: text + visual) and visual tokens per sample.
+
+    Built on Lightning's ``Throughput`` (windowed rates); shown in the progress bar and logged.
+    """
+
+    def __init__(self, window: int = 10):
+        self.window = window
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._throughput = Throughput(world_size=trainer.world_size, window_size=self.window)
+        self._start = time.perf_counter()
+        self._batches = self._samples = self._tokens = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        samples, text, visual = batch_counts(batch, _tokens_per_frame(pl_module))
+        self._batches += 1
+        self._samples += samples
+        self._tokens += text + visual
+        self._throughput.update(time=time.perf_counter() - self._start, batches=self._batches, samples=self._samples, lengths=self._tokens)
+        rates = self._throughput.compute()
+        per_device = trainer.world_size == 1
+        metrics = {"perf/visual_tokens_per_sample": visual / max(1, samples)}
+        if "device/samples_per_sec" in rates:
+            metrics["perf/samples_per_sec"] = rates["device/samples_per_sec" if per_device else "samples_per_sec"]
+        if "device/items_per_sec" in rates:
+            metrics["perf/tokens_per_sec"] = rates["device/items_per_sec" if per_device else "items_per_sec"]
+        for name, value in metrics.items():
+            pl_module.log(name, float(value), prog_bar=True, on_step=True, on_epoch=False, batch_size=max(1, samples))
+
+
+def _tokens_per_frame(pl_module: L.LightningModule) -> int:
+    compressor = getattr(getattr(pl_module, "model", None), "compressor", None)
+    return int(getattr(compressor, "num_tokens", 0) or 0)
+
+
+def batch_counts(batch: Dict[str, Any], tokens_per_frame: int):
+    """(real samples, text tokens, visual tokens) of a batch; padding samples (sample_id None) do not count."""
+    ids = batch.get("sample_ids")
+    samples = sum(i is not None for i in ids) if ids is not None else int(batch["input_ids"].shape[0])
+    frames = batch.get("frames_per_sample")
+    n_frames = int(frames.sum()) if frames is not None else 0
+    n_media = int((frames > 0).sum()) if frames is not None else 0
+    text = int(batch["attention_mask"].sum()) - n_media  # the media placeholder is replaced by the visual tokens
+    return samples, text, n_frames * tokens_per_frame
+
+
+class SkippedSamplesLogger(Callback):
+    """``data/skipped/<reason>``: samples the data pipeline skipped (or altered) so far, summed over ranks.
+
+    Every reason is logged (zeros included), so every rank runs the same single all-reduce.
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        datamodule = trainer.datamodule
+        counts = datamodule.skip_counts() if datamodule is not None and hasattr(datamodule, "skip_counts") else {}
+        totals = torch.tensor([float(counts.get(r, 0)) for r in SKIP_REASONS], device=pl_module.device)
+        if trainer.world_size > 1:
+            totals = trainer.strategy.reduce(totals, reduce_op="sum")
+        for reason, value in zip(SKIP_REASONS, totals.tolist()):
+            pl_module.log(f"data/skipped/{reason}", value, on_step=True, on_epoch=False, batch_size=1)

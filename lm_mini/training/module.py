@@ -1,0 +1,291 @@
+"""The LightningModule: one LLaVA-Mini, trained by stage.
+
+A stage is nothing but ``train.parts``: which parts train and at which learning rate.
+
+    pretrain   projector only (encoder, compressor, pre-fusion, LLM frozen)   LLaVA-1.5 stage 1
+    finetune   projector, compressor, pre-fusion, LLM (encoder frozen)        LLaVA-Mini stage 2
+
+``experiments/stages/*.yaml`` set those keys; any part can be switched or given its own lr by an
+override (``train.parts.llm.lr=2e-5``). The model is built in ``configure_model`` so that Lightning
+builds it on the right device, and so that under FSDP2 it is sharded before the optimizer exists.
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import Any, Callable, Dict, List, Optional
+
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from lm_mini.training import strategy as strategies
+from lm_mini.training.checkpoint import load_checkpoint, model_state_dict
+
+PARTS = ("encoder", "projector", "compressor", "prefusion", "llm")
+
+
+def default_model_factory(model_cfg: DictConfig) -> nn.Module:
+    from lm_mini.models.llava_mini import LlavaMini
+
+    return LlavaMini.from_config(model_cfg)
+
+
+def apply_stage(model: nn.Module, parts_cfg: DictConfig) -> Dict[str, bool]:
+    """Freeze / unfreeze each part as ``train.parts.<part>.train`` says; returns {part: trains}."""
+    trains = {}
+    for name in PARTS:
+        part = getattr(model, name, None)
+        if part is None:
+            continue
+        flag = bool(parts_cfg[name].train)
+        part.requires_grad_(flag)
+        trains[name] = flag
+    return trains
+
+
+def param_groups(model: nn.Module, train_cfg: DictConfig) -> List[Dict[str, Any]]:
+    """One AdamW group per trainable part (named after it, for the lr monitor), with the part's lr.
+
+    With weight decay on, biases and norm weights (1-D tensors) go to a second, undecayed group, as in
+    the Hugging Face Trainer that the published recipes use.
+    """
+    groups = []
+    for name in PARTS:
+        part = getattr(model, name, None)
+        params = [p for p in part.parameters() if p.requires_grad] if part is not None else []
+        if not params:
+            continue
+        lr = train_cfg.parts[name].lr if train_cfg.parts[name].lr is not None else train_cfg.lr
+        if train_cfg.weight_decay > 0:
+            decay = [p for p in params if p.ndim >= 2]
+            no_decay = [p for p in params if p.ndim < 2]
+            groups.append({"name": name, "params": decay, "lr": lr, "weight_decay": train_cfg.weight_decay})
+            if no_decay:
+                groups.append({"name": f"{name}_no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0})
+        else:
+            groups.append({"name": name, "params": params, "lr": lr, "weight_decay": 0.0})
+    if not groups:
+        raise ValueError("no part is trainable: set train.parts.<part>.train=true for at least one part")
+    return groups
+
+
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over ``ceil(warmup_ratio * total)`` steps, then cosine to 0 (the LLaVA recipes' schedule)."""
+    warmup = math.ceil(warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def init_weights_from(model: nn.Module, path: str) -> List[str]:
+    """Load a previous stage's weights (checkpoint file or sharded folder) into ``model``.
+
+    Parts absent from the checkpoint keep their fresh initialisation (e.g. a pretrain run with a different
+    pre-fusion depth); mismatched shapes are an error. Returns the names of the keys that were missing.
+    """
+    state = model_state_dict(load_checkpoint(path))
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"{path}: {len(result.unexpected_keys)} weights do not belong to this model, e.g. {result.unexpected_keys[:3]}")
+    return list(result.missing_keys)
+
+
+def split_prompt_answer(batch: Dict[str, Any]) -> tuple:
+    """An evaluation batch -> (prompt-only batch, gold answer token ids per sample).
+
+    The prompt of a sample is everything before its first supervised token, the gold answer its first
+    supervised span (answer + end-of-turn token): exactly what ``build_prompt`` renders, because the
+    conversation tokenizer checks that every prefix tokenizes the same alone and in the whole text.
+    """
+    from lm_mini.constants import IGNORE_INDEX
+
+    labels, ids, mask = batch["labels"], batch["input_ids"], batch["attention_mask"]
+    lengths, golds = [], []
+    for b in range(ids.shape[0]):
+        supervised = (labels[b] != IGNORE_INDEX).nonzero().flatten().tolist()
+        start = supervised[0] if supervised else int(mask[b].sum())
+        end = start
+        while end < labels.shape[1] and labels[b, end] != IGNORE_INDEX:
+            end += 1
+        lengths.append(max(1, start))
+        golds.append(ids[b, start:end].tolist())
+    width = max(lengths)
+    prompt = dict(batch)
+    prompt["input_ids"] = ids[:, :width].clone()
+    prompt["attention_mask"] = torch.zeros_like(mask[:, :width])
+    for b, n in enumerate(lengths):
+        prompt["attention_mask"][b, :n] = 1
+    prompt.pop("labels")
+    return prompt, golds
+
+
+def _first_stop(tokens: List[int], stop: List[int]) -> int:
+    return next((i for i, t in enumerate(tokens) if t in stop), len(tokens))
+
+
+def _is_fsdp(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def _rng_state() -> Dict[str, Any]:
+    # Tensors, ints and strings only, so checkpoints stay loadable with torch.load(weights_only=True).
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class LmMiniModule(L.LightningModule):
+    """Trains ``LlavaMini`` (``self.model``) as ``cfg.train`` says.
+
+    ``model_factory(cfg.model) -> nn.Module`` builds the network (default ``LlavaMini.from_config``).
+    """
+
+    def __init__(self, cfg: DictConfig, model_factory: Optional[Callable[[DictConfig], nn.Module]] = None, init_from: Optional[str] = None):
+        super().__init__()
+        self.cfg = cfg
+        self.model_factory = model_factory or default_model_factory
+        self.init_from = init_from  # resolved path of train.init_from (run.py resolves run names)
+        self.model: Optional[nn.Module] = None
+        self._pending_rng: Optional[Dict[str, Any]] = None
+        self._generation: Optional[Dict[str, Any]] = None  # set by start_generation_eval
+
+    # ------------------------------------------------------------------ model
+    def configure_model(self) -> None:
+        if self.model is not None:  # Lightning may call this again (e.g. validate after fit)
+            return
+        model = self.model_factory(self.cfg.model)
+        if self.init_from:
+            missing = init_weights_from(model, self.init_from)
+            if missing:
+                parts = sorted({k.split(".")[0] for k in missing})
+                print(f"init_from {self.init_from}: no weights for {', '.join(parts)} (kept freshly initialised)")
+        apply_stage(model, self.cfg.train.parts)
+        if self.cfg.train.activation_checkpointing:
+            strategies.apply_activation_checkpointing(model)
+        if isinstance(self._trainer.strategy if self._trainer else None, strategies.ModelParallelStrategy):
+            strategies.shard_model(model, self.device_mesh["data_parallel"], str(self.cfg.train.precision))
+        self.model = model
+
+    def forward(self, batch: Dict[str, Any]) -> Any:
+        return self.model(batch)
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: Dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.model(batch).loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: Dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.model(batch).loss
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    # ------------------------------------------------------------------ generation eval (trainer.test)
+    def start_generation_eval(self, tokenizer: Any, stop_ids: List[int], max_new_tokens: int, max_samples: Optional[int] = None) -> None:
+        """Make ``trainer.test`` run greedy generation + exact match on the given loader."""
+        from lm_mini.eval.metrics import ExactMatch
+
+        self.exact_match = ExactMatch().to(self.device)
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        self._generation = {"tokenizer": tokenizer, "stop": sorted(set(stop_ids + eos)), "max_new_tokens": max_new_tokens,
+                            "max_samples": max_samples, "seen": 0}
+        self.eval_answers: List[str] = []
+        self.eval_examples: List[Dict[str, str]] = []
+
+    def test_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
+        g = self._generation
+        if g is None:
+            raise RuntimeError("call start_generation_eval(...) before trainer.test")
+        if g["max_samples"] is not None and g["seen"] * self.trainer.world_size >= g["max_samples"]:
+            return  # every rank stops at the same batch: ranks hold equally many samples
+        prompt, golds = split_prompt_answer(batch)
+        tok = g["tokenizer"]
+        new = self._generate(prompt, g)
+        preds = [tok.decode(row[: _first_stop(row.tolist(), g["stop"])], skip_special_tokens=True).strip() for row in new]
+        keep = [i for i, sid in enumerate(batch["sample_ids"]) if sid is not None]  # drop padding samples
+        preds = [preds[i] for i in keep]
+        golds = [tok.decode(golds[i], skip_special_tokens=True).strip() for i in keep]
+        g["seen"] += len(batch["sample_ids"])
+        self.exact_match.update(preds, golds)
+        self.log("eval/exact_match", self.exact_match, on_step=False, on_epoch=True, batch_size=max(1, len(keep)))
+        self.eval_answers.extend(golds)
+        self.eval_examples.extend({"prediction": p, "gold": a} for p, a in zip(preds, golds))
+
+    def _generate(self, prompt: Dict[str, Any], g: Dict[str, Any]) -> torch.Tensor:
+        kwargs: Dict[str, Any] = {"eos_token_id": g["stop"] or None}
+        fsdp = _is_fsdp(self.model)
+        if self.trainer.world_size > 1:
+            kwargs["synced_gpus"] = True  # ranks finish at different lengths; sharded layers need all of them
+        if fsdp:  # generate() enters through the LLM, not the FSDP root: gather the root's own shards first
+            self.model.unshard()
+        try:
+            return self.model.generate(prompt, max_new_tokens=g["max_new_tokens"], **kwargs)
+        finally:
+            if fsdp:
+                self.model.reshard()
+
+    def gathered_answers(self) -> List[str]:
+        """The gold answers every rank evaluated (padding excluded), on every rank."""
+        if self.trainer.world_size == 1:
+            return list(self.eval_answers)
+        out: List[List[str]] = [None] * self.trainer.world_size  # type: ignore[list-item]
+        torch.distributed.all_gather_object(out, self.eval_answers)
+        return [a for part in out for a in part]
+
+    def configure_optimizers(self) -> Dict[str, Any]:
+        train = self.cfg.train
+        optimizer = torch.optim.AdamW(param_groups(self.model, train), lr=train.lr, betas=(0.9, 0.999), eps=1e-8)
+        scheduler = cosine_with_warmup(optimizer, self._total_steps(), train.warmup_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _total_steps(self) -> int:
+        """Optimizer steps of the whole run, for the schedule.
+
+        Not ``trainer.estimated_stepping_batches``: called here it makes Lightning build the train loader
+        before a resumed checkpoint is restored, and that loader then never gets its saved position
+        back (the resumed run would restart the epoch). A separate loader from the data module only
+        tells the length.
+        """
+        t = self.trainer
+        per_epoch = math.ceil(len(t.datamodule.train_dataloader()) / t.accumulate_grad_batches)
+        total = per_epoch * t.max_epochs if t.max_epochs and t.max_epochs > 0 else None
+        if t.max_steps and t.max_steps > 0:
+            total = min(total, t.max_steps) if total else t.max_steps
+        return max(1, int(total or 1))
+
+    # ------------------------------------------------------------------ checkpoint extras
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        # Lightning saves model, optimizer, scheduler, loops and data-loader state, but not the RNGs.
+        checkpoint["rng_states"] = _rng_state()
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        # Applied in on_train_start: restoring now would be undone by the draws Lightning makes while
+        # it rebuilds the data-loader iterator, which the uninterrupted run made at epoch start instead.
+        self._pending_rng = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        if self._pending_rng is not None:
+            _set_rng_state(self._pending_rng)
+            self._pending_rng = None

@@ -1,0 +1,283 @@
+"""``lm-mini train CONFIG [key=value ...] [--resume auto|PATH]``: one stage, end to end.
+
+A run lives in ``<logging.runs_dir>/<experiment>/<run_name>/``::
+
+    config.yaml              the resolved config
+    mlflow.json              tracking URI + MLflow run id (a resumed job logs into the same run)
+    checkpoints/step=*.ckpt  complete checkpoints only (files, or folders of shards under FSDP)
+    eval.json                held-out results of the final evaluation
+    mlflow_pending.jsonl     metrics that could not reach the tracking server (sent on resume)
+
+``--resume auto`` continues the newest complete checkpoint of the run (``run_name``, else the
+experiment's most recent run) and starts fresh when there is none, so a requeued job can always pass it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from lm_mini.config import flatten, load_config, to_yaml, tracking_uri
+from lm_mini.training import checkpoint as ckpt
+from lm_mini.training.callbacks import PreemptionHandler, SkippedSamplesLogger, StepCheckpoint, ThroughputLogger, requeue_slurm_job
+from lm_mini.training.module import LmMiniModule
+from lm_mini.training.strategy import build_strategy, cluster_plugins
+from lm_mini.training.tracking import BufferedMLFlowLogger, TrackingUnavailable, check_tracking_server
+
+RUN_NAME_ENV = "LM_MINI_RUN_NAME"  # processes Lightning launches (DDP/FSDP children) inherit the run's name
+
+
+# --------------------------------------------------------------------------- run directory
+@dataclass
+class Run:
+    name: str
+    dir: Path
+    resume_from: Optional[Path] = None  # checkpoint to continue, None = fresh start
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.dir / "checkpoints"
+
+    @property
+    def mlflow_file(self) -> Path:
+        return self.dir / "mlflow.json"
+
+
+def _default_run_name(cfg: DictConfig) -> str:
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if job:  # every rank of the job (and its requeued restarts) agrees on this name
+        task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        return f"{cfg.train.stage}-slurm{job}" + (f"_{task}" if task else "")
+    return f"{cfg.train.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def resolve_run(cfg: DictConfig, resume: Optional[str]) -> Run:
+    """Which run directory, and which checkpoint (if any) to continue from."""
+    experiment_dir = Path(cfg.logging.runs_dir) / cfg.experiment
+    if resume and resume != "auto":  # an explicit checkpoint: its run is <run>/checkpoints/<ckpt>
+        path = Path(resume)
+        if not path.exists():
+            raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
+        run_dir = path.resolve().parent.parent
+        return Run(run_dir.name, run_dir, path)
+    name = cfg.run_name or os.environ.get(RUN_NAME_ENV)
+    if resume == "auto" and not name:  # the experiment's run with the newest checkpoint
+        candidates = [(c.stat().st_mtime, d) for d in experiment_dir.glob("*") if (c := ckpt.latest_checkpoint(d / "checkpoints"))]
+        name = max(candidates)[1].name if candidates else None
+    name = name or _default_run_name(cfg)
+    run = Run(name, experiment_dir / name)
+    if resume == "auto":
+        run.resume_from = ckpt.latest_checkpoint(run.checkpoints)
+    elif ckpt.latest_checkpoint(run.checkpoints) is not None:
+        raise FileExistsError(f"run {run.dir} already has checkpoints: continue it with --resume auto, or pick another run_name")
+    return run
+
+
+def resolve_init_from(value: str, runs_dir: str) -> Path:
+    """``train.init_from``: a checkpoint, a run directory, or a run name (under any experiment) -> checkpoint."""
+    path = Path(value)
+    if not path.exists():
+        matches = [d for d in Path(runs_dir).glob(f"*/{value}") if d.is_dir()]
+        if len(matches) != 1:
+            where = ", ".join(str(m) for m in matches) or "none"
+            raise FileNotFoundError(f"train.init_from={value}: not a checkpoint path, and runs named so in {runs_dir}: {where}")
+        path = matches[0]
+    if (path / "checkpoints").is_dir():
+        latest = ckpt.latest_checkpoint(path / "checkpoints")
+        if latest is None:
+            raise FileNotFoundError(f"train.init_from={value}: run {path} has no complete checkpoint")
+        return latest
+    return path
+
+
+# --------------------------------------------------------------------------- MLflow
+def run_tags(cfg: DictConfig) -> Dict[str, str]:
+    m = cfg.model
+    tags = {
+        "stage": cfg.train.stage,
+        "encoder": str(m.encoder.path or m.encoder.config.get("model_name") or m.encoder.name),
+        "compressor": m.compressor.name,
+        "C": str(m.compressor.grid),
+        "depth": str(m.prefusion.depth),
+        "llm": str(m.llm.path or m.llm.config.get("model_type") or m.llm.name),
+    }
+    tags.update({str(k): str(v) for k, v in cfg.logging.tags.items()})  # sweep_id and anything else the user adds
+    return tags
+
+
+def setup_tracking(cfg: DictConfig, run: Run) -> BufferedMLFlowLogger:
+    """The run's MLflow logger. Rank 0 checks the server and opens (or reopens) the MLflow run first."""
+    uri = tracking_uri(cfg)
+    previous = json.loads(run.mlflow_file.read_text()) if run.mlflow_file.is_file() else {}
+    run_id = previous.get("run_id")  # the run's MLflow run, whether resuming or restarting it
+    if rank_zero_only.rank != 0:
+        return BufferedMLFlowLogger(experiment_name=cfg.experiment, tracking_uri=uri, run_id=run_id)
+    check_tracking_server(uri, cfg.logging.connect_timeout_s)
+    skip_through = -1
+    if run_id is not None:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(uri)
+        history = client.get_metric_history(run_id, "train/loss")
+        skip_through = max((m.step for m in history), default=-1)
+        client.update_run(run_id, status="RUNNING")
+    logger = BufferedMLFlowLogger(
+        experiment_name=cfg.experiment, run_name=run.name, tracking_uri=uri, tags=run_tags(cfg), run_id=run_id,
+        skip_through_step=skip_through, pending_file=run.dir / "mlflow_pending.jsonl", flush_timeout=cfg.logging.flush_timeout_s,
+    )
+    if run_id is None:
+        logger.log_hyperparams(flatten(cfg))
+        logger.experiment.log_artifact(logger.run_id, str(run.dir / "config.yaml"))
+        run.mlflow_file.write_text(json.dumps({"tracking_uri": uri, "run_id": logger.run_id, "experiment": cfg.experiment}))
+    else:
+        sent = logger.replay_pending()
+        if sent:
+            print(f"lm-mini: sent {sent} metric steps that an earlier session could not deliver")
+    return logger
+
+
+# --------------------------------------------------------------------------- trainer
+def build_trainer(cfg: DictConfig, run: Run, logger: Any) -> tuple:
+    t = cfg.train
+    checkpoints = StepCheckpoint(str(run.checkpoints), t.checkpoint_every_n_steps, t.keep_last_k)
+    preemption = PreemptionHandler(checkpoints)
+    validate = t.val_every_n_steps is not None and len(cfg.data.val) > 0
+    trainer = L.Trainer(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=build_strategy(t),
+        precision=t.precision, max_epochs=t.max_epochs, max_steps=t.max_steps,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.max_grad_norm if t.max_grad_norm and t.max_grad_norm > 0 else None,
+        gradient_clip_algorithm="norm",
+        log_every_n_steps=t.log_every_n_steps,
+        val_check_interval=t.val_every_n_steps if validate else None,
+        check_val_every_n_epoch=None if validate else 1,
+        limit_val_batches=None if validate else 0,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # the data module places samples on ranks itself
+        default_root_dir=str(run.dir),
+        logger=logger,
+        callbacks=[checkpoints, preemption, LearningRateMonitor(logging_interval="step"), ThroughputLogger(), SkippedSamplesLogger()],
+        plugins=[ckpt.AtomicCheckpointIO(), *cluster_plugins()],
+    )
+    return trainer, preemption
+
+
+# --------------------------------------------------------------------------- the stage
+@dataclass
+class TrainResult:
+    run: Run
+    preempted: bool = False
+    global_step: int = 0
+    eval: Dict[str, Any] = field(default_factory=dict)
+    mlflow_run_id: Optional[str] = None
+    tracking_uri: str = ""
+    trainer: Optional[L.Trainer] = None  # for programmatic use: trainer.lightning_module.model is the trained model
+
+
+def train(cfg: DictConfig, resume: Optional[str] = None, model_factory: Optional[Callable] = None,
+          datamodule: Optional[L.LightningDataModule] = None) -> TrainResult:
+    """Train one stage as ``cfg`` says; evaluate on ``data.val`` at the end (``train.eval_at_end``)."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    run = resolve_run(cfg, resume)
+    os.environ[RUN_NAME_ENV] = run.name
+    if rank_zero_only.rank == 0:
+        run.dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_incomplete(run.checkpoints)  # leftovers of a save that was killed
+        (run.dir / "config.yaml").write_text(to_yaml(cfg))
+    logger = setup_tracking(cfg, run)
+
+    init_from = str(resolve_init_from(cfg.train.init_from, cfg.logging.runs_dir)) if cfg.train.init_from and run.resume_from is None else None
+    module = LmMiniModule(cfg, model_factory=model_factory, init_from=init_from)
+    if datamodule is None:
+        from lm_mini.data.datamodule import build_datamodule
+
+        datamodule = build_datamodule(cfg)
+    trainer, preemption = build_trainer(cfg, run, logger)
+    if rank_zero_only.rank == 0:
+        print(f"lm-mini: run {run.dir}" + (f" (resuming {run.resume_from.name})" if run.resume_from else ""), flush=True)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(run.resume_from) if run.resume_from else None)
+    except BaseException:
+        logger.close("FAILED")
+        raise
+    result = TrainResult(run, preemption.preempted, trainer.global_step, tracking_uri=tracking_uri(cfg),
+                         mlflow_run_id=logger.run_id if trainer.is_global_zero else None, trainer=trainer)
+    if preemption.preempted:
+        if trainer.is_global_zero and requeue_slurm_job():
+            print("lm-mini: SLURM job requeued", flush=True)
+        logger.close("KILLED")
+        return result
+    if cfg.train.eval_at_end and len(cfg.data.val) > 0:
+        result.eval = evaluate(trainer, module, datamodule, cfg)
+        if trainer.is_global_zero:
+            (run.dir / "eval.json").write_text(json.dumps(result.eval, indent=2))
+    logger.close("FINISHED")
+    return result
+
+
+def evaluate(trainer: L.Trainer, module: LmMiniModule, datamodule: Any, cfg: DictConfig) -> Dict[str, Any]:
+    """Greedy generation on ``data.val`` (Lightning's test loop, every rank its share); exact match
+    against the gold answers, next to the majority-answer baseline of the same samples."""
+    from lm_mini.data.conversation import TEMPLATES
+
+    tokenizer = datamodule.processor.tokenizer
+    template = TEMPLATES.get(cfg.data.val[0].template or cfg.data.template)
+    module.start_generation_eval(tokenizer, template.stop_token_ids(tokenizer), cfg.eval.max_new_tokens, cfg.eval.max_samples)
+    trainer.test(module, dataloaders=datamodule.val_dataloader(), verbose=False)
+    golds = module.gathered_answers()
+    top, hits = Counter(golds).most_common(1)[0] if golds else ("", 0)
+    result = {"accuracy": float(trainer.callback_metrics["eval/exact_match"]), "n": len(golds),
+              "majority_baseline": hits / max(1, len(golds)), "majority_answer": top,
+              "examples": module.eval_examples[:10]}
+    per_type = majority_per_question_type(cfg.data.val)
+    if per_type is not None:  # records that say their question type: the stronger, per-type majority guess
+        result["majority_baseline"] = max(result["majority_baseline"], per_type)
+    return result
+
+
+def majority_per_question_type(val_sets: Any) -> Optional[float]:
+    """Accuracy of always giving the most frequent answer of each ``question_type`` (None if records lack it)."""
+    from lm_mini.data.errors import SkipCounter
+    from lm_mini.data.shards import iter_raw_samples, shard_paths
+    from lm_mini.data.synthetic import majority_baseline
+
+    records = [s.record for v in val_sets for s in iter_raw_samples(shard_paths(v.path), SkipCounter())]
+    if not records or not all("question_type" in r for r in records):
+        return None
+    return float(majority_baseline(records)["overall"]["accuracy"])
+
+
+def _report(result: TrainResult) -> None:
+    print(f"lm-mini: finished at step {result.global_step}; run directory {result.run.dir}")
+    if result.eval:
+        e = result.eval
+        print(f"lm-mini: held-out accuracy (exact match, greedy): {e['accuracy']:.3f} on {e['n']} samples; "
+              f"majority-answer baseline: {e['majority_baseline']:.3f}")
+    print(f"lm-mini: MLflow run {result.mlflow_run_id} in {result.tracking_uri} "
+          f"(view: mlflow ui --backend-store-uri {result.tracking_uri})")
+
+
+def cli_train(args: Any) -> int:
+    cfg = load_config(args.config, args.overrides)
+    try:
+        result = train(cfg, resume=args.resume)
+    except (TrackingUnavailable, FileExistsError, FileNotFoundError) as e:
+        print(f"lm-mini: {e}", file=sys.stderr)
+        return 2
+    if rank_zero_only.rank == 0:
+        if result.preempted:
+            print(f"lm-mini: stopped by a signal at step {result.global_step}; continue with --resume auto "
+                  f"(checkpoints in {result.run.checkpoints})")
+        else:
+            _report(result)
+    return 0

@@ -1,0 +1,149 @@
+"""Distribution strategies: single device, DDP, and FSDP2 (``fully_shard``) through Lightning.
+
+``train.strategy`` picks one:
+- ``auto``: Lightning's choice (one device).
+- ``ddp``: one full replica per process.
+- ``fsdp``: Lightning's ``ModelParallelStrategy`` with pure data parallelism (tensor parallel size 1);
+  ``LmMiniModule.configure_model`` calls :func:`shard_model`, which applies FSDP2 to each encoder
+  block, each pre-fusion layer and each LLM decoder layer, then to the whole model (for the rest).
+  Lightning's older ``FSDPStrategy`` (FSDP1) refuses CPU; FSDP2 runs on CPU with gloo, so the same
+  code path is tested in CI.
+
+Multi-node jobs need nothing here: Lightning picks the cluster environment (torchrun / SLURM) from
+the environment variables. See ``tools/slurm/train.sbatch``.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, List, Optional, Union
+
+import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
+from torch import nn
+
+from lm_mini.training.checkpoint import fsync_dir, tmp_path
+
+# The parts whose repeated transformer blocks each become one FSDP unit.
+SHARDED_PARTS = ("encoder", "prefusion", "llm")
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 over every process (no tensor parallelism), with atomic sharded checkpoints.
+
+    A sharded checkpoint is a folder (one file per rank + ``meta.pt``). It is written under
+    ``<name>.tmp`` and renamed by rank 0 once every rank has finished, so a job killed mid-save never
+    leaves a folder that looks complete.
+    """
+
+    def __init__(self, sharded_checkpoint: bool = True, **kwargs: Any) -> None:
+        super().__init__(tensor_parallel_size=1, save_distributed_checkpoint=sharded_checkpoint, **kwargs)
+
+    def setup_environment(self) -> None:
+        # Shard over all ranks of all nodes ("auto" would mean one data-parallel group per node).
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict, filepath: Union[str, Path], storage_options: Optional[Any] = None) -> None:
+        if not self._save_distributed_checkpoint:  # one full file, written by the (atomic) CheckpointIO
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        final = Path(self.broadcast(str(filepath)))
+        tmp = tmp_path(final)
+        if self.global_rank == 0 and tmp.exists():
+            shutil.rmtree(tmp)
+        self.barrier()
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        self.barrier()  # every rank's shard is on disk
+        if self.global_rank == 0:
+            if final.exists():
+                shutil.rmtree(final) if final.is_dir() else final.unlink()
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
+        self.barrier()
+
+
+def build_strategy(train_cfg: Any) -> Union[str, Strategy]:
+    name = train_cfg.strategy
+    if name == "auto":
+        return "auto"
+    if name == "ddp":
+        # Some trainable parts sit idle for some batches (the compressor on text-only batches).
+        return DDPStrategy(find_unused_parameters=True)
+    if name == "fsdp":
+        return FSDP2Strategy(sharded_checkpoint=train_cfg.sharded_checkpoint)
+    raise ValueError(f"unknown train.strategy '{name}': expected auto | ddp | fsdp")
+
+
+def cluster_plugins() -> List[Any]:
+    """On SLURM, Lightning's requeue handler is switched off: ``PreemptionHandler`` (callbacks.py)
+    checkpoints at the next optimizer-step boundary and requeues, rather than inside the signal handler."""
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+
+# --------------------------------------------------------------------------- model surgery
+def _block_lists(module: nn.Module) -> List[nn.Module]:
+    """Containers (ModuleList / Sequential) whose children are all of one class: a layer stack."""
+    found = []
+    for sub in module.modules():
+        if isinstance(sub, (nn.ModuleList, nn.Sequential)) and len(sub) > 0:
+            kinds = {type(m) for m in sub}
+            if len(kinds) == 1 and any(p.numel() for p in sub.parameters()):
+                found.append(sub)
+    return found
+
+
+def layer_stack(part: nn.Module) -> Optional[nn.Module]:
+    """``part``'s layer stack: the homogeneous container holding the most parameters
+    (``llm.model.layers``, ``encoder...encoder.layers``, timm's ``blocks``, the pre-fusion layers)."""
+    stacks = _block_lists(part)
+    return max(stacks, key=lambda s: sum(p.numel() for p in s.parameters())) if stacks else None
+
+
+def model_blocks(model: nn.Module) -> List[nn.Module]:
+    """Every transformer block of the encoder, the pre-fusion module and the LLM, in that order."""
+    blocks: List[nn.Module] = []
+    for name in SHARDED_PARTS:
+        part = getattr(model, name, None)
+        stack = layer_stack(part) if part is not None else None
+        if stack is not None:
+            blocks.extend(stack)
+    return blocks
+
+
+def apply_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute each transformer block in the backward pass (torch's ``checkpoint_wrapper``).
+
+    The wrapper's state-dict hooks hide its extra name level, so checkpoints are interchangeable with
+    runs without activation checkpointing. Returns the number of wrapped blocks.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    count = 0
+    for name in SHARDED_PARTS:
+        part = getattr(model, name, None)
+        stack = layer_stack(part) if part is not None else None
+        for i in range(len(stack) if stack is not None else 0):
+            stack[i] = checkpoint_wrapper(stack[i], checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+            count += 1
+    return count
+
+
+def shard_model(model: nn.Module, mesh: Any, precision: str = "32-true") -> int:
+    """FSDP2: one unit per transformer block, then the root (embeddings, projector, compressor, heads).
+
+    With bf16 precision the shards are gathered in bf16 and gradients reduced in fp32.
+    Returns the number of block units.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs: dict = {"mesh": mesh}
+    if precision.startswith("bf16"):
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    blocks = model_blocks(model)
+    for block in blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return len(blocks)
+
