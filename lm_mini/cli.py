@@ -6,7 +6,7 @@ import argparse
 import importlib
 import os
 import sys
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights never come from a hub here; fail fast, not after ~50 s
 
@@ -88,7 +88,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     p.set_defaults(func=_handler("lm_mini.sweeps.compare:cli_compare"))
 
+    # efficiency
+    p = sub.add_parser("efficiency", help="FLOPs, visual tokens, KV cache, frames per budget (and latency) vs LLaVA-1.5")
+    _add_config_args(p)
+    p.add_argument("--text-tokens", type=int, default=64, help="prompt text tokens besides the media")
+    p.add_argument("--frames", type=int, default=0, help="video frames per sample (0: one image)")
+    p.add_argument("--budget-gb", type=float, default=24.0, help="memory budget for max frames, GiB")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="dtype of weights and KV cache")
+    p.add_argument("--chunk-frames", type=int, default=16, help="frames encoded at once (working memory)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--mlflow-run", default=None, help="log the figures (flops_per_sample, ...) to this MLflow run id")
+    p.add_argument("--measure-latency", action="store_true", help="also time prefill and decode with random weights")
+    p.add_argument("--device", default="cpu", help="device for --measure-latency (cpu, cuda)")
+    p.add_argument("--new-tokens", type=int, default=8, help="decode steps timed per run")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs (median), after 2 warm-up runs")
+    p.set_defaults(func=_handler("lm_mini.eval.efficiency:cli_efficiency"))
+
+    _add_interop_commands(sub)
     return parser
+
+
+def _add_interop_commands(sub: Any) -> None:
+    """import / export / generate / chat (lm_mini.interop)."""
+    p = sub.add_parser("import", help="released checkpoint (LLaVA-Mini, LLaVA-1.5 in transformers layout) -> model directory")
+    p.add_argument("layout", choices=["llava-mini", "llava-hf"], help="llava-mini: official LLaVA-Mini; llava-hf: LlavaForConditionalGeneration")
+    p.add_argument("dir", help="local checkpoint directory (config.json, safetensors, tokenizer)")
+    p.add_argument("--out", default=None, help="output model directory (default: DIR-lm_mini)")
+    p.add_argument("--vision-tower", default=None, help="llava-mini: local CLIP directory (config, and weights if DIR has none)")
+    p.add_argument("--template", default=None, help="conversation template (default: llama3 for a Llama-3 tokenizer, else vicuna_v1)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
+    p.set_defaults(func=_handler("lm_mini.interop.importers:cli_import"))
+
+    p = sub.add_parser("export", help="run or checkpoint -> Hugging Face style model directory")
+    p.add_argument("source", help="run directory (newest checkpoint), checkpoint (*.ckpt file or FSDP folder) or model directory")
+    p.add_argument("--out", required=True, help="output directory (must not hold weights already)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
+    p.set_defaults(func=_handler("lm_mini.interop.export:cli_export"))
+
+    for name, about in (("generate", "answer one question about an image or a video"),
+                        ("chat", "multi-turn conversation about an image or a video (questions on stdin)")):
+        p = sub.add_parser(name, help=about)
+        p.add_argument("source", help="model directory, run directory or checkpoint")
+        media = p.add_mutually_exclusive_group(required=True)
+        media.add_argument("--image", default=None, help="image file (jpg, png, webp, ...)")
+        media.add_argument("--video", default=None, help="video file (mp4, webm, mkv, avi, mov)")
+        if name == "generate":
+            p.add_argument("--prompt", required=True, help="the question")
+        p.add_argument("--json", action="store_true", help="print a JSON object per answer instead of streaming text")
+        p.add_argument("--max-new-tokens", type=int, default=128)
+        p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+        p.set_defaults(func=_handler(f"lm_mini.interop.generate:cli_{name}"))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

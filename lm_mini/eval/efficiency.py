@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
@@ -172,6 +173,16 @@ def _bool_index_to_long(indices: list) -> list:
     return out
 
 
+class _RealFromData(TorchFunctionMode):
+    """``torch.tensor(data, device=meta)`` -> a real CPU tensor: the data would be lost below the dispatcher."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.tensor, torch.as_tensor) and str(kwargs.get("device", "")).startswith("meta"):
+            kwargs = {**kwargs, "device": "cpu"}
+        return func(*args, **kwargs)
+
+
 class MetaHybridMode(TorchDispatchMode):
     """Run a model built on ``meta`` on a batch whose small bookkeeping tensors stay real (CPU).
 
@@ -182,7 +193,8 @@ class MetaHybridMode(TorchDispatchMode):
       large output (> ``small`` elements and > 4x its inputs: attention masks of long sequences
       broadcast from position vectors), then on meta;
     - an op mixing real and meta tensors runs on meta (boolean indices become long indices first);
-    - a factory op asked for meta with a small output (``torch.arange(n, device=meta)``) is made real.
+    - a factory op asked for meta with a small output (``torch.arange(n, device=meta)``) is made real,
+      and so is ``torch.tensor(data, device=meta)``.
 
     Large tensors (weights, activations) therefore stay on meta and cost no memory or time.
     """
@@ -190,6 +202,15 @@ class MetaHybridMode(TorchDispatchMode):
     def __init__(self, small: int = 1 << 16) -> None:
         super().__init__()
         self.small = small
+
+    def __enter__(self):
+        self._from_data = _RealFromData()
+        self._from_data.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        self._from_data.__exit__(*exc)
 
     def _keep_real(self, out: Any, inputs: list) -> bool:
         numel = sum(t.numel() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
@@ -371,3 +392,148 @@ def efficiency_report(model_cfg: Any, text_tokens: int = 64, frames: int = 0, bu
     report["setup"] = {"text_tokens": text_tokens, "frames": frames, "budget_gb": budget_gb, "dtype": dtype,
                        "chunk_frames": chunk_frames, "sample": f"video of {frames} frames" if frames else "image"}
     return report
+
+
+# --------------------------------------------------------------------------- latency (real weights, random)
+def _timed(fn: Callable[[], Any], device: str) -> Tuple[Any, float]:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()  # kernels run asynchronously: wait before reading the clock
+    return out, time.perf_counter() - start
+
+
+@torch.no_grad()
+def measure_latency(model_cfg: Any, device: str = "cpu", text_tokens: int = 64, frames: int = 0,
+                    new_tokens: int = 8, repeats: int = 5, warmup: int = 2) -> Dict[str, float]:
+    """Median wall-clock seconds of the prefill (vision path + LLM over the prompt) and of one greedy
+    decode step (KV cache on), over ``repeats`` runs after ``warmup`` runs, with random weights."""
+    model = build_model(model_cfg, device)
+    llm, embed = model.llm, model.llm.get_input_embeddings()
+    batch = synthetic_batch(model_cfg, text_tokens, frames, device=device, vocab=embed.num_embeddings)
+
+    def prefill() -> Tuple[Any, torch.Tensor, torch.Tensor]:
+        embeds, mask, pos, _ = model.prepare_inputs(batch)
+        return llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1), mask, pos
+
+    def decode(out: Any, mask: torch.Tensor, pos: torch.Tensor) -> None:
+        for _ in range(new_tokens):
+            token = out.logits[:, -1:].argmax(-1)  # [B, 1]
+            mask, pos = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1), pos[:, -1:] + 1
+            out = llm(inputs_embeds=embed(token), attention_mask=mask, position_ids=pos, cache=out.cache, use_cache=True, logits_to_keep=1)
+
+    prefill_s, token_s = [], []
+    for i in range(warmup + repeats):
+        started, t_prefill = _timed(prefill, device)
+        _, t_decode = _timed(lambda: decode(*started), device)
+        if i >= warmup:
+            prefill_s.append(t_prefill)
+            token_s.append(t_decode / new_tokens)
+    return {"prefill_s": statistics.median(prefill_s), "per_token_s": statistics.median(token_s)}
+
+
+def latency_report(model_cfg: Any, **kwargs: Any) -> Dict[str, Any]:
+    """:func:`measure_latency` of the model and its baseline, as ``{figure: {model, baseline, ratio}}``."""
+    m, b = measure_latency(model_cfg, **kwargs), measure_latency(baseline_config(model_cfg), **kwargs)
+    return {k: _side_by_side(m[k], b[k]) for k in m}
+
+
+# --------------------------------------------------------------------------- output
+_ROWS = (  # (label, report key, part or None, unit); FLOPs and bytes get an SI prefix, seconds are shown in ms
+    ("FLOPs per sample", "flops", None, "FLOPs"),
+    ("  encoder", "flops_by_part", "encoder", "FLOPs"),
+    ("  compressor", "flops_by_part", "compressor", "FLOPs"),
+    ("  projector", "flops_by_part", "projector", "FLOPs"),
+    ("  pre-fusion", "flops_by_part", "prefusion", "FLOPs"),
+    ("  LLM prefill", "flops_by_part", "llm_prefill", "FLOPs"),
+    ("FLOPs per generated token", "flops_per_token", None, "FLOPs"),
+    ("visual tokens to the LLM", "visual_tokens", None, ""),
+    ("KV cache per image", "kv_cache_bytes_per_image", None, "B"),
+    ("KV cache per frame", "kv_cache_bytes_per_frame", None, "B"),
+    ("KV cache per sample", "kv_cache_bytes_per_sample", None, "B"),
+    ("weights", "weight_bytes", None, "B"),
+    ("working memory (frame chunk)", "working_bytes", None, "B"),
+    ("max frames in budget", "max_frames", None, ""),
+    ("prefill latency", "prefill_s", None, "s"),
+    ("latency per generated token", "per_token_s", None, "s"),
+)
+
+
+def _fmt(value: float, unit: str) -> str:
+    """12345678 FLOPs -> '12.3 MFLOPs'; seconds in ms; counts with thousands separators."""
+    if unit == "":
+        return f"{value:,.0f}"
+    if unit == "s":
+        return f"{value * 1e3:.3g} ms"
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1, "")):
+        if abs(value) >= scale or scale == 1:
+            return f"{value / scale:.3g} {prefix}{unit}"
+    return str(value)
+
+
+def format_table(report: Mapping[str, Any], markdown: bool = False) -> str:
+    """The report as a text (or Markdown) table: figure | model | LLaVA-1.5 | ratio."""
+    rows = [("figure", "model", "LLaVA-1.5 baseline", "ratio")]
+    for label, key, part, unit in _ROWS:
+        entry = report.get(key)
+        entry = entry.get(part) if (entry is not None and part) else entry
+        if entry is None:
+            continue
+        ratio = f"{entry['ratio']:.3g}x" if entry["baseline"] else "-"
+        rows.append((label, _fmt(entry["model"], unit), _fmt(entry["baseline"], unit), ratio))
+    if markdown:
+        lines = ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join([lines[0], "|" + "---|" * 4] + lines[1:])
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows)
+
+
+_MLFLOW_METRICS = {  # report key -> metric name (``lm-mini compare`` plots accuracy against flops_per_sample)
+    "flops": "flops_per_sample", "flops_per_token": "flops_per_token", "visual_tokens": "visual_tokens",
+    "kv_cache_bytes_per_image": "kv_cache_bytes_per_image", "max_frames": "max_frames",
+    "prefill_s": "prefill_latency_s", "per_token_s": "latency_per_token_s",
+}
+
+
+def mlflow_metrics(report: Mapping[str, Any]) -> Dict[str, float]:
+    """``flops_per_sample`` etc. for the model, ``baseline_*`` for LLaVA-1.5 and ``*_ratio``."""
+    metrics = {}
+    for key, name in _MLFLOW_METRICS.items():
+        if key in report:
+            metrics[name] = float(report[key]["model"])
+            metrics[f"baseline_{name}"] = float(report[key]["baseline"])
+            metrics[f"{name}_ratio"] = float(report[key]["ratio"])
+    return metrics
+
+
+def log_to_mlflow(report: Mapping[str, Any], run_id: str, tracking_uri: str) -> None:
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    stamp = int(time.time() * 1000)
+    metrics = [Metric(name, value, stamp, 0) for name, value in mlflow_metrics(report).items() if math.isfinite(value)]
+    MlflowClient(tracking_uri).log_batch(run_id, metrics=metrics)
+
+
+def cli_efficiency(args: Any) -> int:
+    """``lm-mini efficiency CONFIG [key=value ...]``: print (or ``--json``) the model vs LLaVA-1.5 report."""
+    from lm_mini.config import load_config, tracking_uri
+
+    cfg = load_config(args.config, args.overrides)
+    report = efficiency_report(cfg.model, args.text_tokens, args.frames, args.budget_gb, args.dtype, args.chunk_frames)
+    if args.measure_latency:
+        report.update(latency_report(cfg.model, device=args.device, text_tokens=args.text_tokens, frames=args.frames,
+                                     new_tokens=args.new_tokens, repeats=args.repeats))
+        report["setup"]["latency_device"] = args.device
+    if args.mlflow_run:
+        log_to_mlflow(report, args.mlflow_run, tracking_uri(cfg))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        setup = report["setup"]
+        print(f"{args.config}: {setup['sample']}, {setup['text_tokens']} text tokens, {setup['dtype']}, "
+              f"budget {setup['budget_gb']:g} GiB")
+        print(format_table(report))
+    return 0

@@ -180,3 +180,36 @@ def test_baseline_config_is_llava15():
     base = baseline_config(cfg)
     assert (base.compressor.name, base.prefusion.depth) == ("identity", 0)
     assert (cfg.compressor.name, cfg.prefusion.depth) == ("query_attention", 4)  # the input is untouched
+
+
+def test_cli_json_has_model_baseline_ratio_and_logs_to_mlflow(tmp_path, capsys, monkeypatch):
+    import json
+
+    import mlflow
+
+    from lm_mini.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("eff")).info.run_id
+    assert main(["efficiency", "experiments/models/tiny.yaml", "model.prefusion.depth=1", "--text-tokens", "12",
+                 "--frames", "4", "--chunk-frames", "2", "--json", "--mlflow-run", run_id]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for key in ("flops", "visual_tokens", "kv_cache_bytes_per_image", "max_frames"):
+        assert set(report[key]) == {"model", "baseline", "ratio"}
+    assert report["visual_tokens"] == {"model": 4, "baseline": 4 * 64, "ratio": 1 / 64}  # 4 frames x C² vs 4 x 8x8 patches
+    assert report["flops"]["ratio"] == report["flops"]["model"] / report["flops"]["baseline"]
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["flops_per_sample"] == report["flops"]["model"]
+    assert metrics["baseline_max_frames"] == report["max_frames"]["baseline"]
+
+
+def test_latency_is_measured_for_model_and_baseline_on_cpu():
+    from lm_mini.eval.efficiency import format_table, latency_report
+
+    cfg = load_config("experiments/models/tiny.yaml").model
+    report = latency_report(cfg, text_tokens=8, new_tokens=2, repeats=2, warmup=1)
+    for key in ("prefill_s", "per_token_s"):
+        assert 0 < report[key]["model"] < 5 and 0 < report[key]["baseline"] < 5
+    assert "prefill latency" in format_table(report) and "ms" in format_table(report)
