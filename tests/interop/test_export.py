@@ -1,0 +1,128 @@
+"""Export: run / checkpoint (single file or FSDP shards) -> model directory -> load_pretrained, losslessly."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from interop_helpers import image_batch, tiny_config
+
+from lm_mini.cli import main
+from lm_mini.config import to_yaml
+from lm_mini.interop.export import export, load_model
+from lm_mini.interop.pretrained import WEIGHTS_INDEX, WeightsMismatch, load_pretrained, read_safetensors
+from lm_mini.models.llava_mini import LlavaMini
+
+
+def run_dir(root: Path, tokenizer_dir: Path, model: LlavaMini, cfg) -> Path:
+    """A run directory as ``lm-mini train`` leaves it: config.yaml, mlflow.json, a Lightning checkpoint."""
+    run = root / "runs" / "demo" / "finetune-1"
+    (run / "checkpoints").mkdir(parents=True)
+    cfg.data.tokenizer = str(tokenizer_dir)
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    (run / "mlflow.json").write_text(json.dumps({"tracking_uri": "sqlite:///mlflow.db", "run_id": "0123abcd", "experiment": "demo"}))
+    # LmMiniModule holds the network as ``self.model``: Lightning stores its weights as model.*
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "global_step": 6, "epoch": 0}, run / "checkpoints" / "step=00000006.ckpt")
+    return run
+
+
+@pytest.fixture
+def trained(tmp_path, tokenizer_dir):
+    torch.manual_seed(3)
+    cfg = tiny_config(template="vicuna_v1")
+    model = LlavaMini.from_config(cfg.model).eval()
+    return model, run_dir(tmp_path, tokenizer_dir, model, cfg)
+
+
+def test_export_round_trip_gives_identical_logits_and_tokens(trained, tmp_path):
+    model, run = trained
+    out = export(run, tmp_path / "export", max_shard_size="100KB")
+    index = json.loads((out / WEIGHTS_INDEX).read_text())
+    assert len(set(index["weight_map"].values())) > 1  # sharded, with an index
+    assert set(index["weight_map"]) == set(model.state_dict())
+    for name in ("config.json", "config.yaml", "tokenizer.json", "README.md"):
+        assert (out / name).is_file(), name
+    card = (out / "README.md").read_text()
+    assert "0123abcd" in card and "step 6" in card and "## Training config" in card and "template: vicuna_v1" in card
+    assert json.loads((out / "config.json").read_text())["compressor_size"] == 2
+
+    loaded, batch = load_pretrained(out), image_batch(seed=4)
+    with torch.no_grad():
+        assert torch.equal(loaded(batch).logits, model(batch).logits)
+    prompt = {k: v for k, v in batch.items()}
+    assert torch.equal(loaded.generate(prompt, max_new_tokens=6), model.generate(prompt, max_new_tokens=6))
+
+
+def test_checkpoint_path_and_run_path_export_the_same(trained, tmp_path):
+    model, run = trained
+    a = read_safetensors(export(run, tmp_path / "a"))
+    b = read_safetensors(export(run / "checkpoints" / "step=00000006.ckpt", tmp_path / "b"))
+    assert a.keys() == b.keys() == model.state_dict().keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_load_model_reads_runs_and_checkpoints(trained):
+    model, run = trained
+    loaded, cfg = load_model(run)
+    assert cfg.data.template == "vicuna_v1" and Path(cfg.data.tokenizer).is_dir()
+    batch = image_batch(seed=5)
+    with torch.no_grad():
+        assert torch.equal(loaded(batch).logits, model(batch).logits)
+
+
+def _shard_and_save(rank: int, world: int, store: str, cfg_yaml: str, folder: str) -> None:
+    """One FSDP2 rank: build the seeded model, shard it over the ranks, save the shards (DCP) as Lightning does."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from omegaconf import OmegaConf
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from lm_mini.training.strategy import shard_model
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.manual_seed(3)
+    model = LlavaMini.from_config(OmegaConf.create(cfg_yaml).model)
+    shard_model(model, init_device_mesh("cpu", (world,)))
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    assert all(isinstance(v, DTensor) for k, v in state.items() if not k.endswith("pos_embed")), "not sharded"
+    dcp.save({"state_dict": state}, checkpoint_id=folder)
+    if rank == 0:
+        torch.save({"global_step": 6, "epoch": 0}, Path(folder) / "meta.pt")  # Lightning's extra file
+    dist.destroy_process_group()
+
+
+def test_fsdp_sharded_checkpoint_exports_the_same_tensors(trained, tmp_path):
+    model, run = trained
+    folder = run / "checkpoints" / "step=00000008.ckpt"
+    # fork: the ranks inherit the imported modules (spawning would re-import torch and transformers twice)
+    torch.multiprocessing.start_processes(_shard_and_save, nprocs=2, start_method="fork",
+                                          args=(2, str(tmp_path / "store"), (run / "config.yaml").read_text(), str(folder)))
+    assert len(list(folder.glob("*.distcp"))) == 2  # one shard file per rank
+    sharded = read_safetensors(export(folder, tmp_path / "sharded"))
+    unsharded = read_safetensors(export(run / "checkpoints" / "step=00000006.ckpt", tmp_path / "unsharded"))
+    assert sharded.keys() == unsharded.keys()
+    assert all(torch.equal(sharded[k], unsharded[k]) for k in sharded)
+
+
+def test_export_errors_name_the_problem(trained, tmp_path, capsys):
+    model, run = trained
+    assert main(["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such model directory, run directory or checkpoint" in capsys.readouterr().err
+    assert main(["export", str(run / "checkpoints"), "--out", str(tmp_path / "o")]) == 2
+    assert "is not a model directory" in capsys.readouterr().err
+    empty = tmp_path / "runs" / "demo" / "empty"
+    (empty / "checkpoints").mkdir(parents=True)
+    assert main(["export", str(empty), "--out", str(tmp_path / "o")]) == 2
+    assert "has no complete checkpoint" in capsys.readouterr().err
+
+    ckpt = run / "checkpoints" / "step=00000006.ckpt"
+    checkpoint = torch.load(ckpt, weights_only=False)
+    checkpoint["state_dict"]["model.compressor.extra"] = torch.zeros(1)
+    del checkpoint["state_dict"]["model.llm.model.norm.weight"]
+    torch.save(checkpoint, ckpt)
+    with pytest.raises(WeightsMismatch) as info:
+        export(run, tmp_path / "o")
+    assert info.value.unexpected == ["compressor.extra"] and info.value.missing == ["llm.model.norm.weight"]
