@@ -7,9 +7,9 @@ from mlflow.tracking import MlflowClient
 from lm_mini.sweeps.compare import pivot, read_runs, render, to_records
 
 
-@pytest.fixture()
-def store(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'ml.db'}"
+@pytest.fixture(scope="module")  # creating an MLflow SQLite store costs seconds: share one
+def store(tmp_path_factory):
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'ml.db'}"
     client = MlflowClient(uri)
     exp = client.create_experiment("exp")
     for c in (1, 2):
