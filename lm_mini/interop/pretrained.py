@@ -188,7 +188,8 @@ def save_pretrained(out: PathLike, state: Mapping[str, torch.Tensor], cfg: DictC
     copy_tokenizer(tokenizer, out)
     save_torch_state_dict(dict(state), out, max_shard_size=max_shard_size)
     (out / CONFIG_YAML).write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    summary = {"architectures": ["LlavaMini"], "model_type": "lm_mini", **model_summary(cfg),
+    # no "model_type": transformers would take it for one of its own (AutoTokenizer reads this file and warns)
+    summary = {"architectures": ["LlavaMini"], "library_name": "lm_mini", **model_summary(cfg),
                "lm_mini": OmegaConf.to_container(cfg.model, resolve=True)}
     (out / CONFIG_JSON).write_text(json.dumps(summary, indent=2) + "\n")
     (out / CARD).write_text(card)
