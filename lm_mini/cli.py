@@ -104,6 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed runs (median), after 2 warm-up runs")
     p.set_defaults(func=_handler("lm_mini.eval.efficiency:cli_efficiency"))
 
+    # analyze
+    analyze = sub.add_parser("analyze", help="analyses of trained models").add_subparsers(dest="analyze_command", required=True)
+    p = analyze.add_parser("attention", help="per-layer attention to visual tokens and the layer-drop probe")
+    p.add_argument("target", help="run directory, checkpoint (in a run's checkpoints/), or YAML config (random weights)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p.add_argument("--data", required=True, help="shard directory (with index.json) to analyse")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-batches", type=int, default=None)
+    p.add_argument("--no-layer-drop", action="store_true", help="skip the layer-drop probe (one forward per layer)")
+    p.add_argument("--plot", default=None, help="PNG file")
+    p.add_argument("--out", default=None, help="numbers as .json (everything) or .csv (one row per layer)")
+    p.set_defaults(func=_handler("lm_mini.eval.attention:cli_attention"))
+
     _add_interop_commands(sub)
     return parser
 

@@ -221,3 +221,120 @@ def analyze(model: nn.Module, batches: Iterable[Dict[str, Any]], with_layer_drop
     if with_layer_drop:
         result["layer_drop"] = _mean(drops)
     return result
+
+
+# --------------------------------------------------------------------------- output
+def layer_rows(result: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """One flat row per layer (``mass_visual``, ``share_visual``, ..., ``drop_log_likelihood`` of k = layer)."""
+    drops = {row["k"]: row for row in result.get("layer_drop", [])}
+    rows = []
+    for layer in result["layers"]:
+        row = {"layer": layer["layer"], "samples": layer["samples"]}
+        for kind in ("mass", "share"):
+            row.update({f"{kind}_{t}": layer[kind][t] for t in TYPES})
+        row["visual_entropy"], row["visual_entropy_uniform"] = layer["visual_entropy"], layer["visual_entropy_uniform"]
+        drop = drops.get(layer["layer"], {})
+        row.update({f"drop_from_here_{m}": drop.get(m) for m in ("log_likelihood", "exact_match")})
+        rows.append(row)
+    return rows
+
+
+def write_result(result: Dict[str, Any], path: str) -> None:
+    """JSON (the whole result) or CSV (one row per layer, see :func:`layer_rows`), by extension."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.suffix == ".csv":
+        rows = layer_rows(result)
+        with target.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        target.write_text(json.dumps(result, indent=2))
+
+
+def plot_result(result: Dict[str, Any], path: str, title: str = "") -> None:
+    """PNG: attention share per token type, visual entropy, and layer-drop scores against the layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = [row["layer"] for row in result["layers"]]
+    panels = 3 if result.get("layer_drop") else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8))
+    for t in TYPES:
+        axes[0].plot(layers, [row["share"][t] for row in result["layers"]], marker=".", label=t)
+    axes[0].set(xlabel="LLM layer", ylabel="attention per token, normalised", title="instruction attends to")
+    axes[0].legend()
+    axes[1].plot(layers, [row["visual_entropy"] for row in result["layers"]], marker=".", label="measured")
+    axes[1].plot(layers, [row["visual_entropy_uniform"] for row in result["layers"]], "--", label="uniform")
+    axes[1].set(xlabel="LLM layer", ylabel="nats", title="entropy over visual tokens")
+    axes[1].legend()
+    if panels == 3:
+        drops = result["layer_drop"]
+        ks = [row["k"] for row in drops]
+        axes[2].plot(ks, [row["log_likelihood"] for row in drops], marker=".", color="C0")
+        axes[2].set(xlabel="visual tokens dropped from layer k", ylabel="answer log-likelihood per token", title="layer-drop")
+        twin = axes[2].twinx()
+        twin.plot(ks, [row["exact_match"] for row in drops], marker="x", color="C3")
+        twin.set_ylabel("exact match", color="C3")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- CLI
+def load_model(target: str, overrides: List[str]) -> tuple:
+    """(model, cfg) from a run directory, a checkpoint in one (``<run>/checkpoints/<ckpt>``), or a YAML
+    config (random weights, or the weights its model paths name)."""
+    from lm_mini.config import load_config
+    from lm_mini.eval.efficiency import build_model
+
+    path = Path(target)
+    if path.suffix in (".yaml", ".yml"):
+        cfg = load_config(path, overrides)
+        return build_model(cfg.model, "cpu"), cfg
+    from lm_mini.training.module import init_weights_from
+    from lm_mini.training.run import resolve_init_from
+
+    run_dir = path if (path / "checkpoints").is_dir() else path.resolve().parent.parent
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{target}: not a run directory, a checkpoint inside one, or a YAML config")
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    checkpoint = resolve_init_from(str(path), cfg.logging.runs_dir)
+    model = build_model(cfg.model, "cpu")
+    init_weights_from(model, str(checkpoint))
+    return model, cfg
+
+
+def cli_attention(args: Any) -> int:
+    """``lm-mini analyze attention (RUN|CHECKPOINT|CONFIG) --data SHARDS``: print per-layer figures."""
+    from lm_mini.config import ShardSetConfig
+    from lm_mini.data.datamodule import build_datamodule
+
+    model, cfg = load_model(args.target, args.overrides)
+    cfg.data.val = [ShardSetConfig(path=args.data)]
+    cfg.data.batch_size = args.batch_size
+    loader = build_datamodule(cfg, rank=0, world_size=1).val_dataloader()
+    result = analyze(model, loader, with_layer_drop=not args.no_layer_drop, max_batches=args.max_batches)
+    print(f"{'layer':>5} {'system':>8} {'visual':>8} {'instr.':>8} {'H(visual)':>10} {'drop: loglik':>13} {'EM':>6}")
+    for row in layer_rows(result):
+        ll, em = row["drop_from_here_log_likelihood"], row["drop_from_here_exact_match"]
+        print(f"{row['layer']:>5} {row['share_system']:8.3f} {row['share_visual']:8.3f} {row['share_instruction']:8.3f} "
+              f"{row['visual_entropy']:10.3f} " + (f"{ll:13.3f} {em:6.3f}" if ll is not None else ""))
+    if result.get("layer_drop"):
+        full = result["layer_drop"][-1]
+        print(f"full model (no drop): log-likelihood {full['log_likelihood']:.3f}, exact match {full['exact_match']:.3f}")
+    if args.out:
+        write_result(result, args.out)
+    if args.plot:
+        plot_result(result, args.plot, title=str(args.target))
+    return 0

@@ -112,3 +112,34 @@ def test_layer_drop_at_zero_equals_removing_the_image(tiny_models):
     assert rows[-1]["log_likelihood"] == pytest.approx(float(with_image["log_likelihood"][0]), abs=1e-5)
     assert abs(rows[0]["log_likelihood"] - rows[-1]["log_likelihood"]) > 1e-4  # the image did matter
     assert model.llm.config._attn_implementation == "sdpa"  # restored after the analysis
+
+
+def test_cli_analyses_a_run_checkpoint_on_shards_and_writes_csv_and_png(tmp_path, capsys):
+    import csv
+
+    from lm_mini.cli import main
+    from lm_mini.config import to_yaml
+    from lm_mini.eval.attention import load_model
+    from lm_mini.training.checkpoint import checkpoint_name
+
+    cfg = load_config("experiments/demo.yaml", ["model.prefusion.depth=1"])
+    trained = build_model(cfg.model, "cpu")  # stands in for a trained model: its weights must come back
+    run = tmp_path / "runs" / "demo" / "r1"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    ckpt = run / "checkpoints" / checkpoint_name(7)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in trained.state_dict().items()}}, ckpt)
+
+    loaded, _ = load_model(str(run), [])
+    mine = loaded.state_dict()  # built afresh (other random weights), then loaded from the checkpoint
+    assert all(torch.equal(mine[k], v) for k, v in trained.state_dict().items())
+
+    out, png = tmp_path / "att.csv", tmp_path / "att.png"
+    assert main(["analyze", "attention", str(ckpt), "--data", "data_shards/demo/eval", "--max-batches", "1",
+                 "--batch-size", "2", "--out", str(out), "--plot", str(png)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [int(r["layer"]) for r in rows] == list(range(cfg.model.llm.config.num_hidden_layers))
+    for r in rows:
+        assert sum(float(r[f"share_{t}"]) for t in ("system", "visual", "instruction")) == pytest.approx(1, abs=1e-5)
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    assert "full model (no drop)" in capsys.readouterr().out
