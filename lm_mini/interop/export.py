@@ -110,7 +110,7 @@ def load_model(path: PathLike, device: Any = None) -> Tuple[torch.nn.Module, Dic
     source = resolve_source(path)
     cfg, _ = pin_config(source.cfg)
     cfg.data.tokenizer = str(tokenizer_dir(cfg, source))
-    model = load_weights(build_model(cfg.model), source_weights(source), str(source.checkpoint or source.path))
+    model = load_weights(build_model(cfg.model, for_loading=True), source_weights(source), str(source.checkpoint or source.path))
     model = model.to(device) if device is not None else model
     return model.eval(), cfg
 

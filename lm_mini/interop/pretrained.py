@@ -36,8 +36,6 @@ TOKENIZER_FILES = (
 # --------------------------------------------------------------------------- reading safetensors
 def weight_files(path: PathLike) -> List[Path]:
     """The safetensors files of a checkpoint: a file, a directory with an index, or one with a single file."""
-    from safetensors.torch import load_file  # noqa: F401  (fail early if safetensors is missing)
-
     path = Path(path)
     if path.is_file():
         return [path]
@@ -118,14 +116,30 @@ def check_weights(state: Mapping[str, torch.Tensor], expected: Mapping[str, torc
 
 
 # --------------------------------------------------------------------------- building
-def build_model(model_cfg: DictConfig, meta: bool = False) -> torch.nn.Module:
-    """``LlavaMini.from_config``; on the meta device (shapes and names only, no memory) when ``meta``."""
+def build_model(model_cfg: DictConfig, meta: bool = False, for_loading: bool = False) -> torch.nn.Module:
+    """``LlavaMini.from_config``; on the meta device (shapes and names only, no memory) when ``meta``.
+
+    ``for_loading``: every weight is about to be overwritten, so skip the random initialisation
+    (transformers' ``no_init_weights``; minutes at 8B on a CPU) and allocate in ``model.dtype`` directly.
+    """
     from lm_mini.models.llava_mini import LlavaMini
 
     if meta:
         with torch.device("meta"):
             return LlavaMini.from_config(model_cfg)
-    return LlavaMini.from_config(model_cfg)
+    if not for_loading:
+        return LlavaMini.from_config(model_cfg)
+    from transformers.initialization import no_init_weights
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, model_cfg.dtype))
+    try:
+        with no_init_weights():
+            model = LlavaMini.from_config(model_cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    model.llm.tie_weights()  # no_init_weights also skips tying (tie_word_embeddings models)
+    return model
 
 
 def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], where: str,
@@ -210,5 +224,5 @@ def read_config(path: PathLike) -> DictConfig:
 def load_pretrained(path: PathLike, device: Union[str, torch.device, None] = None) -> torch.nn.Module:
     """The ``LlavaMini`` stored in a model directory, in eval mode (every tensor checked on the way)."""
     cfg = read_config(path)
-    model = load_weights(build_model(cfg.model), read_safetensors(path), str(path))
+    model = load_weights(build_model(cfg.model, for_loading=True), read_safetensors(path), str(path))
     return model.to(device).eval() if device is not None else model.eval()

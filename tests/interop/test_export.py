@@ -126,3 +126,20 @@ def test_export_errors_name_the_problem(trained, tmp_path, capsys):
     with pytest.raises(WeightsMismatch) as info:
         export(run, tmp_path / "o")
     assert info.value.unexpected == ["compressor.extra"] and info.value.missing == ["llm.model.norm.weight"]
+
+
+def test_tied_embeddings_are_stored_once_and_tied_again(tmp_path, tokenizer_dir):
+    from interop_helpers import LLAMA
+
+    from lm_mini.interop.pretrained import save_pretrained
+
+    torch.manual_seed(6)
+    cfg = tiny_config(llm={"config": {**LLAMA, "tie_word_embeddings": True}})
+    model = LlavaMini.from_config(cfg.model).eval()
+    out = save_pretrained(tmp_path / "tied", model.state_dict(), cfg, tokenizer_dir, card="# tied\n")
+    stored = read_safetensors(out)
+    assert len(stored) == len(model.state_dict()) - 1  # embed_tokens and lm_head: one tensor on disk
+    loaded, batch = load_pretrained(out), image_batch(seed=8)
+    assert loaded.llm.lm_head.weight is loaded.llm.get_input_embeddings().weight
+    with torch.no_grad():
+        assert torch.equal(loaded(batch).logits, model(batch).logits)
