@@ -17,7 +17,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -72,17 +72,39 @@ def resolve_source(path: PathLike) -> Source:
     return Source(kind, p, _run_config(run_dir, str(p)), ckpt, run_dir, info)
 
 
+def read_checkpoint_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """``(model weights without the "model." prefix, the checkpoint's other small entries)`` of a Lightning checkpoint.
+
+    Only the weights are read: a file is memory-mapped, and of a folder of FSDP shards (torch distributed
+    checkpoint) only ``state_dict`` is gathered into full tensors. The optimizer states, twice the size of
+    the model under Adam, never reach memory (``training.checkpoint.load_checkpoint`` reads everything).
+    """
+    from lm_mini.training.checkpoint import model_state_dict
+
+    if path.is_dir():
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+        checkpoint: Dict[str, Any] = {}
+        _load_state_dict(checkpoint, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}),
+                         no_dist=True)
+        extra = torch.load(path / "meta.pt", map_location="cpu", weights_only=False) if (path / "meta.pt").is_file() else {}
+    else:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        extra = checkpoint
+    info = {k: extra[k] for k in ("global_step", "epoch") if k in extra}
+    # contiguous CPU copies: safetensors wants plain storage, not views into a mapped file
+    return {k: v.detach().contiguous() for k, v in model_state_dict(checkpoint).items()}, info
+
+
 def source_weights(source: Source) -> Dict[str, torch.Tensor]:
     """The model's tensors under lm_mini's names (sharded checkpoints gathered into full tensors)."""
     if source.kind == "model_dir":
         return read_safetensors(source.path)
-    from lm_mini.training.checkpoint import load_checkpoint, model_state_dict
-
-    checkpoint = load_checkpoint(source.checkpoint)
-    if "global_step" in checkpoint:
-        source.info["global_step"] = int(checkpoint["global_step"])
-    # contiguous CPU copies: DCP-loaded tensors may be views, and safetensors wants plain storage
-    return {k: v.detach().to("cpu").contiguous() for k, v in model_state_dict(checkpoint).items()}
+    state, info = read_checkpoint_weights(source.checkpoint)
+    source.info.update(info)
+    return state
 
 
 def pin_config(cfg: DictConfig) -> Tuple[DictConfig, torch.nn.Module]:
@@ -102,12 +124,12 @@ def pin_config(cfg: DictConfig) -> Tuple[DictConfig, torch.nn.Module]:
     return cfg, model
 
 
-def load_model(path: PathLike, device: Any = None) -> Tuple[torch.nn.Module, DictConfig]:
-    """``(model in eval mode, config)`` for a model directory, run directory or checkpoint.
+def load_model(path: Union[PathLike, Source], device: Any = None) -> Tuple[torch.nn.Module, DictConfig]:
+    """``(model in eval mode, config)`` for a model directory, run directory or checkpoint (or its :class:`Source`).
 
     The config's ``data.tokenizer`` is resolved to the directory found (see :func:`tokenizer_dir`).
     """
-    source = resolve_source(path)
+    source = path if isinstance(path, Source) else resolve_source(path)
     cfg, _ = pin_config(source.cfg)
     cfg.data.tokenizer = str(tokenizer_dir(cfg, source))
     model = load_weights(build_model(cfg.model, for_loading=True), source_weights(source), str(source.checkpoint or source.path))
@@ -118,8 +140,9 @@ def load_model(path: PathLike, device: Any = None) -> Tuple[torch.nn.Module, Dic
 def tokenizer_dir(cfg: DictConfig, source: Source) -> Path:
     """The tokenizer directory of a source: ``data.tokenizer`` as given, else relative to the run directory."""
     tok = Path(cfg.data.tokenizer)
-    for candidate in (tok, (source.run_dir / tok) if source.run_dir and not tok.is_absolute() else None):
-        if candidate is not None and candidate.is_dir():
+    candidates = [tok] + ([source.run_dir / tok] if source.run_dir is not None and not tok.is_absolute() else [])
+    for candidate in candidates:
+        if candidate.is_dir():
             return candidate
     raise FileNotFoundError(f"{source.path}: tokenizer directory data.tokenizer={cfg.data.tokenizer} not found "
                             f"(run the command from the directory training ran in)")
@@ -149,7 +172,7 @@ def export(path: PathLike, out: PathLike, max_shard_size: Any = "5GB") -> Path:
     if dtype in ("float32", "bfloat16", "float16"):
         cfg.model.dtype = dtype  # load_pretrained rebuilds in the precision the weights are stored in
     tok = tokenizer_dir(cfg, source)
-    return save_pretrained(out, state, cfg, tok, model_card(Path(out).name, cfg, source), max_shard_size)
+    return save_pretrained(out, state, cfg, tok, model_card(str(out), cfg, source), max_shard_size)
 
 
 def cli_export(args: Any) -> int:

@@ -35,18 +35,24 @@ class Media:
     frames: int  # 1 for an image, T for a video
 
 
-def load_media(path: str, is_video: bool, cfg: DictConfig) -> Media:
-    """Decode and preprocess one image or video the way the model's training data was."""
-    from lm_mini.data.errors import SampleError
-    from lm_mini.data.media import ImageProcessor, decode_image, decode_video
-    from lm_mini.models.encoders import image_preprocessing
-
+def media_file(path: str, is_video: bool) -> Path:
+    """``path`` if it is an existing file of a supported image / video type (checked before any loading)."""
     p = Path(path)
     kind, exts = ("video", VIDEO_EXTS) if is_video else ("image", IMAGE_EXTS)
     if not p.is_file():
         raise FileNotFoundError(f"{kind} file not found: {p}")
     if p.suffix.lower() not in exts:
         raise ValueError(f"{p}: unsupported {kind} type '{p.suffix or '(none)'}'; supported: {' '.join(exts)}")
+    return p
+
+
+def load_media(path: str, is_video: bool, cfg: DictConfig) -> Media:
+    """Decode and preprocess one image or video the way the model's training data was."""
+    from lm_mini.data.errors import SampleError
+    from lm_mini.data.media import ImageProcessor, decode_image, decode_video
+    from lm_mini.models.encoders import image_preprocessing
+
+    p = media_file(path, is_video)
     size, mean, std = image_preprocessing(cfg.model.encoder)
     processor = ImageProcessor(size, mean, std, cfg.data.aspect_mode, cfg.model.resolution_ratio)
     try:
@@ -115,15 +121,14 @@ class StreamTo(TextStreamer):
 def open_conversation(source: str, image: Optional[str], video: Optional[str], device: Optional[str] = None) -> Conversation:
     """Load the model named by ``source`` and the media item (exactly one of ``image`` / ``video``)."""
     from lm_mini.data.tokenizer import load_tokenizer
-    from lm_mini.interop.export import load_model
+    from lm_mini.interop.export import load_model, resolve_source
 
     if (image is None) == (video is None):
         raise ValueError("give exactly one of --image FILE or --video FILE")
-    if not Path(source).exists():
-        raise FileNotFoundError(f"{source}: no such model directory, run directory or checkpoint")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, cfg = load_model(source, device)
-    media = load_media(video or image, video is not None, cfg)
+    media_file(video or image, video is not None)  # a wrong path fails now, not after minutes of loading
+    found = resolve_source(source)  # reads the config only
+    media = load_media(video or image, video is not None, found.cfg)
+    model, cfg = load_model(found, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return Conversation(model, load_tokenizer(cfg.data.tokenizer), cfg.data.template, media)
 
 
@@ -152,17 +157,18 @@ def cli_generate(args: Any) -> int:
     return 0
 
 
-def cli_chat(args: Any, lines: Optional[TextIO] = None) -> int:
-    """One question per input line; an empty line is skipped; EOF, ``exit`` or ``quit`` ends."""
+def cli_chat(args: Any) -> int:
+    """One question per line of stdin; an empty line is skipped; EOF, ``exit`` or ``quit`` ends."""
     conv = _open_or_report(args, "chat")
     if conv is None:
         return 2
-    lines = lines or sys.stdin
-    interactive = lines.isatty()
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"lm-mini chat about {conv.media.path} ('exit' or Ctrl-D ends)", file=sys.stderr)
     while True:
         if interactive:
             print("you> ", end="", flush=True)
-        line = lines.readline()
+        line = sys.stdin.readline()
         question = line.strip()
         if not line or question.lower() in EXIT_WORDS:
             return 0
