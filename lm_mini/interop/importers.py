@@ -123,6 +123,8 @@ KNOWN_VISION_TOWERS = {
                                               layer_norm_eps=1e-5, projection_dim=768),
 }
 _VISION_FAMILIES = {"clip_vision_model": "hf_clip", "siglip_vision_model": "hf_siglip"}
+# model_type of LLaVA-Mini configs (the code's versions and forks differ); all wrap a Llama
+LLAVA_MINI_MODEL_TYPES = ("llava_mini", "llava_mini_llama", "llava_llama", "llama")
 
 
 def read_config_json(src: Path) -> Dict[str, Any]:
@@ -154,7 +156,11 @@ def _vision_config(tower_dir: Optional[Path], name: Optional[str]):
 
 def _template(tokenizer_dir: Path, explicit: Optional[str], fallback: str) -> str:
     """``--template``, else ``llama3`` for a Llama-3 tokenizer (it has ``<|eot_id|>``), else ``fallback``."""
+    from lm_mini.registry import TEMPLATES
+
     if explicit:
+        if explicit not in TEMPLATES:
+            raise ValueError(f"unknown template '{explicit}'; known: {', '.join(TEMPLATES.names())}")
         return explicit
     texts = [(tokenizer_dir / n).read_text(errors="ignore") for n in ("tokenizer_config.json", "tokenizer.json")
              if (tokenizer_dir / n).is_file()]
@@ -186,7 +192,7 @@ def llava_mini_config(src: Path, raw: Dict[str, Any], vision: Any, template: str
     select = raw.get("mm_vision_select_feature", "patch")
     if select != "patch":
         _refuse(src, "mm_vision_select_feature", select, "the compressor reads patch tokens only")
-    if raw.get("model_type", "llava_mini") not in ("llava_mini", "llava_llama", "llama"):
+    if raw.get("model_type", "llava_mini") not in LLAVA_MINI_MODEL_TYPES:
         _refuse(src, "model_type", raw.get("model_type"), "LLaVA-Mini's pre-fusion layers are Llama layers")
     llm_fields = {k: v for k, v in raw.items() if not k.startswith("mm_") and k != "model_type"}
     llm = hf_config_dict(LlamaConfig(**llm_fields), keep_model_type=True)

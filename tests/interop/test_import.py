@@ -236,5 +236,7 @@ def test_cli_import_and_its_errors(official, tokenizer_dir, tmp_path, capsys):
     assert "already holds weights" in capsys.readouterr().err
     assert main(["import", "llava-hf", str(src)]) == 2  # a LLaVA-Mini config is not a LlavaForConditionalGeneration
     assert "model_type = 'llava_mini' is not supported" in capsys.readouterr().err
+    assert main(["import", "llava-mini", str(src), "--vision-tower", str(clip_dir), "--template", "chatml", "--out", str(tmp_path / "c")]) == 2
+    assert "unknown template 'chatml'" in capsys.readouterr().err
     assert main(["import", "llava-mini", str(tmp_path / "nowhere")]) == 2
     assert "no config.json" in capsys.readouterr().err
