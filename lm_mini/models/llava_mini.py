@@ -145,7 +145,7 @@ class LlavaMini(nn.Module):
         media: List[Optional[torch.Tensor]] = [None] * B
         fused_sum = torch.zeros(text.shape, dtype=torch.float32, device=text.device)
         if not views:
-            return media, fused_sum, torch.zeros(B, dtype=torch.bool, device=text.device)
+            return media, fused_sum.to(text.dtype), torch.zeros(B, dtype=torch.bool, device=text.device)
         feats = self._encode(batch["pixel_values"])  # [V, N, D]
         g, R = self.encoder.grid, self.resolution_ratio
         starts = torch.tensor([0] + views[:-1], device=feats.device).cumsum(0)

@@ -1,0 +1,47 @@
+"""QA of LlavaMini on configurations and batches the other model tests do not cover."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from lm_mini.config import ConfigError, load_config
+from lm_mini.constants import IGNORE_INDEX as IGN
+from lm_mini.constants import IMAGE_TOKEN_INDEX as IMG
+from lm_mini.models.llava_mini import LlavaMini
+
+TINY = Path(__file__).resolve().parents[2] / "experiments" / "models" / "tiny.yaml"
+
+
+def build(*overrides, encoder=None, llm=None):
+    cfg = load_config(TINY, list(overrides))
+    if encoder is not None:  # replace (not merge into) the tiny preset's CLIP config
+        cfg.model.encoder.config = encoder
+    if llm is not None:
+        cfg.model.llm.config = llm
+    return LlavaMini.from_config(cfg.model).eval()
+
+
+def text_batch(*seqs):
+    L = max(map(len, seqs))
+    ids = torch.zeros(len(seqs), L, dtype=torch.long)
+    mask = torch.zeros(len(seqs), L, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = torch.tensor(s)
+        mask[b, : len(s)] = 1
+    labels = torch.where(mask.bool(), ids, torch.full_like(ids, IGN))
+    return dict(input_ids=ids, labels=labels, attention_mask=mask, pixel_values=None,
+                frames_per_sample=torch.zeros(len(seqs), dtype=torch.long),
+                is_video=torch.zeros(len(seqs), dtype=torch.bool), sample_ids=[f"t{b}" for b in range(len(seqs))])
+
+
+# --------------------------------------------------------------------------- dtypes
+def test_bf16_text_only_batch_stays_bf16_in_forward_and_generate():
+    """A batch without any media (text-only data mix) must not promote the LLM input to float32."""
+    model = build("model.dtype=bfloat16")
+    batch = text_batch([4, 5, 6, 7], [8, 9])
+    with torch.no_grad():
+        embeds, *_ = model.prepare_inputs(batch)
+        out = model(batch)
+    assert embeds.dtype == torch.bfloat16
+    assert torch.isfinite(out.loss)
+    assert model.generate(text_batch([4, 5, 6]), max_new_tokens=2).shape == (1, 2)
