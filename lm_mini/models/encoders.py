@@ -156,8 +156,9 @@ class TimmVisionEncoder(VisionEncoder):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [B, 3, H, W] -> [B, N, D]: the chosen block's output, prefix tokens dropped for ``patch``."""
+        dtype = next(self.model.parameters()).dtype  # float32 pixels into a bf16 tower, like the HF encoders
         out = self.model.forward_intermediates(
-            pixels, indices=[self.block_index], output_fmt="NLC", intermediates_only=True,
+            pixels.to(dtype), indices=[self.block_index], output_fmt="NLC", intermediates_only=True,
             return_prefix_tokens=self.keep_prefix, stop_early=True,
         )[0]
         if self.keep_prefix:

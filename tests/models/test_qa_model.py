@@ -45,3 +45,17 @@ def test_bf16_text_only_batch_stays_bf16_in_forward_and_generate():
     assert embeds.dtype == torch.bfloat16
     assert torch.isfinite(out.loss)
     assert model.generate(text_batch([4, 5, 6]), max_new_tokens=2).shape == (1, 2)
+
+
+TIMM_TINY = {"model_name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "depth": 2}
+
+
+def test_timm_encoder_in_bf16_takes_float32_pixels():
+    """The data pipeline hands float32 pixels; a bf16 timm tower must cast them like the HF towers do."""
+    model = build("model.encoder.name=timm", "model.dtype=bfloat16", encoder=TIMM_TINY)
+    ids = [5, IMG, 6, 7]
+    batch = text_batch(ids)
+    batch.update(pixel_values=torch.randn(1, 3, 32, 32), frames_per_sample=torch.tensor([1]))
+    with torch.no_grad():
+        out = model(batch)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
