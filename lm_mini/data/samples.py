@@ -11,6 +11,7 @@ import itertools
 from typing import Any, Dict, Optional, Sequence
 
 import torch
+from torch.utils.data import get_worker_info
 
 from lm_mini.constants import IGNORE_INDEX
 from lm_mini.data.errors import SkipCounter
@@ -79,12 +80,23 @@ def collate(samples: Sequence[Dict[str, Any]], pad_id: int) -> Dict[str, Any]:
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": attention_mask,
-        "pixel_values": torch.cat(views) if views else None,
+        "pixel_values": _concat(views) if views else None,
         "frames_per_sample": torch.tensor([s["frames"] for s in samples], dtype=torch.long),
         "is_video": torch.tensor([s["is_video"] for s in samples], dtype=torch.bool),
         "sample_ids": [s["sample_id"] for s in samples],
         SKIPPED: SkipCounter(itertools.chain.from_iterable(s["flags"] for s in samples)).as_dict(),
     }
+
+
+def _concat(views: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat`` of the views; inside a DataLoader worker the result is allocated in shared memory
+    (as torch's ``default_collate`` does), so handing the batch to the main process copies nothing."""
+    out = None
+    if get_worker_info() is not None:
+        first = views[0]
+        storage = first._typed_storage()._new_shared(sum(v.numel() for v in views), device=first.device)
+        out = first.new(storage).resize_(sum(v.shape[0] for v in views), *first.shape[1:])
+    return torch.cat(list(views), out=out)
 
 
 class Collator:

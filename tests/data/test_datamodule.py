@@ -110,6 +110,15 @@ def test_fixture_has_uneven_shards(corpus):
     assert ShardSet.from_config(ShardSetConfig(corpus["img"])).counts == (7, 0, 10)
 
 
+def test_shard_set_from_a_tar_pattern_without_index(corpus):
+    """img2dataset output has no index.json: the samples are counted from the tar headers."""
+    by_index = ShardSet.from_config(ShardSetConfig(corpus["img"]))
+    by_glob = ShardSet.from_config(ShardSetConfig(corpus["img"] + "/shard-*.tar"))
+    by_brace = ShardSet.from_config(ShardSetConfig(corpus["img"] + "/shard-{000000..000002}.tar"))
+    assert by_glob.urls == by_brace.urls == by_index.urls and by_glob.counts == by_brace.counts == by_index.counts
+    assert by_glob.name == by_index.name == "img"
+
+
 def make_cfg(corpus, train, val=(), **data):
     """A full Config for the data module; ``train`` = [(set name, weight, template)]."""
     cfg = load_config(overrides=[
