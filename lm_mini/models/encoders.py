@@ -55,6 +55,7 @@ class VisionEncoder(nn.Module):
     image_size: int
     image_mean: Tuple[float, float, float]
     image_std: Tuple[float, float, float]
+    num_prefix_tokens: int = 0  # tokens before the patch grid in the output (CLS kept by ``cls_patch``)
 
 
 # --------------------------------------------------------------------------- Hugging Face
@@ -98,9 +99,14 @@ class HFVisionEncoder(VisionEncoder):
             self.model = model_cls.from_pretrained(path)
         else:
             self.model = model_cls(vcfg)
+        n_layers = vcfg.num_hidden_layers  # hidden_states has n_layers + 1 entries (0: patch embedding)
+        if not -(n_layers + 1) <= select_layer <= n_layers:
+            raise ValueError(f"{family} encoder: model.encoder.select_layer {select_layer} is out of range for this "
+                             f"{n_layers}-layer model; expected {-(n_layers + 1)} .. {n_layers} (hidden_states index)")
         self.select_layer = select_layer
         self.num_prefix = 1 if family == "hf_clip" else 0  # CLIP's CLS token; SigLIP has none
         self.drop_prefix = self.num_prefix if select_feature == "patch" else 0
+        self.num_prefix_tokens = self.num_prefix - self.drop_prefix
         self.hidden_size = vcfg.hidden_size
         self.image_size = vcfg.image_size
         self.grid = vcfg.image_size // vcfg.patch_size
@@ -142,12 +148,23 @@ class TimmVisionEncoder(VisionEncoder):
         kwargs.setdefault("num_classes", 0)
         checkpoint = path if path and not building_on_meta() else ""
         self.model = timm.create_model(name, pretrained=False, checkpoint_path=checkpoint, **kwargs)
+        if not all(hasattr(self.model, a) for a in ("blocks", "patch_embed", "forward_intermediates")):
+            raise ValueError(f"timm encoder: model '{name}' ({type(self.model).__name__}) is not a ViT-like model with "
+                             "patch_embed, blocks and forward_intermediates; choose a ViT (e.g. vit_base_patch16_224)")
+        gh, gw = (int(x) for x in self.model.patch_embed.grid_size)
+        ih, iw = (int(x) for x in self.model.patch_embed.img_size)
+        if gh != gw or ih != iw:
+            raise ValueError(f"timm encoder: model '{name}' takes {ih}x{iw} images ({gh}x{gw} patches); "
+                             "the data pipeline and compressors need a square input: set img_size to one int")
         n_blocks = len(self.model.blocks)
         hf_index = n_blocks + 1 + select_layer if select_layer < 0 else select_layer  # hidden_states index
         if not 1 <= hf_index <= n_blocks:
             raise ValueError(f"timm encoder: select_layer {select_layer} is not a block output of this {n_blocks}-block model")
         self.block_index = hf_index - 1
+        if select_feature not in ("patch", "cls_patch"):
+            raise ValueError(f"encoder select_feature must be 'patch' or 'cls_patch', got '{select_feature}'")
         self.keep_prefix = select_feature == "cls_patch"
+        self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 0)) if self.keep_prefix else 0
         self.hidden_size = self.model.embed_dim
         self.grid = int(self.model.patch_embed.grid_size[0])
         self.image_size = int(self.model.patch_embed.img_size[0])

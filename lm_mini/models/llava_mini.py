@@ -79,6 +79,13 @@ class LlavaMini(nn.Module):
     def _check_parts(self) -> None:
         """Refuse part combinations that cannot work, at build time, with what to change."""
         n_tokens, grid = self.encoder.grid**2, self.encoder.grid
+        n_prefix = getattr(self.encoder, "num_prefix_tokens", 0)
+        if n_prefix:
+            raise ValueError(
+                f"encoder {type(self.encoder).__name__} keeps {n_prefix} prefix (CLS) token(s) besides its {grid}x{grid} "
+                "patch grid (model.encoder.select_feature=cls_patch); the compressors and the high-resolution stitching "
+                "take the patch grid only: set model.encoder.select_feature=patch"
+            )
         c2 = getattr(self.compressor, "num_tokens", None)
         if c2 is not None and c2 > n_tokens:
             raise ValueError(

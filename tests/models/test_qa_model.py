@@ -59,3 +59,41 @@ def test_timm_encoder_in_bf16_takes_float32_pixels():
     with torch.no_grad():
         out = model(batch)
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+
+
+# --------------------------------------------------------------------------- build-time refusals
+@pytest.mark.parametrize("layer", [3, -4])  # the tiny CLIP has 2 blocks: hidden_states indices -3 .. 2
+def test_hf_encoder_select_layer_out_of_range_is_refused_at_build(layer):
+    with pytest.raises(ValueError, match=rf"select_layer {layer}.*2-layer"):
+        build(f"model.encoder.select_layer={layer}")
+
+
+def test_hf_encoder_select_layer_extremes_work():
+    for layer in (0, -3, 2):  # patch embedding, the same counted from the end, last block
+        model = build(f"model.encoder.select_layer={layer}")
+        assert model.encoder(torch.randn(1, 3, 64, 64)).shape == (1, 64, 64)
+
+
+def test_cls_patch_with_a_patch_grid_compressor_is_refused_at_build_not_first_batch():
+    with pytest.raises(ValueError, match="select_feature"):
+        build("model.encoder.select_feature=cls_patch")
+
+
+def test_cls_patch_is_harmless_for_an_encoder_without_cls():
+    sig = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+           "num_hidden_layers": 2, "num_attention_heads": 4}
+    model = build("model.encoder.name=hf_siglip", "model.encoder.select_feature=cls_patch", encoder=sig)
+    batch = text_batch([5, IMG, 6])
+    batch.update(pixel_values=torch.randn(1, 3, 32, 32), frames_per_sample=torch.tensor([1]))
+    with torch.no_grad():
+        assert model(batch).logits.shape == (1, 3, 1024)
+
+
+def test_timm_model_that_is_not_a_vit_is_refused_clearly():
+    with pytest.raises(ValueError, match="resnet18.*ViT"):
+        build("model.encoder.name=timm", encoder={"model_name": "resnet18"})
+
+
+def test_timm_non_square_input_is_refused_clearly():
+    with pytest.raises(ValueError, match="square"):
+        build("model.encoder.name=timm", encoder=dict(TIMM_TINY, img_size=[32, 64]))
