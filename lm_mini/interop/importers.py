@@ -246,28 +246,25 @@ def llava_hf_config(src: Path, template: str) -> DictConfig:
 
 
 # --------------------------------------------------------------------------- import
-def _card(layout: str, src: Path, cfg: DictConfig, n_tensors: int) -> str:
+def _card(keymap: KeyMap, src: Path, cfg: DictConfig, renamed: Renamed) -> str:
     summary = "\n".join(f"- {k}: {v}" for k, v in model_summary(cfg).items())
+    dropped = "".join(f"- `{k}`\n" for k in sorted(renamed.dropped)) or "- none\n"
     return (f"---\nlibrary_name: lm_mini\ntags: [llava-mini, multimodal]\n---\n# {src.name} (imported)\n\n"
-            f"Imported with `lm-mini import {layout} {src}`: {n_tensors} tensors, lm_mini names.\n\n{summary}\n\n"
+            f"Imported with `lm-mini import {keymap.name} {src}`: {len(renamed.state)} tensors, lm_mini names.\n\n{summary}\n\n"
+            f"Not imported (buffers the model recomputes, unused towers):\n{dropped}\n"
             f"Use: `lm-mini generate DIR --image FILE --prompt TEXT`, or `lm_mini.interop.load_pretrained(DIR)`.\n\n"
             f"## Config\n\n```yaml\n{OmegaConf.to_yaml(cfg)}```\n")
 
 
-def _finish(layout: str, src: Path, out: Path, cfg: DictConfig, renamed: Renamed, max_shard_size: Any) -> Path:
+def _finish(keymap: KeyMap, src: Path, out: Path, cfg: DictConfig, renamed: Renamed, max_shard_size: Any) -> Path:
     """Check every tensor against the model the config builds (on meta: no memory), then write ``out``."""
     dtype = floating_dtype(renamed.state)
     if dtype in ("float32", "bfloat16", "float16"):
         cfg.model.dtype = dtype  # build in the checkpoint's precision
     model = build_model(cfg.model, meta=True)
-    keymap = keymap_of(layout)
     check_weights(renamed.state, model.state_dict(), str(src), lambda k: renamed.origin.get(k) or keymap.source_name(k),
                   tied_aliases(model), renamed.unmatched)
-    return save_pretrained(out, renamed.state, cfg, src, _card(layout, src, cfg, len(renamed.state)), max_shard_size)
-
-
-def keymap_of(layout: str) -> KeyMap:
-    return {"llava-mini": LLAVA_MINI, "llava-hf": LLAVA_HF}[layout]
+    return save_pretrained(out, renamed.state, cfg, src, _card(keymap, src, cfg, renamed), max_shard_size)
 
 
 def import_llava_mini(src: PathLike, out: PathLike, vision_tower: Optional[PathLike] = None,
@@ -295,14 +292,14 @@ def import_llava_mini(src: PathLike, out: PathLike, vision_tower: Optional[PathL
         clip = rename(read_safetensors(tower), CLIP_VISION, where=f"{tower}:")
         renamed = Renamed({**renamed.state, **clip.state}, {**renamed.origin, **clip.origin},
                           renamed.unmatched + clip.unmatched, renamed.dropped + clip.dropped)
-    return _finish("llava-mini", src, Path(out), cfg, renamed, max_shard_size)
+    return _finish(LLAVA_MINI, src, Path(out), cfg, renamed, max_shard_size)
 
 
 def import_llava_hf(src: PathLike, out: PathLike, template: Optional[str] = None, max_shard_size: Any = "5GB") -> Path:
     """A ``LlavaForConditionalGeneration`` checkpoint directory (LLaVA-1.5) -> lm_mini model directory ``out``."""
     src = Path(src)
     cfg = llava_hf_config(src, _template(src, template, "vicuna_v1"))
-    return _finish("llava-hf", src, Path(out), cfg, rename(read_safetensors(src), LLAVA_HF), max_shard_size)
+    return _finish(LLAVA_HF, src, Path(out), cfg, rename(read_safetensors(src), LLAVA_HF), max_shard_size)
 
 
 def cli_import(args: Any) -> int:

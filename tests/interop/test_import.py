@@ -34,7 +34,7 @@ def _jitter(module: nn.Module) -> nn.Module:
 @pytest.fixture(scope="module")
 def official(tmp_path_factory):
     """The parts of a micro LLaVA-Mini and its checkpoint state under the release's names."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     from lm_mini.models.compressors import QueryAttentionCompressor
@@ -58,6 +58,13 @@ def official(tmp_path_factory):
     state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
     clip_dir = tmp_path_factory.mktemp("clip")
     clip.save_pretrained(clip_dir)
+    # a full CLIP (vision + text towers) with the same vision weights, as openai/clip-* directories are
+    full = CLIPModel(CLIPConfig(vision_config=CLIP, projection_dim=16, text_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=99,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1)))
+    full.vision_model.load_state_dict(clip.state_dict())
+    parts["full_clip"] = tmp_path_factory.mktemp("full_clip")
+    full.save_pretrained(parts["full_clip"])
     return parts, {k: v.detach().clone() for k, v in state.items()}, clip_dir
 
 
@@ -95,17 +102,21 @@ def reference_model(parts) -> LlavaMini:
     return model.eval()
 
 
-@pytest.mark.parametrize("vision_in_checkpoint", [True, False], ids=["tower-in-checkpoint", "tower-from-clip-dir"])
-def test_llava_mini_import_matches_direct_construction(official, tokenizer_dir, tmp_path, vision_in_checkpoint):
+@pytest.mark.parametrize("tower", ["in-checkpoint", "clip-vision-dir", "full-clip-dir"])
+def test_llava_mini_import_matches_direct_construction(official, tokenizer_dir, tmp_path, tower):
     parts, state, clip_dir = official
-    if vision_in_checkpoint:  # config from --vision-tower, which wins over the hub name in the config
+    if tower == "in-checkpoint":  # config from --vision-tower, which wins over the hub name in the config
         src = write_checkpoint(tmp_path / "release", state, official_config("openai/clip-vit-large-patch14-336"),
                                tokenizer_dir, shard="40KB")
         out = import_llava_mini(src, tmp_path / "out", vision_tower=clip_dir)
     else:  # no tower weights: config and weights from the local directory the config names
         state = {k: v for k, v in state.items() if ".vision_tower." not in k}
-        src = write_checkpoint(tmp_path / "release", state, official_config(str(clip_dir)), tokenizer_dir, shard="40KB")
+        tower_dir = clip_dir if tower == "clip-vision-dir" else parts["full_clip"]
+        src = write_checkpoint(tmp_path / "release", state, official_config(str(tower_dir)), tokenizer_dir, shard="40KB")
         out = import_llava_mini(src, tmp_path / "out")
+    card = (out / "README.md").read_text()
+    assert "model.layers.0.self_attn.rotary_emb.inv_freq" in card  # dropped on purpose, and said so
+    assert ("text_model.embeddings.token_embedding.weight" in card) == (tower == "full-clip-dir")
     assert len(json.loads((src / WEIGHTS_INDEX).read_text())["weight_map"]) == len(state)
     assert len(list(src.glob("model-*.safetensors"))) > 1
 
