@@ -215,6 +215,34 @@ def schema() -> DictConfig:
     return cfg
 
 
+# Values with a closed set of choices or a lower bound, checked at load time like the types.
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.prefusion.init": ("random", "llm_layers"),
+    "model.encoder.select_feature": ("patch", "cls_patch"),
+    "data.aspect_mode": ("square", "pad"),
+}
+_MINIMUM = {
+    "model.prefusion.depth": 0,
+    "model.compressor.grid": 1,
+    "model.resolution_ratio": 1,
+    "data.max_frames": 1,
+}
+
+
+def validate(cfg: DictConfig, source: str = "config") -> DictConfig:
+    """Refuse values outside their choices / below their minimum, naming the key (types are OmegaConf's job)."""
+    for key, choices in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{source}: bad value for config key '{key}': {value!r}; expected one of {', '.join(choices)}")
+    for key, low in _MINIMUM.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < low:
+            raise ConfigError(f"{source}: bad value for config key '{key}': {value}; expected >= {low}")
+    return cfg
+
+
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> DictConfig:
     """Defaults <- YAML (with its defaults list) <- ``key=value`` overrides, validated against ``Config``."""
     cfg = schema()
@@ -223,6 +251,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str
             cfg = OmegaConf.merge(cfg, _read_yaml(Path(path)))
         except OmegaConfBaseException as e:
             raise _explain(e, schema(), str(path)) from None
+        validate(cfg, str(path))
     return apply_overrides(cfg, overrides)
 
 
@@ -234,6 +263,7 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
             raise _explain(e, schema(), f"override '{item}'") from None
+        validate(cfg, f"override '{item}'")
     return cfg
 
 

@@ -97,3 +97,25 @@ def test_timm_model_that_is_not_a_vit_is_refused_clearly():
 def test_timm_non_square_input_is_refused_clearly():
     with pytest.raises(ValueError, match="square"):
         build("model.encoder.name=timm", encoder=dict(TIMM_TINY, img_size=[32, 64]))
+
+
+# --------------------------------------------------------------------------- config values
+@pytest.mark.parametrize("override, key, expected", [
+    ("model.dtype=float8", "model.dtype", "bfloat16"),
+    ("model.prefusion.depth=-1", "model.prefusion.depth", ">= 0"),
+    ("model.prefusion.init=copy", "model.prefusion.init", "llm_layers"),
+    ("model.compressor.grid=0", "model.compressor.grid", ">= 1"),
+    ("model.resolution_ratio=0", "model.resolution_ratio", ">= 1"),
+    ("model.encoder.select_feature=cls", "model.encoder.select_feature", "cls_patch"),
+    ("data.aspect_mode=crop", "data.aspect_mode", "pad"),
+])
+def test_bad_config_values_are_refused_at_load_with_the_key(override, key, expected):
+    with pytest.raises(ConfigError, match=rf"'{key}'.*{expected}"):
+        load_config(TINY, [override])
+
+
+def test_bad_value_in_yaml_is_refused_naming_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"defaults: [{TINY}]\nmodel:\n  prefusion: {{depth: -2}}\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*model\.prefusion\.depth"):
+        load_config(bad)
