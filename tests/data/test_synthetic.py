@@ -326,3 +326,21 @@ def test_refuses_a_non_empty_out(built):
     with pytest.raises(FileExistsError, match="not empty"):
         syn.build_demo(built, seed=1, scale=BUILD_SCALE)
     assert tree(built) == before
+
+
+def test_shipped_demo_set_is_complete_and_small():
+    """The committed data_shards/demo: the scale-1 sizes, intact shards, under 20 MB."""
+    from lm_mini.data.shards import read_index
+
+    shipped = Path(__file__).resolve().parents[2] / "data_shards" / "demo"
+    manifest = json.loads((shipped / "manifest.json").read_text())
+    assert (manifest["seed"], manifest["scale"]) == (0, 1.0)
+    assert manifest["subsets"]["instruct"]["records"] == syn.SIZES["instruct_image"] + syn.SIZES["instruct_text"]
+    assert manifest["subsets"]["eval"]["records"] == syn.SIZES["eval_image"] + syn.SIZES["eval_video"]
+    assert manifest["majority_baseline"]["eval"]["overall"]["accuracy"] < 0.3
+    for name, sub in manifest["subsets"].items():
+        index = read_index(shipped / sub["path"])
+        assert index["num_samples"] == sub["records"] and len(index["shards"]) == syn.SHARDS_PER_SET
+        for shard in index["shards"]:
+            assert hashlib.sha256((shipped / sub["path"] / shard["name"]).read_bytes()).hexdigest() == shard["sha256"]
+    assert sum(p.stat().st_size for p in shipped.rglob("*") if p.is_file()) < 20 * 2**20
