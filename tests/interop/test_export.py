@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from interop_helpers import image_batch, tiny_config
 
 from lm_mini.cli import main
@@ -141,5 +142,27 @@ def test_tied_embeddings_are_stored_once_and_tied_again(tmp_path, tokenizer_dir)
     assert len(stored) == len(model.state_dict()) - 1  # embed_tokens and lm_head: one tensor on disk
     loaded, batch = load_pretrained(out), image_batch(seed=8)
     assert loaded.llm.lm_head.weight is loaded.llm.get_input_embeddings().weight
+    with torch.no_grad():
+        assert torch.equal(loaded(batch).logits, model(batch).logits)
+
+
+def test_export_pins_parts_built_from_local_paths(tmp_path, tokenizer_dir):
+    """A run whose LLM and encoder came from local directories exports a directory that needs neither."""
+    import shutil
+
+    from interop_helpers import CLIP, LLAMA
+    from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(9)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**LLAMA)).save_pretrained(tmp_path / "llama")
+    CLIPVisionModel(CLIPVisionConfig(**CLIP)).save_pretrained(tmp_path / "clip")
+    cfg = tiny_config(llm={"config": {}, "path": str(tmp_path / "llama")}, encoder={"name": "hf_clip", "path": str(tmp_path / "clip")})
+    model = LlavaMini.from_config(cfg.model).eval()
+    out = export(run_dir(tmp_path, tokenizer_dir, model, cfg), tmp_path / "export")
+    shutil.rmtree(tmp_path / "llama"), shutil.rmtree(tmp_path / "clip")
+    loaded, batch = load_pretrained(out), image_batch(seed=10)
+    exported = OmegaConf.load(out / "config.yaml").model
+    assert exported.llm.path is None and exported.llm.config.hidden_size == 64
+    assert exported.encoder.path is None and exported.encoder.config.image_size == 32
     with torch.no_grad():
         assert torch.equal(loaded(batch).logits, model(batch).logits)
