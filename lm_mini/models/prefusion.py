@@ -8,11 +8,38 @@ and positions count valid tokens only (``cumsum(valid) - 1``).
 """
 from __future__ import annotations
 
+import inspect
 from typing import Tuple
 
 import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask
+
+
+def _check_llama_style(llm: nn.Module, decoder: nn.Module) -> None:
+    """Pre-fusion reuses the LLM's decoder-layer class: it needs ``decoder.layers`` and one shared
+    ``decoder.rotary_emb(x, position_ids)`` whose output every layer takes as ``position_embeddings``
+    (Llama, Qwen2/3, Mistral, Gemma, Phi, ...). Refuse other families with what to do instead."""
+    family = type(llm).__name__
+    layers, rotary = getattr(decoder, "layers", None), getattr(decoder, "rotary_emb", None)
+    problem = None
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        problem = "its decoder has no `layers` list of decoder layers"
+    elif rotary is None:
+        problem = "its decoder has no shared rotary embedding (`rotary_emb`)"
+    else:
+        rot = inspect.signature(rotary.forward).parameters
+        extra = [n for n, p in list(rot.items())[2:] if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        lay = inspect.signature(layers[0].forward).parameters
+        takes_pe = "position_embeddings" in lay or any(p.kind == p.VAR_KEYWORD for p in lay.values())
+        if extra:
+            problem = f"its rotary embedding needs per-layer arguments ({', '.join(extra)})"
+        elif not takes_pe:
+            problem = "its decoder layers do not take `position_embeddings`"
+    if problem:
+        raise ValueError(f"pre-fusion cannot be built from {family} ({getattr(llm.config, 'model_type', '?')}): {problem}. "
+                         "Pre-fusion supports Llama-style decoders (llama, qwen2, qwen3, mistral, gemma, phi, ...); "
+                         "use another LLM family or set model.prefusion.depth=0")
 
 
 class PreFusion(nn.Module):
@@ -38,6 +65,7 @@ class PreFusion(nn.Module):
         ``init="llm_layers"``: copies of the LLM's first ``depth`` layers.
         """
         decoder = llm.get_decoder()
+        _check_llama_style(llm, decoder)
         module = cls(llm.config, type(decoder.layers[0]), type(decoder.rotary_emb), depth)
         if init == "random":
             module.layers.apply(llm._init_weights)
@@ -64,5 +92,6 @@ class PreFusion(nn.Module):
         position_embeddings = self.rotary_emb(x, position_ids)
         for layer in self.layers:
             x = layer(x, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
+            x = x[0] if isinstance(x, tuple) else x  # some families still return (hidden_states, ...)
         fused_text = torch.where(text_mask.unsqueeze(-1), x[:, n_vis + n_comp :], text.to(x.dtype))
         return x[:, n_vis : n_vis + n_comp], fused_text

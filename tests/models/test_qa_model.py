@@ -119,3 +119,33 @@ def test_bad_value_in_yaml_is_refused_naming_the_file(tmp_path):
     bad.write_text(f"defaults: [{TINY}]\nmodel:\n  prefusion: {{depth: -2}}\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml.*model\.prefusion\.depth"):
         load_config(bad)
+
+
+# --------------------------------------------------------------------------- LLM families
+SMALL_LLM = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 1024, "max_position_embeddings": 512}
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma"])  # beyond Llama / Qwen2 / Mistral (tested elsewhere)
+def test_other_llama_style_families_train_and_generate_with_prefusion(family):
+    llm = dict(SMALL_LLM, model_type=family, **({"head_dim": 16} if family == "gemma" else {}))
+    model = build("model.prefusion.init=llm_layers", llm=llm).train()
+    batch = text_batch([5, IMG, 6, 7, 8], [9, 10])
+    batch.update(pixel_values=torch.randn(1, 3, 64, 64), frames_per_sample=torch.tensor([1, 0]))
+    model(batch).loss.backward()
+    assert all(p.grad is not None for p in model.prefusion.parameters() if p.requires_grad)
+    assert model.eval().generate(text_batch([5, 6]), max_new_tokens=2).shape == (1, 2)
+
+
+@pytest.mark.parametrize("llm, why", [
+    ({"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 1024}, "GPT2"),
+    (dict(SMALL_LLM, model_type="gemma3_text", head_dim=16), "Gemma3"),
+])
+def test_prefusion_on_an_unsupported_llm_family_says_so_and_depth_0_works(llm, why):
+    with pytest.raises(ValueError, match=rf"{why}.*model\.prefusion\.depth=0"):
+        build(llm=llm)
+    model = build("model.prefusion.depth=0", llm=llm)
+    batch = text_batch([5, IMG, 6])
+    batch.update(pixel_values=torch.randn(1, 3, 64, 64), frames_per_sample=torch.tensor([1]))
+    with torch.no_grad():
+        assert torch.isfinite(model(batch).loss)
