@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="dtype of weights and KV cache")
     p.add_argument("--chunk-frames", type=int, default=16, help="frames encoded at once (working memory)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--mlflow-run", default=None, help="log the figures (flops_per_sample, ...) to this MLflow run id")
+    p.add_argument("--mlflow-run", default=None, help="log the figures (flops_per_sample, ...) to this MLflow run id, or the run of a training run directory")
     p.add_argument("--measure-latency", action="store_true", help="also time prefill and decode with random weights")
     p.add_argument("--device", default="cpu", help="device for --measure-latency (cpu, cuda)")
     p.add_argument("--new-tokens", type=int, default=8, help="decode steps timed per run")

@@ -25,6 +25,7 @@ import statistics
 import time
 import weakref
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
@@ -534,7 +535,12 @@ def cli_efficiency(args: Any) -> int:
                                      new_tokens=args.new_tokens, repeats=args.repeats))
         report["setup"]["latency_device"] = args.device
     if args.mlflow_run:
-        log_to_mlflow(report, args.mlflow_run, tracking_uri(cfg))
+        run_id, uri = args.mlflow_run, tracking_uri(cfg)
+        run_file = Path(args.mlflow_run) / "mlflow.json"  # a training run's directory names its MLflow run
+        if run_file.is_file():
+            info = json.loads(run_file.read_text())
+            run_id, uri = info["run_id"], info["tracking_uri"]
+        log_to_mlflow(report, run_id, uri)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

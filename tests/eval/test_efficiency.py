@@ -204,6 +204,16 @@ def test_cli_json_has_model_baseline_ratio_and_logs_to_mlflow(tmp_path, capsys, 
     assert metrics["flops_per_sample"] == report["flops"]["model"]
     assert metrics["baseline_max_frames"] == report["max_frames"]["baseline"]
 
+    # a training run's directory works too: its mlflow.json names the run
+    other = client.create_run(client.get_experiment_by_name("eff").experiment_id).info.run_id
+    run_dir = tmp_path / "runs" / "eff" / "r1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "mlflow.json").write_text(json.dumps({"tracking_uri": uri, "run_id": other, "experiment": "eff"}))
+    assert main(["efficiency", "experiments/models/tiny.yaml", "model.prefusion.depth=1", "--text-tokens", "12",
+                 "--chunk-frames", "2", "--mlflow-run", str(run_dir)]) == 0
+    assert "flops_per_sample" in client.get_run(other).data.metrics
+    assert "FLOPs per sample" in capsys.readouterr().out
+
 
 def test_latency_is_measured_for_model_and_baseline_on_cpu():
     from lm_mini.eval.efficiency import format_table, latency_report
