@@ -68,10 +68,14 @@ class LlavaMini(nn.Module):
         """
         encoder = build_encoder(cfg.encoder)
         encoder.requires_grad_(False)
-        llm = LLMS.create(cfg.llm.name, config=plain(cfg.llm.config), path=cfg.llm.path, attn_implementation=cfg.llm.attn_implementation)
+        llm_cfg = plain(cfg.llm.config)
+        with _naming("model.llm", f"name={cfg.llm.name}, model_type={llm_cfg.get('model_type')}, path={cfg.llm.path}"):
+            llm = LLMS.create(cfg.llm.name, config=llm_cfg, path=cfg.llm.path, attn_implementation=cfg.llm.attn_implementation)
         width = llm.get_input_embeddings().embedding_dim
         projector = PROJECTORS.create(cfg.projector.name, encoder.hidden_size, width)
-        compressor = COMPRESSORS.create(cfg.compressor.name, dim=encoder.hidden_size, grid=cfg.compressor.grid, **plain(cfg.compressor.options))
+        options = plain(cfg.compressor.options)
+        with _naming("model.compressor", f"name={cfg.compressor.name}, grid={cfg.compressor.grid}, options={options}"):
+            compressor = COMPRESSORS.create(cfg.compressor.name, dim=encoder.hidden_size, grid=cfg.compressor.grid, **options)
         prefusion = PreFusion.from_llm(llm, cfg.prefusion.depth, cfg.prefusion.init) if cfg.prefusion.depth > 0 else None
         model = cls(encoder, projector, compressor, llm, prefusion, resolution_ratio=cfg.resolution_ratio)
         return model.to(getattr(torch, cfg.dtype))
@@ -257,6 +261,15 @@ class LlavaMini(nn.Module):
             gen_kwargs["pad_token_id"] = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
         # transformers' generate derives position ids from the left-padded mask (cumsum - 1)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=mask.long(), max_new_tokens=max_new_tokens, **gen_kwargs)
+
+
+@contextlib.contextmanager
+def _naming(key: str, what: str):
+    """Re-raise a part's build error (bad kwargs, failed assertion) as a ValueError naming the config key."""
+    try:
+        yield
+    except (TypeError, ValueError, AssertionError) as e:
+        raise ValueError(f"{key} ({what}) cannot be built: {type(e).__name__}: {e}") from e
 
 
 def _name(batch: Batch, b: int) -> str:

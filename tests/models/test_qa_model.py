@@ -149,3 +149,16 @@ def test_prefusion_on_an_unsupported_llm_family_says_so_and_depth_0_works(llm, w
     batch.update(pixel_values=torch.randn(1, 3, 64, 64), frames_per_sample=torch.tensor([1]))
     with torch.no_grad():
         assert torch.isfinite(model(batch).loss)
+
+
+# --------------------------------------------------------------------------- part options
+@pytest.mark.parametrize("options, said", [("{num_heads: 3}", "divisible"), ("{bogus: 3}", "bogus")])
+def test_bad_compressor_options_name_the_config_key(options, said):
+    with pytest.raises(ValueError, match=rf"model\.compressor.*query_attention.*{said}"):
+        build(f"model.compressor.options={options}")
+
+
+def test_llm_config_the_family_cannot_build_names_the_config_key():
+    # phi3's default pad_token_id (32000) lies outside a 1024-token vocabulary
+    with pytest.raises(ValueError, match=r"model\.llm.*phi3.*Padding_idx"):
+        build(llm=dict(SMALL_LLM, model_type="phi3"))
