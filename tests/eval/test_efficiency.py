@@ -182,19 +182,23 @@ def test_baseline_config_is_llava15():
     assert (cfg.compressor.name, cfg.prefusion.depth) == ("query_attention", 4)  # the input is untouched
 
 
-def test_cli_json_has_model_baseline_ratio_and_logs_to_mlflow(tmp_path, capsys, monkeypatch):
+def test_cli_json_has_model_baseline_ratio_and_logs_to_a_training_runs_mlflow_run(tmp_path, capsys):
     import json
 
     import mlflow
 
     from lm_mini.cli import main
+    from lm_mini.eval.efficiency import log_to_mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     client = mlflow.MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("eff")).info.run_id
+    experiment = client.create_experiment("eff")
+    run_id = client.create_run(experiment).info.run_id
+    run_dir = tmp_path / "runs" / "eff" / "r1"  # a training run's directory: mlflow.json names its run
+    run_dir.mkdir(parents=True)
+    (run_dir / "mlflow.json").write_text(json.dumps({"tracking_uri": uri, "run_id": run_id, "experiment": "eff"}))
     assert main(["efficiency", "experiments/models/tiny.yaml", "model.prefusion.depth=1", "--text-tokens", "12",
-                 "--frames", "4", "--chunk-frames", "2", "--json", "--mlflow-run", run_id]) == 0
+                 "--frames", "4", "--chunk-frames", "2", "--json", "--mlflow-run", str(run_dir)]) == 0
     report = json.loads(capsys.readouterr().out)
     for key in ("flops", "visual_tokens", "kv_cache_bytes_per_image", "max_frames"):
         assert set(report[key]) == {"model", "baseline", "ratio"}
@@ -203,16 +207,9 @@ def test_cli_json_has_model_baseline_ratio_and_logs_to_mlflow(tmp_path, capsys, 
     metrics = client.get_run(run_id).data.metrics
     assert metrics["flops_per_sample"] == report["flops"]["model"]
     assert metrics["baseline_max_frames"] == report["max_frames"]["baseline"]
-
-    # a training run's directory works too: its mlflow.json names the run
-    other = client.create_run(client.get_experiment_by_name("eff").experiment_id).info.run_id
-    run_dir = tmp_path / "runs" / "eff" / "r1"
-    run_dir.mkdir(parents=True)
-    (run_dir / "mlflow.json").write_text(json.dumps({"tracking_uri": uri, "run_id": other, "experiment": "eff"}))
-    assert main(["efficiency", "experiments/models/tiny.yaml", "model.prefusion.depth=1", "--text-tokens", "12",
-                 "--chunk-frames", "2", "--mlflow-run", str(run_dir)]) == 0
-    assert "flops_per_sample" in client.get_run(other).data.metrics
-    assert "FLOPs per sample" in capsys.readouterr().out
+    other = client.create_run(experiment).info.run_id  # --mlflow-run RUN_ID logs the same way
+    log_to_mlflow(report, other, uri)
+    assert client.get_run(other).data.metrics == metrics
 
 
 def test_latency_is_measured_for_model_and_baseline_on_cpu():
