@@ -11,7 +11,7 @@ from typing import List, Optional, Sequence
 
 import av
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lm_mini.data.errors import SampleError
 
@@ -24,13 +24,37 @@ def decode_image(data: bytes, sample_id: Optional[str] = None) -> Image.Image:
     The image is fully decoded here (``load``) so a truncated or corrupt file fails now, as
     ``SampleError("corrupt_image")``, rather than later inside a dataloader worker.
     """
+    if not data:
+        raise SampleError("corrupt_image", "zero-length image", sample_id)
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
         image = ImageOps.exif_transpose(image)
-        return image.convert("RGB")
+        return _to_8_bit(image).convert("RGB")
+    except UnidentifiedImageError as e:  # its message holds a BytesIO address: not reproducible
+        raise SampleError("corrupt_image", f"not an image format PIL can read ({len(data)} bytes)", sample_id) from e
     except Exception as e:  # PIL signals bad data with OSError, SyntaxError, ValueError, EOFError, ...
         raise SampleError("corrupt_image", f"cannot decode image ({type(e).__name__}: {e})", sample_id) from e
+
+
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """Greyscale images of more than 8 bits -> mode L, keeping their grey levels.
+
+    PIL's ``convert("RGB")`` clips these to 0..255 (a 16-bit PNG turns white): 16-bit integer
+    modes (``I;16*``, and ``I`` as PNG/TIFF decode 16-bit data) are divided by 257; float images
+    (``F``) are taken as 0..1 when they lie in it, else as 0..255.
+    """
+    if not (image.mode.startswith("I") or image.mode == "F"):
+        return image
+    import numpy as np
+
+    pixels = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        scale = 255.0 if pixels.size and 0.0 <= pixels.min() and pixels.max() <= 1.0 else 1.0
+    else:
+        sixteen_bit = image.mode.startswith("I;16") or (pixels.size > 0 and pixels.max() > 255)
+        scale = 1.0 / 257.0 if sixteen_bit else 1.0
+    return Image.fromarray(np.clip(np.rint(pixels * scale), 0, 255).astype(np.uint8), mode="L")
 
 
 def sample_frame_indices(num_frames: int, frame_rate: float, fps: float = 1.0, max_frames: int = 64) -> List[int]:
