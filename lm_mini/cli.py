@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-batches", type=int, default=None)
     p.add_argument("--no-layer-drop", action="store_true", help="skip the layer-drop probe (one forward per layer)")
+    p.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
     p.add_argument("--plot", default=None, help="PNG file")
     p.add_argument("--out", default=None, help="numbers as .json (everything) or .csv (one row per layer)")
     p.set_defaults(func=_handler("lm_mini.eval.attention:cli_attention"))

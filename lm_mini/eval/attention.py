@@ -203,15 +203,22 @@ def _mean(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return out
 
 
+def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def analyze(model: nn.Module, batches: Iterable[Dict[str, Any]], with_layer_drop: bool = True,
             max_batches: Optional[int] = None) -> Dict[str, Any]:
-    """``{"layers": [per-layer means], "layer_drop": [per-k means]}`` over ``batches`` (eval mode)."""
+    """``{"layers": [per-layer means], "layer_drop": [per-k means]}`` over ``batches`` (eval mode),
+    each batch moved to the model's device."""
     model.eval()
+    device = next(model.parameters()).device
     layers: List[Dict[str, Any]] = []
     drops: List[Dict[str, Any]] = []
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
+        batch = _to_device(batch, device)
         with torch.no_grad():
             inputs = llm_inputs(model, batch)
         layers = _accumulate(layers, attention_stats(model.llm, inputs))
@@ -321,6 +328,7 @@ def cli_attention(args: Any) -> int:
     from lm_mini.data.datamodule import build_datamodule
 
     model, cfg = load_model(args.target, args.overrides)
+    model.to(args.device)
     cfg.data.val = [ShardSetConfig(path=args.data)]
     cfg.data.batch_size = args.batch_size
     loader = build_datamodule(cfg, rank=0, world_size=1).val_dataloader()
