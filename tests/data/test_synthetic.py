@@ -4,7 +4,6 @@ eval disjoint from train, balanced answers, a correct majority baseline, determi
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 from collections import Counter
