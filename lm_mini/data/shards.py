@@ -548,8 +548,15 @@ def _token_layout(s: RawSample, tokenizer: Any, template: str) -> List[str]:
                            + (" (UNALIGNED: all masked)" if t.unaligned else "")], [], None
 
     def flush() -> None:
-        if run:
-            text = "".join("<media>" if i == IMAGE_TOKEN_INDEX else tokenizer.decode([i]) for i in run)
+        if run:  # decode each stretch of text whole: a character may span several byte-level tokens
+            pieces, chunk = [], []
+            for i in run + [IMAGE_TOKEN_INDEX]:
+                if i == IMAGE_TOKEN_INDEX:
+                    pieces.append(tokenizer.decode(chunk) if chunk else "")
+                    chunk = []
+                else:
+                    chunk.append(i)
+            text = "<media>".join(pieces)
             lines.append(f"  {'LOSS' if trained else 'ctx '} | {text!r}")
 
     for i, label in zip(t.input_ids, t.labels):

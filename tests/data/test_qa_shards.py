@@ -38,3 +38,44 @@ def test_zero_length_image_says_so_without_object_addresses():
     with pytest.raises(SampleError) as e:
         decode_image(b"", "s1")
     assert e.value.reason == "corrupt_image" and "zero-length" in str(e.value) and " at 0x" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- build + inspect of odd records
+TOKENIZER = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "data_shards" / "demo" / "tokenizer")
+
+
+def turns(*texts):
+    return [{"from": "human" if i % 2 == 0 else "gpt", "value": t} for i, t in enumerate(texts)]
+
+
+@pytest.fixture
+def odd_set(tmp_path):
+    media = tmp_path / "media"
+    (media / "ü dir" / "deep").mkdir(parents=True)
+    Image.new("RGB", (30, 20), (200, 10, 10)).save(media / "ü dir" / "deep" / "pic 1.png")
+    absolute = tmp_path / "elsewhere.webp"
+    Image.new("RGB", (8, 8), (0, 200, 0)).save(absolute)
+    records = [
+        {"id": "uni-😀", "image": "ü dir/deep/pic 1.png", "conversations": turns("<image>\nQué es? 日本語", "Ünïcödé ✓")},
+        {"id": "abs", "image": str(absolute), "conversations": turns("What is this <image>", "Green.")},
+        {"id": "sys", "image": ["ü dir/deep/pic 1.png"],
+         "conversations": [{"from": "system", "value": "Be brief."}] + turns("q1 <image>", "a1", "q2", "a2")},
+    ]
+    src = tmp_path / "data.json"
+    src.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    return src, media
+
+
+def test_odd_valid_records_round_trip_and_inspect_decodes_unicode(odd_set, tmp_path, capsys):
+    src, media = odd_set
+    report = build_shards([src], media, tmp_path / "out")
+    assert report.num_samples == 3 and not report.skipped
+    samples = list(iter_raw_samples(shard_paths(tmp_path / "out"), SkipCounter()))
+    assert [s.record["id"] for s in samples] == ["uni-😀", "abs", "sys"]
+    assert [s.media_ext for s in samples] == ["png", "webp", "png"]
+    capsys.readouterr()
+    assert main(["shards", "inspect", str(tmp_path / "out"), "--tokenizer", TOKENIZER]) == 0
+    out = capsys.readouterr().out
+    assert "Qué es? 日本語" in out and "Ünïcödé ✓" in out  # text runs decoded whole, not token by token
+    assert "\ufffd" not in out
+    assert "'<s>Be brief. USER: <media>\\nq1 ASSISTANT:'" in out  # record's system turn, <image> moved first
