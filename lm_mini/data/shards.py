@@ -141,7 +141,7 @@ def _read_source(path: Union[str, Path]) -> _Source:
     path = Path(path)
     try:
         raw = path.read_bytes()
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a leading BOM (Windows tools) is not part of the data
     except (OSError, UnicodeDecodeError) as e:
         raise ShardBuildError(f"cannot read {path}: {e}") from e
     sha = hashlib.sha256(raw).hexdigest()

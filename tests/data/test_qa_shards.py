@@ -79,3 +79,14 @@ def test_odd_valid_records_round_trip_and_inspect_decodes_unicode(odd_set, tmp_p
     assert "Qué es? 日本語" in out and "Ünïcödé ✓" in out  # text runs decoded whole, not token by token
     assert "\ufffd" not in out
     assert "'<s>Be brief. USER: <media>\\nq1 ASSISTANT:'" in out  # record's system turn, <image> moved first
+
+
+@pytest.mark.parametrize("layout", ["json", "jsonl"])
+def test_utf8_bom_at_the_start_of_the_input_file_is_ignored(tmp_path, layout):
+    """Files saved by Windows tools often start with a BOM; the first record must not be lost to it."""
+    records = [{"id": f"t{i}", "conversations": turns("Say hi.", "Hi.")} for i in range(3)]
+    text = json.dumps(records, indent=1) if layout == "json" else "\n".join(json.dumps(r) for r in records)
+    src = tmp_path / f"data.{layout}"
+    src.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    report = build_shards([src], tmp_path, tmp_path / "out")
+    assert report.num_samples == 3 and not report.skipped
