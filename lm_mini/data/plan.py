@@ -111,6 +111,7 @@ class EpochPlan:
     num_workers: int = 1  # DataLoader workers; 0 and 1 both mean one reader
     batch_size: int = 1
     shuffle: bool = True
+    shuffle_buffer: int = 1000  # samples held by each worker's shuffle buffer
 
     def __post_init__(self):
         if not 0 <= self.rank < self.world_size:
@@ -174,12 +175,13 @@ class EpochPlan:
                 nxt[s] += 1
         return slots
 
-    def emit_order(self, n: int, worker: int, buffer_size: int) -> np.ndarray:
-        """Indices into a worker's read order, in the order a bounded shuffle buffer emits them.
+    def emit_order(self, n: int, worker: int) -> np.ndarray:
+        """Indices into a worker's read order (of ``n`` samples), in the order its shuffle buffer emits them.
 
-        The buffer fills up to ``buffer_size`` items, then each newly read item replaces a random
+        The buffer fills up to ``shuffle_buffer`` items, then each newly read item replaces a random
         one that is emitted; at the end the rest drains in random order (webdataset's scheme).
         """
+        buffer_size = self.shuffle_buffer
         if not self.shuffle or buffer_size <= 1:
             return np.arange(n)
         rng = _rng(self.seed, self.epoch, _BUFFER, self.rank, worker)
@@ -211,6 +213,8 @@ def fingerprint(plan: EpochPlan, worker: int) -> dict:
         "num_workers": max(plan.num_workers, 1),
         "worker": worker,
         "batch_size": plan.batch_size,
+        "shuffle": plan.shuffle,
+        "shuffle_buffer": plan.shuffle_buffer,
         "sets": [list(s.shard_counts) + [s.weight] for s in plan.sets],
     }
 

@@ -139,7 +139,8 @@ class _WorkerStream:
         expected = fingerprint(self.dataset.plan(self.epoch), self.worker)
         if state["plan"] != expected:
             raise ValueError(f"the saved data position was made with {state['plan']}, this run has {expected}: "
-                             "resuming needs the same seed, world size, workers, batch size and shard sets")
+                             "resuming needs the same seed, world size, workers, batch size, shuffle buffer "
+                             "and shard sets")
 
     def __iter__(self) -> "_WorkerStream":
         return self
@@ -152,10 +153,9 @@ class _WorkerStream:
         return sample
 
     def _generate(self) -> Iterator[Dict[str, Any]]:
-        ds = self.dataset
-        plan = ds.plan(self.epoch)
+        plan = self.dataset.plan(self.epoch)
         slots = plan.worker_slots(self.worker)
-        order = plan.emit_order(len(slots), self.worker, ds.shuffle_buffer)[self.delivered:].tolist()
+        order = plan.emit_order(len(slots), self.worker)[self.delivered:].tolist()
         wanted = set(order)  # read indices still to emit; the others were delivered before a resume
         cursors: Dict[int, _SetCursor] = {}
         held: Dict[int, Any] = {}  # read, waiting in the shuffle buffer (at most shuffle_buffer of them)
@@ -203,7 +203,7 @@ class StreamingDataset(IterableDataset):
     def plan(self, epoch: int) -> EpochPlan:
         return EpochPlan(tuple(s.spec for s in self.sets), seed=self.seed, epoch=epoch, rank=self.rank,
                          world_size=self.world_size, num_workers=self.num_workers,
-                         batch_size=self.batch_size, shuffle=self.shuffle)
+                         batch_size=self.batch_size, shuffle=self.shuffle, shuffle_buffer=self.shuffle_buffer)
 
     def __len__(self) -> int:
         return self.plan(self.epoch).per_rank
