@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path

@@ -4,18 +4,18 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lm_mini.eval.efficiency import PeakMemory, flop_counter, kv_bytes_per_token, part_flops, use_eager_attention
+from lm_mini.eval.counting import MetaHybridMode, PeakMemory, flop_counter, part_flops, use_eager_attention
+from lm_mini.eval.efficiency import kv_bytes_per_token
 
 
-def llama_hand_flops(cfg: LlamaConfig, tokens: int, logits_for: int, context: int = None) -> int:
-    """2 x mul-adds of every linear (q, k, v, o, gate, up, down, lm_head) + QK^T and AV for ``tokens``
-    queries over ``context`` keys (full, not causal-halved), from the config alone."""
-    context = context or tokens
+def llama_hand_flops(cfg: LlamaConfig, tokens: int, logits_for: int) -> int:
+    """2 x mul-adds of every linear (q, k, v, o, gate, up, down; lm_head for ``logits_for`` positions)
+    + QK^T and AV over all ``tokens`` x ``tokens`` pairs (full, not causal-halved), from the config alone."""
     d, heads, layers = cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers
     head_dim = d // heads
     kv = cfg.num_key_value_heads * head_dim
     linear = d * (d + 2 * kv + d) + 3 * d * cfg.intermediate_size  # weights per layer
-    attention = 2 * heads * head_dim * context  # scores + values, per query
+    attention = 2 * heads * head_dim * tokens  # scores + values, per query
     return layers * (2 * tokens * linear + 2 * tokens * attention) + 2 * logits_for * d * cfg.vocab_size
 
 
@@ -98,7 +98,7 @@ def test_part_flops_attributes_each_part_and_accumulates_repeated_calls():
 # --------------------------------------------------------------------------- the package's models
 from lm_mini.config import load_config  # noqa: E402
 from lm_mini.eval.efficiency import (  # noqa: E402
-    MetaHybridMode, baseline_config, build_model, efficiency_report, max_frames, profile, synthetic_batch,
+    baseline_config, build_model, efficiency_report, max_frames, profile, synthetic_batch,
 )
 
 
