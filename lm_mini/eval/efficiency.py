@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import statistics
 import time
 from pathlib import Path
@@ -188,8 +187,8 @@ def max_frames(figures: Mapping[str, Any], budget_bytes: float) -> int:
 
 # --------------------------------------------------------------------------- model vs baseline
 def _side_by_side(model: Any, baseline: Any) -> Dict[str, Any]:
-    ratio = model / baseline if baseline else float("nan")
-    return {"model": model, "baseline": baseline, "ratio": ratio}
+    """``ratio`` is None where the baseline has none of it (LLaVA-1.5 has no compressor FLOPs): JSON has no NaN."""
+    return {"model": model, "baseline": baseline, "ratio": model / baseline if baseline else None}
 
 
 def efficiency_report(model_cfg: Any, text_tokens: int = 64, frames: int = 0, budget_gb: float = 24.0,
@@ -308,7 +307,7 @@ def format_table(report: Mapping[str, Any], markdown: bool = False) -> str:
         entry = entry.get(part) if (entry is not None and part) else entry
         if entry is None:
             continue
-        ratio = f"{entry['ratio']:.3g}x" if entry["baseline"] else "-"
+        ratio = "-" if entry["ratio"] is None else f"{entry['ratio']:.3g}x"
         rows.append((label, format_value(entry["model"], unit), format_value(entry["baseline"], unit), ratio))
     if markdown:
         lines = ["| " + " | ".join(r) + " |" for r in rows]
@@ -331,7 +330,8 @@ def mlflow_metrics(report: Mapping[str, Any]) -> Dict[str, float]:
         if key in report:
             metrics[name] = float(report[key]["model"])
             metrics[f"baseline_{name}"] = float(report[key]["baseline"])
-            metrics[f"{name}_ratio"] = float(report[key]["ratio"])
+            if report[key]["ratio"] is not None:
+                metrics[f"{name}_ratio"] = float(report[key]["ratio"])
     return metrics
 
 
@@ -340,7 +340,7 @@ def log_to_mlflow(report: Mapping[str, Any], run_id: str, tracking_uri: str) -> 
     from mlflow.entities import Metric
 
     stamp = int(time.time() * 1000)
-    metrics = [Metric(name, value, stamp, 0) for name, value in mlflow_metrics(report).items() if math.isfinite(value)]
+    metrics = [Metric(name, value, stamp, 0) for name, value in mlflow_metrics(report).items()]
     MlflowClient(tracking_uri).log_batch(run_id, metrics=metrics)
 
 
