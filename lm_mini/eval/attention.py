@@ -88,36 +88,53 @@ def eager_attention(llm: nn.Module) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- attention statistics
+def _layer_stats(attn: torch.Tensor, inputs: LLMInputs, keep: torch.Tensor) -> Dict[str, Any]:
+    """Statistics of one layer's attention weights [B, H, S, S], summed over the kept samples."""
+    types = torch.stack([getattr(inputs, t) for t in TYPES], dim=1)[keep].float()  # [B', 3, S]
+    queries = inputs.instruction[keep].float()  # [B', S]
+    n_queries, n_types = queries.sum(1), types.sum(2)  # [B'], [B', 3]
+    a = attn[keep].float().mean(1)  # [B', S, S], averaged over heads
+    to_type = torch.einsum("bqk,btk->bqt", a, types)  # [B', S, 3]: attention each query gives each type
+    mass = (to_type * queries[..., None]).sum(1) / n_queries[:, None]  # [B', 3]
+    per_token = mass / n_types.clamp(min=1)
+    share = per_token / per_token.sum(1, keepdim=True)
+    p = a * inputs.visual[keep][:, None, :].float()  # attention on visual keys only, renormalised
+    p = p / p.sum(-1, keepdim=True).clamp(min=1e-30)
+    entropy = -(p * p.clamp(min=1e-30).log()).sum(-1)  # [B', S]
+    entropy = (entropy * queries).sum(1) / n_queries
+    return {
+        "samples": int(keep.sum()),
+        "mass": dict(zip(TYPES, mass.sum(0).tolist())),
+        "share": dict(zip(TYPES, share.sum(0).tolist())),
+        "visual_entropy": float(entropy.sum()),
+        "visual_entropy_uniform": float(n_types[:, 1].log().sum()),
+    }
+
+
 @torch.no_grad()
 def attention_stats(llm: nn.Module, inputs: LLMInputs) -> List[Dict[str, Any]]:
     """Per layer, summed over the samples with media and instruction tokens (divide by ``samples``):
-    ``mass``/``share`` per type and ``visual_entropy``, each already averaged within a sample."""
-    with eager_attention(llm):
-        out = llm(inputs_embeds=inputs.embeds, attention_mask=inputs.mask, position_ids=inputs.position_ids,
-                  output_attentions=True, use_cache=False)
+    ``mass``/``share`` per type and ``visual_entropy``, each already averaged within a sample.
+
+    Each layer's weights are reduced as soon as its attention returns them (eager attention returns
+    ``(output, weights)``), so at most one layer's [B, H, S, S] is alive, and no logits are computed.
+    """
     keep = inputs.visual.any(1) & inputs.instruction.any(1)  # samples the analysis can speak about
-    types = torch.stack([getattr(inputs, t) for t in TYPES], dim=1)[keep].float()  # [B', 3, S]
-    queries = inputs.instruction[keep].float()  # [B', S]
-    n_queries = queries.sum(1)  # [B']
-    n_types = types.sum(2)  # [B', 3]
-    layers = []
-    for attn in out.attentions:  # [B, H, S, S]
-        a = attn[keep].float().mean(1)  # [B', S, S], averaged over heads
-        to_type = torch.einsum("bqk,btk->bqt", a, types)  # [B', S, 3]: attention each query gives each type
-        mass = (to_type * queries[..., None]).sum(1) / n_queries[:, None]  # [B', 3]
-        per_token = mass / n_types.clamp(min=1)
-        share = per_token / per_token.sum(1, keepdim=True)
-        p = a * inputs.visual[keep][:, None, :].float()  # attention on visual keys only
-        p = p / p.sum(-1, keepdim=True).clamp(min=1e-30)
-        entropy = -(p * p.clamp(min=1e-30).log()).sum(-1)  # [B', S]
-        entropy = (entropy * queries).sum(1) / n_queries
-        layers.append({
-            "samples": int(keep.sum()),
-            "mass": dict(zip(TYPES, mass.sum(0).tolist())),
-            "share": dict(zip(TYPES, share.sum(0).tolist())),
-            "visual_entropy": float(entropy.sum()),
-            "visual_entropy_uniform": float(n_types[:, 1].log().sum()),
-        })
+    layers: List[Dict[str, Any]] = []
+
+    def record(module, args, output) -> None:
+        if not isinstance(output, tuple) or output[1] is None:
+            raise RuntimeError(f"{type(module).__name__} returned no attention weights; expected eager attention")
+        layers.append(_layer_stats(output[1], inputs, keep))
+
+    decoder = llm.get_decoder()
+    handles = [layer.self_attn.register_forward_hook(record) for layer in decoder.layers]
+    try:
+        with eager_attention(llm):
+            decoder(inputs_embeds=inputs.embeds, attention_mask=inputs.mask, position_ids=inputs.position_ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
     return layers
 
 
