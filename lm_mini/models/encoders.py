@@ -38,6 +38,20 @@ def plain(mapping: Any) -> Dict[str, Any]:
     return dict(mapping)
 
 
+def check_local_path(path: Optional[str], key: str) -> Optional[str]:
+    """Refuse a ``path`` that is written as a local path (absolute, ``./``, ``../``, ``~``) but does not exist.
+
+    Anything else (``org/name``) may still be a Hugging Face hub id served from the local cache.
+    """
+    if not path:
+        return path
+    p = Path(path).expanduser()
+    looks_local = p.is_absolute() or str(path).startswith((".", "~"))
+    if looks_local and not p.exists():
+        raise FileNotFoundError(f"{key}: {path} does not exist (expected a local weights directory or file)")
+    return str(p) if looks_local else path
+
+
 def building_on_meta() -> bool:
     """True inside ``with torch.device("meta")``: build from configs, never read weights."""
     return torch.empty(0).device.type == "meta"
@@ -94,6 +108,7 @@ class HFVisionEncoder(VisionEncoder):
         if select_feature not in ("patch", "cls_patch"):
             raise ValueError(f"encoder select_feature must be 'patch' or 'cls_patch', got '{select_feature}'")
         model_cls = getattr(transformers, _HF_FAMILIES[family][1])
+        path = check_local_path(path, "model.encoder.path")
         vcfg = _hf_vision_config(family, config, path)
         if path and not building_on_meta():
             self.model = model_cls.from_pretrained(path)
@@ -146,7 +161,7 @@ class TimmVisionEncoder(VisionEncoder):
 
         name, kwargs = _split_timm_kwargs(config or {})
         kwargs.setdefault("num_classes", 0)
-        checkpoint = path if path and not building_on_meta() else ""
+        checkpoint = check_local_path(path, "model.encoder.path") if path and not building_on_meta() else ""
         self.model = timm.create_model(name, pretrained=False, checkpoint_path=checkpoint, **kwargs)
         if not all(hasattr(self.model, a) for a in ("blocks", "patch_embed", "forward_intermediates")):
             raise ValueError(f"timm encoder: model '{name}' ({type(self.model).__name__}) is not a ViT-like model with "
@@ -193,6 +208,7 @@ def image_preprocessing(encoder_cfg: Any) -> Tuple[int, Tuple[float, ...], Tuple
     """
     name, config, path = encoder_cfg.name, plain(encoder_cfg.config), encoder_cfg.path
     if name in _HF_FAMILIES:
+        path = check_local_path(path, "model.encoder.path")
         vcfg = _hf_vision_config(name, config, path)
         mean, std = _normalisation(name, path)
         return int(vcfg.image_size), mean, std

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
-from lm_mini.models.encoders import building_on_meta, plain
+from lm_mini.models.encoders import building_on_meta, check_local_path, plain
 from lm_mini.registry import LLMS
 
 
@@ -20,6 +20,7 @@ def hf_causal_lm(config: Optional[Mapping[str, Any]] = None, path: Optional[str]
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if path:
+        path = check_local_path(path, "model.llm.path")
         if not building_on_meta():
             return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation)
         hf_config = AutoConfig.from_pretrained(path)

@@ -162,3 +162,14 @@ def test_llm_config_the_family_cannot_build_names_the_config_key():
     # phi3's default pad_token_id (32000) lies outside a 1024-token vocabulary
     with pytest.raises(ValueError, match=r"model\.llm.*phi3.*Padding_idx"):
         build(llm=dict(SMALL_LLM, model_type="phi3"))
+
+
+@pytest.mark.parametrize("key", ["model.llm.path", "model.encoder.path"])
+def test_missing_local_weights_directory_names_the_key(tmp_path, key):
+    with pytest.raises(FileNotFoundError, match=rf"{key}.*nope"):
+        build(f"{key}={tmp_path / 'nope'}")
+
+
+def test_missing_timm_checkpoint_names_the_key(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"model\.encoder\.path.*nope\.pth"):
+        build("model.encoder.name=timm", f"model.encoder.path={tmp_path / 'nope.pth'}", encoder=TIMM_TINY)
