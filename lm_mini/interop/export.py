@@ -148,7 +148,7 @@ def tokenizer_dir(cfg: DictConfig, source: Source) -> Path:
                             f"(run the command from the directory training ran in)")
 
 
-def model_card(name: str, cfg: DictConfig, source: Source) -> str:
+def model_card(out: PathLike, cfg: DictConfig, source: Source) -> str:
     info = source.info
     origin = f"Exported with `lm-mini export {source.path}`"
     if source.checkpoint is not None:
@@ -156,9 +156,9 @@ def model_card(name: str, cfg: DictConfig, source: Source) -> str:
     mlflow = (f"- MLflow run: `{info['run_id']}` (experiment `{info.get('experiment', cfg.experiment)}`, "
               f"tracking URI `{info.get('tracking_uri', '')}`)\n") if info.get("run_id") else "- MLflow run: unknown\n"
     summary = "".join(f"- {k}: {v}\n" for k, v in model_summary(cfg).items())
-    return (f"---\nlibrary_name: lm_mini\ntags: [llava-mini, multimodal, lm_mini]\n---\n# {name}\n\n{origin}.\n\n"
-            f"{mlflow}{summary}\n## Use\n\n```bash\nlm-mini generate {name} --image photo.jpg --prompt 'What is shown?'\n```\n\n"
-            f"```python\nfrom lm_mini.interop import load_pretrained\nmodel = load_pretrained('{name}')\n```\n\n"
+    return (f"---\nlibrary_name: lm_mini\ntags: [llava-mini, multimodal, lm_mini]\n---\n# {Path(out).name}\n\n{origin}.\n\n"
+            f"{mlflow}{summary}\n## Use\n\n```bash\nlm-mini generate {out} --image photo.jpg --prompt 'What is shown?'\n```\n\n"
+            f"```python\nfrom lm_mini.interop import load_pretrained\nmodel = load_pretrained('{out}')\n```\n\n"
             f"## Training config\n\n```yaml\n{OmegaConf.to_yaml(source.cfg, resolve=True)}```\n")
 
 
@@ -172,7 +172,7 @@ def export(path: PathLike, out: PathLike, max_shard_size: Any = "5GB") -> Path:
     if dtype in ("float32", "bfloat16", "float16"):
         cfg.model.dtype = dtype  # load_pretrained rebuilds in the precision the weights are stored in
     tok = tokenizer_dir(cfg, source)
-    return save_pretrained(out, state, cfg, tok, model_card(str(out), cfg, source), max_shard_size)
+    return save_pretrained(out, state, cfg, tok, model_card(out, cfg, source), max_shard_size)
 
 
 def cli_export(args: Any) -> int:

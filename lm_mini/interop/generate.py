@@ -61,7 +61,7 @@ def load_media(path: str, is_video: bool, cfg: DictConfig) -> Media:
         else:
             pixels = processor.image(decode_image(p.read_bytes(), str(p)))
     except SampleError as e:
-        raise ValueError(f"{p}: {e}") from e
+        raise ValueError(str(e)) from e  # names the file (sample id) and the reason
     return Media(p, is_video, pixels, pixels.shape[0] if is_video else 1)
 
 
@@ -111,9 +111,12 @@ class StreamTo(TextStreamer):
 
     def __init__(self, stream: TextIO, tokenizer: Any, **kwargs: Any):
         super().__init__(tokenizer, **kwargs)
-        self.stream = stream
+        self.stream, self.started = stream, False
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if not self.started:  # answers often start with a space token (" blue"): print them as the JSON has them
+            text = text.lstrip()
+            self.started = bool(text)
         self.stream.write(text + ("\n" if stream_end else ""))
         self.stream.flush()
 

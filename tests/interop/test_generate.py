@@ -78,7 +78,7 @@ def test_chat_ends_on_eof(model_dir, media, capsys, monkeypatch):
     ("no-file", "image file not found"),
     ("text-file", "unsupported image type '.txt'"),
     ("video-as-image", "unsupported image type '.mp4'"),
-    ("broken-image", "cannot decode image"),
+    ("broken-image", "[corrupt_image]"),
     ("image-as-video", "unsupported video type '.png'"),
 ])
 def test_generate_errors_are_clear(model_dir, media, tmp_path, capsys, case, message):
@@ -90,7 +90,8 @@ def test_generate_errors_are_clear(model_dir, media, tmp_path, capsys, case, mes
     if case == "image-as-video":
         flag = "--video"
     assert main(["generate", source, flag, str(path), "--prompt", "hi"]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and str(path if case != "no-model" else source) in err
 
 
 def test_exactly_one_media_item(model_dir, media):
