@@ -122,7 +122,6 @@ def setup_tracking(cfg: DictConfig, run: Run) -> BufferedMLFlowLogger:
     run_id = previous.get("run_id")  # the run's MLflow run, whether resuming or restarting it
     if rank_zero_only.rank != 0:
         return BufferedMLFlowLogger(experiment_name=cfg.experiment, tracking_uri=uri, run_id=run_id)
-    check_tracking_server(uri, cfg.logging.connect_timeout_s)
     skip_through = -1
     if run_id is not None:
         from mlflow import MlflowClient
@@ -140,7 +139,7 @@ def setup_tracking(cfg: DictConfig, run: Run) -> BufferedMLFlowLogger:
         logger.experiment.log_artifact(logger.run_id, str(run.dir / "config.yaml"))
         run.mlflow_file.write_text(json.dumps({"tracking_uri": uri, "run_id": logger.run_id, "experiment": cfg.experiment}))
     else:
-        sent = logger.replay_pending()
+        sent = logger.replay_pending()  # steps the run already has are skipped, like any re-logged step
         if sent:
             print(f"lm-mini: sent {sent} metric steps that an earlier session could not deliver")
     return logger
@@ -187,6 +186,8 @@ class TrainResult:
 def train(cfg: DictConfig, resume: Optional[str] = None, model_factory: Optional[Callable] = None,
           datamodule: Optional[L.LightningDataModule] = None) -> TrainResult:
     """Train one stage as ``cfg`` says; evaluate on ``data.val`` at the end (``train.eval_at_end``)."""
+    if rank_zero_only.rank == 0:  # an unreachable tracking server is an error before any work
+        check_tracking_server(tracking_uri(cfg), cfg.logging.connect_timeout_s)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run = resolve_run(cfg, resume)
     os.environ[RUN_NAME_ENV] = run.name

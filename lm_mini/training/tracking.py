@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import threading
 import time
 import urllib.error
@@ -24,6 +25,10 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
+
+
+Item = Tuple[Dict[str, float], Optional[int], int]  # (metrics, step, timestamp in ms)
+_METRIC_NAME = re.compile("[^a-zA-Z0-9_/. -]+")  # characters MLflow refuses in metric names (as Lightning strips them)
 
 
 class TrackingUnavailable(RuntimeError):
@@ -60,8 +65,8 @@ class BufferedMLFlowLogger(MLFlowLogger):
         self.skip_through_step = skip_through_step
         self.pending_file = Path(pending_file) if pending_file else None
         self.flush_timeout = flush_timeout
-        self._queue: "queue.Queue[Tuple[Dict[str, float], Optional[int]]]" = queue.Queue()
-        self._inflight: Optional[Tuple[Dict[str, float], Optional[int]]] = None
+        self._queue: "queue.Queue[Item]" = queue.Queue()
+        self._inflight: List[Item] = []
         self._worker: Optional[threading.Thread] = None
         self._closing = False
         self._warned = False
@@ -72,23 +77,38 @@ class BufferedMLFlowLogger(MLFlowLogger):
     def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
         if step is not None and step <= self.skip_through_step:
             return  # this step is already in the run (logged before the job was interrupted)
-        self._queue.put((dict(metrics), step))
+        self._queue.put((dict(metrics), step, int(time.time() * 1000)))
         if self._worker is None or not self._worker.is_alive():
             self._closing = False
             self._worker = threading.Thread(target=self._send_loop, name="mlflow-sender", daemon=True)
             self._worker.start()
 
+    def _send(self, items: List[Item]) -> None:
+        """One ``log_batch`` request per 1000 values (MLflow's limit), names cleaned as Lightning does."""
+        from mlflow.entities import Metric
+
+        batch = [Metric(key=_METRIC_NAME.sub("", k), value=float(v), timestamp=ts, step=step or 0)
+                 for metrics, step, ts in items for k, v in metrics.items() if not isinstance(v, str)]
+        for i in range(0, len(batch), 1000):
+            self._mlflow_client.log_batch(self.run_id, metrics=batch[i: i + 1000])
+
     def _send_loop(self) -> None:
+        """Send whatever is queued, many steps per request; on failure keep it and retry with backoff."""
         backoff = 0.5
         while not self._closing:
             try:
-                item = self._queue.get(timeout=0.5)
+                items = [self._queue.get(timeout=0.5)]
             except queue.Empty:
                 continue
-            self._inflight = item
+            while len(items) < 200:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._inflight = items
             while not self._closing:
                 try:
-                    MLFlowLogger.log_metrics(self, *item)
+                    self._send(items)
                     backoff = 0.5
                     break
                 except Exception as e:  # any transport error: keep the metrics, retry later
@@ -99,9 +119,10 @@ class BufferedMLFlowLogger(MLFlowLogger):
                     time.sleep(backoff)
                     backoff = min(backoff * 2, 10.0)
             else:
-                return  # closing: the in-flight item stays in self._inflight for the fallback file
-            self._inflight = None
-            self._queue.task_done()
+                return  # closing: the in-flight items stay in self._inflight for the fallback file
+            self._inflight = []
+            for _ in items:
+                self._queue.task_done()
 
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Wait until every queued metric is sent; False if the store did not take them in time."""
@@ -115,21 +136,20 @@ class BufferedMLFlowLogger(MLFlowLogger):
         self._closing = True
         if self._worker is not None:
             self._worker.join(timeout=1.0)
-        items: List[Tuple[Dict[str, float], Optional[int]]] = [self._inflight] if self._inflight else []
+        items, self._inflight = list(self._inflight), []
+        for _ in items:
+            self._queue.task_done()
         while True:
             try:
                 items.append(self._queue.get_nowait())
                 self._queue.task_done()
             except queue.Empty:
                 break
-        if self._inflight:
-            self._queue.task_done()
-            self._inflight = None
         if items and self.pending_file is not None:
             self.pending_file.parent.mkdir(parents=True, exist_ok=True)
             with open(self.pending_file, "a") as f:
-                for metrics, step in items:
-                    f.write(json.dumps({"step": step, "metrics": metrics}) + "\n")
+                for metrics, step, ts in items:
+                    f.write(json.dumps({"step": step, "metrics": metrics, "timestamp": ts}) + "\n")
         return len(items)
 
     def replay_pending(self) -> int:
@@ -137,10 +157,12 @@ class BufferedMLFlowLogger(MLFlowLogger):
         if self.pending_file is None or not self.pending_file.is_file():
             return 0
         lines = [json.loads(line) for line in self.pending_file.read_text().splitlines() if line.strip()]
-        for entry in lines:
-            MLFlowLogger.log_metrics(self, entry["metrics"], entry["step"])
+        sent = [e for e in lines if e["step"] is None or e["step"] > self.skip_through_step]
+        self._send([(e["metrics"], e["step"], e["timestamp"]) for e in sent])
+        # Steps the resumed training re-executes are now in the run: do not log them twice.
+        self.skip_through_step = max([self.skip_through_step] + [e["step"] for e in sent if e["step"] is not None])
         self.pending_file.unlink()
-        return len(lines)
+        return len(sent)
 
     # ------------------------------------------------------------------ ending
     def _flush_or_spill(self) -> bool:

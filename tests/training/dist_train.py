@@ -10,7 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from helpers import TinyData, tiny_config  # noqa: E402
+from training_helpers import TinyData, tiny_config  # noqa: E402
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 

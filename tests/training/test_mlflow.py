@@ -1,0 +1,127 @@
+"""Against a real ``mlflow server`` on 127.0.0.1: params, tags, metric histories and the config artifact
+read back with MlflowClient; a dead port fails fast and clearly; a server that dies mid-run does not
+stop training, and the metrics it missed reach it when the run is resumed."""
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import lightning as L
+import pytest
+from mlflow import MlflowClient
+
+from training_helpers import PYTHON, ROOT, TinyData, subprocess_env, tiny_config
+from lm_mini.cli import main as cli_main
+from lm_mini.training.run import train
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``mlflow server`` in its own process group (the server forks workers), stopped as a group."""
+
+    def __init__(self, folder: Path, port: int):
+        self.folder, self.port, self.uri = folder, port, f"http://127.0.0.1:{port}"
+        self.proc = None
+
+    def start(self) -> "Server":
+        self.proc = subprocess.Popen(
+            [PYTHON, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
+             "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1"],
+            cwd=self.folder, env=subprocess_env(), stdout=open(self.folder / "server.log", "a"), stderr=subprocess.STDOUT,
+            start_new_session=True)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            assert self.proc.poll() is None, (self.folder / "server.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "mlflow server not healthy after 120 s"
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = Server(tmp_path, _free_port()).start()
+    yield srv
+    srv.stop()
+
+
+def test_params_tags_metrics_and_config_read_back_and_a_dead_server_mid_run_does_not_stop_training(tmp_path, server):
+    cfg = tiny_config(tmp_path, "train.max_steps=12", f"logging.tracking_uri={server.uri}", "logging.tags.sweep_id=sw1")
+    result = train(cfg, datamodule=TinyData(64))
+    client = MlflowClient(server.uri)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "r"
+    assert run.data.params["train.lr"] == "0.003" and run.data.params["model.compressor.grid"] == "1"
+    assert run.data.params["model.llm.config.hidden_size"] == "64"
+    tags = run.data.tags
+    assert (tags["stage"], tags["compressor"], tags["C"], tags["depth"], tags["sweep_id"]) == ("finetune", "query_attention", "1", "1", "sw1")
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in losses] == list(range(12)) and losses[-1].value < losses[0].value
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "lr-AdamW/llm")] == list(range(12))
+    assert run.data.metrics["data/skipped/corrupt_image"] == 1.0  # the data module's skip counter
+    assert run.data.metrics["perf/visual_tokens_per_sample"] == 1.0  # C = 1, one image per sample
+    assert "perf/samples_per_sec" in run.data.metrics and "perf/tokens_per_sec" in run.data.metrics
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
+
+    # the server dies at step 4: training goes on to the end, the missed metrics are kept locally ...
+    class KillServer(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 4:
+                server.stop()
+
+    cfg = tiny_config(tmp_path, "train.max_steps=10", f"logging.tracking_uri={server.uri}", "run_name=dies",
+                      "logging.flush_timeout_s=3")
+    start = time.monotonic()
+    with pytest.warns(UserWarning, match="unreachable: .* metric steps written to"):
+        result = train(cfg, datamodule=TinyDataWith(KillServer()))
+    assert result.global_step == 10 and time.monotonic() - start < 150
+    pending = result.run.dir / "mlflow_pending.jsonl"
+    assert pending.is_file()
+
+    # ... and sent when the run is resumed against the restarted server: every step exactly once
+    server.start()
+    train(cfg, resume="auto", datamodule=TinyData(64))
+    assert not pending.exists()
+    steps = [m.step for m in MlflowClient(server.uri).get_metric_history(result.mlflow_run_id, "train/loss")]
+    assert sorted(steps) == list(range(10))
+
+
+class TinyDataWith(TinyData):
+    """TinyData that also adds a callback to the trainer (the test's hook into the running fit)."""
+
+    def __init__(self, callback):
+        super().__init__(64)
+        self.callback = callback
+
+    def setup(self, stage):
+        if self.callback not in self.trainer.callbacks:
+            self.trainer.callbacks.append(self.callback)
+
+
+def test_a_dead_tracking_server_fails_fast_with_a_clear_message(tmp_path, capsys):
+    port = _free_port()
+    start = time.monotonic()
+    rc = cli_main(["train", str(ROOT / "experiments" / "demo.yaml"), f"logging.tracking_uri=http://127.0.0.1:{port}",
+                   f"logging.runs_dir={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and time.monotonic() - start < 15
+    assert f"MLflow tracking server http://127.0.0.1:{port} is not reachable" in err and "MLFLOW_TRACKING_URI" in err
+    assert not (tmp_path / "runs").exists()  # nothing was started
