@@ -325,6 +325,9 @@ def build_shards(json_files: Sequence[Union[str, Path]], media_root: Union[str, 
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if not json_files:
         raise ValueError("no input JSON files")
+    if not Path(media_root).is_dir():
+        raise ShardBuildError(f"media root {media_root} is not a directory (--media-root: the records' media paths "
+                              "are relative to it)")
     sources = [_read_source(p) for p in json_files]
     params = _build_params(sources, shard_size)
     out = Path(out_dir)
@@ -515,7 +518,7 @@ def cli_build(args: argparse.Namespace) -> int:
     try:
         report = build_shards(args.json, args.media_root, args.out, shard_size=args.shard_size,
                               workers=args.workers, resume=args.resume)
-    except ShardBuildError as e:
+    except (ShardBuildError, ValueError) as e:
         print(f"lm-mini shards build: {e}")
         return 1
     print(report.summary())
@@ -569,7 +572,21 @@ def _token_layout(s: RawSample, tokenizer: Any, template: str) -> List[str]:
 
 
 def cli_inspect(args: argparse.Namespace) -> int:
+    try:
+        return _inspect(args)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"lm-mini shards inspect: {e.args[0] if isinstance(e, KeyError) and e.args else e}")
+        return 1
+
+
+def _inspect(args: argparse.Namespace) -> int:
     path = Path(args.path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist (expected a shard directory with index.json or a .tar file)")
+    if args.template:
+        from lm_mini.registry import TEMPLATES
+
+        TEMPLATES.get(args.template)  # an unknown name fails now, listing the known templates
     if path.is_dir():
         index = read_index(path)
         print(f"{path}: {index['num_samples']} samples in {len(index['shards'])} shards; media "

@@ -90,3 +90,31 @@ def test_utf8_bom_at_the_start_of_the_input_file_is_ignored(tmp_path, layout):
     src.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
     report = build_shards([src], tmp_path, tmp_path / "out")
     assert report.num_samples == 3 and not report.skipped
+
+
+# --------------------------------------------------------------------------- CLI errors: one line, exit 1
+def test_inspect_cli_errors_are_one_line_not_tracebacks(odd_set, tmp_path, capsys):
+    src, media = odd_set
+    build_shards([src], media, tmp_path / "out")
+    cases = [
+        ([str(tmp_path / "nowhere")], "nowhere"),
+        ([str(media)], "index.json"),
+        ([str(tmp_path / "out"), "--tokenizer", str(media)], "tokenizer"),
+        ([str(tmp_path / "out"), "--tokenizer", TOKENIZER, "--template", "nope"], "nope"),
+    ]
+    for args, said in cases:
+        capsys.readouterr()
+        assert main(["shards", "inspect", *args]) == 1, args
+        out = capsys.readouterr()
+        text = out.out + out.err
+        assert said in text and "Traceback" not in text
+
+
+def test_build_cli_refuses_a_missing_media_root_and_bad_shard_size(odd_set, tmp_path, capsys):
+    src, media = odd_set
+    assert main(["shards", "build", "--json", str(src), "--media-root", str(tmp_path / "typo"),
+                 "--out", str(tmp_path / "o1")]) == 1
+    assert "typo" in capsys.readouterr().out and not (tmp_path / "o1").exists()
+    assert main(["shards", "build", "--json", str(src), "--media-root", str(media),
+                 "--out", str(tmp_path / "o2"), "--shard-size", "0"]) == 1
+    assert "shard_size" in capsys.readouterr().out
