@@ -4,11 +4,14 @@ Everything is built offline, in milliseconds: no hub, no released weights.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from omegaconf import OmegaConf
 
 from lm_mini.config import load_config
 
+ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 300
 # One CLIP / Llama size for every test: the encoder gives a 4 x 4 patch grid of width 32.
 CLIP = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)

@@ -99,3 +99,29 @@ def test_exactly_one_media_item(model_dir, media):
         main(["generate", str(model_dir), "--image", str(media["image"]), "--video", str(media["video"]), "--prompt", "hi"])
     with pytest.raises(SystemExit):
         main(["generate", str(model_dir), "--prompt", "hi"])
+
+
+def test_generate_on_the_demo_set(tmp_path, capsys):
+    """The shipped demo shards' first eval image and first video, their tokenizer, a model sized to it."""
+    from interop_helpers import LLAMA, ROOT
+
+    from lm_mini.data.errors import SkipCounter
+    from lm_mini.data.shards import iter_raw_samples
+    from lm_mini.data.tokenizer import load_tokenizer
+
+    demo = ROOT / "data_shards" / "demo"
+    files = {}
+    for part, kind in (("eval", "image"), ("video", "video")):
+        raw = next(s for s in iter_raw_samples([demo / part / "shard-000000.tar"], SkipCounter()) if s.media_kind == kind)
+        files[kind] = tmp_path / f"{kind}.{raw.media_ext}"
+        files[kind].write_bytes(raw.media_bytes)
+    vocab = len(load_tokenizer(demo / "tokenizer"))
+    cfg = tiny_config(template="vicuna_v1", llm={"config": {**LLAMA, "vocab_size": vocab}})
+    model = LlavaMini.from_config(cfg.model)
+    out = save_pretrained(tmp_path / "model", model.state_dict(), cfg, demo / "tokenizer", card="# demo\n")
+    for kind in ("image", "video"):
+        assert main(["generate", str(out), f"--{kind}", str(files[kind]), "--prompt", "What is shown?", "--json",
+                     "--max-new-tokens", "4"]) == 0
+        record = _json(capsys)
+        assert record["kind"] == kind and record["tokens"] and record["template"] == "vicuna_v1"
+        assert (record["frames"] == 1) if kind == "image" else (1 < record["frames"] <= cfg.data.max_frames)
