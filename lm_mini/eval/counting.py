@@ -30,7 +30,11 @@ def flop_counter() -> FlopCounterMode:
 
 
 def use_eager_attention(model: nn.Module) -> None:
-    """Switch every Hugging Face config inside ``model`` to eager attention (sub-configs follow)."""
+    """Switch every Hugging Face config inside ``model`` to eager attention (sub-configs follow).
+
+    Why: on ``meta`` the SDPA path of transformers' mask creation asks tensors for values, and eager
+    attention is plain matmuls, which the counter counts on every device.
+    """
     from transformers import PretrainedConfig
 
     for module in model.modules():
@@ -99,10 +103,16 @@ class PeakMemory(TorchDispatchMode):
         weakref.finalize(t, self._release, key)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {t.untyped_storage()._cdata for t in _tensors(args, kwargs)}
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self._track(t)
+            if not isinstance(t, torch.Tensor):
+                continue
+            key = t.untyped_storage()._cdata
+            if key in inputs and key not in self._refs:
+                continue  # a view of a tensor made outside (``weight.t()`` in a linear): no new memory
+            self._track(t)
         return out
 
 

@@ -81,6 +81,10 @@ def test_peak_memory_counts_live_tensors_only_once_per_storage():
     assert mem.peak == 8000
     assert mem.live == 40
     del c
+    weight = torch.empty(100, 100, device="meta")
+    with PeakMemory() as mem:
+        y = torch.nn.functional.linear(x[:100][None], weight)  # weight.t() inside is a view: no new memory
+    assert mem.peak == y.nbytes == 400
 
 
 def test_part_flops_attributes_each_part_and_accumulates_repeated_calls():
