@@ -166,3 +166,20 @@ def test_export_pins_parts_built_from_local_paths(tmp_path, tokenizer_dir):
     assert exported.encoder.path is None and exported.encoder.config.image_size == 32
     with torch.no_grad():
         assert torch.equal(loaded(batch).logits, model(batch).logits)
+
+
+def test_bfloat16_model_round_trips_in_bfloat16(tmp_path, tokenizer_dir):
+    """Released checkpoints are bf16: loading builds in bf16 directly, buffers (rotary, sin-cos) included."""
+    from lm_mini.interop.pretrained import save_pretrained
+
+    torch.manual_seed(11)
+    cfg = tiny_config()
+    cfg.model.dtype = "bfloat16"
+    model = LlavaMini.from_config(cfg.model).eval()
+    loaded = load_pretrained(save_pretrained(tmp_path / "bf16", model.state_dict(), cfg, tokenizer_dir, card="# bf16\n"))
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert torch.equal(loaded.llm.model.rotary_emb.inv_freq, model.llm.model.rotary_emb.inv_freq)
+    batch = image_batch(seed=12)
+    with torch.no_grad():
+        assert torch.equal(loaded(batch).logits, model(batch).logits)
+    assert torch.equal(loaded.generate(batch, max_new_tokens=5), model.generate(batch, max_new_tokens=5))
