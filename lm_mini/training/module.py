@@ -91,7 +91,10 @@ def init_weights_from(model: nn.Module, path: str) -> List[str]:
     Parts absent from the checkpoint keep their fresh initialisation (e.g. a pretrain run with a different
     pre-fusion depth); mismatched shapes are an error. Returns the names of the keys that were missing.
     """
-    state = model_state_dict(load_checkpoint(path))
+    from lm_mini.interop.pretrained import is_model_dir, read_safetensors
+
+    # a model directory (lm-mini import of a release, or lm-mini export) starts a fine-tune too
+    state = read_safetensors(path) if is_model_dir(path) else model_state_dict(load_checkpoint(path))
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise ValueError(f"{path}: {len(result.unexpected_keys)} weights do not belong to this model, e.g. {result.unexpected_keys[:3]}")

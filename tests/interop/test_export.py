@@ -183,3 +183,18 @@ def test_bfloat16_model_round_trips_in_bfloat16(tmp_path, tokenizer_dir):
     with torch.no_grad():
         assert torch.equal(loaded(batch).logits, model(batch).logits)
     assert torch.equal(loaded.generate(batch, max_new_tokens=5), model.generate(batch, max_new_tokens=5))
+
+
+def test_training_can_start_from_a_model_directory(tmp_path, tokenizer_dir):
+    """``train.init_from=<model directory>``: fine-tune an imported release or an exported model."""
+    from lm_mini.interop.pretrained import save_pretrained
+    from lm_mini.training.module import LmMiniModule
+
+    torch.manual_seed(13)
+    cfg = tiny_config()
+    model = LlavaMini.from_config(cfg.model)
+    out = save_pretrained(tmp_path / "release", model.state_dict(), cfg, tokenizer_dir, card="# r\n")
+    module = LmMiniModule(cfg, init_from=str(out))
+    module.configure_model()
+    mine, theirs = module.model.state_dict(), model.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
