@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     # analyze
     analyze = sub.add_parser("analyze", help="analyses of trained models").add_subparsers(dest="analyze_command", required=True)
     p = analyze.add_parser("attention", help="per-layer attention to visual tokens and the layer-drop probe")
-    p.add_argument("target", help="run directory, checkpoint (in a run's checkpoints/), or YAML config (random weights)")
+    p.add_argument("target", help="run directory or name, checkpoint (in a run's checkpoints/), or YAML config (random weights)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p.add_argument("--data", required=True, help="shard directory (with index.json) to analyse")
     p.add_argument("--batch-size", type=int, default=4)

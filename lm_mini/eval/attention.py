@@ -316,8 +316,8 @@ def plot_result(result: Dict[str, Any], path: str, title: str = "") -> None:
 
 # --------------------------------------------------------------------------- CLI
 def load_model(target: str, overrides: List[str]) -> tuple:
-    """(model, cfg) from a run directory, a checkpoint in one (``<run>/checkpoints/<ckpt>``), or a YAML
-    config (random weights, or the weights its model paths name)."""
+    """(model, cfg) from a run directory or name (``runs/*/<name>``), a checkpoint in a run
+    (``<run>/checkpoints/<ckpt>``), or a YAML config (random weights, or the weights its model paths name)."""
     from lm_mini.config import load_config
     from lm_mini.eval.efficiency import build_model
 
@@ -328,9 +328,12 @@ def load_model(target: str, overrides: List[str]) -> tuple:
     from lm_mini.training.module import init_weights_from
     from lm_mini.training.run import resolve_init_from
 
+    if not path.exists():  # a run name: runs/<experiment>/<name>
+        named = list(Path("runs").glob(f"*/{target}"))
+        path = named[0] if len(named) == 1 else path
     run_dir = path if (path / "checkpoints").is_dir() else path.resolve().parent.parent
     if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{target}: not a run directory, a checkpoint inside one, or a YAML config")
+        raise FileNotFoundError(f"{target}: not a run directory or name, a checkpoint inside a run, or a YAML config")
     cfg = load_config(run_dir / "config.yaml", overrides)
     checkpoint = resolve_init_from(str(path), cfg.logging.runs_dir)
     model = build_model(cfg.model, "cpu")

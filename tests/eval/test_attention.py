@@ -114,7 +114,7 @@ def test_layer_drop_at_zero_equals_removing_the_image(tiny_models):
     assert model.llm.config._attn_implementation == "sdpa"  # restored after the analysis
 
 
-def test_cli_analyses_a_run_checkpoint_on_shards_and_writes_csv_and_png(tmp_path, capsys):
+def test_cli_analyses_a_run_checkpoint_on_shards_and_writes_csv_and_png(tmp_path, capsys, monkeypatch):
     import csv
 
     from lm_mini.cli import main
@@ -130,7 +130,9 @@ def test_cli_analyses_a_run_checkpoint_on_shards_and_writes_csv_and_png(tmp_path
     ckpt = run / "checkpoints" / checkpoint_name(7)
     torch.save({"state_dict": {f"model.{k}": v for k, v in trained.state_dict().items()}}, ckpt)
 
-    loaded, _ = load_model(str(run), [])
+    monkeypatch.chdir(tmp_path)  # a run's name resolves under ./runs
+    loaded, _ = load_model("r1", [])
+    monkeypatch.undo()
     mine = loaded.state_dict()  # built afresh (other random weights), then loaded from the checkpoint
     assert all(torch.equal(mine[k], v) for k, v in trained.state_dict().items())
 
