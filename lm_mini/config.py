@@ -162,6 +162,15 @@ class ConfigError(ValueError):
     """A config key or value that does not fit the schema; the message names the key."""
 
 
+def _list_item_schema(node: ListConfig) -> Optional[DictConfig]:
+    """The schema of one item of a typed list (``data.train`` -> ``ShardSetConfig``), if it has one."""
+    item_type = getattr(node._metadata, "element_type", None)
+    try:
+        return OmegaConf.structured(item_type) if item_type is not None and hasattr(item_type, "__dataclass_fields__") else None
+    except OmegaConfBaseException:
+        return None
+
+
 def _valid_keys(schema: Any, dotted: str) -> List[str]:
     node = schema
     for part in [p for p in dotted.split(".")[:-1] if p]:
@@ -169,6 +178,8 @@ def _valid_keys(schema: Any, dotted: str) -> List[str]:
             node = node[part]
         elif isinstance(node, ListConfig) and part.isdigit() and int(part) < len(node):
             node = node[int(part)]
+        elif isinstance(node, ListConfig) and (part.isdigit() or part == "*"):
+            node = _list_item_schema(node)
         else:
             return []
     if isinstance(node, DictConfig):
@@ -176,8 +187,13 @@ def _valid_keys(schema: Any, dotted: str) -> List[str]:
     return []
 
 
-def _explain(err: OmegaConfBaseException, schema: DictConfig, source: str) -> ConfigError:
-    key = getattr(err, "full_key", None) or ""
+def _explain(err: OmegaConfBaseException, schema: DictConfig, source: str, under: Optional[str] = None) -> ConfigError:
+    """A ConfigError naming the key. ``under``: the overridden key, when the error's key is relative to it
+    (an item of an assigned list reports only its own field)."""
+    key = (getattr(err, "full_key", None) or "").replace("[", ".").replace("]", "")
+    if under and key and not (key == under or key.startswith(under + ".") or under.startswith(key)):
+        node = OmegaConf.select(schema, under)
+        key = f"{under}.{'*.' if isinstance(node, ListConfig) else ''}{key}"
     if isinstance(err, (ConfigAttributeError, ConfigKeyError)):
         valid = _valid_keys(schema, key)
         leaf = key.split(".")[-1]
@@ -255,14 +271,44 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str
     return apply_overrides(cfg, overrides)
 
 
+def _check_list_index(cfg: DictConfig, key: str, source: str) -> None:
+    """``data.train.3.weight`` needs ``data.train`` to have an item 3 (an override edits items, never adds one)."""
+    node: Any = cfg
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if isinstance(node, ListConfig):
+            if not part.isdigit() or int(part) >= len(node):
+                where = ".".join(parts[:i])
+                raise ConfigError(f"{source}: '{where}' has {len(node)} entries; index {part} is out of range "
+                                  f"(set the whole list instead: {where}=[...])")
+            node = node[int(part)]
+        elif isinstance(node, DictConfig) and part in node:
+            node = node._get_node(part)
+            node = node._value() if not isinstance(node, (DictConfig, ListConfig)) else node
+        else:
+            return
+
+
 def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """``key=value`` overrides (YAML values) applied in order; ``a.b.0.c=...`` edits an item of a list."""
+    import copy
+
+    cfg = copy.deepcopy(cfg)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
+        key = item.partition("=")[0].strip()
+        source = f"override '{item}'"
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            value = OmegaConf.select(OmegaConf.from_dotlist([item]), key)
         except OmegaConfBaseException as e:
-            raise _explain(e, schema(), f"override '{item}'") from None
+            raise ConfigError(f"{source}: cannot parse it: {e}") from None
+        _check_list_index(cfg, key, source)
+        try:
+            # update, not merge of a dotlist: a dotlist turns "train.0" into a mapping key, which cannot merge into a list
+            OmegaConf.update(cfg, key, value, merge=True)
+        except OmegaConfBaseException as e:
+            raise _explain(e, schema(), source, under=key) from None
         validate(cfg, f"override '{item}'")
     return cfg
 

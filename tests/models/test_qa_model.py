@@ -173,3 +173,25 @@ def test_missing_local_weights_directory_names_the_key(tmp_path, key):
 def test_missing_timm_checkpoint_names_the_key(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"model\.encoder\.path.*nope\.pth"):
         build("model.encoder.name=timm", f"model.encoder.path={tmp_path / 'nope.pth'}", encoder=TIMM_TINY)
+
+
+# --------------------------------------------------------------------------- overrides into lists
+DEMO = TINY.parents[1] / "demo.yaml"
+
+
+def test_override_of_a_list_element_field_sets_it():
+    """Sweeping a mixing weight (data.train.0.weight) must work like any other key."""
+    cfg = load_config(DEMO, ["data.train.0.weight=2", "data.train.1.template=plain"])
+    assert cfg.data.train[0].weight == 2.0 and cfg.data.train[1].template == "plain"
+    assert len(cfg.data.train) == len(load_config(DEMO).data.train)  # nothing else changed
+
+
+@pytest.mark.parametrize("override, said", [
+    ("data.train.0.wieght=2", r"'data\.train\.0\.wieght'.*Valid keys here: path, template, weight.*'weight'"),
+    ("data.train.9.weight=2", r"data\.train. has 3 entries; index 9"),
+    ("data.train=[{path: x, wieght: 2}]", r"wieght.*Valid keys here: path, template, weight"),
+    ("model=3", r"'model'.*ModelConfig"),
+])
+def test_bad_list_and_section_overrides_are_config_errors_naming_the_key(override, said):
+    with pytest.raises(ConfigError, match=said):
+        load_config(DEMO, [override])
