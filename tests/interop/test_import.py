@@ -251,3 +251,32 @@ def test_cli_import_and_its_errors(official, tokenizer_dir, tmp_path, capsys):
     assert "unknown template 'chatml'" in capsys.readouterr().err
     assert main(["import", "llava-mini", str(tmp_path / "nowhere")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_release_config_matches_the_llama31_preset(tmp_path):
+    """The LLaVA-Mini release's config.json (Llama-3.1-8B, ViT-L/14-336 by hub name) builds, on meta, the
+    same tensors as the shipped preset experiments/models/llava_mini_llama31_8b.yaml."""
+    from interop_helpers import ROOT
+
+    from lm_mini.config import load_config
+    from lm_mini.interop.importers import _vision_config, llava_mini_config
+    from lm_mini.interop.pretrained import build_model
+
+    release = {
+        "architectures": ["LlavaMiniLlamaForCausalLM"], "model_type": "llava_mini", "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192},
+        "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "compressor_size": 1, "prefusion_layer_num": 4, "resolution_ratio": 1,
+        "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 1024,
+        "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad",
+        "tokenizer_model_max_length": 2048, "mm_use_im_start_end": False,
+    }
+    imported = llava_mini_config(tmp_path, release, _vision_config(None, release["mm_vision_tower"]), "llama3")
+    preset = load_config(ROOT / "experiments" / "models" / "llava_mini_llama31_8b.yaml")
+    ours, theirs = build_model(imported.model, meta=True).state_dict(), build_model(preset.model, meta=True).state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    rope = imported.model.llm.config.rope_parameters
+    assert (rope["rope_type"], rope["rope_theta"], rope["factor"]) == ("llama3", 500000.0, 8.0)
