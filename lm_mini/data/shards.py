@@ -104,9 +104,13 @@ def media_path(record: dict, sample_id: Optional[str] = None) -> Tuple[Optional[
 
 def _load_media(kind: str, path: Path, sample_id: str) -> Tuple[str, bytes]:
     """Read and check one media file -> (member extension, bytes to store)."""
-    if not path.is_file():
-        raise SampleError("missing_media", f"{kind} file not found: {path}", sample_id)
-    data = path.read_bytes()
+    try:
+        if not path.is_file():
+            raise SampleError("missing_media", f"{kind} file not found: {path}", sample_id)
+        data = path.read_bytes()
+    except (OSError, ValueError) as e:  # name too long, NUL byte, permission denied, I/O error: skip this record only
+        raise SampleError("missing_media", f"cannot read {kind} file {str(path)[:200]!r}: {getattr(e, 'strerror', None) or e}",
+                          sample_id) from e
     ext = path.suffix.lower().lstrip(".")
     ext = EXT_ALIASES.get(ext, ext)
     if kind == "image":

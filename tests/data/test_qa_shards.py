@@ -118,3 +118,18 @@ def test_build_cli_refuses_a_missing_media_root_and_bad_shard_size(odd_set, tmp_
     assert main(["shards", "build", "--json", str(src), "--media-root", str(media),
                  "--out", str(tmp_path / "o2"), "--shard-size", "0"]) == 1
     assert "shard_size" in capsys.readouterr().out
+
+
+def test_unreadable_media_paths_are_skipped_not_a_crashed_build(tmp_path):
+    """A file name too long for the OS or with a NUL byte must be one skipped record, not end the build."""
+    records = [
+        {"id": "long", "image": "a" * 300 + ".jpg", "conversations": turns("<image>", "x")},
+        {"id": "nul", "image": "a\x00b.jpg", "conversations": turns("<image>", "x")},
+        {"id": "dir", "video": ".", "conversations": turns("<video>", "x")},
+        {"id": "ok", "conversations": turns("q", "x")},
+    ]
+    src = tmp_path / "d.json"
+    src.write_text(json.dumps(records))
+    report = build_shards([src], tmp_path, tmp_path / "out")
+    assert report.num_samples == 1 and report.skipped == {"missing_media": 3}
+    assert sorted(r["id"] for r in report.skipped_records) == ["dir", "long", "nul"]
