@@ -187,7 +187,12 @@ def _make_sample(key: str, source: str, record: Any, media_root: Path) -> dict:
     kind, rel = media_path(record, sample_id) if isinstance(record, dict) else (None, None)
     sample_id = check_record(record, kind is not None, sample_id)
     record = {**record, "id": sample_id, "source": record.get("source", Path(source).name)}
-    sample = {"__key__": key, "json": json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8")}
+    try:
+        encoded = json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON allows "\ud83d" alone; no tokenizer can take it
+        raise SampleError("malformed_record", f"text holds an unpaired UTF-16 surrogate (invalid Unicode): {e.reason}",
+                          sample_id) from e
+    sample = {"__key__": key, "json": encoded}
     if kind is not None:
         ext, data = _load_media(kind, media_root / rel, sample_id)
         sample[ext] = data
@@ -228,7 +233,9 @@ def _write_shard(task: _ShardTask) -> dict:
 def _write_json(path: Path, obj: Any) -> None:
     """Atomic JSON write: a reader sees the old file or the complete new one."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    # backslashreplace: an id or message with an unpaired surrogate (invalid Unicode in the input) stays readable
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8",
+                   errors="backslashreplace")
     os.replace(tmp, path)
 
 

@@ -133,3 +133,14 @@ def test_unreadable_media_paths_are_skipped_not_a_crashed_build(tmp_path):
     report = build_shards([src], tmp_path, tmp_path / "out")
     assert report.num_samples == 1 and report.skipped == {"missing_media": 3}
     assert sorted(r["id"] for r in report.skipped_records) == ["dir", "long", "nul"]
+
+
+def test_record_with_an_unpaired_surrogate_is_skipped_not_a_failed_build(tmp_path):
+    src = tmp_path / "s.json"
+    src.write_text('[{"id": "sur", "conversations": [{"from": "human", "value": "bad \\ud83d"}, {"from": "gpt", "value": "x"}]},'
+                   ' {"id": "ok", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "x"}]},'
+                   ' {"id": "id \\udc00", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "x"}]}]')
+    report = build_shards([src], tmp_path, tmp_path / "out")
+    assert report.num_samples == 1 and report.skipped == {"malformed_record": 2}
+    assert "udc00" in (tmp_path / "out" / "skipped.json").read_text()  # written escaped, not a crash
+    assert "surrogate" in report.skipped_records[0]["message"]
