@@ -6,7 +6,8 @@ Three kinds of path name a model:
 - a **run directory** ``runs/<experiment>/<run>/`` (``config.yaml`` + ``checkpoints/``): its newest
   complete checkpoint;
 - a **checkpoint** ``runs/<experiment>/<run>/checkpoints/step=N.ckpt``: a Lightning file, or a folder of
-  FSDP shards, which :func:`lm_mini.training.checkpoint.load_checkpoint` consolidates into full tensors.
+  FSDP shards whose model weights are gathered into full tensors on the way (also the one file
+  ``tools/consolidate_checkpoint.py`` makes of such a folder, ``step=N.ckpt.consolidated``).
 
 Export pins the config first: parts built from a local path (``model.llm.path``, ``model.encoder.path``)
 get that path's config written out and the path removed, since every weight now lives in the export.
@@ -60,12 +61,12 @@ def resolve_source(path: PathLike) -> Source:
         if ckpt is None:
             raise FileNotFoundError(f"run {p} has no complete checkpoint in {p / 'checkpoints'}")
         kind, run_dir = "run", p
-    elif p.name.endswith(".ckpt"):
+    elif p.name.endswith((".ckpt", ".ckpt.consolidated")):  # the latter: tools/consolidate_checkpoint.py
         ckpt, kind = p, "checkpoint"
         run_dir = p.parent.parent if p.parent.name == "checkpoints" else p.parent
     else:
         raise ValueError(f"{p} is not a model directory (config.yaml + model.safetensors), a run directory "
-                         "(config.yaml + checkpoints/) or a checkpoint (*.ckpt)")
+                         "(config.yaml + checkpoints/) or a checkpoint (*.ckpt, *.ckpt.consolidated)")
     info: Dict[str, Any] = {"run_dir": str(run_dir), "checkpoint": ckpt.name}
     if (run_dir / "mlflow.json").is_file():
         info.update(json.loads((run_dir / "mlflow.json").read_text()))

@@ -1,13 +1,14 @@
 """Export: run / checkpoint (single file or FSDP shards) -> model directory -> load_pretrained, losslessly."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
-from interop_helpers import image_batch, tiny_config
+from interop_helpers import ROOT, image_batch, tiny_config
 
 from lm_mini.cli import main
 from lm_mini.config import to_yaml
@@ -106,6 +107,13 @@ def test_fsdp_sharded_checkpoint_exports_the_same_tensors(trained, tmp_path):
     unsharded = read_safetensors(export(run / "checkpoints" / "step=00000006.ckpt", tmp_path / "unsharded"))
     assert sharded.keys() == unsharded.keys()
     assert all(torch.equal(sharded[k], unsharded[k]) for k in sharded)
+    # the same folder made one file by the training tools (step=N.ckpt.consolidated) exports the same too
+    tool = importlib.util.spec_from_file_location("consolidate", ROOT / "tools" / "consolidate_checkpoint.py")
+    consolidate = importlib.util.module_from_spec(tool)
+    tool.loader.exec_module(consolidate)
+    one_file = consolidate.consolidate(folder, folder.with_name(folder.name + ".consolidated"))
+    via_tool = read_safetensors(export(one_file, tmp_path / "one"))
+    assert via_tool.keys() == sharded.keys() and all(torch.equal(via_tool[k], sharded[k]) for k in sharded)
 
 
 def test_export_errors_name_the_problem(trained, tmp_path, capsys):
