@@ -217,7 +217,13 @@ class StreamingDataset(IterableDataset):
 
 
 class StreamingLoader(StatefulDataLoader):
-    """``StatefulDataLoader`` over a :class:`StreamingDataset` that numbers epochs and totals skips."""
+    """``StatefulDataLoader`` over a :class:`StreamingDataset` that numbers epochs and totals skips.
+
+    A restored state in which every batch of its epoch had been delivered counts as a finished
+    epoch: the next pass is the next epoch. (Lightning restores a checkpoint taken at an epoch's
+    last batch and then starts the next epoch with one pass; resuming the spent epoch would make
+    that pass empty and lose a whole epoch — as it does with a plain ``StatefulDataLoader``.)
+    """
 
     def __init__(self, dataset: StreamingDataset, *, start_epoch: int = 0, **kwargs: Any):
         if kwargs.get("persistent_workers"):
@@ -225,6 +231,7 @@ class StreamingLoader(StatefulDataLoader):
         super().__init__(dataset, batch_size=dataset.batch_size, num_workers=dataset.num_workers,
                          collate_fn=Collator(dataset.processor.pad_id), **kwargs)
         self.epoch = self._next_epoch = start_epoch
+        self.delivered = 0  # batches of this epoch handed out
         self.skips = SkipCounter()
 
     def set_epoch(self, epoch: int) -> None:
@@ -233,35 +240,38 @@ class StreamingLoader(StatefulDataLoader):
 
     def _get_iterator(self):
         if self.next_iter_state is None:  # a fresh pass, not a restored one
-            self.epoch, self._next_epoch = self._next_epoch, self._next_epoch + 1
+            self.epoch, self._next_epoch, self.delivered = self._next_epoch, self._next_epoch + 1, 0
         self.dataset.epoch = self.epoch
         return super()._get_iterator()
 
     def __iter__(self) -> "_TallyingIterator":
-        return _TallyingIterator(super().__iter__(), self.skips)
+        return _TallyingIterator(super().__iter__(), self)
 
     def state_dict(self) -> Dict[str, Any]:
         loader = super().state_dict()  # first: it may start the upcoming pass, which fixes its epoch
-        return {"epoch": self.epoch, "next_epoch": self._next_epoch, "skips": self.skips.as_dict(), "loader": loader}
+        return {"epoch": self.epoch, "next_epoch": self._next_epoch, "delivered": self.delivered,
+                "skips": self.skips.as_dict(), "loader": loader}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.epoch, self._next_epoch = int(state["epoch"]), int(state["next_epoch"])
-        self.skips = SkipCounter(state["skips"])
-        super().load_state_dict(state["loader"])
+        self.delivered, self.skips = int(state["delivered"]), SkipCounter(state["skips"])
+        spent = self.delivered >= len(self)
+        super().load_state_dict({} if spent else state["loader"])  # {}: start the next epoch fresh
 
 
 class _TallyingIterator:
-    """Hands batches on, moving each batch's ``skipped`` tally into the loader's running total."""
+    """Hands batches on, counting them and moving each one's ``skipped`` tally into the loader's total."""
 
-    def __init__(self, inner: Iterator[Dict[str, Any]], total: SkipCounter):
-        self.inner, self.total = inner, total
+    def __init__(self, inner: Iterator[Dict[str, Any]], loader: StreamingLoader):
+        self.inner, self.loader = inner, loader
 
     def __iter__(self) -> "_TallyingIterator":
         return self
 
     def __next__(self) -> Dict[str, Any]:
         batch = next(self.inner)
-        self.total.update(batch.pop(SKIPPED))
+        self.loader.skips.update(batch.pop(SKIPPED))
+        self.loader.delivered += 1
         return batch
 
     def __len__(self) -> int:

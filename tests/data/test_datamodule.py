@@ -180,18 +180,19 @@ RESUME_SCRIPT = textwrap.dedent("""
     import json, sys, torch
     from omegaconf import OmegaConf
     from lm_mini.data.streaming import build_loader
-    for cfg_path, state_path, out_path in json.loads(sys.argv[1]):
+    for cfg_path, state_path, out_path, want in json.loads(sys.argv[1]):
         loader = build_loader(OmegaConf.load(cfg_path), train=True)
         loader.load_state_dict(torch.load(state_path, weights_only=False))
-        ids = [b["sample_ids"] for b in loader]  # the rest of the interrupted epoch
-        ids += [b["sample_ids"] for b in loader]  # and the next epoch
+        ids = []
+        while len(ids) < want:  # the rest of the interrupted epoch, then the next epoch
+            ids += [b["sample_ids"] for b in loader]
         json.dump({"ids": ids, "skips": loader.skips.as_dict()}, open(out_path, "w"))
 """)
 
 
 def test_resume_in_new_process_continues_the_same_sequence(corpus, tmp_path):
     jobs, expected = [], {}
-    for workers, k in ((0, 4), (2, 4), (2, 10)):  # k = 10: saved after the epoch's last batch
+    for workers, k in ((0, 4), (2, 4), (2, 10)):  # k = 10: saved after the epoch's last batch (a spent epoch)
         cfg = make_cfg(corpus, MIX, **{"data.num_workers": workers})
         full = build_datamodule(cfg).train_dataloader()
         expected[workers, k] = [b["sample_ids"] for b in full] + [b["sample_ids"] for b in full]
@@ -202,9 +203,9 @@ def test_resume_in_new_process_continues_the_same_sequence(corpus, tmp_path):
         cfg_path, state_path = tmp_path / f"cfg{workers}-{k}.yaml", tmp_path / f"state{workers}-{k}.pt"
         OmegaConf.save(cfg, cfg_path)
         torch.save(loader.state_dict(), state_path)
-        jobs.append((str(cfg_path), str(state_path), str(tmp_path / f"out{workers}-{k}.json")))
+        jobs.append((str(cfg_path), str(state_path), str(tmp_path / f"out{workers}-{k}.json"), 20 - k))
     subprocess.run([sys.executable, "-c", RESUME_SCRIPT, json.dumps(jobs)], check=True, timeout=300)
-    for (workers, k), (_, _, out) in zip(expected, jobs):
+    for (workers, k), (_, _, out, _) in zip(expected, jobs):
         rest = json.load(open(out))["ids"]
         assert expected[workers, k][:k] + rest == expected[workers, k], f"workers={workers}, k={k}"
 
@@ -254,7 +255,7 @@ def _trainer(**kw):
                      num_sanity_val_steps=0, **kw)
 
 
-@pytest.mark.parametrize("workers,step", [(0, 13), (2, 13)])
+@pytest.mark.parametrize("workers,step", [(0, 13), (2, 13), (2, 10)])  # 10: at the first epoch's last batch
 def test_lightning_fit_interrupted_and_resumed_sees_the_same_ledger(corpus, tmp_path, workers, step):
     cfg = make_cfg(corpus, MIX, **{"data.num_workers": workers})
     whole = Recorder()
