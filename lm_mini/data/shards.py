@@ -417,7 +417,10 @@ class RawSample:
 
 def _caption_record(key: str, sample: dict, url: str) -> dict:
     """img2dataset ``jpg`` + ``txt`` [+ metadata ``json``] -> a one-turn caption record (``plain`` template)."""
-    caption = sample["txt"].decode("utf-8").strip()
+    try:
+        caption = sample["txt"].decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise SampleError("malformed_record", f"caption is not UTF-8 text ({e.reason} at byte {e.start})", key) from e
     if not caption:
         raise SampleError("malformed_record", "empty caption", key)
     meta = {}

@@ -144,3 +144,18 @@ def test_record_with_an_unpaired_surrogate_is_skipped_not_a_failed_build(tmp_pat
     assert report.num_samples == 1 and report.skipped == {"malformed_record": 2}
     assert "udc00" in (tmp_path / "out" / "skipped.json").read_text()  # written escaped, not a crash
     assert "surrogate" in report.skipped_records[0]["message"]
+
+
+def test_img2dataset_caption_that_is_not_utf8_is_skipped_and_counted(tmp_path):
+    import webdataset as wds
+
+    jpg = png(Image.new("RGB", (8, 8)), "JPEG")
+    with wds.TarWriter(str(tmp_path / "i2d.tar")) as w:
+        w.write({"__key__": "000000001", "jpg": jpg, "txt": "\xff\xfe latin-1".encode("latin-1")})
+        w.write({"__key__": "000000002", "webp": png(Image.new("RGB", (8, 8)), "WEBP"), "txt": "日本語 caption".encode(),
+                 "json": json.dumps({"key": 2, "status": "success"}).encode()})
+    counter = SkipCounter()
+    samples = list(iter_raw_samples([str(tmp_path / "i2d.tar")], counter))
+    assert [(s.record["id"], s.media_ext) for s in samples] == [("2", "webp")]
+    assert samples[0].record["conversations"][1]["value"] == "日本語 caption"
+    assert counter.as_dict() == {"malformed_record": 1}
