@@ -293,7 +293,11 @@ def build_processor(cfg: Any) -> SampleProcessor:
 
 def build_loader(cfg: Any, train: bool, rank: int = 0, world_size: int = 1, start_epoch: int = 0,
                  processor: Optional[SampleProcessor] = None) -> StreamingLoader:
-    """Train loader (weighted mix, shuffled) or val loader (every sample once, in index order)."""
+    """Train loader (weighted mix, shuffled) or val loader (every sample once, in index order).
+
+    The val loader pads nothing on one rank; with several ranks, at most ``world_size - 1`` padding
+    samples (on the last rank) give every rank the same number of batches, as for training.
+    """
     d = cfg.data
     sets = [ShardSet.from_config(s) for s in (d.train if train else d.val)]
     if not train:  # a weight shapes the training mix only
