@@ -209,13 +209,27 @@ def _read_yaml(path: Path) -> DictConfig:
     """Read a YAML file, first merging the files listed in its ``defaults:`` (paths relative to it)."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    raw = OmegaConf.load(path)
+    import yaml
+
+    try:
+        raw = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(raw, DictConfig):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     defaults = raw.pop("defaults", [])
+    if isinstance(defaults, str):  # `defaults: base.yaml` means one file, not its characters
+        defaults = [defaults]
+    if not isinstance(defaults, (list, ListConfig)) or not all(isinstance(d, str) for d in defaults):
+        raise ConfigError(f"{path}: 'defaults' must be a list of YAML file paths (relative to this file)")
     merged = OmegaConf.create()
     for d in defaults:
-        merged = OmegaConf.merge(merged, _read_yaml((path.parent / str(d)).resolve()))
+        included = (path.parent / str(d)).resolve()
+        if not included.is_file():
+            raise ConfigError(f"config file not found: {included} (listed in the defaults of {path})")
+        merged = OmegaConf.merge(merged, _read_yaml(included))
     return OmegaConf.merge(merged, raw)
 
 

@@ -195,3 +195,21 @@ def test_override_of_a_list_element_field_sets_it():
 def test_bad_list_and_section_overrides_are_config_errors_naming_the_key(override, said):
     with pytest.raises(ConfigError, match=said):
         load_config(DEMO, [override])
+
+
+# --------------------------------------------------------------------------- YAML files
+def test_yaml_syntax_error_is_a_config_error_naming_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  compressor: {name: avg_pool\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*YAML.*line"):
+        load_config(bad)
+
+
+def test_defaults_as_one_string_and_a_missing_default_name_the_including_file(tmp_path):
+    (tmp_path / "child.yaml").write_text("defaults: base.yaml\nmodel: {compressor: {grid: 2}}\n")
+    (tmp_path / "base.yaml").write_text("model: {prefusion: {depth: 1}}\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.model.compressor.grid, cfg.model.prefusion.depth) == (2, 1)
+    (tmp_path / "orphan.yaml").write_text("defaults: [nowhere.yaml]\n")
+    with pytest.raises(ConfigError, match=r"nowhere\.yaml.*defaults of .*orphan\.yaml"):
+        load_config(tmp_path / "orphan.yaml")
