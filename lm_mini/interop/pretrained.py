@@ -74,6 +74,20 @@ def read_safetensors(path: PathLike) -> Dict[str, torch.Tensor]:
     return state
 
 
+def tensor_shapes(path: PathLike) -> Dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint as an empty meta tensor of its shape: file headers only, no data read."""
+    from safetensors import safe_open
+
+    shapes: Dict[str, torch.Tensor] = {}
+    for f in weight_files(path):
+        with safe_open(str(f), framework="pt") as handle:
+            for key in handle.keys():
+                if key in shapes:
+                    raise ValueError(f"{f.name}: tensor {key} is also stored in another shard")
+                shapes[key] = torch.empty(handle.get_slice(key).get_shape(), device="meta")
+    return shapes
+
+
 # --------------------------------------------------------------------------- checking
 class WeightsMismatch(ValueError):
     """A set of tensors that does not fit a model; ``missing``, ``unexpected`` and ``mismatched`` name them."""
@@ -223,6 +237,11 @@ def read_config(path: PathLike) -> DictConfig:
 
 def load_pretrained(path: PathLike, device: Union[str, torch.device, None] = None) -> torch.nn.Module:
     """The ``LlavaMini`` stored in a model directory, in eval mode (every tensor checked on the way)."""
+    from safetensors.torch import load_file
+
     cfg = read_config(path)
-    model = load_weights(build_model(cfg.model, for_loading=True), read_safetensors(path), str(path))
+    model = build_model(cfg.model, for_loading=True)
+    check_weights(tensor_shapes(path), model.state_dict(), str(path), aliases=tied_aliases(model))
+    for f in weight_files(path):  # one shard in memory at a time, next to the model
+        model.load_state_dict(load_file(str(f)), strict=False)  # strictness checked above
     return model.to(device).eval() if device is not None else model.eval()

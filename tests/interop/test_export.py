@@ -206,3 +206,19 @@ def test_training_can_start_from_a_model_directory(tmp_path, tokenizer_dir):
     module.configure_model()
     mine, theirs = module.model.state_dict(), model.state_dict()
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_load_pretrained_names_what_does_not_fit(trained, tmp_path):
+    from safetensors.torch import save_file
+
+    model, run = trained
+    out = export(run, tmp_path / "export")
+    state = read_safetensors(out)
+    state["projector.0.weight"] = torch.zeros(3, 3)
+    del state["compressor.query"]
+    (out / "model.safetensors").unlink()
+    save_file(state, str(out / "model.safetensors"))
+    with pytest.raises(WeightsMismatch) as info:
+        load_pretrained(out)
+    assert info.value.missing == ["compressor.query"]
+    assert info.value.mismatched == ["projector.0.weight: [3, 3] in the checkpoint, the model has [64, 32]"]
