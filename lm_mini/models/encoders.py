@@ -162,7 +162,12 @@ class TimmVisionEncoder(VisionEncoder):
         name, kwargs = _split_timm_kwargs(config or {})
         kwargs.setdefault("num_classes", 0)
         checkpoint = check_local_path(path, "model.encoder.path") if path and not building_on_meta() else ""
-        self.model = timm.create_model(name, pretrained=False, checkpoint_path=checkpoint, **kwargs)
+        try:
+            self.model = timm.create_model(name, pretrained=False, checkpoint_path=checkpoint, **kwargs)
+        except TypeError as e:  # typically HF keys (image_size, hidden_size, ...) left from a parent config
+            raise ValueError(f"timm encoder '{name}': model.encoder.config has keys the model does not take ({e}); "
+                             "note that YAML defaults and overrides merge into the parent's model.encoder.config, so keys "
+                             "of another encoder family stay unless that config is written without them") from e
         if not all(hasattr(self.model, a) for a in ("blocks", "patch_embed", "forward_intermediates")):
             raise ValueError(f"timm encoder: model '{name}' ({type(self.model).__name__}) is not a ViT-like model with "
                              "patch_embed, blocks and forward_intermediates; choose a ViT (e.g. vit_base_patch16_224)")

@@ -213,3 +213,10 @@ def test_defaults_as_one_string_and_a_missing_default_name_the_including_file(tm
     (tmp_path / "orphan.yaml").write_text("defaults: [nowhere.yaml]\n")
     with pytest.raises(ConfigError, match=r"nowhere\.yaml.*defaults of .*orphan\.yaml"):
         load_config(tmp_path / "orphan.yaml")
+
+
+def test_timm_kwargs_it_does_not_take_name_the_config_key():
+    """Switching the tiny preset to timm by override keeps CLIP's keys (mappings merge): say which and why."""
+    cfg = load_config(TINY, ["model.encoder.name=timm", "model.encoder.config.model_name=vit_tiny_patch16_224"])
+    with pytest.raises(ValueError, match=r"model\.encoder\.config.*image_size.*merge"):
+        LlavaMini.from_config(cfg.model)
