@@ -74,5 +74,8 @@ def load_tokenizer(path: Union[str, Path]) -> Any:
         raise ValueError(f"cannot load a tokenizer from {p}: {e}") from e
     if tokenizer.pad_token_id is None:
         # Batches are right-padded; a Llama tokenizer has no pad token (LLaVA uses unk for it).
+        if (tokenizer.unk_token or tokenizer.eos_token) is None:
+            raise ValueError(f"tokenizer in {p} has no pad, unk or eos token to pad batches with; "
+                             "set pad_token (or eos_token) in its tokenizer_config.json")
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer

@@ -159,3 +159,19 @@ def test_img2dataset_caption_that_is_not_utf8_is_skipped_and_counted(tmp_path):
     assert [(s.record["id"], s.media_ext) for s in samples] == [("2", "webp")]
     assert samples[0].record["conversations"][1]["value"] == "日本語 caption"
     assert counter.as_dict() == {"malformed_record": 1}
+
+
+def test_tokenizer_without_pad_unk_or_eos_is_refused_clearly(tmp_path):
+    """Batches are padded with the pad id; a tokenizer that has none to offer must fail at load, naming itself."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lm_mini.data.tokenizer import load_tokenizer
+
+    bare = Tokenizer(models.BPE())
+    bare.pre_tokenizer = pre_tokenizers.ByteLevel()
+    bare.train_from_iterator(["hello world"] * 4, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=bare).save_pretrained(str(tmp_path / "bare"))
+    with pytest.raises(ValueError, match=r"bare.*no pad.*unk.*eos"):
+        load_tokenizer(tmp_path / "bare")
