@@ -273,6 +273,8 @@ def _same_build(old: dict, new: dict) -> Optional[str]:
     new_sums = [s["sha256"] for s in new["sources"]]
     if old_sums != new_sums:
         return "the source JSON files differ (sha256)"
+    if "media_root" in old and "media_root" in new and old["media_root"] != new["media_root"]:
+        return f"the media root differs ({old['media_root']} != {new['media_root']})"
     return None
 
 
@@ -340,7 +342,7 @@ def build_shards(json_files: Sequence[Union[str, Path]], media_root: Union[str, 
         raise ShardBuildError(f"media root {media_root} is not a directory (--media-root: the records' media paths "
                               "are relative to it)")
     sources = [_read_source(p) for p in json_files]
-    params = _build_params(sources, shard_size)
+    params = {**_build_params(sources, shard_size), "media_root": str(Path(media_root).resolve())}
     out = Path(out_dir)
     action = _check_out_dir(out, params, resume)
     if action == "complete":

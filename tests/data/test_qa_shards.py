@@ -175,3 +175,20 @@ def test_tokenizer_without_pad_unk_or_eos_is_refused_clearly(tmp_path):
     PreTrainedTokenizerFast(tokenizer_object=bare).save_pretrained(str(tmp_path / "bare"))
     with pytest.raises(ValueError, match=r"bare.*no pad.*unk.*eos"):
         load_tokenizer(tmp_path / "bare")
+
+
+def test_resume_refuses_another_media_root(odd_set, tmp_path, monkeypatch):
+    """Finishing a build with other media would mix two data sets in one shard set."""
+    from lm_mini.data import shards
+    from lm_mini.data.shards import ShardBuildError
+
+    src, media = odd_set
+    monkeypatch.setattr(shards, "_write_shard", lambda task: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        build_shards([src], media, tmp_path / "out", shard_size=1)
+    monkeypatch.undo()
+    other = tmp_path / "other_media"
+    other.mkdir()
+    with pytest.raises(ShardBuildError, match="media root"):
+        build_shards([src], other, tmp_path / "out", shard_size=1, resume=True)
+    assert build_shards([src], media, tmp_path / "out", shard_size=1, resume=True).num_samples == 3
