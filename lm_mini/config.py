@@ -257,7 +257,11 @@ _MINIMUM = {
     "model.compressor.grid": 1,
     "model.resolution_ratio": 1,
     "data.max_frames": 1,
+    "data.batch_size": 1,
+    "data.max_length": 1,
+    "data.num_workers": 0,
 }
+_POSITIVE = ("data.video_fps",)
 
 
 def validate(cfg: DictConfig, source: str = "config") -> DictConfig:
@@ -270,6 +274,10 @@ def validate(cfg: DictConfig, source: str = "config") -> DictConfig:
         value = OmegaConf.select(cfg, key)
         if value is not None and value < low:
             raise ConfigError(f"{source}: bad value for config key '{key}': {value}; expected >= {low}")
+    for key in _POSITIVE:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{source}: bad value for config key '{key}': {value}; expected > 0")
     return cfg
 
 

@@ -108,6 +108,9 @@ def test_timm_non_square_input_is_refused_clearly():
     ("model.resolution_ratio=0", "model.resolution_ratio", ">= 1"),
     ("model.encoder.select_feature=cls", "model.encoder.select_feature", "cls_patch"),
     ("data.aspect_mode=crop", "data.aspect_mode", "pad"),
+    ("data.video_fps=0", "data.video_fps", "> 0"),
+    ("data.batch_size=0", "data.batch_size", ">= 1"),
+    ("data.max_length=0", "data.max_length", ">= 1"),
 ])
 def test_bad_config_values_are_refused_at_load_with_the_key(override, key, expected):
     with pytest.raises(ConfigError, match=rf"'{key}'.*{expected}"):
