@@ -84,13 +84,14 @@ class LlavaMini(nn.Module):
         """Refuse part combinations that cannot work, at build time, with what to change."""
         n_tokens, grid = self.encoder.grid**2, self.encoder.grid
         n_prefix = getattr(self.encoder, "num_prefix_tokens", 0)
-        if n_prefix:
+        c2 = getattr(self.compressor, "num_tokens", None)
+        if n_prefix and (c2 is not None or self.resolution_ratio > 1):
             raise ValueError(
                 f"encoder {type(self.encoder).__name__} keeps {n_prefix} prefix (CLS) token(s) besides its {grid}x{grid} "
                 "patch grid (model.encoder.select_feature=cls_patch); the compressors and the high-resolution stitching "
-                "take the patch grid only: set model.encoder.select_feature=patch"
+                "take the patch grid only (cls_patch works with the identity compressor at resolution_ratio 1, as in "
+                "LLaVA-1.5): set model.encoder.select_feature=patch"
             )
-        c2 = getattr(self.compressor, "num_tokens", None)
         if c2 is not None and c2 > n_tokens:
             raise ValueError(
                 f"compressor {type(self.compressor).__name__} emits C*C = {c2} tokens per image, more than the encoder's "
@@ -135,10 +136,11 @@ class LlavaMini(nn.Module):
         frozen = not any(p.requires_grad for p in self.encoder.parameters())
         with torch.no_grad() if frozen else contextlib.nullcontext():
             feats = self.encoder(pixels)
-        if feats.shape[1] != self.encoder.grid**2:
+        n_prefix = getattr(self.encoder, "num_prefix_tokens", 0)
+        if feats.shape[1] != self.encoder.grid**2 + n_prefix:
             raise ValueError(
-                f"encoder returned {feats.shape[1]} tokens per view, not its {self.encoder.grid}x{self.encoder.grid} patch grid; "
-                "compressors need model.encoder.select_feature=patch"
+                f"encoder returned {feats.shape[1]} tokens per view, not its {self.encoder.grid}x{self.encoder.grid} patch grid"
+                + (f" plus {n_prefix} prefix token(s)" if n_prefix else "") + "; compressors need model.encoder.select_feature=patch"
             )
         return feats
 
@@ -164,9 +166,12 @@ class LlavaMini(nn.Module):
         for group_views in sorted(set(views)):  # at most two groups: single views and hi-res images
             units = [u for u, v in enumerate(views) if v == group_views]
             idx = starts[units]
+            prefix = None
             if group_views == 1:
-                comp_in, hw = feats[idx], (g, g)  # [U, N, D]
-                visual = comp_in
+                visual = feats[idx]  # [U, P + N, D]; P prefix (CLS) tokens only with identity + cls_patch
+                n_prefix = visual.shape[1] - g * g
+                comp_in, hw = visual[:, n_prefix:], (g, g)  # [U, N, D]
+                prefix = visual[:, :n_prefix] if n_prefix else None
             else:
                 unit = feats[idx[:, None] + torch.arange(group_views, device=feats.device)]  # [U, 1+R², N, D]
                 glob, crops = unit[:, 0], unit[:, 1:]
@@ -174,7 +179,10 @@ class LlavaMini(nn.Module):
                 comp_in = crops.reshape(len(units), R, R, g, g, -1).transpose(2, 3).reshape(len(units), R * g * R * g, -1)
                 hw = (R * g, R * g)
                 visual = torch.cat([comp_in, glob], dim=1)  # official order: stitched crops, then global view
-            compressed = self.projector(self.compressor(comp_in, grid_hw=hw))  # [U, C², d]
+            compressed = self.compressor(comp_in, grid_hw=hw)  # [U, C², D]
+            if prefix is not None:  # LLaVA-1.5 cls_patch: CLS, then the patch tokens
+                compressed = torch.cat([prefix, compressed], dim=1)
+            compressed = self.projector(compressed)  # [U, C², d]
             if self.prefusion is not None:
                 sample = torch.tensor([owner[u] for u in units], device=text.device)
                 compressed, fused = self.prefusion(self.projector(visual), compressed, text[sample], text_mask[sample])

@@ -77,6 +77,36 @@ def test_hf_encoder_select_layer_extremes_work():
 def test_cls_patch_with_a_patch_grid_compressor_is_refused_at_build_not_first_batch():
     with pytest.raises(ValueError, match="select_feature"):
         build("model.encoder.select_feature=cls_patch")
+    with pytest.raises(ValueError, match="select_feature"):  # hi-res stitching has no place for the crops' CLS
+        build("model.encoder.select_feature=cls_patch", "model.compressor.name=identity", "model.resolution_ratio=2")
+
+
+def test_identity_with_cls_patch_is_exactly_llava_15_full_features():
+    """LLaVA-1.5 with mm_vision_select_feature=cls_patch: CLS + all patches reach the LLM (HF strategy 'full')."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    model = build("model.compressor.name=identity", "model.prefusion.depth=0", "model.encoder.select_feature=cls_patch")
+    image_token = 1023
+    hf = LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=model.encoder.model.config, text_config=model.llm.config, image_token_id=image_token,
+        vision_feature_layer=-2, vision_feature_select_strategy="full", projector_hidden_act="gelu")).eval()
+    hf.model.vision_tower.load_state_dict(model.encoder.model.state_dict())
+    hf.model.multi_modal_projector.linear_1.load_state_dict(model.projector[0].state_dict())
+    hf.model.multi_modal_projector.linear_2.load_state_dict(model.projector[2].state_dict())
+    hf.model.language_model.load_state_dict(model.llm.model.state_dict())
+    hf.lm_head.load_state_dict(model.llm.lm_head.state_dict())
+    ids = [5, IMG, 6, 7]
+    batch = text_batch(ids)
+    batch.update(pixel_values=torch.randn(1, 3, 64, 64), frames_per_sample=torch.tensor([1]))
+    hf_ids = torch.tensor([[5] + [image_token] * 65 + [6, 7]])
+    with torch.no_grad():
+        ours = model(batch).logits
+        ref = hf(input_ids=hf_ids, attention_mask=torch.ones_like(hf_ids), pixel_values=batch["pixel_values"]).logits
+    assert ours.shape == ref.shape == (1, 68, 1024)
+    assert (ours - ref).abs().max() < 1e-5
+    prefused = build("model.compressor.name=identity", "model.encoder.select_feature=cls_patch")  # with pre-fusion too
+    with torch.no_grad():
+        assert prefused(batch).logits.shape == (1, 68, 1024)
 
 
 def test_cls_patch_is_harmless_for_an_encoder_without_cls():
