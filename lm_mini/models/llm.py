@@ -19,14 +19,20 @@ def hf_causal_lm(config: Optional[Mapping[str, Any]] = None, path: Optional[str]
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if path:
-        path = check_local_path(path, "model.llm.path")
-        if not building_on_meta():
-            return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation)
-        hf_config = AutoConfig.from_pretrained(path)
-    else:
-        kwargs = plain(config)
-        if "model_type" not in kwargs:
-            raise ValueError("model.llm.config needs 'model_type' (e.g. llama, qwen2, mistral) when no model.llm.path is given")
-        hf_config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
-    return AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn_implementation)
+    try:
+        if path:
+            path = check_local_path(path, "model.llm.path")
+            if not building_on_meta():
+                return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation)
+            hf_config = AutoConfig.from_pretrained(path)
+        else:
+            kwargs = plain(config)
+            if "model_type" not in kwargs:
+                raise ValueError("model.llm.config needs 'model_type' (e.g. llama, qwen2, mistral) when no model.llm.path is given")
+            hf_config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+        return AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn_implementation)
+    except ValueError as e:
+        if "attention implementation" in str(e) or "attn_implementation" in str(e):
+            raise ValueError(f"model.llm.attn_implementation={attn_implementation} is not supported by this LLM family; "
+                             f"set model.llm.attn_implementation=eager (or another it supports). {e}") from e
+        raise

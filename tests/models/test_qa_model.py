@@ -253,3 +253,10 @@ def test_timm_kwargs_it_does_not_take_name_the_config_key():
     cfg = load_config(TINY, ["model.encoder.name=timm", "model.encoder.config.model_name=vit_tiny_patch16_224"])
     with pytest.raises(ValueError, match=r"model\.encoder\.config.*image_size.*merge"):
         LlavaMini.from_config(cfg.model)
+
+
+def test_llm_without_sdpa_support_points_at_attn_implementation():
+    llm = dict(SMALL_LLM, model_type="gemma2", head_dim=16)
+    with pytest.raises(ValueError, match=r"model\.llm\.attn_implementation=eager"):
+        build(llm=llm)
+    assert build("model.llm.attn_implementation=eager", llm=llm).llm.config._attn_implementation == "eager"
