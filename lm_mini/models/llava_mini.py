@@ -66,6 +66,11 @@ class LlavaMini(nn.Module):
 
         The encoder comes frozen (``requires_grad=False``), as in LLaVA; the training module may unfreeze it.
         """
+        # load_config checks these too; a config made in code (dataclasses, dicts) arrives unchecked
+        if cfg.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {cfg.dtype!r}")
+        if cfg.prefusion.depth < 0:
+            raise ValueError(f"model.prefusion.depth must be >= 0 (0 switches pre-fusion off), got {cfg.prefusion.depth}")
         encoder = build_encoder(cfg.encoder)
         encoder.requires_grad_(False)
         llm_cfg = plain(cfg.llm.config)

@@ -260,3 +260,18 @@ def test_llm_without_sdpa_support_points_at_attn_implementation():
     with pytest.raises(ValueError, match=r"model\.llm\.attn_implementation=eager"):
         build(llm=llm)
     assert build("model.llm.attn_implementation=eager", llm=llm).llm.config._attn_implementation == "eager"
+
+
+def test_from_config_checks_values_of_a_config_built_in_code():
+    """A ModelConfig made in Python skips load_config's checks; from_config must still refuse bad values."""
+    from dataclasses import replace
+
+    from lm_mini.config import ModelConfig, PreFusionConfig
+
+    base = load_config(TINY).model
+    good = ModelConfig(encoder=base.encoder, llm=base.llm, prefusion=PreFusionConfig(depth=1))
+    assert LlavaMini.from_config(good).prefusion is not None
+    with pytest.raises(ValueError, match=r"model\.dtype.*float8"):
+        LlavaMini.from_config(replace(good, dtype="float8"))
+    with pytest.raises(ValueError, match=r"model\.prefusion\.depth.*-1"):
+        LlavaMini.from_config(replace(good, prefusion=PreFusionConfig(depth=-1)))
