@@ -64,6 +64,7 @@ class PreemptionHandler(Callback):
         self.preempted = False
         self._previous: Dict[int, Any] = {}
         self._last_step = -1
+        self._launcher: Any = None
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received is None:

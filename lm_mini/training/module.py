@@ -215,6 +215,7 @@ class LmMiniModule(L.LightningModule):
         self._generation = {"tokenizer": tokenizer, "stop": sorted(set(stop_ids + eos)), "max_new_tokens": max_new_tokens,
                             "max_samples": max_samples, "seen": 0}
         self.eval_answers: List[str] = []
+        self.eval_ids: List[str] = []
         self.eval_examples: List[Dict[str, str]] = []
 
     def test_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
@@ -234,7 +235,8 @@ class LmMiniModule(L.LightningModule):
         self.exact_match.update(preds, golds)
         self.log("eval/exact_match", self.exact_match, on_step=False, on_epoch=True, batch_size=max(1, len(keep)))
         self.eval_answers.extend(golds)
-        self.eval_examples.extend({"prediction": p, "gold": a} for p, a in zip(preds, golds))
+        self.eval_ids.extend(batch["sample_ids"][i] for i in keep)
+        self.eval_examples.extend({"id": batch["sample_ids"][i], "prediction": p, "gold": a} for i, p, a in zip(keep, preds, golds))
 
     def _generate(self, prompt: Dict[str, Any], g: Dict[str, Any]) -> torch.Tensor:
         kwargs: Dict[str, Any] = {"eos_token_id": g["stop"] or None}
@@ -249,12 +251,13 @@ class LmMiniModule(L.LightningModule):
             if fsdp:
                 self.model.reshard()
 
-    def gathered_answers(self) -> List[str]:
-        """The gold answers every rank evaluated (padding excluded), on every rank."""
+    def gathered_answers(self) -> List[tuple]:
+        """(sample id, gold answer) of every evaluated sample on every rank (padding excluded)."""
+        mine = list(zip(self.eval_ids, self.eval_answers))
         if self.trainer.world_size == 1:
-            return list(self.eval_answers)
-        out: List[List[str]] = [None] * self.trainer.world_size  # type: ignore[list-item]
-        torch.distributed.all_gather_object(out, self.eval_answers)
+            return mine
+        out: List[List[tuple]] = [None] * self.trainer.world_size  # type: ignore[list-item]
+        torch.distributed.all_gather_object(out, mine)
         return [a for part in out for a in part]
 
     def configure_optimizers(self) -> Dict[str, Any]:

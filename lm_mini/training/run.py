@@ -190,7 +190,6 @@ def train(cfg: DictConfig, resume: Optional[str] = None, model_factory: Optional
         check_tracking_server(tracking_uri(cfg), cfg.logging.connect_timeout_s)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run = resolve_run(cfg, resume)
-    os.environ[RUN_NAME_ENV] = run.name
     if rank_zero_only.rank == 0:
         run.dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_incomplete(run.checkpoints)  # leftovers of a save that was killed
@@ -206,11 +205,15 @@ def train(cfg: DictConfig, resume: Optional[str] = None, model_factory: Optional
     trainer, preemption = build_trainer(cfg, run, logger)
     if rank_zero_only.rank == 0:
         print(f"lm-mini: run {run.dir}" + (f" (resuming {run.resume_from.name})" if run.resume_from else ""), flush=True)
+    previous_name = os.environ.get(RUN_NAME_ENV)
+    os.environ[RUN_NAME_ENV] = run.name  # the processes Lightning starts for DDP/FSDP join this run
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(run.resume_from) if run.resume_from else None)
     except BaseException:
         logger.close("FAILED")
         raise
+    finally:
+        os.environ.pop(RUN_NAME_ENV) if previous_name is None else os.environ.update({RUN_NAME_ENV: previous_name})
     result = TrainResult(run, preemption.preempted, trainer.global_step, tracking_uri=tracking_uri(cfg),
                          mlflow_run_id=logger.run_id if trainer.is_global_zero else None, trainer=trainer)
     if preemption.preempted:
@@ -235,24 +238,28 @@ def evaluate(trainer: L.Trainer, module: LmMiniModule, datamodule: Any, cfg: Dic
     template = TEMPLATES.get(cfg.data.val[0].template or cfg.data.template)
     module.start_generation_eval(tokenizer, template.stop_token_ids(tokenizer), cfg.eval.max_new_tokens, cfg.eval.max_samples)
     trainer.test(module, dataloaders=datamodule.val_dataloader(), verbose=False)
-    golds = module.gathered_answers()
-    top, hits = Counter(golds).most_common(1)[0] if golds else ("", 0)
-    result = {"accuracy": float(trainer.callback_metrics["eval/exact_match"]), "n": len(golds),
-              "majority_baseline": hits / max(1, len(golds)), "majority_answer": top,
-              "examples": module.eval_examples[:10]}
-    per_type = majority_per_question_type(cfg.data.val)
+    evaluated = dict(module.gathered_answers())  # sample id -> gold answer
+    top, hits = Counter(evaluated.values()).most_common(1)[0] if evaluated else ("", 0)
+    result = {"accuracy": float(trainer.callback_metrics["eval/exact_match"]), "n": len(evaluated),
+              "majority_baseline": hits / max(1, len(evaluated)), "majority_answer": top,
+              "predictions": module.eval_examples}
+    per_type = majority_per_question_type(cfg.data.val, set(evaluated))
     if per_type is not None:  # records that say their question type: the stronger, per-type majority guess
         result["majority_baseline"] = max(result["majority_baseline"], per_type)
     return result
 
 
-def majority_per_question_type(val_sets: Any) -> Optional[float]:
-    """Accuracy of always giving the most frequent answer of each ``question_type`` (None if records lack it)."""
+def majority_per_question_type(val_sets: Any, sample_ids: set) -> Optional[float]:
+    """Accuracy, on the evaluated samples, of always giving the most frequent answer of each
+    ``question_type`` (None when the records do not say their type)."""
     from lm_mini.data.errors import SkipCounter
     from lm_mini.data.shards import iter_raw_samples, shard_paths
     from lm_mini.data.synthetic import majority_baseline
 
-    records = [s.record for v in val_sets for s in iter_raw_samples(shard_paths(v.path), SkipCounter())]
+    from lm_mini.data.streaming import ShardSet
+
+    records = [s.record for v in val_sets for s in iter_raw_samples(shard_paths(v.path), SkipCounter())
+               if f"{ShardSet.from_config(v).name}/{s.key}" in sample_ids]  # the data module's sample ids
     if not records or not all("question_type" in r for r in records):
         return None
     return float(majority_baseline(records)["overall"]["accuracy"])
