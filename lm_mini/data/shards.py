@@ -281,6 +281,8 @@ def _same_build(old: dict, new: dict) -> Optional[str]:
 def _check_out_dir(out: Path, params: dict, resume: bool) -> str:
     """Decide what to do with ``out``: 'fresh', 'resume' or 'complete'; refuse anything else."""
     state_file = out / STATE_DIR / "state.json"
+    if out.exists() and not out.is_dir():
+        raise ShardBuildError(f"{out} exists and is not a directory; choose another --out")
     if (out / INDEX_FILE).is_file():
         if not resume:
             raise ShardBuildError(f"{out} already holds a finished shard set (index.json); "

@@ -192,3 +192,11 @@ def test_resume_refuses_another_media_root(odd_set, tmp_path, monkeypatch):
     with pytest.raises(ShardBuildError, match="media root"):
         build_shards([src], other, tmp_path / "out", shard_size=1, resume=True)
     assert build_shards([src], media, tmp_path / "out", shard_size=1, resume=True).num_samples == 3
+
+
+def test_out_path_that_is_a_file_is_refused_cleanly(odd_set, tmp_path, capsys):
+    src, media = odd_set
+    (tmp_path / "taken").write_text("not a directory")
+    assert main(["shards", "build", "--json", str(src), "--media-root", str(media), "--out", str(tmp_path / "taken")]) == 1
+    assert "taken" in capsys.readouterr().out
+    assert (tmp_path / "taken").read_text() == "not a directory"
