@@ -13,7 +13,7 @@ from typing import Tuple
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 
 def _check_llama_style(llm: nn.Module, decoder: nn.Module) -> None:
@@ -78,6 +78,15 @@ class PreFusion(nn.Module):
             raise ValueError(f"unknown prefusion init '{init}': expected 'random' or 'llm_layers'")
         return module
 
+    def layer_kinds(self) -> list:
+        """Per layer: "full_attention" or "sliding_attention", as the LLM's layer of the same index
+        (``config.layer_types``: Qwen2, Gemma 2; else every layer slides when ``config.sliding_window``: Mistral, Phi-3)."""
+        types = getattr(self.config, "layer_types", None)
+        if types:
+            return [types[i] if i < len(types) else "full_attention" for i in range(len(self.layers))]
+        sliding = getattr(self.config, "sliding_window", None)
+        return ["sliding_attention" if sliding else "full_attention"] * len(self.layers)
+
     def forward(
         self, visual: torch.Tensor, compressed: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -88,10 +97,14 @@ class PreFusion(nn.Module):
         text_mask = text_mask.bool()
         valid = torch.cat([text_mask.new_ones(x.shape[0], n_vis + n_comp), text_mask], dim=1)  # [B, S]
         position_ids = (valid.long().cumsum(-1) - 1).masked_fill(~valid, 1)  # masked slots: any value, never seen
-        mask = create_causal_mask(config=self.config, inputs_embeds=x, attention_mask=valid, cache=None, position_ids=position_ids)
+        mask_kwargs = dict(config=self.config, inputs_embeds=x, attention_mask=valid, cache=None, position_ids=position_ids)
+        kinds = self.layer_kinds()
+        masks = {"full_attention": create_causal_mask(**mask_kwargs) if "full_attention" in kinds else None}
+        if "sliding_attention" in kinds:  # the LLM's sliding-window layers keep their window here too
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
         position_embeddings = self.rotary_emb(x, position_ids)
-        for layer in self.layers:
-            x = layer(x, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
+        for layer, kind in zip(self.layers, kinds):
+            x = layer(x, attention_mask=masks[kind], position_ids=position_ids, position_embeddings=position_embeddings)
             x = x[0] if isinstance(x, tuple) else x  # some families still return (hidden_states, ...)
         fused_text = torch.where(text_mask.unsqueeze(-1), x[:, n_vis + n_comp :], text.to(x.dtype))
         return x[:, n_vis : n_vis + n_comp], fused_text

@@ -275,3 +275,25 @@ def test_from_config_checks_values_of_a_config_built_in_code():
         LlavaMini.from_config(replace(good, dtype="float8"))
     with pytest.raises(ValueError, match=r"model\.prefusion\.depth.*-1"):
         LlavaMini.from_config(replace(good, prefusion=PreFusionConfig(depth=-1)))
+
+
+# --------------------------------------------------------------------------- sliding-window LLMs
+@pytest.mark.parametrize("family, extra", [
+    ("mistral", {"sliding_window": 3}),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1}),  # layer 0 full, layer 1 sliding
+    ("gemma2", {"sliding_window": 3, "head_dim": 16}),  # alternating sliding / full
+])
+def test_prefusion_copied_from_a_sliding_window_llm_attends_like_it(family, extra):
+    """llm_layers init must reproduce the LLM's first layers, sliding windows included."""
+    from lm_mini.models.llm import hf_causal_lm
+    from lm_mini.models.prefusion import PreFusion
+
+    # 3 layers: hidden_states[2] is then a plain layer output (the last one has the final norm applied)
+    llm = hf_causal_lm(dict(SMALL_LLM, model_type=family, num_hidden_layers=3, **extra), attn_implementation="eager").eval()
+    fusion = PreFusion.from_llm(llm, depth=2, init="llm_layers").eval()
+    visual, compressed, text = torch.randn(1, 6, 64), torch.randn(1, 2, 64), torch.randn(1, 5, 64)
+    with torch.no_grad():
+        comp_out, text_out = fusion(visual, compressed, text, torch.ones(1, 5, dtype=torch.bool))
+        seq = torch.cat([visual, compressed, text], 1)  # (Gemma scales in its embedding table, not here)
+        hidden = llm.model(inputs_embeds=seq, output_hidden_states=True).hidden_states[2]
+    torch.testing.assert_close(text_out, hidden[:, 8:], rtol=1e-4, atol=1e-4)
