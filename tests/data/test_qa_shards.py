@@ -200,3 +200,21 @@ def test_out_path_that_is_a_file_is_refused_cleanly(odd_set, tmp_path, capsys):
     assert main(["shards", "build", "--json", str(src), "--media-root", str(media), "--out", str(tmp_path / "taken")]) == 1
     assert "taken" in capsys.readouterr().out
     assert (tmp_path / "taken").read_text() == "not a directory"
+
+
+def test_other_image_formats_are_stored_as_png_with_their_content(tmp_path):
+    """gif / bmp / 16-bit tiff are not shard image types: stored as PNG, colours and grey levels kept."""
+    media = tmp_path / "m"
+    media.mkdir()
+    Image.new("RGB", (6, 4), (10, 200, 30)).save(media / "a.gif")
+    Image.new("RGB", (6, 4), (200, 10, 30)).save(media / "b.BMP")
+    Image.fromarray(np.full((4, 6), 40000, np.uint16)).save(media / "c.tif")
+    records = [{"id": n, "image": f, "conversations": turns("<image>\nq", "a")}
+               for n, f in [("gif", "a.gif"), ("bmp", "b.BMP"), ("tif", "c.tif")]]
+    (tmp_path / "d.json").write_text(json.dumps(records))
+    build_shards([tmp_path / "d.json"], media, tmp_path / "out")
+    samples = list(iter_raw_samples(shard_paths(tmp_path / "out"), SkipCounter()))
+    assert [s.media_ext for s in samples] == ["png"] * 3
+    pixels = [np.asarray(decode_image(s.media_bytes))[0, 0].tolist() for s in samples]
+    assert pixels[1] == [200, 10, 30] and pixels[2] == [156, 156, 156]  # 40000 / 257
+    assert abs(pixels[0][1] - 200) <= 8  # GIF's palette may shift a colour slightly
