@@ -93,12 +93,26 @@ def _frame_rate(stream, num_frames: int) -> float:
 
 
 def _count_frames(data: bytes, sample_id: Optional[str]) -> tuple:
-    """(number of frames, frame rate): frames counted by demuxing, which is cheap (no decoding)."""
+    """(number of frames, frame rate): frames counted by demuxing, which is cheap (no decoding); the rate is
+    frames / the span of their timestamps when they have them, else the stream header's."""
     container = _open_video(data, sample_id)
     try:
         stream = container.streams.video[0]
-        num_frames = sum(1 for p in container.demux(stream) if p.size)
-        return num_frames, _frame_rate(stream, num_frames)
+        num_frames, first, last, last_duration = 0, None, None, 0
+        for p in container.demux(stream):
+            if not p.size:
+                continue
+            num_frames += 1
+            if p.pts is not None:
+                first = p.pts if first is None else min(first, p.pts)
+                if last is None or p.pts >= last:
+                    last, last_duration = p.pts, p.duration or 0
+        rate = _frame_rate(stream, num_frames)
+        if num_frames > 1 and first is not None and last > first and stream.time_base:
+            # The frames' own timestamps give the real duration; a header rate is wrong for variable-rate video
+            span = float((last - first + last_duration) * stream.time_base) + (0.0 if last_duration else 1.0 / rate)
+            rate = num_frames / span
+        return num_frames, rate
     except Exception as e:
         raise SampleError("bad_video", f"cannot read video ({type(e).__name__}: {e})", sample_id) from e
     finally:

@@ -218,3 +218,36 @@ def test_other_image_formats_are_stored_as_png_with_their_content(tmp_path):
     pixels = [np.asarray(decode_image(s.media_bytes))[0, 0].tolist() for s in samples]
     assert pixels[1] == [200, 10, 30] and pixels[2] == [156, 156, 156]  # 40000 / 257
     assert abs(pixels[0][1] - 200) <= 8  # GIF's palette may shift a colour slightly
+
+
+# --------------------------------------------------------------------------- video timing
+def vfr_webm(pts_ms, nominal_rate=30):
+    """A WebM whose frames sit at the given times (ms) while its header claims ``nominal_rate`` fps."""
+    from fractions import Fraction
+
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="webm") as c:
+        s = c.add_stream("libvpx", rate=nominal_rate)
+        s.width = s.height = 16
+        s.pix_fmt = "yuv420p"
+        s.codec_context.time_base = Fraction(1, 1000)
+        for i, p in enumerate(pts_ms):
+            f = av.VideoFrame.from_ndarray(np.full((16, 16, 3), 8 * i, np.uint8), format="rgb24")
+            f.pts, f.time_base = int(p), Fraction(1, 1000)
+            for pk in s.encode(f):
+                c.mux(pk)
+        for pk in s.encode():
+            c.mux(pk)
+    return buf.getvalue()
+
+
+def test_variable_frame_rate_video_is_sampled_by_its_real_duration():
+    """30 frames spread over ~9 s (header says 30 fps): ~1 fps sampling must give ~9 frames, not 1."""
+    from lm_mini.data.media import decode_video
+
+    frames = decode_video(vfr_webm(range(0, 9000, 300)), fps=1.0, max_frames=64)
+    assert len(frames) == 9
+    levels = [int(np.asarray(f).mean()) for f in frames]
+    assert levels == sorted(levels)  # in time order
