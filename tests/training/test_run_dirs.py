@@ -1,0 +1,40 @@
+"""Run directories: which run and checkpoint ``--resume`` and ``train.init_from`` pick (no training)."""
+import pytest
+
+from training_helpers import tiny_config
+from lm_mini.training import checkpoint as ckpt
+from lm_mini.training.run import resolve_init_from, resolve_run
+
+
+def _touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    return path
+
+
+def test_resume_auto_takes_the_newest_complete_checkpoint_and_a_fresh_start_never_overwrites(tmp_path):
+    cfg = tiny_config(tmp_path)
+    checkpoints = tmp_path / "runs" / "test" / "r" / "checkpoints"
+    assert resolve_run(cfg, "auto").resume_from is None  # nothing yet: a fresh start (requeue scripts always pass auto)
+    _touch(checkpoints / ckpt.checkpoint_name(20))
+    newest = _touch(checkpoints / ckpt.checkpoint_name(100))
+    _touch(checkpoints / (ckpt.checkpoint_name(120) + ckpt.TMP_SUFFIX))  # a save that was killed
+    run = resolve_run(cfg, "auto")
+    assert (run.name, run.dir, run.resume_from) == ("r", checkpoints.parent, newest)
+    with pytest.raises(FileExistsError, match="--resume auto"):
+        resolve_run(cfg, None)
+    explicit = resolve_run(tiny_config(tmp_path, "run_name=other"), str(checkpoints / ckpt.checkpoint_name(20)))
+    assert explicit.name == "r" and explicit.resume_from.name == ckpt.checkpoint_name(20)
+    # without a run name, --resume auto continues the experiment's run with the newest checkpoint
+    assert resolve_run(tiny_config(tmp_path, "run_name=null"), "auto").name == "r"
+
+
+def test_init_from_accepts_a_checkpoint_a_run_directory_or_a_run_name(tmp_path):
+    runs = tmp_path / "runs"
+    latest = _touch(runs / "pre" / "pretrain-1" / "checkpoints" / ckpt.checkpoint_name(500))
+    _touch(runs / "pre" / "pretrain-1" / "checkpoints" / ckpt.checkpoint_name(250))
+    assert resolve_init_from("pretrain-1", str(runs)) == latest
+    assert resolve_init_from(str(runs / "pre" / "pretrain-1"), str(runs)) == latest
+    assert resolve_init_from(str(latest), str(runs)) == latest
+    with pytest.raises(FileNotFoundError, match="not a checkpoint path"):
+        resolve_init_from("no-such-run", str(runs))
