@@ -116,7 +116,8 @@ def run_tags(cfg: DictConfig) -> Dict[str, str]:
 
 
 def setup_tracking(cfg: DictConfig, run: Run) -> BufferedMLFlowLogger:
-    """The run's MLflow logger. Rank 0 checks the server and opens (or reopens) the MLflow run first."""
+    """The run's MLflow logger. Rank 0 opens (or reopens) the MLflow run: params, tags and the config
+    artifact for a new run; for an existing one, the steps it already has (logged once only)."""
     uri = tracking_uri(cfg)
     previous = json.loads(run.mlflow_file.read_text()) if run.mlflow_file.is_file() else {}
     run_id = previous.get("run_id")  # the run's MLflow run, whether resuming or restarting it
