@@ -201,7 +201,7 @@ class ImageProcessor:
         self.resolution_ratio = int(resolution_ratio)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-        self.fill = tuple(int(round(255 * m)) for m in mean)
+        self.fill = tuple(int(255 * m) for m in mean)  # truncated, as official LLaVA: int(x * 255)
 
     @property
     def views_per_image(self) -> int:

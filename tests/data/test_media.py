@@ -60,7 +60,7 @@ def test_square_stretches_and_pad_fills_with_the_mean_colour():
     assert torch.allclose(square[0], normalised(RED).view(3, 1, 1).expand(3, 16, 16), atol=1e-5)
 
     pad = ImageProcessor(16, MEAN, STD, aspect_mode="pad").image(image)[0]
-    mean_pixel = normalised([round(255 * m) for m in MEAN])
+    mean_pixel = normalised([int(255 * m) for m in MEAN])
     # 40x20 padded to 40x40: the image covers the middle half of the rows, mean colour above and below
     # (rows next to the edge are left out: the bicubic kernel blends across it).
     assert torch.allclose(pad[:, :2], mean_pixel.view(3, 1, 1).expand(3, 2, 16), atol=1e-5)
@@ -138,3 +138,9 @@ def test_probe_and_video_views(video_30_frames):
     assert pixels.shape == (3, 3, 16, 16)
     level = (pixels[1, 0, 8, 8] * STD[0] + MEAN[0]) * 255  # the middle kept frame is frame 15
     assert abs(float(level) - 15 * 8) < 4
+
+
+def test_pad_colour_is_the_official_truncated_mean():
+    # Official LLaVA expand2square fill: tuple(int(x * 255) for x in image_mean) -> (122, 116, 104) for CLIP.
+    clip_mean = (0.48145466, 0.4578275, 0.40821073)
+    assert ImageProcessor(16, clip_mean, (0.26862954, 0.26130258, 0.27577711), aspect_mode="pad").fill == (122, 116, 104)
