@@ -99,8 +99,8 @@ def _shard_and_save(rank: int, world: int, store: str, cfg_yaml: str, folder: st
 def test_fsdp_sharded_checkpoint_exports_the_same_tensors(trained, tmp_path):
     model, run = trained
     folder = run / "checkpoints" / "step=00000008.ckpt"
-    # fork: the ranks inherit the imported modules (spawning would re-import torch and transformers twice)
-    torch.multiprocessing.start_processes(_shard_and_save, nprocs=2, start_method="fork",
+    # spawn, not fork: forking a process that already runs torch/MLflow threads can deadlock the children
+    torch.multiprocessing.start_processes(_shard_and_save, nprocs=2, start_method="spawn",
                                           args=(2, str(tmp_path / "store"), (run / "config.yaml").read_text(), str(folder)))
     assert len(list(folder.glob("*.distcp"))) == 2  # one shard file per rank
     sharded = read_safetensors(export(folder, tmp_path / "sharded"))
