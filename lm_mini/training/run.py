@@ -52,6 +52,20 @@ class Run:
     def mlflow_file(self) -> Path:
         return self.dir / "mlflow.json"
 
+    @property
+    def finished_file(self) -> Path:
+        return self.dir / "finished.json"
+
+
+def run_is_finished(run_dir: Path) -> bool:
+    """A run finished when it wrote ``finished.json`` and the final checkpoint it names still exists
+    (sweeps skip finished runs; deleting the final checkpoint makes a re-run resume the run)."""
+    marker = Path(run_dir) / "finished.json"
+    if not marker.is_file():
+        return False
+    final = json.loads(marker.read_text())["checkpoint"]
+    return final is None or (Path(run_dir) / "checkpoints" / final).exists()
+
 
 def _default_run_name(cfg: DictConfig) -> str:
     job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
@@ -226,6 +240,9 @@ def train(cfg: DictConfig, resume: Optional[str] = None, model_factory: Optional
         result.eval = evaluate(trainer, module, datamodule, cfg)
         if trainer.is_global_zero:
             (run.dir / "eval.json").write_text(json.dumps(result.eval, indent=2))
+    if trainer.is_global_zero:
+        final = ckpt.latest_checkpoint(run.checkpoints)
+        run.finished_file.write_text(json.dumps({"checkpoint": final.name if final else None, "global_step": trainer.global_step}))
     logger.close("FINISHED")
     return result
 
