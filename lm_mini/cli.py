@@ -69,6 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="auto (newest complete checkpoint of this run) or a checkpoint path")
     p.set_defaults(func=_handler("lm_mini.training.run:cli_train"))
 
+    # eval
+    p = sub.add_parser("eval", help="greedy generation on shards, scored (VQA, exact match, multiple choice, POPE)")
+    p.add_argument("source", help="run directory, checkpoint (*.ckpt) or model directory")
+    p.add_argument("--data", nargs="+", required=True, help="shard directories (with index.json) to evaluate on")
+    p.add_argument("--metric", nargs="*", default=None, choices=["exact_match", "vqa_accuracy", "multiple_choice", "pope"],
+                   help="metrics (default: exact_match)")
+    p.add_argument("--out", default=None, help="predictions JSONL (default: <run>/eval/<data>.jsonl)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu"], help="auto: a GPU when there is one")
+    p.add_argument("--json", action="store_true", help="print the scores as JSON")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the scores to the checkpoint's MLflow run")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. eval.max_samples=100")
+    p.set_defaults(func=_handler("lm_mini.eval.evaluate:cli_eval"))
+
     # sweeps
     p = sub.add_parser("sweep", help="run a grid sweep (locally or as a SLURM array)")
     p.add_argument("sweep", help="sweep YAML (base config + grid)")

@@ -120,3 +120,10 @@ def test_metric_states_merge_like_ranks():
 def test_unknown_metric_lists_known():
     with pytest.raises(KeyError, match="exact_match"):
         build_metric("bleu")
+
+
+def test_a_single_reference_answer_counts_as_unanimous():
+    assert vqa_score("Two", ["2"]) == 1.0 and vqa_score("3", ["2"]) == 0.0
+    m = VQAAccuracy()
+    m.update(["red", "blue"], ["red", ["red"]])
+    assert m.compute().item() == pytest.approx(0.5)

@@ -1,0 +1,58 @@
+import json
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from lm_mini.cli import main as cli_main
+from lm_mini.eval.evaluate import score
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_score_uses_record_fields_and_breaks_down_by_type():
+    preds = [
+        {"id": "a", "prediction": "two", "gold": "2"},
+        {"id": "b", "prediction": "The answer is B", "gold": "B"},
+        {"id": "c", "prediction": "yes", "gold": "no"},
+    ]
+    records = {
+        "a": {"answers": ["2"] * 2 + ["3"] * 8, "question_type": "count"},
+        "b": {"conversations": [{"from": "human", "value": "<image>\nWhich?\nA. red\nB. blue\nC. green"}], "question_type": "mc"},
+        "c": {"question_type": "count"},
+    }
+    s = score(preds, records, ["vqa_accuracy", "exact_match", "multiple_choice"])
+    assert s["all/n"] == 3 and s["type/count/n"] == 2 and s["type/mc/n"] == 1
+    assert s["type/count/vqa_accuracy"] == pytest.approx((0.6 + 0.0) / 2)  # 2 of 10 annotators said "2"
+    assert s["all/exact_match"] == pytest.approx(1 / 3)  # "two" is among the annotators' answers
+    assert s["type/mc/multiple_choice"] == 1.0
+    pope = score([{"id": "x", "prediction": "No.", "gold": "no"}, {"id": "y", "prediction": "yes", "gold": "no"}], {}, ["pope"])
+    assert pope["all/pope_accuracy"] == pytest.approx(0.5) and pope["all/pope_precision"] == 0.0
+
+
+def test_eval_cli_on_a_trained_run_writes_predictions_and_logs_scores(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert cli_main(["train", "experiments/demo.yaml", "train.max_steps=2", "data.batch_size=2", "train.eval_at_end=false",
+                     "run_name=ev", f"logging.runs_dir={tmp_path / 'runs'}", f"logging.tracking_uri={uri}"]) == 0
+    run = tmp_path / "runs" / "demo" / "ev"
+    capsys.readouterr()
+    assert cli_main(["eval", str(run), "eval.max_samples=6", "eval.max_new_tokens=2", "--data", "data_shards/demo/eval",
+                     "--metric", "exact_match", "vqa_accuracy", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    lines = [json.loads(l) for l in Path(result["predictions_file"]).read_text().splitlines()]
+    assert result["n"] == len(lines) == 6 and all({"id", "prediction", "gold", "question_type"} <= set(l) for l in lines)
+    assert Path(result["predictions_file"]) == run / "eval" / "eval.jsonl"
+    exact = sum(l["prediction"].strip().lower() == l["gold"].strip().lower() for l in lines) / 6
+    assert result["scores"]["all/exact_match"] == pytest.approx(exact)
+    run_id = json.loads((run / "mlflow.json").read_text())["run_id"]
+    logged = MlflowClient(uri).get_run(run_id).data.metrics
+    assert logged["eval/eval/exact_match"] == pytest.approx(exact)
+    assert "eval/eval/vqa_accuracy" in logged
+
+
+def test_eval_cli_errors_are_clear(tmp_path, capsys):
+    assert cli_main(["eval", str(tmp_path / "nope"), "--data", str(tmp_path)]) == 2
+    assert "no such model directory, run directory or checkpoint" in capsys.readouterr().err
+    assert cli_main(["eval", str(tmp_path), "--data", str(tmp_path / "missing")]) == 2
+    assert "--data" in capsys.readouterr().err
