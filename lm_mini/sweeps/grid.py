@@ -165,8 +165,21 @@ def launch_local(sweep: Sweep, max_parallel: int = 1, log=print) -> Dict[str, st
             log(f"[sweep {sweep.sweep_id}] {name}: {status[name]} (exit {rc})")
             if rc != 0:
                 _mark_failed(sweep, name)
+            else:
+                _log_efficiency(sweep, next(r for r in sweep.runs if r.name == name))
         time.sleep(0.2)
     return status
+
+
+def _log_efficiency(sweep: Sweep, run: SweepRun) -> None:
+    """FLOPs per sample etc. of the run's model into its MLflow run, so ``compare`` plots accuracy vs FLOPs."""
+    try:
+        from lm_mini.eval.efficiency import efficiency_report, log_to_mlflow
+
+        info = json.loads((run_dir(sweep, run) / "mlflow.json").read_text())
+        log_to_mlflow(efficiency_report(load_config(sweep.base, run.overrides).model), info["run_id"], info["tracking_uri"])
+    except Exception as e:  # figures are a bonus; the run itself is done
+        print(f"[sweep {sweep.sweep_id}] could not log efficiency figures of {run.name}: {e}", file=sys.stderr)
 
 
 def _mark_failed(sweep: Sweep, run_name: str) -> None:

@@ -71,3 +71,6 @@ def test_sweep_runs_skips_resumes_and_compares(tmp_path, monkeypatch, capsys):
         assert (r["model.compressor.grid"], r["model.prefusion.depth"]) == (c, d)
         assert r["status"] == "FINISHED"
         assert 0.0 <= r["eval/exact_match"] <= 1.0 and r["train/loss"] > 0
+        assert r["flops_per_sample"] > 0  # logged by the sweep for compare's accuracy-vs-FLOPs plot
+    flops = {r["run"]: r["flops_per_sample"] for r in records}
+    assert flops["grid=2__depth=1"] > flops["grid=1__depth=1"] > flops["grid=1__depth=0"]  # more tokens, more fusion: more work
