@@ -14,7 +14,7 @@ from lm_mini.data.synthetic import majority_baseline
 from lm_mini.eval.metrics import ExactMatch
 
 SHORT = [
-    "train.max_steps=40", "train.checkpoint_every_n_steps=20", "train.log_every_n_steps=1", "eval.max_samples=48",
+    "train.max_steps=40", "train.lr=3e-3", "train.checkpoint_every_n_steps=20", "train.log_every_n_steps=1", "eval.max_samples=48",
     "eval.max_new_tokens=4", "run_name=short",
 ]
 
@@ -36,7 +36,7 @@ def test_short_demo_trains_evaluates_and_reports(tmp_path, monkeypatch, capsys):
     client = MlflowClient(f"sqlite:///{db}")
     run_id = json.loads((run_dir / "mlflow.json").read_text())["run_id"]
     losses = [m.value for m in sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)]
-    assert len(losses) == 40 and sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    assert len(losses) == 40 and sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
 
     # accuracy is exact match over the generated answers; the baseline is per question type on the same samples
     preds = result["predictions"]
