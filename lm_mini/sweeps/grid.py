@@ -214,7 +214,7 @@ def slurm_script(sweep: Sweep, max_parallel: Optional[int] = None) -> str:
         f"#SBATCH --mem={s.pop('mem')}",
         f"#SBATCH --time={s.pop('time')}",
         "#SBATCH --requeue",
-        "#SBATCH --signal=B:USR1@300",  # preemption notice: the trainer checkpoints on SIGUSR1 and exits
+        "#SBATCH --signal=USR1@300",  # to every job step (B: would signal only this shell): the trainer checkpoints and exits
         f"#SBATCH --output={Path('runs') / sweep.experiment / '_sweep_logs' / '%x_%A_%a.out'}",
     ]
     lines += [f"#SBATCH --{k.replace('_', '-')}={v}" for k, v in s.items()]

@@ -48,7 +48,7 @@ def test_slurm_script_is_a_valid_array_job(tmp_path):
     directives = dict(re.match(r"#SBATCH --([\w-]+)(?:=(.*))?", l).groups() for l in lines if l.startswith("#SBATCH"))
     assert directives["array"] == "0-3%2"
     assert directives["partition"] == "gpu" and directives["time"] == "01:00:00"
-    assert "requeue" in directives and directives["signal"].startswith("B:USR1")
+    assert "requeue" in directives and directives["signal"] == "USR1@300"
     # The bash array holds one command line per grid run, in order, each parseable back into the overrides.
     start, end = lines.index("RUNS=("), lines.index(")")
     entries = [shlex.split(shlex.split(l.strip())[0]) for l in lines[start + 1 : end]]
