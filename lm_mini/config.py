@@ -42,6 +42,7 @@ class CompressorConfig:
 class PreFusionConfig:
     depth: int = 4  # number of decoder layers; 0 switches pre-fusion off
     init: str = "random"  # random (official) | llm_layers (copy the LLM's first `depth` layers)
+    detach_text: bool = True  # official: no gradient from pre-fusion into the text embeddings
 
 
 @dataclass

@@ -52,8 +52,10 @@ class LlavaMini(nn.Module):
         llm: nn.Module,
         prefusion: Optional[PreFusion] = None,
         resolution_ratio: int = 1,
+        detach_prefusion_text: bool = True,
     ):
         super().__init__()
+        self.detach_prefusion_text = detach_prefusion_text
         self.encoder, self.projector, self.compressor, self.prefusion, self.llm = encoder, projector, compressor, prefusion, llm
         if resolution_ratio < 1:
             raise ValueError(f"model.resolution_ratio must be >= 1, got {resolution_ratio}")
@@ -82,7 +84,8 @@ class LlavaMini(nn.Module):
         with _naming("model.compressor", f"name={cfg.compressor.name}, grid={cfg.compressor.grid}, options={options}"):
             compressor = COMPRESSORS.create(cfg.compressor.name, dim=encoder.hidden_size, grid=cfg.compressor.grid, **options)
         prefusion = PreFusion.from_llm(llm, cfg.prefusion.depth, cfg.prefusion.init) if cfg.prefusion.depth > 0 else None
-        model = cls(encoder, projector, compressor, llm, prefusion, resolution_ratio=cfg.resolution_ratio)
+        model = cls(encoder, projector, compressor, llm, prefusion, resolution_ratio=cfg.resolution_ratio,
+                    detach_prefusion_text=cfg.prefusion.get("detach_text", True))
         return model.to(getattr(torch, cfg.dtype))
 
     def _check_parts(self) -> None:
@@ -231,9 +234,10 @@ class LlavaMini(nn.Module):
         fuse = attention_mask & ~is_image
         if labels is not None:
             fuse &= labels == IGNORE_INDEX
-        # Official LLaVA-Mini feeds pre-fusion detached text embeddings (the LLM's embedding
-        # table learns from the tokens the LLM reads raw, not through pre-fusion).
-        media, fused, has_media = self.encode_media(batch, text.detach(), fuse)
+        # Official LLaVA-Mini feeds pre-fusion detached text embeddings (the LLM's embedding table
+        # learns from the tokens the LLM reads raw, not through pre-fusion). Training from scratch,
+        # the question words then never learn (they reach the LLM only fused): prefusion.detach_text=false.
+        media, fused, has_media = self.encode_media(batch, text.detach() if self.detach_prefusion_text else text, fuse)
         if self.prefusion is not None:
             text = torch.where((fuse & has_media[:, None]).unsqueeze(-1), fused, text)
 

@@ -297,3 +297,14 @@ def test_llm_from_a_local_path_and_on_meta(tmp_path):
     assert all(p.is_meta for p in ghost.parameters())
     with pytest.raises(ValueError, match="model_type"):
         hf_causal_lm({"hidden_size": 32})
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_prefusion_detach_text_decides_whether_question_embeddings_learn(detach):
+    # The question tokens reach the LLM only through pre-fusion; official LLaVA-Mini detaches that input.
+    model = tiny(f"model.prefusion.detach_text={str(detach).lower()}").train()
+    model(make_batch([(SAMPLE_IDS, SAMPLE_LABELS, image(1))])).loss.backward()
+    grad = model.llm.get_input_embeddings().weight.grad
+    question_rows = grad[[11, 12, 13, 14, 15]].abs().sum(dim=1)
+    assert grad[ANSWER].abs().sum() > 0  # answers are read raw by the LLM either way
+    assert bool((question_rows == 0).all()) is detach
