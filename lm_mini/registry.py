@@ -62,7 +62,7 @@ class Registry(Generic[T]):
         if name in eps:
             return eps[name].load()
         known = ", ".join(self.names()) or "(none)"
-        hint = f"; or 'package.module:Class'" + (f" or an entry point in group '{self.entry_point_group}'" if self.entry_point_group else "")
+        hint = "; or 'package.module:Class'" + (f" or an entry point in group '{self.entry_point_group}'" if self.entry_point_group else "")
         raise KeyError(f"unknown {self.kind} '{name}'. Known {self.kind}s: {known}{hint}")
 
     def create(self, name: str, *args: Any, **kwargs: Any) -> Any:

@@ -30,7 +30,6 @@ import logging
 import multiprocessing
 import os
 import shutil
-import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice

@@ -73,36 +73,12 @@ def resolve_source(path: PathLike) -> Source:
     return Source(kind, p, _run_config(run_dir, str(p)), ckpt, run_dir, info)
 
 
-def read_checkpoint_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """``(model weights without the "model." prefix, the checkpoint's other small entries)`` of a Lightning checkpoint.
-
-    Only the weights are read: a file is memory-mapped, and of a folder of FSDP shards (torch distributed
-    checkpoint) only ``state_dict`` is gathered into full tensors. The optimizer states, twice the size of
-    the model under Adam, never reach memory (``training.checkpoint.load_checkpoint`` reads everything).
-    """
-    from lm_mini.training.checkpoint import model_state_dict
-
-    if path.is_dir():
-        from torch.distributed.checkpoint import FileSystemReader
-        from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
-        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-        checkpoint: Dict[str, Any] = {}
-        _load_state_dict(checkpoint, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}),
-                         no_dist=True)
-        extra = torch.load(path / "meta.pt", map_location="cpu", weights_only=False) if (path / "meta.pt").is_file() else {}
-    else:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        extra = checkpoint
-    info = {k: extra[k] for k in ("global_step", "epoch") if k in extra}
-    # contiguous CPU copies: safetensors wants plain storage, not views into a mapped file
-    return {k: v.detach().contiguous() for k, v in model_state_dict(checkpoint).items()}, info
-
-
 def source_weights(source: Source) -> Dict[str, torch.Tensor]:
     """The model's tensors under lm_mini's names (sharded checkpoints gathered into full tensors)."""
     if source.kind == "model_dir":
         return read_safetensors(source.path)
+    from lm_mini.training.checkpoint import read_checkpoint_weights
+
     state, info = read_checkpoint_weights(source.checkpoint)
     source.info.update(info)
     return state

@@ -92,7 +92,7 @@ class PreFusion(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """visual [B, Nv, d], compressed [B, C², d], text [B, L, d], text_mask [B, L] (True = fuse this token)
         -> (fused compressed [B, C², d], text [B, L, d] fused where ``text_mask``, else the input unchanged)."""
-        n_vis, n_comp, n_text = visual.shape[1], compressed.shape[1], text.shape[1]
+        n_vis, n_comp = visual.shape[1], compressed.shape[1]
         x = torch.cat([visual, compressed, text.to(visual.dtype)], dim=1)  # [B, S, d]
         text_mask = text_mask.bool()
         valid = torch.cat([text_mask.new_ones(x.shape[0], n_vis + n_comp), text_mask], dim=1)  # [B, S]

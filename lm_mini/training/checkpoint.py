@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from lightning.fabric.utilities.load import _load_distributed_checkpoint
@@ -100,3 +100,28 @@ def model_state_dict(checkpoint: Dict[str, Any], prefix: str = "model.") -> Dict
     """The wrapped model's weights from a Lightning checkpoint (keys without the LightningModule prefix)."""
     state = checkpoint["state_dict"]
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def read_checkpoint_weights(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """``(model weights without the "model." prefix, the checkpoint's other small entries)`` of a Lightning checkpoint.
+
+    Only the weights are read: a file is memory-mapped, and of a folder of FSDP shards (torch distributed
+    checkpoint) only ``state_dict`` is gathered into full tensors. The optimizer states, twice the size of
+    the model under Adam, never reach memory (:func:`load_checkpoint` reads everything).
+    """
+    path = Path(path)
+    if path.is_dir():
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+        checkpoint: Dict[str, Any] = {}
+        _load_state_dict(checkpoint, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}),
+                         no_dist=True)
+        extra = torch.load(path / "meta.pt", map_location="cpu", weights_only=False) if (path / "meta.pt").is_file() else {}
+    else:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        extra = checkpoint
+    info = {k: extra[k] for k in ("global_step", "epoch") if k in extra}
+    # contiguous CPU copies: safetensors wants plain storage, not views into a mapped file
+    return {k: v.detach().contiguous() for k, v in model_state_dict(checkpoint).items()}, info

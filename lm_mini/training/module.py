@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from lm_mini.training import strategy as strategies
-from lm_mini.training.checkpoint import load_checkpoint, model_state_dict
+from lm_mini.training.checkpoint import read_checkpoint_weights
 
 PARTS = ("encoder", "projector", "compressor", "prefusion", "llm")
 
@@ -94,7 +94,7 @@ def init_weights_from(model: nn.Module, path: str) -> List[str]:
     from lm_mini.interop.pretrained import is_model_dir, read_safetensors
 
     # a model directory (lm-mini import of a release, or lm-mini export) starts a fine-tune too
-    state = read_safetensors(path) if is_model_dir(path) else model_state_dict(load_checkpoint(path))
+    state = read_safetensors(path) if is_model_dir(path) else read_checkpoint_weights(path)[0]  # no optimizer states
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise ValueError(f"{path}: {len(result.unexpected_keys)} weights do not belong to this model, e.g. {result.unexpected_keys[:3]}")

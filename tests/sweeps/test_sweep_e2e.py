@@ -2,11 +2,8 @@
 finished run, deleting one run's final checkpoint makes the re-run resume just that one, and
 ``compare --format json`` returns the four runs with their grid values and metrics."""
 import json
-import os
-import shutil
 from pathlib import Path
 
-import pytest
 
 from lm_mini.cli import main as cli_main
 
