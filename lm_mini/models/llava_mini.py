@@ -85,7 +85,7 @@ class LlavaMini(nn.Module):
             compressor = COMPRESSORS.create(cfg.compressor.name, dim=encoder.hidden_size, grid=cfg.compressor.grid, **options)
         prefusion = PreFusion.from_llm(llm, cfg.prefusion.depth, cfg.prefusion.init) if cfg.prefusion.depth > 0 else None
         model = cls(encoder, projector, compressor, llm, prefusion, resolution_ratio=cfg.resolution_ratio,
-                    detach_prefusion_text=cfg.prefusion.get("detach_text", True))
+                    detach_prefusion_text=getattr(cfg.prefusion, "detach_text", True))
         return model.to(getattr(torch, cfg.dtype))
 
     def _check_parts(self) -> None:
