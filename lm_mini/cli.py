@@ -173,6 +173,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         rc = args.func(args)
+    except BrokenPipeError:  # output piped into `head` & co.: not an error
+        sys.stderr.close()
+        return 0
     except ConfigError as e:
         print(f"lm-mini: config error: {e}", file=sys.stderr)
         return 2
