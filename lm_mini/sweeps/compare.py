@@ -149,11 +149,14 @@ def plot(rows: Sequence[RunRow], metric: str, path: str) -> None:
     ax.grid(alpha=0.3)
     if has_flops:
         ax = axes[0][1]
+        top = max(r.metrics.get(FLOPS_METRIC, 0.0) for r in rows)
+        scale, unit = next(((s, u) for s, u in ((1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs")) if top >= s), (1.0, "FLOPs"))
         for r in rows:
             if FLOPS_METRIC in r.metrics and metric in r.metrics:
-                ax.scatter(r.metrics[FLOPS_METRIC] / 1e12, r.metrics[metric])
-                ax.annotate(r.name, (r.metrics[FLOPS_METRIC] / 1e12, r.metrics[metric]), fontsize=7)
-        ax.set_xlabel("TFLOPs per sample")
+                x = r.metrics[FLOPS_METRIC] / scale
+                ax.scatter(x, r.metrics[metric])
+                ax.annotate(r.name, (x, r.metrics[metric]), fontsize=7)
+        ax.set_xlabel(f"{unit} per sample")
         ax.set_ylabel(metric)
         ax.set_title(f"{metric} vs FLOPs")
         ax.grid(alpha=0.3)
