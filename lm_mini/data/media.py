@@ -10,8 +10,10 @@ import io
 from typing import List, Optional, Sequence
 
 import av
+import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms.v2 import functional as TF
 
 from lm_mini.data.errors import SampleError
 
@@ -29,8 +31,9 @@ def decode_image(data: bytes, sample_id: Optional[str] = None) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
-        image = ImageOps.exif_transpose(image)
-        return _to_8_bit(image).convert("RGB")
+        ImageOps.exif_transpose(image, in_place=True)  # in place: a copy of every image costs ~0.2 ms
+        image = _to_8_bit(image)
+        return image if image.mode == "RGB" else image.convert("RGB")
     except UnidentifiedImageError as e:  # its message holds a BytesIO address: not reproducible
         raise SampleError("corrupt_image", f"not an image format PIL can read ({len(data)} bytes)", sample_id) from e
     except Exception as e:  # PIL signals bad data with OSError, SyntaxError, ValueError, EOFError, ...
@@ -46,8 +49,6 @@ def _to_8_bit(image: Image.Image) -> Image.Image:
     """
     if not (image.mode.startswith("I") or image.mode == "F"):
         return image
-    import numpy as np
-
     pixels = np.asarray(image, dtype=np.float64)
     if image.mode == "F":
         scale = 255.0 if pixels.size and 0.0 <= pixels.min() and pixels.max() <= 1.0 else 1.0
@@ -188,7 +189,9 @@ class ImageProcessor:
         square with the encoder's mean colour (LLaVA-1.5), so nothing is stretched.
     resolution_ratio: R > 1 adds R*R crops of the image resized to (S*R)^2, row-major, after the
         global view, so an image gives ``1 + R*R`` views (1 when R == 1).
-    Resampling is bicubic; normalisation uses the encoder's own mean/std.
+    Resampling is bicubic with antialiasing, PIL's filter (as CLIP's and LLaVA's processors) computed by
+    torchvision on uint8 tensors: ~4x faster than PIL's own resize, within 2 grey levels of it on under
+    1% of pixels (tests/data/test_media.py). Normalisation uses the encoder's own mean/std.
     """
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], aspect_mode: str = "square", resolution_ratio: int = 1):
@@ -199,8 +202,10 @@ class ImageProcessor:
         self.image_size = int(image_size)
         self.aspect_mode = aspect_mode
         self.resolution_ratio = int(resolution_ratio)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        # (x / 255 - mean) / std as one multiply and one subtract, in place
+        self._scale, self._shift = 1.0 / (255.0 * std_t), mean_t / std_t
         self.fill = tuple(int(255 * m) for m in mean)  # truncated, as official LLaVA: int(x * 255)
 
     @property
@@ -210,10 +215,14 @@ class ImageProcessor:
 
     def _to_tensor(self, image: Image.Image, size: int) -> torch.Tensor:
         """RGB image -> bicubic resize to size x size -> normalised float tensor [3, size, size]."""
-        image = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3)
-        pixels = pixels.permute(2, 0, 1).float().div_(255.0)
-        return (pixels - self.mean) / self.std
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        w, h = image.size
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1)
+        if (h, w) != (size, size):
+            pixels = TF.resize(pixels, [size, size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        # contiguous before the float conversion: normalising a channels-last view is ~5x slower
+        return pixels.contiguous().float().mul_(self._scale).sub_(self._shift)
 
     def _square(self, image: Image.Image) -> Image.Image:
         return expand_to_square(image.convert("RGB"), self.fill) if self.aspect_mode == "pad" else image
@@ -222,12 +231,12 @@ class ImageProcessor:
         """One image -> ``[V, 3, S, S]``: the global view, then (R > 1) the R*R crops row-major."""
         image = self._square(image)
         s, r = self.image_size, self.resolution_ratio
-        views = [self._to_tensor(image, s)]
-        if r > 1:
-            big = self._to_tensor(image, s * r)  # [3, rS, rS] -> [r*r, 3, S, S], rows first
-            crops = big.view(3, r, s, r, s).permute(1, 3, 0, 2, 4).reshape(r * r, 3, s, s)
-            views.extend(crops)
-        return torch.stack(views)
+        view = self._to_tensor(image, s)
+        if r == 1:
+            return view.unsqueeze(0)
+        big = self._to_tensor(image, s * r)  # [3, rS, rS] -> [r*r, 3, S, S], rows first
+        crops = big.view(3, r, s, r, s).permute(1, 3, 0, 2, 4).reshape(r * r, 3, s, s)
+        return torch.cat([view.unsqueeze(0), crops])
 
     def video(self, frames: Sequence[Image.Image]) -> torch.Tensor:
         """Video frames -> ``[T, 3, S, S]`` (one global view per frame; no high-resolution crops)."""

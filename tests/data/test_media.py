@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from lm_mini.data.errors import SampleError
-from lm_mini.data.media import ImageProcessor, decode_image, decode_video, probe_video, sample_frame_indices
+from lm_mini.data.media import ImageProcessor, decode_image, decode_video, expand_to_square, probe_video, sample_frame_indices
 from media_fixtures import frame_index, gray_video, image_bytes
 
 MEAN, STD = (0.25, 0.5, 0.75), (0.5, 0.25, 0.5)
@@ -144,3 +144,31 @@ def test_pad_colour_is_the_official_truncated_mean():
     # Official LLaVA expand2square fill: tuple(int(x * 255) for x in image_mean) -> (122, 116, 104) for CLIP.
     clip_mean = (0.48145466, 0.4578275, 0.40821073)
     assert ImageProcessor(16, clip_mean, (0.26862954, 0.26130258, 0.27577711), aspect_mode="pad").fill == (122, 116, 104)
+
+
+def photo_like(w, h, seed):
+    """A smooth random colour field with grain: the spectrum of a photo, unlike flat test patterns."""
+    rng = np.random.default_rng(seed)
+    field = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
+    grain = rng.integers(-20, 21, (h, w, 3))
+    return Image.fromarray((np.asarray(field, dtype=np.int16) + grain).clip(0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("source, size, aspect", [((336, 336), 224, "square"), ((64, 64), 224, "square"),
+                                                   ((640, 480), 336, "pad"), ((300, 500), 336, "pad")])
+def test_pixels_match_llavas_clip_image_processor(source, size, aspect):
+    """Parity with LLaVA's own preprocessing: ``expand2square`` (pad) then transformers' CLIPImageProcessor
+    (PIL bicubic to the shortest edge, centre crop, rescale, normalise). Our resize is torchvision's
+    antialiased bicubic on uint8, a port of PIL's filter: rounding may differ by a grey level or two."""
+    from transformers import CLIPImageProcessor
+
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    image = photo_like(*source, seed=source[0])
+    ours = ImageProcessor(size, mean, std, aspect_mode=aspect).image(image)[0]
+    reference = image if aspect == "square" else expand_to_square(image, tuple(int(255 * m) for m in mean))
+    hf = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, image_mean=mean, image_std=std)
+    theirs = hf.preprocess(reference, return_tensors="pt")["pixel_values"][0]
+    assert ours.shape == theirs.shape == (3, size, size)
+    levels = ((ours - theirs) * torch.tensor(std).view(3, 1, 1) * 255).abs()  # difference in 0..255 grey levels
+    assert levels.max() < 2.01 and (levels > 0.01).float().mean() < 0.01
+    assert (levels > 1.01).float().mean() < 1e-3
