@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from transformers import LlavaConfig, LlavaForConditionalGeneration
+from llava15_reference import llava15_twin
 
 from lm_mini.config import load_config
 from lm_mini.constants import IGNORE_INDEX as IGN
@@ -62,14 +62,7 @@ def test_identity_without_prefusion_is_exactly_llava_15():
     model = tiny("model.compressor.name=identity", "model.prefusion.depth=0")
     assert model.prefusion is None
     image_token = 1023
-    hf = LlavaForConditionalGeneration(LlavaConfig(
-        vision_config=model.encoder.model.config, text_config=model.llm.config, image_token_id=image_token,
-        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu")).eval()
-    hf.model.vision_tower.load_state_dict(model.encoder.model.state_dict())
-    hf.model.multi_modal_projector.linear_1.load_state_dict(model.projector[0].state_dict())
-    hf.model.multi_modal_projector.linear_2.load_state_dict(model.projector[2].state_dict())
-    hf.model.language_model.load_state_dict(model.llm.model.state_dict())
-    hf.lm_head.load_state_dict(model.llm.lm_head.state_dict())
+    hf = llava15_twin(model, image_token, "default")
 
     samples = [([5, IMG, 6, 7, 8], None, image(1)), ([9, 10, IMG, 6], None, image(2))]  # right padding in sample 1
     batch = make_batch(samples)

@@ -83,18 +83,11 @@ def test_cls_patch_with_a_patch_grid_compressor_is_refused_at_build_not_first_ba
 
 def test_identity_with_cls_patch_is_exactly_llava_15_full_features():
     """LLaVA-1.5 with mm_vision_select_feature=cls_patch: CLS + all patches reach the LLM (HF strategy 'full')."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    from llava15_reference import llava15_twin
 
     model = build("model.compressor.name=identity", "model.prefusion.depth=0", "model.encoder.select_feature=cls_patch")
     image_token = 1023
-    hf = LlavaForConditionalGeneration(LlavaConfig(
-        vision_config=model.encoder.model.config, text_config=model.llm.config, image_token_id=image_token,
-        vision_feature_layer=-2, vision_feature_select_strategy="full", projector_hidden_act="gelu")).eval()
-    hf.model.vision_tower.load_state_dict(model.encoder.model.state_dict())
-    hf.model.multi_modal_projector.linear_1.load_state_dict(model.projector[0].state_dict())
-    hf.model.multi_modal_projector.linear_2.load_state_dict(model.projector[2].state_dict())
-    hf.model.language_model.load_state_dict(model.llm.model.state_dict())
-    hf.lm_head.load_state_dict(model.llm.lm_head.state_dict())
+    hf = llava15_twin(model, image_token, "full")
     ids = [5, IMG, 6, 7]
     batch = text_batch(ids)
     batch.update(pixel_values=torch.randn(1, 3, 64, 64), frames_per_sample=torch.tensor([1]))
