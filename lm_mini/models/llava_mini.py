@@ -23,7 +23,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lm_mini.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from lm_mini.models.encoders import build_encoder, plain
+from lm_mini.models.encoders import build_encoder, normalize_pixels, plain
 from lm_mini.models.prefusion import PreFusion
 from lm_mini.registry import COMPRESSORS, LLMS, PROJECTORS
 
@@ -140,7 +140,13 @@ class LlavaMini(nn.Module):
         return views, owner
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels [V, 3, H, W] -> [V, N, D]; no graph through a frozen encoder."""
+        """pixels [V, 3, H, W] -> [V, N, D]; no graph through a frozen encoder.
+
+        uint8 pixels (the data loader's) are raw RGB, normalised here with the encoder's mean/std;
+        float pixels are taken as already normalised (as Hugging Face processors return them).
+        """
+        if pixels.dtype == torch.uint8:
+            pixels = normalize_pixels(pixels, self.encoder.image_mean, self.encoder.image_std)
         frozen = not any(p.requires_grad for p in self.encoder.parameters())
         with torch.no_grad() if frozen else contextlib.nullcontext():
             feats = self.encoder(pixels)

@@ -345,7 +345,7 @@ def test_batches_follow_the_contract_for_image_video_text_and_hires(corpus, tmp_
     assert batch["is_video"].tolist() == [o == 0 for o in order]
     views = frames[0] + 5  # video: one view per frame; hi-res image (R=2): global + 2x2 crops
     assert batch["pixel_values"].shape == (views, 3, IMAGE_SIZE, IMAGE_SIZE)
-    assert batch["pixel_values"].dtype == torch.float32
+    assert batch["pixel_values"].dtype == torch.uint8  # raw RGB: the model normalises it
     B, L_ = batch["input_ids"].shape
     assert B == 3 and batch["labels"].shape == batch["attention_mask"].shape == (B, L_)
     for k in ("input_ids", "labels", "attention_mask", "frames_per_sample"):

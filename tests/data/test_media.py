@@ -12,9 +12,9 @@ MEAN, STD = (0.25, 0.5, 0.75), (0.5, 0.25, 0.5)
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
 
-def normalised(rgb):
-    """What one RGB pixel becomes after normalisation, as a [3] tensor."""
-    return (torch.tensor(rgb, dtype=torch.float32) / 255 - torch.tensor(MEAN)) / torch.tensor(STD)
+def flat(rgb, h, w):
+    """A uint8 [3, h, w] view of one colour."""
+    return torch.tensor(rgb, dtype=torch.uint8).view(3, 1, 1).expand(3, h, w)
 
 
 def two_halves(w=40, h=20, left=RED, right=BLUE):
@@ -57,26 +57,32 @@ def test_square_stretches_and_pad_fills_with_the_mean_colour():
     image = Image.new("RGB", (40, 20), RED)
     square = ImageProcessor(16, MEAN, STD, aspect_mode="square").image(image)
     assert square.shape == (1, 3, 16, 16)
-    assert torch.allclose(square[0], normalised(RED).view(3, 1, 1).expand(3, 16, 16), atol=1e-5)
+    assert square.dtype == torch.uint8 and torch.equal(square[0], flat(RED, 16, 16))
 
-    pad = ImageProcessor(16, MEAN, STD, aspect_mode="pad").image(image)[0]
-    mean_pixel = normalised([int(255 * m) for m in MEAN])
+    proc = ImageProcessor(16, MEAN, STD, aspect_mode="pad")
+    pad = proc.image(image)[0]
+    mean_pixel = [int(255 * m) for m in MEAN]
     # 40x20 padded to 40x40: the image covers the middle half of the rows, mean colour above and below
     # (rows next to the edge are left out: the bicubic kernel blends across it).
-    assert torch.allclose(pad[:, :2], mean_pixel.view(3, 1, 1).expand(3, 2, 16), atol=1e-5)
-    assert torch.allclose(pad[:, -2:], mean_pixel.view(3, 1, 1).expand(3, 2, 16), atol=1e-5)
-    assert torch.allclose(pad[:, 6:10], normalised(RED).view(3, 1, 1).expand(3, 4, 16), atol=1e-5)
-    assert mean_pixel.abs().max() < 0.01  # the padding is (almost) zero after normalisation
+    assert torch.equal(pad[:, :2], flat(mean_pixel, 2, 16)) and torch.equal(pad[:, -2:], flat(mean_pixel, 2, 16))
+    assert torch.equal(pad[:, 6:10], flat(RED, 4, 16))
+    assert proc.normalize(pad)[:, :2].abs().max() < 0.01  # the padding is (almost) zero after normalisation
+
+
+def test_normalize_uses_the_encoders_mean_and_std():
+    views = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 4, 4)
+    out = ImageProcessor(4, MEAN, STD).normalize(views)
+    expected = (torch.tensor([0, 51, 255]) / 255 - torch.tensor(MEAN)) / torch.tensor(STD)
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 4, 4)
+    assert torch.allclose(out, expected.view(1, 3, 1, 1).expand(2, 3, 4, 4), atol=1e-6)
 
 
 def test_resize_is_bicubic():
     image = Image.fromarray(np.array([[0, 255], [255, 0]], np.uint8)).convert("RGB")
     views = ImageProcessor(8, MEAN, STD).image(image)
     expected = torch.from_numpy(np.array(image.resize((8, 8), Image.Resampling.BICUBIC))).permute(2, 0, 1)
-    expected = (expected.float() / 255 - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
-    assert torch.allclose(views[0], expected, atol=1e-6)
-    levels = (views[0, 0] * STD[0] + MEAN[0]) * 255
-    assert len(torch.unique(levels.round())) > 2  # interpolated, not nearest-neighbour's two levels
+    assert torch.equal(views[0], expected)
+    assert len(torch.unique(views[0, 0])) > 2  # interpolated, not nearest-neighbour's two levels
 
 
 def test_high_resolution_views_are_global_then_crops_row_major():
@@ -90,7 +96,7 @@ def test_high_resolution_views_are_global_then_crops_row_major():
     assert proc.views_per_image == 5 and views.shape == (5, 3, 8, 8)
     assert torch.equal(views[0], ImageProcessor(8, MEAN, STD).image(image)[0])  # global view first
     for k, colour in enumerate(colours):  # each crop's interior is its quadrant's flat colour
-        assert torch.allclose(views[1 + k][:, 2:6, 2:6], normalised(colour).view(3, 1, 1).expand(3, 4, 4), atol=1e-5), k
+        assert torch.equal(views[1 + k][:, 2:6, 2:6], flat(colour, 4, 4)), k
     big = ImageProcessor(16, MEAN, STD).image(image)[0]  # crops tile the image resized to (S*R)^2
     assert torch.equal(views[2], big[:, :8, 8:]) and torch.equal(views[3], big[:, 8:, :8])
     assert ImageProcessor(8, MEAN, STD, resolution_ratio=1).image(image).shape == (1, 3, 8, 8)
@@ -136,8 +142,7 @@ def test_probe_and_video_views(video_30_frames):
     frames = decode_video(video_30_frames, fps=1.0)
     pixels = ImageProcessor(16, MEAN, STD, aspect_mode="pad").video(frames)
     assert pixels.shape == (3, 3, 16, 16)
-    level = (pixels[1, 0, 8, 8] * STD[0] + MEAN[0]) * 255  # the middle kept frame is frame 15
-    assert abs(float(level) - 15 * 8) < 4
+    assert abs(int(pixels[1, 0, 8, 8]) - 15 * 8) < 4  # the middle kept frame is frame 15
 
 
 def test_pad_colour_is_the_official_truncated_mean():
@@ -164,7 +169,8 @@ def test_pixels_match_llavas_clip_image_processor(source, size, aspect):
 
     mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
     image = photo_like(*source, seed=source[0])
-    ours = ImageProcessor(size, mean, std, aspect_mode=aspect).image(image)[0]
+    proc = ImageProcessor(size, mean, std, aspect_mode=aspect)
+    ours = proc.normalize(proc.image(image)[0])
     reference = image if aspect == "square" else expand_to_square(image, tuple(int(255 * m) for m in mean))
     hf = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, image_mean=mean, image_std=std)
     theirs = hf.preprocess(reference, return_tensors="pt")["pixel_values"][0]

@@ -176,6 +176,24 @@ def test_mixed_batch_equals_samples_alone():
             torch.testing.assert_close(together.logits[b, :n], alone.logits[0], rtol=1e-4, atol=1e-5)
 
 
+def test_uint8_pixels_are_normalised_with_the_encoders_mean_and_std():
+    """The data loader hands over raw uint8 RGB; the model normalises it as a HF processor would have."""
+    model = tiny()
+    raw = torch.randint(0, 256, (3, 3, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean = torch.tensor(model.encoder.image_mean).view(3, 1, 1)
+    std = torch.tensor(model.encoder.image_std).view(3, 1, 1)
+    as_float = (raw.float() / 255 - mean) / std
+    texts = [(SAMPLE_IDS, SAMPLE_LABELS), ([7, IMG, 8, 24], [IGN, IGN, IGN, 24])]  # an image, a 2-frame video
+
+    def batch(pixels):
+        return make_batch([(*texts[0], pixels[0]), (*texts[1], pixels[1:])])
+
+    with torch.no_grad():
+        from_uint8, from_float = model(batch(raw)), model(batch(as_float))
+    torch.testing.assert_close(from_uint8.logits, from_float.logits, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(from_uint8.loss) and abs(from_uint8.loss.item() - from_float.loss.item()) < 1e-5
+
+
 # --------------------------------------------------------------------------- training signal
 @pytest.mark.parametrize("media", ["image", "video", "hires"])
 def test_gradients_reach_every_trainable_part_and_not_the_frozen_encoder(media):

@@ -51,7 +51,7 @@ TIMM_TINY = {"model_name": "vit_tiny_patch16_224", "img_size": 32, "patch_size":
 
 
 def test_timm_encoder_in_bf16_takes_float32_pixels():
-    """The data pipeline hands float32 pixels; a bf16 timm tower must cast them like the HF towers do."""
+    """The model hands its encoder float32 pixels (normalised from the loader's uint8); a bf16 timm tower must cast them like the HF towers do."""
     model = build("model.encoder.name=timm", "model.dtype=bfloat16", encoder=TIMM_TINY)
     ids = [5, IMG, 6, 7]
     batch = text_batch(ids)
