@@ -227,7 +227,7 @@ class ImageProcessor:
         pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1)
         if (h, w) != (size, size):
             pixels = TF.resize(pixels, [size, size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-        return pixels.contiguous()
+        return pixels  # possibly channels-last strided: the batch's torch.cat copies it anyway
 
     def _square(self, image: Image.Image) -> Image.Image:
         return expand_to_square(image.convert("RGB"), self.fill) if self.aspect_mode == "pad" else image
@@ -240,7 +240,7 @@ class ImageProcessor:
         if r == 1:
             return view.unsqueeze(0)
         big = self._to_tensor(image, s * r)  # [3, rS, rS] -> [r*r, 3, S, S], rows first
-        crops = big.view(3, r, s, r, s).permute(1, 3, 0, 2, 4).reshape(r * r, 3, s, s)
+        crops = big.reshape(3, r, s, r, s).permute(1, 3, 0, 2, 4).reshape(r * r, 3, s, s)
         return torch.cat([view.unsqueeze(0), crops])
 
     def video(self, frames: Sequence[Image.Image]) -> torch.Tensor:
