@@ -1,5 +1,5 @@
 """The main job, shortened: ``lm-mini train experiments/demo.yaml`` on the shipped demo shards, image QA
-only at batch 32 (321 steps instead of 1,614; ~1.3 min on 2 CPU cores). The loss falls, the held-out
+only at batch 32 (321 steps instead of the demo's 810; ~1.3 min on 2 CPU cores). The loss falls, the held-out
 evaluation generates greedily and scores exact match, the printed majority baseline is the
 per-question-type one of the samples that were evaluated, and the held-out accuracy beats that baseline
 by a clear margin."""
