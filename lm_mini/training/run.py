@@ -60,11 +60,11 @@ class Run:
 def run_is_finished(run_dir: Path) -> bool:
     """A run finished when it wrote ``finished.json`` and the final checkpoint it names still exists
     (sweeps skip finished runs; deleting the final checkpoint makes a re-run resume the run)."""
-    marker = Path(run_dir) / "finished.json"
-    if not marker.is_file():
+    run = Run(Path(run_dir).name, Path(run_dir))
+    if not run.finished_file.is_file():
         return False
-    final = json.loads(marker.read_text())["checkpoint"]
-    return final is None or (Path(run_dir) / "checkpoints" / final).exists()
+    final = json.loads(run.finished_file.read_text())["checkpoint"]
+    return final is None or (run.checkpoints / final).exists()
 
 
 def _default_run_name(cfg: DictConfig) -> str:
