@@ -33,12 +33,16 @@ def decode_image(data: bytes, sample_id: Optional[str] = None) -> Image.Image:
         image = Image.open(io.BytesIO(data))
         image.load()
         ImageOps.exif_transpose(image, in_place=True)  # in place: a copy of every image costs ~0.2 ms
-        image = _to_8_bit(image)
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return _rgb(_to_8_bit(image))
     except UnidentifiedImageError as e:  # its message holds a BytesIO address: not reproducible
         raise SampleError("corrupt_image", f"not an image format PIL can read ({len(data)} bytes)", sample_id) from e
     except Exception as e:  # PIL signals bad data with OSError, SyntaxError, ValueError, EOFError, ...
         raise SampleError("corrupt_image", f"cannot decode image ({type(e).__name__}: {e})", sample_id) from e
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    """The image in mode RGB; an RGB image itself, not a copy (a copy costs ~0.2 ms per image)."""
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _to_8_bit(image: Image.Image) -> Image.Image:
@@ -221,8 +225,7 @@ class ImageProcessor:
 
     def _to_tensor(self, image: Image.Image, size: int) -> torch.Tensor:
         """RGB image -> bicubic resize to size x size -> uint8 tensor [3, size, size]."""
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        image = _rgb(image)
         w, h = image.size
         pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1)
         if (h, w) != (size, size):
@@ -230,7 +233,7 @@ class ImageProcessor:
         return pixels  # possibly channels-last strided: the batch's torch.cat copies it anyway
 
     def _square(self, image: Image.Image) -> Image.Image:
-        return expand_to_square(image.convert("RGB"), self.fill) if self.aspect_mode == "pad" else image
+        return expand_to_square(_rgb(image), self.fill) if self.aspect_mode == "pad" else image
 
     def image(self, image: Image.Image) -> torch.Tensor:
         """One image -> ``[V, 3, S, S]``: the global view, then (R > 1) the R*R crops row-major."""
