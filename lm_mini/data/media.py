@@ -41,8 +41,19 @@ def decode_image(data: bytes, sample_id: Optional[str] = None) -> Image.Image:
 
 
 def _rgb(image: Image.Image) -> Image.Image:
-    """The image in mode RGB; an RGB image itself, not a copy (a copy costs ~0.2 ms per image)."""
-    return image if image.mode == "RGB" else image.convert("RGB")
+    """The image in mode RGB; an RGB image itself, not a copy (a copy costs ~0.2 ms per image).
+
+    Transparent pixels are composited onto white, as img2dataset and recent VLM processors do:
+    ``convert("RGB")`` alone would keep whatever colour they hide (often black, so a black logo on a
+    transparent background would reach the model as a black square).
+    """
+    transparent = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if image.mode == "RGB" and not transparent:
+        return image
+    if transparent:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def _to_8_bit(image: Image.Image) -> Image.Image:

@@ -44,6 +44,31 @@ def test_decode_image_converts_to_rgb(mode):
     assert image.mode == "RGB" and image.size == (8, 6)
 
 
+def _logo(mode: str) -> Image.Image:
+    """A black 4x4 square in the middle of a fully transparent 8x8 image (whose hidden colour is black too)."""
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    rgba.paste((0, 0, 0, 255), (2, 2, 6, 6))
+    if mode == "RGBA":
+        return rgba
+    if mode == "LA":
+        return rgba.convert("LA")
+    palette = Image.new("P", (8, 8), 0)  # index 0 transparent (tRNS), index 1 opaque black
+    palette.putpalette([0, 0, 0, 0, 0, 0] + [0] * 762)
+    palette.paste(1, (2, 2, 6, 6))
+    palette.info["transparency"] = 0
+    return palette
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_pixels_are_composited_onto_white(mode):
+    """``convert("RGB")`` alone would show the black logo on its hidden black background: all black."""
+    pixels = np.asarray(decode_image(image_bytes(_logo(mode), "PNG")))
+    assert pixels[0, 0].tolist() == [255, 255, 255] and pixels[7, 7].tolist() == [255, 255, 255]
+    assert pixels[4, 4].tolist() == [0, 0, 0]
+    half = Image.new("RGBA", (2, 2), (0, 0, 255, 128))  # half-transparent blue blends with the white
+    assert np.asarray(decode_image(image_bytes(half, "PNG")))[0, 0].tolist() == [127, 127, 255]
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
 def test_corrupt_images_raise_sample_error(damage):
     good = image_bytes(Image.effect_noise((64, 64), 50).convert("RGB"), "JPEG")
