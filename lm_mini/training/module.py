@@ -104,16 +104,22 @@ def init_weights_from(model: nn.Module, path: str) -> List[str]:
 def split_prompt_answer(batch: Dict[str, Any]) -> tuple:
     """An evaluation batch -> (prompt-only batch, gold answer token ids per sample).
 
-    The prompt of a sample is everything before its first supervised token, the gold answer its first
-    supervised span (answer + end-of-turn token): exactly what ``build_prompt`` renders, because the
-    conversation tokenizer checks that every prefix tokenizes the same alone and in the whole text.
+    The gold answer of a sample is its first supervised span (answer + end-of-turn token) that starts
+    after its media slot (``IMAGE_TOKEN_INDEX``; no slot: its first span), the prompt everything before
+    that span: the earlier turns, the media slot and the question. Cut at the first span instead, a record
+    whose ``<image>`` sits in a later human turn would lose its slot (its pixels would have nowhere to go).
+    When the evaluated answer is the record's last turn, the prompt is exactly what ``build_prompt``
+    renders, because the conversation tokenizer checks that every prefix tokenizes the same alone and in
+    the whole text.
     """
-    from lm_mini.constants import IGNORE_INDEX
+    from lm_mini.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
     labels, ids, mask = batch["labels"], batch["input_ids"], batch["attention_mask"]
     lengths, golds = [], []
     for b in range(ids.shape[0]):
+        slot = ((ids[b] == IMAGE_TOKEN_INDEX) & mask[b].bool()).nonzero().flatten().tolist()
         supervised = (labels[b] != IGNORE_INDEX).nonzero().flatten().tolist()
+        supervised = [i for i in supervised if not slot or i > slot[0]]
         start = supervised[0] if supervised else int(mask[b].sum())
         end = start
         while end < labels.shape[1] and labels[b, end] != IGNORE_INDEX:

@@ -3,9 +3,13 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from PIL import Image
 
 from lm_mini.cli import main as cli_main
+from lm_mini.config import load_config
+from lm_mini.data.shards import build_shards
 from lm_mini.eval.evaluate import score
+from lm_mini.interop.pretrained import build_model, save_pretrained
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,6 +53,32 @@ def test_eval_cli_on_a_trained_run_writes_predictions_and_logs_scores(tmp_path, 
     logged = MlflowClient(uri).get_run(run_id).data.metrics
     assert logged["eval/eval/exact_match"] == pytest.approx(exact)
     assert "eval/eval/vqa_accuracy" in logged
+
+
+def _turns(*texts):
+    return [{"from": ("human", "gpt")[i % 2], "value": t} for i, t in enumerate(texts)]
+
+
+def test_eval_cli_scores_a_record_whose_image_comes_in_a_later_turn(tmp_path, capsys):
+    """The demo's (untrained) model on three records, one of them with ``<image>`` in its second human
+    turn: its evaluated answer is the one after the image, and the prompt keeps the image slot."""
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "red.png")
+    records = [
+        {"id": "first", "image": "red.png", "conversations": _turns("<image>\nWhat colour is the square?", "red")},
+        {"id": "later", "image": "red.png", "conversations": _turns("Hello", "Hi.", "<image>\nWhat colour is this?", "red")},
+        {"id": "text", "conversations": _turns("Name a colour.", "blue")},
+    ]
+    (tmp_path / "qa.json").write_text(json.dumps(records))
+    build_shards([tmp_path / "qa.json"], tmp_path, tmp_path / "qa")
+    cfg = load_config(ROOT / "experiments" / "demo.yaml")
+    save_pretrained(tmp_path / "model", build_model(cfg.model).state_dict(), cfg, ROOT / cfg.data.tokenizer, card="")
+    rc = cli_main(["eval", str(tmp_path / "model"), "eval.max_new_tokens=2", "--data", str(tmp_path / "qa"),
+                   "--out", str(tmp_path / "pred.jsonl"), "--device", "cpu", "--no-mlflow", "--json"])
+    assert rc == 0, capsys.readouterr().err
+    result = json.loads(capsys.readouterr().out)
+    preds = sorted(map(json.loads, (tmp_path / "pred.jsonl").read_text().splitlines()), key=lambda p: p["id"])
+    assert result["n"] == result["scores"]["all/n"] == 3 and "all/exact_match" in result["scores"]
+    assert [p["gold"] for p in preds] == ["red", "red", "blue"]  # ids are record positions: "later" is scored on "red", not "Hi."
 
 
 def test_eval_cli_errors_are_clear(tmp_path, capsys):

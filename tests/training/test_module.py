@@ -1,5 +1,6 @@
 """The LightningModule's pieces on the real tiny LLaVA-Mini, in process: stages, optimizer groups,
-schedule, FSDP unit discovery, activation checkpointing, init_from, resume exactness."""
+schedule, FSDP unit discovery, activation checkpointing, init_from, resume exactness, the evaluation's
+prompt / answer split."""
 import math
 
 import pytest
@@ -7,9 +8,13 @@ import torch
 
 from training_helpers import TINY, TinyData, collate, BrightnessQA, params_of, tiny_config
 from lm_mini.config import load_config
+from lm_mini.constants import IMAGE_TOKEN_INDEX
+from lm_mini.data import samples
+from lm_mini.data.conversation import build_prompt, tokenize_conversation
+from lm_mini.data.tokenizer import load_tokenizer
 from lm_mini.models.llava_mini import LlavaMini
 from lm_mini.training import checkpoint as ckpt
-from lm_mini.training.module import apply_stage, cosine_with_warmup, init_weights_from, param_groups
+from lm_mini.training.module import apply_stage, cosine_with_warmup, init_weights_from, param_groups, split_prompt_answer
 from lm_mini.training.run import train
 from lm_mini.training.strategy import apply_activation_checkpointing, model_blocks
 
@@ -94,3 +99,28 @@ def test_resume_from_a_checkpoint_is_bit_exact_and_init_from_loads_weights(tmp_p
     fresh = LlavaMini.from_config(cfg.model)
     assert init_weights_from(fresh, str(full.run.checkpoints / "step=00000006.ckpt")) == []
     assert all(torch.equal(fresh.state_dict()[k], final[k]) for k in final)
+
+
+def _turns(*texts):
+    return [{"from": ("human", "gpt")[i % 2], "value": t} for i, t in enumerate(texts)]
+
+
+def test_the_evaluated_answer_is_the_first_one_after_the_media_slot():
+    tok = load_tokenizer(ROOT / "data_shards" / "demo" / "tokenizer")
+    # <image> in a later turn: cut before the first answer, its prompt had no media slot (the model refuses that)
+    later = _turns("Hello", "Hi.", "<image>\nWhat colour is this?", "red", "And now?", "blue")
+    first = _turns("<image>\nWhat colour is the square?", "Red.", "Where is it?", "left")
+    text = _turns("Name a colour.", "Blue.", "Another?", "Green.")  # no media slot: the first answer, as before
+    # (record, has media, its turns up to the evaluated answer, that answer as trained)
+    records = [(later, True, 4, " red</s>"), (first, True, 2, " Red.</s>"), (text, False, 2, " Blue.</s>")]
+    tokenized = [tokenize_conversation(conv, tok, "vicuna_v1", 256, has_media=media) for conv, media, *_ in records]
+    batch = samples.collate([{"input_ids": t.input_ids, "labels": t.labels, "pixel_values": None, "frames": int(media),
+                              "is_video": False, "sample_id": str(b), "flags": []}
+                             for b, (t, (_, media, *_)) in enumerate(zip(tokenized, records))], pad_id=tok.pad_token_id)
+    prompt, golds = split_prompt_answer(batch)
+    for b, (conv, media, n, answer) in enumerate(records):
+        ids = prompt["input_ids"][b][prompt["attention_mask"][b].bool()].tolist()
+        assert ids == build_prompt(conv[:n], tok, "vicuna_v1", has_media=media), b  # ends with that question's "ASSISTANT:"
+        assert ids.count(IMAGE_TOKEN_INDEX) == int(media), b
+        assert golds[b] == tok(answer, add_special_tokens=False)["input_ids"], b
+        assert batch["input_ids"][b, : len(ids) + len(golds[b])].tolist() == ids + golds[b]  # the answer right after the prompt
