@@ -222,8 +222,7 @@ def ceiling(data: list, images) -> int:
 
 def breakdown(root: Path, processor, n: int) -> dict:
     """CPU milliseconds per sample of each stage, timed separately over the first ``n`` samples."""
-    from lm_mini.data.shards import shard_paths
-    from lm_mini.data.streaming import read_shard
+    from lm_mini.data.shards import read_shard, shard_paths
 
     records = json.loads((root / "llava.json").read_text())[:n]
     p = processor

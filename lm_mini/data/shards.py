@@ -23,6 +23,8 @@ An interrupted build keeps its state in ``.build/`` and ``resume=True`` finishes
 from __future__ import annotations
 
 import argparse
+import ctypes
+import glob
 import hashlib
 import io
 import json
@@ -30,17 +32,20 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
+import sys
+import tarfile
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from lm_mini.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from lm_mini.data.conversation import normalize_turns
+from lm_mini.data.conversation import ASSISTANT, normalize_turns
 from lm_mini.data.errors import SampleError, SkipCounter
 from lm_mini.data.media import decode_image, probe_video
 
@@ -84,7 +89,9 @@ def check_record(record: Any, has_media: bool, sample_id: Optional[str] = None) 
     sample_id = str(record["id"])
     if "image" in record and "video" in record:
         raise SampleError("malformed_record", "record has both 'image' and 'video'; one media item per sample", sample_id)
-    normalize_turns(record.get("conversations"), has_media, sample_id)
+    _, turns = normalize_turns(record.get("conversations"), has_media, sample_id)
+    if not any(role == ASSISTANT for role, _ in turns):
+        raise SampleError("malformed_record", "no gpt turn: nothing to train or evaluate on", sample_id)
     return sample_id
 
 
@@ -163,6 +170,11 @@ def _read_source(path: Union[str, Path]) -> _Source:
                 out.append((line_no, _BadLine(f"line is not JSON: {e}")))
     if out and all(isinstance(r, _BadLine) for _, r in out):  # e.g. a pretty-printed object, not records
         raise ShardBuildError(f"{path} is neither a JSON list of records nor JSON lines")
+    if len(out) == 1 and isinstance(out[0][1], dict) and "conversations" not in out[0][1]:
+        # One object on one line that is not a record, e.g. {"data": [...]} written by json.dump.
+        keys = ", ".join(map(repr, list(out[0][1])[:5]))
+        raise ShardBuildError(f"{path} holds one JSON object (keys {keys}), not LLaVA records: expected a JSON list "
+                              "of records or JSON lines (one record per line)")
     return _Source(str(path), sha, out)
 
 
@@ -287,7 +299,9 @@ def _check_out_dir(out: Path, params: dict, resume: bool) -> str:
             raise ShardBuildError(f"{out} already holds a finished shard set (index.json); "
                                   "choose another --out or delete it (nothing was written)")
         index = read_index(out)
-        diff = _same_build({"shard_size": index["build"]["shard_size"], "sources": index["sources"]}, params)
+        build = index["build"]  # its media root as given (relative paths keep a shipped index portable)
+        diff = _same_build({"shard_size": build["shard_size"], "sources": index["sources"],
+                            "media_root": str(Path(build.get("media_root", ".")).resolve())}, params)
         if diff:
             raise ShardBuildError(f"{out} holds a finished build of other inputs ({diff}); refusing to overwrite it")
         return "complete"
@@ -323,8 +337,16 @@ def _run_tasks(tasks: List[_ShardTask], workers: int) -> Iterator[dict]:
         return
     # fork: workers only read files and run PIL/PyAV, and re-importing torch per worker (spawn) costs seconds.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method)) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method),
+                             initializer=_exit_with_parent) as pool:
         yield from pool.map(_write_shard, tasks)
+
+
+def _exit_with_parent() -> None:
+    """Linux: a writer process gets SIGTERM when the build process dies, even by SIGKILL (else it waits
+    forever on the task pipe, which its forked siblings keep open)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def build_shards(json_files: Sequence[Union[str, Path]], media_root: Union[str, Path], out_dir: Union[str, Path],
@@ -337,12 +359,17 @@ def build_shards(json_files: Sequence[Union[str, Path]], media_root: Union[str, 
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     if not json_files:
         raise ValueError("no input JSON files")
     if not Path(media_root).is_dir():
         raise ShardBuildError(f"media root {media_root} is not a directory (--media-root: the records' media paths "
                               "are relative to it)")
     sources = [_read_source(p) for p in json_files]
+    if not any(s.records for s in sources):
+        raise ShardBuildError(f"no records in {', '.join(s.path for s in sources)}")
+    _check_media_root(sources, Path(media_root))
     params = {**_build_params(sources, shard_size), "media_root": str(Path(media_root).resolve())}
     out = Path(out_dir)
     action = _check_out_dir(out, params, resume)
@@ -369,11 +396,30 @@ def build_shards(json_files: Sequence[Union[str, Path]], media_root: Union[str, 
     media = {k: sum(s["media"][k] for s in summaries) for k in ("image", "video", "text")}
     index = {"format": FORMAT, "num_samples": sum(media.values()), "media": media, "shards": summaries,
              "skipped": counts.as_dict(), "sources": params["sources"],
-             "build": {"shard_size": shard_size, "media_root": str(media_root), "workers": workers}}
+             "build": {"shard_size": shard_size, "media_root": str(media_root)}}  # not workers: same shards with any
     _write_json(out / SKIPPED_FILE, {"counts": counts.as_dict(), "records": skipped_records})
     _write_json(out / INDEX_FILE, index)  # last: its presence marks the set complete
     shutil.rmtree(out / STATE_DIR, ignore_errors=True)
     return _report(out, index, skipped_records, shards_written=len(tasks))
+
+
+def _check_media_root(sources: Sequence[_Source], media_root: Path, probe: int = 100) -> None:
+    """Refuse a media root under which none of the first ``probe`` media paths exists: a wrong
+    ``--media-root`` would otherwise skip every media record as ``missing_media`` and still succeed."""
+    checked: List[Tuple[str, bool]] = []
+    for rec in (rec for s in sources for _, rec in s.records if isinstance(rec, dict)):
+        try:
+            rel = media_path(rec)[1]
+            if rel is not None:
+                checked.append((rel, (media_root / rel).exists()))
+        except (SampleError, OSError, ValueError):  # malformed path, name the OS refuses: no clue to the root
+            continue
+        if len(checked) == probe:
+            break
+    if checked and not any(exists for _, exists in checked):
+        raise ShardBuildError(f"none of the first {len(checked)} media files exists under the media root "
+                              f"{media_root.resolve()} (e.g. {media_root / checked[0][0]}); pass the directory the "
+                              "records' paths are relative to as --media-root")
 
 
 def _read_skipped(out: Path) -> List[dict]:
@@ -396,6 +442,48 @@ def read_index(path: Union[str, Path]) -> dict:
     if index.get("format") != FORMAT:
         raise ValueError(f"{index_path}: unknown shard format {index.get('format')!r}, expected {FORMAT!r}")
     return index
+
+
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def find_shards(path: Union[str, Path]) -> Tuple[List[str], Optional[List[int]]]:
+    """The shards a path names, in order, with their sample counts when an ``index.json`` gives them.
+
+    ``path``: a shard directory with ``index.json`` (counts from it); a directory of tars without one
+    (e.g. img2dataset output); a tar file; or a glob/brace pattern (``cc/{00000..00009}.tar``,
+    ``cc/*.tar``). Files a directory or pattern holds besides tars (img2dataset's ``.parquet`` and
+    ``_stats.json``) are passed over; a path that names no tar is an error.
+    """
+    path = Path(str(path))
+    if (path / INDEX_FILE).is_file():
+        shards = read_index(path)["shards"]
+        return [str(path / s["name"]) for s in shards], [int(s["samples"]) for s in shards]
+    pattern = str(path / "*") if path.is_dir() else str(path)
+    matches = sorted(f for u in wds.shardlists.expand_urls(pattern) for f in glob.glob(u) if os.path.isfile(f))
+    urls = [f for f in matches if f.endswith(TAR_SUFFIXES)]
+    if not urls:
+        found = f"; it matches {len(matches)} other files, e.g. {matches[0]}" if matches else ""
+        raise FileNotFoundError(f"{path}: no {INDEX_FILE} and no tar files ({', '.join(TAR_SUFFIXES)}){found}")
+    return urls, None
+
+
+def count_tar_samples(url: str) -> int:
+    """Samples (distinct keys) in a local tar, from its member headers only.
+
+    A tar cut short counts the keys before the cut (reading it then reports the lost ones as
+    ``truncated_tar``); one that cannot be read at all counts 0. Both are logged, naming the file.
+    """
+    keys = set()
+    try:
+        with tarfile.open(url) as tar:
+            for member in tar:
+                if member.isreg():
+                    keys.add(base_plus_ext(member.name)[0])
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        log.warning("%s: unreadable past %d samples (%s: %s); the rest of it is skipped as truncated_tar",
+                    url, len(keys - {None}), type(e).__name__, e)
+    return len(keys - {None})
 
 
 def shard_paths(path: Union[str, Path]) -> List[str]:
@@ -482,38 +570,48 @@ def _complete_tar(url: str) -> bool:
         return f.read(1024) == bytes(1024)
 
 
-def _shard_samples(url: str, counter: SkipCounter) -> Iterator[RawSample]:
+def read_shard(url: str) -> Iterator[Union[RawSample, SampleError]]:
+    """Every record of one shard in order: a ``RawSample``, or the ``SampleError`` that rules it out.
+
+    A bad record keeps its place, so positions within the shard stay those the streaming plan counts
+    on (a dropped record would shift every later position). A shard cut short (a read error, or no
+    end-of-archive marker) ends with one ``SampleError("truncated_tar")``, in place of its last sample
+    when that one is incomplete (e.g. its image member lost); a last sample complete in itself is kept.
+    """
     errors: List[Exception] = []
 
     def stop(exn: Exception) -> bool:  # a read error ends the shard: nothing after it is trustworthy
         errors.append(exn)
         return False
 
-    pending: Optional[Tuple[Optional[RawSample], Optional[SampleError]]] = None
+    pending: Optional[Union[RawSample, SampleError]] = None
+    n = 0
     with wds.gopen(url) as stream:  # opened here, not by the handler: a missing shard is an error, not a skip
         files = tar_file_expander([{"url": url, "stream": stream}], handler=stop, eof_value=None)
         for sample in group_by_keys(files, handler=stop):
             if pending is not None:  # held back one sample: in a truncated shard the last one may be partial
-                yield from _emit(pending, counter)
+                yield pending
+                n += 1
             try:
-                pending = (to_raw_sample(sample, url), None)
+                pending = to_raw_sample(sample, url)
             except SampleError as e:
-                pending = (None, e)
+                pending = e
     if errors or not _complete_tar(url):
-        counter.add("truncated_tar")
-        if pending is not None and pending[0] is not None:
-            yield pending[0]  # complete in itself: keep it; a partial last sample is covered by truncated_tar
-        return
-    if pending is not None:
-        yield from _emit(pending, counter)
+        if isinstance(pending, RawSample):
+            yield pending
+            n += 1
+        cause = f": {type(errors[0]).__name__}: {errors[0]}" if errors else " (no end-of-archive marker)"
+        yield SampleError("truncated_tar", f"{url} is cut short after {n} samples{cause}")
+    elif pending is not None:
+        yield pending
 
 
-def _emit(pending: Tuple[Optional[RawSample], Optional[SampleError]], counter: SkipCounter) -> Iterator[RawSample]:
-    sample, error = pending
-    if error is not None:
-        counter.add(error.reason)
-    else:
-        yield sample
+def _shard_samples(url: str, counter: SkipCounter) -> Iterator[RawSample]:
+    for item in read_shard(url):
+        if isinstance(item, SampleError):
+            counter.add(item.reason)
+        else:
+            yield item
 
 
 def iter_raw_samples(urls: Iterable[Union[str, dict]], counter: SkipCounter) -> Iterator[RawSample]:
@@ -598,29 +696,38 @@ def cli_inspect(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     path = Path(args.path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist (expected a shard directory with index.json or a .tar file)")
+    if not path.exists() and not glob.has_magic(str(path)) and "{" not in str(path):
+        raise FileNotFoundError(f"{path} does not exist (expected a shard directory with index.json, a directory "
+                                "of tars, a .tar file or a pattern of them)")
     if args.template:
         from lm_mini.registry import TEMPLATES
 
         TEMPLATES.get(args.template)  # an unknown name fails now, listing the known templates
-    if path.is_dir():
+    if (path / INDEX_FILE).is_file():
         index = read_index(path)
         print(f"{path}: {index['num_samples']} samples in {len(index['shards'])} shards; media "
               + ", ".join(f"{k} {v}" for k, v in index["media"].items())
               + f"; skipped at build: {index['skipped'] or 'none'}")
         for s in index["shards"]:
             print(f"  {s['name']}: {s['samples']} samples ({', '.join(f'{k} {v}' for k, v in s['media'].items())})")
-        urls = shard_paths(path)
-    else:
-        urls = [str(path)]
+    urls, _ = find_shards(path)
+    if not (path / INDEX_FILE).is_file():
+        print(f"{path}: {len(urls)} tar files without {INDEX_FILE} (read as they are, e.g. img2dataset output)")
     tokenizer = None
     if args.tokenizer:
         from lm_mini.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(args.tokenizer)
-    counter = SkipCounter()
-    for s in islice(iter_raw_samples(urls, counter), args.num_samples):
+    counter, shown = SkipCounter(), 0
+    for item in (item for url in urls for item in read_shard(url)):
+        if shown == args.num_samples:
+            break
+        if isinstance(item, SampleError):
+            counter.add(item.reason)
+            print(f"--- skipped: {item}")
+            continue
+        shown += 1
+        s = item
         print(f"--- {s.key} id={s.record['id']} source={s.record.get('source')} | {_describe_media(s)}")
         for turn in s.record["conversations"]:
             print(f"  {turn['from']}: {turn['value']!r}")

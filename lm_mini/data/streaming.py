@@ -24,22 +24,18 @@ ledger over a mixed epoch counts each sample's repeats exactly.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import itertools
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, Optional, Sequence
 
-import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from lm_mini.data.errors import SampleError, SkipCounter
 from lm_mini.data.plan import PAD, EpochPlan, SetSpec, Slot, fingerprint
 from lm_mini.data.samples import SKIPPED, Collator, SampleProcessor
-from lm_mini.data.shards import INDEX_FILE, RawSample, read_index, to_raw_sample
+from lm_mini.data.shards import count_tar_samples, find_shards, read_shard
 
 
 # ------------------------------------------------------------------------------------- shard sets
@@ -55,45 +51,18 @@ class ShardSet:
 
     @classmethod
     def from_config(cls, cfg: Any) -> "ShardSet":
-        """From a ``ShardSetConfig``: a directory with ``index.json``, or a glob/brace pattern of tars
-        (e.g. img2dataset output), whose samples are then counted once from the tar headers."""
+        """From a ``ShardSetConfig``: a directory with ``index.json``, or tars without one (a directory of
+        them, e.g. img2dataset output, a tar, a glob/brace pattern), counted once from their headers."""
         path = Path(str(cfg.path))
-        if (path / INDEX_FILE).is_file():
-            shards = read_index(path)["shards"]
-            urls, counts, name = [str(path / s["name"]) for s in shards], [s["samples"] for s in shards], path.name
-        else:
-            urls = sorted(f for u in wds.shardlists.expand_urls(str(path)) for f in glob.glob(u))
-            if not urls:
-                raise FileNotFoundError(f"no {INDEX_FILE} in {path} and no tar files match it")
-            counts, name = [count_samples(u) for u in urls], path.parent.name
+        urls, counts = find_shards(path)
+        if counts is None:
+            counts = [count_tar_samples(u) for u in urls]
+        name = path.name if path.is_dir() else path.parent.name
         return cls(name, tuple(urls), tuple(int(c) for c in counts), float(cfg.weight), cfg.template)
 
     @property
     def spec(self) -> SetSpec:
         return SetSpec(self.counts, self.weight)
-
-
-def count_samples(url: str) -> int:
-    """Samples (distinct keys) in a local tar, from its member headers only."""
-    with tarfile.open(url) as tar:
-        return len({base_plus_ext(m.name)[0] for m in tar if m.isreg()} - {None})
-
-
-def read_shard(url: str) -> Iterator[Union[RawSample, SampleError]]:
-    """Every record of one shard in order: a ``RawSample``, or the ``SampleError`` that rules it out.
-
-    Unlike ``shards.iter_raw_samples`` a bad record keeps its place, so positions within the shard
-    stay those the plan counts on (a dropped record would shift every later position and hand one
-    sample to two workers). A read error ends the shard; the plan's later positions then count as
-    ``truncated_tar``.
-    """
-    with wds.gopen(url) as stream:
-        files = tar_file_expander([{"url": url, "stream": stream}], handler=lambda exn: False, eof_value=None)
-        for sample in group_by_keys(files, handler=lambda exn: False):
-            try:
-                yield to_raw_sample(sample, url)
-            except SampleError as e:
-                yield e
 
 
 # ------------------------------------------------------------------------------------- one worker
@@ -106,7 +75,7 @@ class _SetCursor:
         self._records: Iterator[Any] = iter(())
         self._next = 0  # offset of the next record in the open shard
 
-    def read(self, position: int) -> Union[RawSample, SampleError]:
+    def read(self, position: int) -> Any:  # RawSample | SampleError
         shard, offset = self.stream.locate(position)
         where = (position // self.stream.spec.size, shard)
         if where != self._open or offset < self._next:

@@ -119,6 +119,62 @@ def test_shard_set_from_a_tar_pattern_without_index(corpus):
     assert by_glob.name == by_index.name == "img"
 
 
+def _img2dataset_dir(root: Path, n_tars: int = 2, per_tar: int = 4) -> Path:
+    """img2dataset output: ``{00000..}.tar`` (jpg + txt + json) beside its ``.parquet`` and ``_stats.json``."""
+    import webdataset as wds
+
+    out = root / "i2d"
+    out.mkdir()
+    for t in range(n_tars):
+        with wds.TarWriter(str(out / f"{t:05d}.tar")) as w:
+            for k in range(per_tar):
+                key = f"{t:05d}{k:04d}"
+                w.write({"__key__": key, "jpg": _jpeg(k), "txt": f"a square number {k}".encode(),
+                         "json": json.dumps({"key": key, "status": "success"}).encode()})
+        (out / f"{t:05d}.parquet").write_bytes(b"PAR1 not a tar")
+        (out / f"{t:05d}_stats.json").write_text("{}")
+    return out
+
+
+def test_img2dataset_directory_and_glob_pass_over_its_other_files(tmp_path):
+    out = _img2dataset_dir(tmp_path)
+    by_dir = ShardSet.from_config(ShardSetConfig(str(out)))
+    by_star = ShardSet.from_config(ShardSetConfig(str(out / "*")))
+    assert by_dir.urls == by_star.urls == (str(out / "00000.tar"), str(out / "00001.tar"))
+    assert by_dir.counts == by_star.counts == (4, 4) and by_dir.name == by_star.name == "i2d"
+    with pytest.raises(FileNotFoundError, match=r"no tar files .* it matches 1 other files"):
+        ShardSet.from_config(ShardSetConfig(str(out / "00000.parquet")))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_truncated_img2dataset_tar_trains_and_counts_each_lost_sample(corpus, tmp_path, workers):
+    """No index.json: a tar cut inside a member is counted up to the cut, and reading it skips the lost
+    samples as truncated_tar (an interrupted copy must not stop training)."""
+    out = _img2dataset_dir(tmp_path)
+    tar = out / "00001.tar"
+    data = tar.read_bytes()
+    tar.write_bytes(data[: data.index(b"a square number 2")])  # inside sample 2's txt member
+    assert ShardSet.from_config(ShardSetConfig(str(out))).counts == (4, 3)
+    dm = build_datamodule(make_cfg(dict(corpus, i2d=str(out)), [("i2d", 1.0, "plain")], **{"data.num_workers": workers}))
+    real = [i for i in ids_of(dm.train_dataloader()) if i is not None]
+    assert sorted(real) == sorted([f"i2d/00000{k:04d}" for k in range(4)] + ["i2d/000010000", "i2d/000010001"])
+    assert dm.skip_counts() == {"truncated_tar": 1}
+
+
+def test_a_sample_cut_short_is_truncated_tar_not_malformed(corpus, tmp_path):
+    """Cut inside sample 5's json, after its complete image: the loader reports every lost sample (5..9) as
+    truncated_tar (the image alone is not a "record without json")."""
+    cut = write_set(tmp_path, "cut", [image_qa(i) for i in range(10)], shard_size=10)
+    tar = Path(cut) / "shard-000000.tar"
+    data = tar.read_bytes()
+    header = data.index(b"000000005.json")  # its member header (after the jpg); the data follows 512 bytes later
+    tar.write_bytes(data[: header + 512 + 20])
+    dm = build_datamodule(make_cfg(dict(corpus, cut=cut), [("cut", 1.0, None)]))
+    real = [i for i in ids_of(dm.train_dataloader()) if i is not None]
+    assert sorted(real) == [f"cut/{k:09d}" for k in range(5)]
+    assert dm.skip_counts() == {"truncated_tar": 5}
+
+
 def make_cfg(corpus, train, val=(), **data):
     """A full Config for the data module; ``train`` = [(set name, weight, template)]."""
     cfg = load_config(overrides=[
@@ -328,7 +384,7 @@ def test_truncated_shard_pads_the_rest_and_never_repeats(corpus, tmp_path):
     ids = ids_of(dm.train_dataloader())
     real = [i for i in ids if i is not None]
     assert len(ids) == 10 and len(real) == len(set(real)) and 0 < len(real) < 10
-    assert set(dm.skip_counts()) <= {"truncated_tar", "missing_media"}
+    assert set(dm.skip_counts()) == {"truncated_tar"}
     assert sum(dm.skip_counts().values()) == 10 - len(real)
 
 

@@ -101,7 +101,7 @@ def test_build_is_deterministic_across_runs_and_workers(dataset):
     build(dataset, "b", workers=2)
     a, b = shard_bytes(dataset["root"] / "a"), shard_bytes(dataset["root"] / "b")
     assert len(a) == 3 and a == b
-    assert read_index(dataset["root"] / "a")["shards"] == read_index(dataset["root"] / "b")["shards"]
+    assert (dataset["root"] / "a" / "index.json").read_bytes() == (dataset["root"] / "b" / "index.json").read_bytes()
     with tarfile.open(dataset["root"] / "a" / "shard-000000.tar") as tar:
         assert {(m.mtime, m.uid, m.gid) for m in tar.getmembers()} == {(0, 0, 0)}
 
@@ -114,6 +114,10 @@ def test_rerun_is_refused_unless_resume(dataset):
     assert build(dataset, "out", resume=True).shards_written == 0
     with pytest.raises(ShardBuildError, match="other inputs"):
         build(dataset, "out", resume=True, shard_size=2)
+    other_root = dataset["root"] / "media-copy"
+    shutil.copytree(dataset["media"], other_root)
+    with pytest.raises(ShardBuildError, match="media root differs"):  # a finished build is not the answer either
+        build_shards(dataset["json"], other_root, dataset["root"] / "out", shard_size=3, resume=True)
     assert shard_bytes(dataset["root"] / "out") == before
     (dataset["root"] / "stuff").mkdir()
     (dataset["root"] / "stuff" / "notes.txt").write_text("mine")
@@ -124,12 +128,51 @@ def test_rerun_is_refused_unless_resume(dataset):
 @pytest.mark.parametrize("content, message", [
     ('[{"id": 1, "conversations": []', "not valid JSON"),
     (json.dumps({"records": [{"id": 1}]}, indent=2), "neither a JSON list of records nor JSON lines"),
+    (json.dumps({"records": [{"id": 1}]}), r"holds one JSON object \(keys 'records'\), not LLaVA records"),
+    ("", "no records"),
+    ("[]", "no records"),
 ])
 def test_unreadable_input_file_is_refused_before_writing(tmp_path, content, message):
     (tmp_path / "in.json").write_text(content)
     with pytest.raises(ShardBuildError, match=message):
         build_shards([tmp_path / "in.json"], tmp_path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_wrong_media_root_and_worker_count_are_refused_before_writing(dataset):
+    """Every media path missing means the wrong --media-root, not a data set of skipped records."""
+    with pytest.raises(ShardBuildError, match=r"none of the first 5 media files exists under the media root .*coco/red.jpg"):
+        build_shards(dataset["json"], dataset["root"], dataset["root"] / "out")
+    with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
+        build(dataset, "out", workers=0)
+    assert not (dataset["root"] / "out").exists()
+
+
+def test_build_workers_exit_when_the_build_is_killed(tmp_path):
+    """A SIGKILLed build must not leave its writer processes waiting on the task pipe forever."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = ("import time\nfrom concurrent.futures import ProcessPoolExecutor\n"
+              "from lm_mini.data.shards import _exit_with_parent\n"
+              "pool = ProcessPoolExecutor(2, initializer=_exit_with_parent)\n"
+              "pool.submit(time.sleep, 60)\n"
+              "print(*[p.pid for p in pool._processes.values()], flush=True)\n"
+              "time.sleep(60)\n")
+    build = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    workers = [int(p) for p in build.stdout.readline().split()]
+    assert len(workers) == 2
+    os.kill(build.pid, signal.SIGKILL)
+    build.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().split()[2]
+                                         for p in workers):
+        time.sleep(0.1)
+    alive = [p for p in workers if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"]
+    assert not alive, f"writer processes {alive} outlived the killed build"
 
 
 def test_interrupted_build_resumes_to_identical_output(dataset, monkeypatch):
@@ -198,17 +241,19 @@ def test_every_bad_record_is_skipped_and_counted(dataset):
         {"conversations": turns("no id")},
         {"id": "two-media", "image": "ok.jpg", "video": "clip.mov", "conversations": q},
         ["not", "a", "record"],
+        {"id": "no-answer", "conversations": [{"from": "human", "value": "Hello?"}]},
     ]
     (root / "bad.json").write_text(json.dumps(records))
     (root / "bad.jsonl").write_text('{"id": "fine", "conversations": %s}\n{"id": "broken", \n' % json.dumps(turns("hi")))
     report = build_shards([root / "bad.json", root / "bad.jsonl"], media, root / "out", shard_size=4, workers=2)
-    expected = {"corrupt_image": 2, "missing_media": 1, "bad_video": 2, "placeholder_mismatch": 2, "malformed_record": 7}
+    expected = {"corrupt_image": 2, "missing_media": 1, "bad_video": 2, "placeholder_mismatch": 2, "malformed_record": 8}
     assert report.skipped == expected and read_index(root / "out")["skipped"] == expected
     skipped = json.loads((root / "out" / "skipped.json").read_text())
     assert skipped["counts"] == expected
     by_id = {r["id"]: r["reason"] for r in skipped["records"]}
     assert by_id["truncated-jpeg"] == "corrupt_image" and by_id["missing-file"] == "missing_media"
     assert by_id["empty-video"] == "bad_video" and by_id["two-tags"] == "placeholder_mismatch"
+    assert by_id["no-answer"] == "malformed_record"
     assert {r["line"] for r in skipped["records"] if r["source"].endswith(".jsonl")} == {2}
     samples, counter = read_all(root / "out")
     assert not counter
@@ -312,6 +357,23 @@ def test_cli_build_and_inspect(dataset, capsys):
     shutil.copy(dataset["root"] / "out" / "shard-000001.tar", dataset["root"] / "one.tar")
     assert main(["shards", "inspect", str(dataset["root"] / "one.tar"), "-n", "1"]) == 0
     assert "id=img-2" in capsys.readouterr().out
+
+    tars = dataset["root"] / "tars"  # a directory of tars without index.json (e.g. img2dataset output)
+    tars.mkdir()
+    shutil.copy(dataset["root"] / "one.tar", tars / "00000.tar")
+    (tars / "00000.parquet").write_bytes(b"PAR1")
+    assert main(["shards", "inspect", str(tars), "-n", "5"]) == 0
+    text = capsys.readouterr().out
+    assert "1 tar files without index.json" in text and "id=img-2" in text and "skipped" not in text
+    assert main(["shards", "inspect", str(dataset["media"] / "coco" / "red.jpg")]) == 1
+    assert "no index.json and no tar files" in capsys.readouterr().out
+
+    cut = dataset["root"] / "cut.tar"
+    cut.write_bytes((dataset["root"] / "one.tar").read_bytes()[:700])  # inside the first sample's image
+    assert main(["shards", "inspect", str(cut)]) == 0
+    text = capsys.readouterr().out
+    assert "--- skipped: [truncated_tar]" in text and "cut short after 0 samples" in text
+    assert "skipped while reading: {'truncated_tar': 1}" in text
 
 
 def test_cli_inspect_shows_token_and_label_layout(dataset, capsys):
