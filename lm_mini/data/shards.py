@@ -459,6 +459,9 @@ def find_shards(path: Union[str, Path]) -> Tuple[List[str], Optional[List[int]]]
     if (path / INDEX_FILE).is_file():
         shards = read_index(path)["shards"]
         return [str(path / s["name"]) for s in shards], [int(s["samples"]) for s in shards]
+    if path.is_file() and not path.name.endswith(TAR_SUFFIXES):
+        raise ValueError(f"{path} is not a tar file ({', '.join(TAR_SUFFIXES)}); expected a shard directory with "
+                         f"{INDEX_FILE}, a directory of tars, a tar file or a glob/brace pattern of them")
     pattern = str(path / "*") if path.is_dir() else str(path)
     matches = sorted(f for u in wds.shardlists.expand_urls(pattern) for f in glob.glob(u) if os.path.isfile(f))
     urls = [f for f in matches if f.endswith(TAR_SUFFIXES)]

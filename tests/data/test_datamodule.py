@@ -142,7 +142,9 @@ def test_img2dataset_directory_and_glob_pass_over_its_other_files(tmp_path):
     by_star = ShardSet.from_config(ShardSetConfig(str(out / "*")))
     assert by_dir.urls == by_star.urls == (str(out / "00000.tar"), str(out / "00001.tar"))
     assert by_dir.counts == by_star.counts == (4, 4) and by_dir.name == by_star.name == "i2d"
-    with pytest.raises(FileNotFoundError, match=r"no tar files .* it matches 1 other files"):
+    with pytest.raises(FileNotFoundError, match=r"no tar files .* it matches 4 other files"):
+        ShardSet.from_config(ShardSetConfig(str(out / "*.*[tn]")))  # the .parquet and _stats.json files
+    with pytest.raises(ValueError, match="00000.parquet is not a tar file"):
         ShardSet.from_config(ShardSetConfig(str(out / "00000.parquet")))
 
 
