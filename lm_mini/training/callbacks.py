@@ -163,8 +163,12 @@ def batch_counts(batch: Dict[str, Any], tokens_per_frame: int):
 class SkippedSamplesLogger(Callback):
     """``data/skipped/<reason>``: samples the data pipeline skipped (or altered) so far, summed over ranks.
 
-    Every reason is logged (zeros included), so every rank runs the same single all-reduce.
+    Every reason is logged (zeros included), so every rank runs the same single all-reduce. The latest
+    totals of the nonzero reasons stay in ``totals`` for the end-of-run report (None until a batch ran).
     """
+
+    def __init__(self) -> None:
+        self.totals: Optional[Dict[str, int]] = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         datamodule = trainer.datamodule
@@ -172,5 +176,7 @@ class SkippedSamplesLogger(Callback):
         totals = torch.tensor([float(counts.get(r, 0)) for r in SKIP_REASONS], device=pl_module.device)
         if trainer.world_size > 1:
             totals = trainer.strategy.reduce(totals, reduce_op="sum")
-        for reason, value in zip(SKIP_REASONS, totals.tolist()):
+        values = totals.tolist()
+        for reason, value in zip(SKIP_REASONS, values):
             pl_module.log(f"data/skipped/{reason}", value, on_step=True, on_epoch=False, batch_size=1)
+        self.totals = {reason: int(value) for reason, value in zip(SKIP_REASONS, values) if value}

@@ -196,6 +196,7 @@ class TrainResult:
     mlflow_run_id: Optional[str] = None
     tracking_uri: str = ""
     trainer: Optional[L.Trainer] = None  # for programmatic use: trainer.lightning_module.model is the trained model
+    skipped: Optional[Dict[str, int]] = None  # training samples skipped/altered per reason, all ranks (None: no batch ran)
 
 
 def train(cfg: DictConfig, resume: Optional[str] = None, model_factory: Optional[Callable] = None,
@@ -229,8 +230,9 @@ def train(cfg: DictConfig, resume: Optional[str] = None, model_factory: Optional
         raise
     finally:
         os.environ.pop(RUN_NAME_ENV) if previous_name is None else os.environ.update({RUN_NAME_ENV: previous_name})
+    skipped = next(c.totals for c in trainer.callbacks if isinstance(c, SkippedSamplesLogger))
     result = TrainResult(run, preemption.preempted, trainer.global_step, tracking_uri=tracking_uri(cfg),
-                         mlflow_run_id=logger.run_id if trainer.is_global_zero else None, trainer=trainer)
+                         mlflow_run_id=logger.run_id if trainer.is_global_zero else None, trainer=trainer, skipped=skipped)
     if preemption.preempted:
         if trainer.is_global_zero and requeue_slurm_job():
             print("lm-mini: SLURM job requeued", flush=True)
@@ -285,6 +287,9 @@ def majority_per_question_type(val_sets: Any, sample_ids: set) -> Optional[float
 
 def _report(result: TrainResult) -> None:
     print(f"lm-mini: finished at step {result.global_step}; run directory {result.run.dir}")
+    if result.skipped is not None:  # the data module's counts, as logged to MLflow (data/skipped/<reason>)
+        counts = ", ".join(f"{reason} {n}" for reason, n in result.skipped.items())
+        print(f"lm-mini: data: skipped/altered samples by reason: {counts}" if counts else "lm-mini: data: no samples skipped")
     if result.eval:
         e = result.eval
         print(f"lm-mini: held-out accuracy (exact match, greedy): {e['accuracy']:.3f} on {e['n']} samples; "

@@ -1,15 +1,15 @@
 """The main job, shortened: ``lm-mini train experiments/demo.yaml`` on the shipped demo shards, image QA
 only at batch 32 (321 steps instead of the demo's 810; ~1.3 min on 2 CPU cores). The loss falls, the held-out
-evaluation generates greedily and scores exact match, the printed majority baseline is the
-per-question-type one of the samples that were evaluated, and the held-out accuracy beats that baseline
-by a clear margin."""
+evaluation generates greedily and scores exact match, the printed skip counts are those logged to MLflow, the
+printed majority baseline is the per-question-type one of the samples that were evaluated, and the held-out
+accuracy beats that baseline by a clear margin."""
 import json
 
 from mlflow import MlflowClient
 
 from training_helpers import ROOT
 from lm_mini.cli import main as cli_main
-from lm_mini.data.errors import SkipCounter
+from lm_mini.data.errors import SKIP_REASONS, SkipCounter
 from lm_mini.data.shards import iter_raw_samples, shard_paths
 from lm_mini.data.synthetic import majority_baseline
 from lm_mini.eval.metrics import ExactMatch
@@ -57,6 +57,11 @@ def test_short_demo_trains_evaluates_and_reports(tmp_path, monkeypatch, capsys):
     steps = json.loads((run_dir / "finished.json").read_text())["global_step"]
     assert f"finished at step {steps};" in out and 300 < steps < 330  # 3 epochs of the instruct shards
     assert len(losses) == steps and sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+
+    # the skip counts are printed as logged (data/skipped/<reason>), zero reasons left out
+    logged = client.get_run(run_id).data.metrics
+    skipped = ", ".join(f"{r} {int(logged[f'data/skipped/{r}'])}" for r in SKIP_REASONS if logged[f"data/skipped/{r}"])
+    assert (f"lm-mini: data: skipped/altered samples by reason: {skipped}\n" if skipped else "lm-mini: data: no samples skipped\n") in out
 
     # accuracy is exact match over the generated answers; the baseline is per question type on the same samples
     preds = result["predictions"]

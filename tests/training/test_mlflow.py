@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 
 from training_helpers import PYTHON, ROOT, TinyData, subprocess_env, tiny_config
 from lm_mini.cli import main as cli_main
-from lm_mini.training.run import train
+from lm_mini.training.run import _report, train
 
 
 def _free_port() -> int:
@@ -63,7 +63,7 @@ def server(tmp_path):
     srv.stop()
 
 
-def test_params_tags_metrics_and_config_read_back_and_a_dead_server_mid_run_does_not_stop_training(tmp_path, server):
+def test_params_tags_metrics_and_config_read_back_and_a_dead_server_mid_run_does_not_stop_training(tmp_path, server, capsys):
     cfg = tiny_config(tmp_path, "train.max_steps=12", f"logging.tracking_uri={server.uri}", "logging.tags.sweep_id=sw1")
     result = train(cfg, datamodule=TinyData(64))
     client = MlflowClient(server.uri)
@@ -77,6 +77,9 @@ def test_params_tags_metrics_and_config_read_back_and_a_dead_server_mid_run_does
     assert [m.step for m in losses] == list(range(12)) and losses[-1].value < losses[0].value
     assert [m.step for m in client.get_metric_history(run.info.run_id, "lr-AdamW/llm")] == list(range(12))
     assert run.data.metrics["data/skipped/corrupt_image"] == 1.0  # the data module's skip counter
+    assert result.skipped == {"corrupt_image": 1}  # and what the end-of-run report prints
+    _report(result)
+    assert "lm-mini: data: skipped/altered samples by reason: corrupt_image 1\n" in capsys.readouterr().out
     assert run.data.metrics["perf/visual_tokens_per_sample"] == 1.0  # C = 1, one image per sample
     assert "perf/samples_per_sec" in run.data.metrics and "perf/tokens_per_sec" in run.data.metrics
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
