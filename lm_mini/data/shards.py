@@ -713,7 +713,7 @@ def _inspect(args: argparse.Namespace) -> int:
               + f"; skipped at build: {index['skipped'] or 'none'}")
         for s in index["shards"]:
             print(f"  {s['name']}: {s['samples']} samples ({', '.join(f'{k} {v}' for k, v in s['media'].items())})")
-    urls, _ = find_shards(path)
+    urls, counts = find_shards(path)
     if not (path / INDEX_FILE).is_file():
         print(f"{path}: {len(urls)} tar files without {INDEX_FILE} (read as they are, e.g. img2dataset output)")
     tokenizer = None
@@ -722,12 +722,18 @@ def _inspect(args: argparse.Namespace) -> int:
 
         tokenizer = load_tokenizer(args.tokenizer)
     counter, shown = SkipCounter(), 0
-    for item in (item for url in urls for item in read_shard(url)):
+    # (position in its shard, samples index.json gives the shard or None, item)
+    items = ((k, None if counts is None else counts[i], item)
+             for i, url in enumerate(urls) for k, item in enumerate(read_shard(url)))
+    for position, expected, item in items:
         if shown == args.num_samples:
             break
         if isinstance(item, SampleError):
-            counter.add(item.reason)
-            print(f"--- skipped: {item}")
+            lost = 1
+            if item.reason == "truncated_tar" and expected is not None:
+                lost = max(1, expected - position)  # every sample from here on, as the training loader counts them
+            counter.add(item.reason, lost)
+            print(f"--- skipped: {item}" + (f" ({lost} samples lost)" if lost > 1 else ""))
             continue
         shown += 1
         s = item

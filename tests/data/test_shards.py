@@ -375,6 +375,13 @@ def test_cli_build_and_inspect(dataset, capsys):
     assert "--- skipped: [truncated_tar]" in text and "cut short after 0 samples" in text
     assert "skipped while reading: {'truncated_tar': 1}" in text
 
+    shutil.copytree(dataset["root"] / "out", dataset["root"] / "out-cut")  # with index.json: every lost sample counts
+    second = dataset["root"] / "out-cut" / "shard-000001.tar"
+    second.write_bytes(second.read_bytes()[:700])
+    assert main(["shards", "inspect", str(dataset["root"] / "out-cut"), "-n", "100"]) == 0
+    text = capsys.readouterr().out
+    assert "(3 samples lost)" in text and "skipped while reading: {'truncated_tar': 3}" in text
+
 
 def test_cli_inspect_shows_token_and_label_layout(dataset, capsys):
     from lm_mini.data.conversation import template_corpus
