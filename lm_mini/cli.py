@@ -19,6 +19,16 @@ def _handler(target: str) -> Callable[[argparse.Namespace], Optional[int]]:
     return run
 
 
+def _at_least(low: float, kind: type = int) -> Callable[[str], Any]:
+    """An argparse type: a number ``>= low`` (for ``low == 0.0`` with ``kind=float``: ``> 0``)."""
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value < low or (kind is float and low == 0.0 and value == 0.0):
+            raise argparse.ArgumentTypeError(f"{text}: expected {'> 0' if kind is float and low == 0.0 else f'>= {low}'}")
+        return value
+    return parse
+
+
 def _config_show(args: argparse.Namespace) -> int:
     from lm_mini.config import load_config, to_yaml
 
@@ -104,17 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
     # efficiency
     p = sub.add_parser("efficiency", help="FLOPs, visual tokens, KV cache, frames per budget (and latency) vs LLaVA-1.5")
     _add_config_args(p)
-    p.add_argument("--text-tokens", type=int, default=64, help="prompt text tokens besides the media")
-    p.add_argument("--frames", type=int, default=0, help="video frames per sample (0: one image)")
-    p.add_argument("--budget-gb", type=float, default=24.0, help="memory budget for max frames, GiB")
+    p.add_argument("--text-tokens", type=_at_least(1), default=64, help="prompt text tokens besides the media")
+    p.add_argument("--frames", type=_at_least(0), default=0, help="video frames per sample (0: one image)")
+    p.add_argument("--budget-gb", type=_at_least(0.0, float), default=24.0, help="memory budget for max frames, GiB")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="dtype of weights and KV cache")
-    p.add_argument("--chunk-frames", type=int, default=16, help="frames encoded at once (working memory)")
+    p.add_argument("--chunk-frames", type=_at_least(1), default=16, help="frames encoded at once (working memory)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--mlflow-run", default=None, help="log the figures (flops_per_sample, ...) to this MLflow run id, or the run of a training run directory")
     p.add_argument("--measure-latency", action="store_true", help="also time prefill and decode with random weights")
     p.add_argument("--device", default="cpu", help="device for --measure-latency (cpu, cuda)")
-    p.add_argument("--new-tokens", type=int, default=8, help="decode steps timed per run")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs (median), after 2 warm-up runs")
+    p.add_argument("--new-tokens", type=_at_least(1), default=8, help="decode steps timed per run")
+    p.add_argument("--repeats", type=_at_least(1), default=5, help="timed runs (median), after 2 warm-up runs")
     p.set_defaults(func=_handler("lm_mini.eval.efficiency:cli_efficiency"))
 
     # analyze

@@ -279,7 +279,28 @@ def validate(cfg: DictConfig, source: str = "config") -> DictConfig:
         value = OmegaConf.select(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{source}: bad value for config key '{key}': {value}; expected > 0")
+    _validate_components(cfg, source)
     return cfg
+
+
+def _validate_components(cfg: DictConfig, source: str) -> None:
+    """Component names must resolve in their registries now, not as a traceback after a run was created."""
+    from lm_mini import registry
+
+    names = {"model.encoder.name": registry.ENCODERS, "model.projector.name": registry.PROJECTORS,
+             "model.compressor.name": registry.COMPRESSORS, "model.llm.name": registry.LLMS,
+             "data.template": registry.TEMPLATES}
+    for kind in ("train", "val"):
+        for i, _ in enumerate(OmegaConf.select(cfg, f"data.{kind}") or []):
+            names[f"data.{kind}.{i}.template"] = registry.TEMPLATES
+    for key, reg in names.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        try:
+            reg.get(value)
+        except KeyError as e:
+            raise ConfigError(f"{source}: bad value for config key '{key}': {e.args[0]}") from None
 
 
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> DictConfig:

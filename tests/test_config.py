@@ -59,3 +59,39 @@ def test_flatten_gives_dotted_keys():
     assert flat["model.compressor.grid"] == 3
     assert flat["train.parts.encoder.train"] is False
     assert all(not isinstance(v, dict) for v in flat.values())
+
+
+@pytest.mark.parametrize("override, key, known", [
+    ("model.compressor.name=nope", "model.compressor.name", "avg_pool, identity, qformer, query_attention"),
+    ("model.encoder.name=clip", "model.encoder.name", "hf_clip"),
+    ("data.template=vicuna", "data.template", "llama3, plain, vicuna_v1"),
+    ("model.projector.name=my.mod:Nothing", "model.projector.name", "cannot import module 'my.mod'"),
+])
+def test_unknown_component_name_is_refused_at_load_with_the_known_ones(override, key, known):
+    """Not a traceback after the run directory and MLflow run were created."""
+    with pytest.raises(ConfigError, match=f"bad value for config key '{key}'") as err:
+        load_config("experiments/demo.yaml", [override])
+    assert known in str(err.value)
+
+
+def test_unknown_template_of_a_shard_set_is_refused():
+    with pytest.raises(ConfigError, match=r"'data.train.0.template'.*unknown conversation template 'plane'"):
+        load_config("experiments/demo.yaml", ["data.train.0.template=plane"])
+
+
+@pytest.mark.parametrize("option, value", [("--chunk-frames", "0"), ("--frames", "-3"), ("--text-tokens", "0"),
+                                           ("--budget-gb", "-5"), ("--repeats", "0")])
+def test_efficiency_refuses_impossible_options(option, value, capsys):
+    from lm_mini.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["efficiency", "experiments/demo.yaml", option, value])
+    assert exit_.value.code == 2 and f"argument {option}: {value}: expected" in capsys.readouterr().err
+
+
+def test_efficiency_names_an_unknown_mlflow_run(tmp_path, monkeypatch, capsys):
+    from lm_mini.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert main(["efficiency", "experiments/demo.yaml", "--mlflow-run", "deadbeef"]) == 1
+    assert "cannot log to MLflow run 'deadbeef'" in capsys.readouterr().err

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -316,29 +317,23 @@ def plot_result(result: Dict[str, Any], path: str, title: str = "") -> None:
 
 # --------------------------------------------------------------------------- CLI
 def load_model(target: str, overrides: List[str]) -> tuple:
-    """(model, cfg) from a run directory or name (``runs/*/<name>``), a checkpoint in a run
-    (``<run>/checkpoints/<ckpt>``), or a YAML config (random weights, or the weights its model paths name)."""
-    from lm_mini.config import load_config
+    """(model, cfg) from a model directory (``lm-mini export`` / ``import``), a run directory or name
+    (``runs/*/<name>``), a checkpoint, or a YAML config (random weights, or the weights its model paths name)."""
+    from omegaconf import OmegaConf
+
+    from lm_mini.config import apply_overrides, load_config, schema
     from lm_mini.eval.efficiency import build_model
+    from lm_mini.interop.export import load_model as load_source
 
     path = Path(target)
     if path.suffix in (".yaml", ".yml"):
         cfg = load_config(path, overrides)
         return build_model(cfg.model, "cpu"), cfg
-    from lm_mini.training.module import init_weights_from
-    from lm_mini.training.run import resolve_init_from
-
     if not path.exists():  # a run name: runs/<experiment>/<name>
         named = list(Path("runs").glob(f"*/{target}"))
         path = named[0] if len(named) == 1 else path
-    run_dir = path if (path / "checkpoints").is_dir() else path.resolve().parent.parent
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{target}: not a run directory or name, a checkpoint inside a run, or a YAML config")
-    cfg = load_config(run_dir / "config.yaml", overrides)
-    checkpoint = resolve_init_from(str(path), cfg.logging.runs_dir)
-    model = build_model(cfg.model, "cpu")
-    init_weights_from(model, str(checkpoint))
-    return model, cfg
+    model, cfg = load_source(path)
+    return model, apply_overrides(OmegaConf.merge(schema(), cfg), overrides)
 
 
 def cli_attention(args: Any) -> int:
@@ -346,7 +341,15 @@ def cli_attention(args: Any) -> int:
     from lm_mini.config import ShardSetConfig
     from lm_mini.data.datamodule import build_datamodule
 
-    model, cfg = load_model(args.target, args.overrides)
+    try:
+        model, cfg = load_model(args.target, args.overrides)
+    except (FileNotFoundError, ValueError) as e:  # ConfigError (a ValueError) is main's: it names the key
+        from lm_mini.config import ConfigError
+
+        if isinstance(e, ConfigError):
+            raise
+        print(f"lm-mini analyze attention: {e}", file=sys.stderr)
+        return 1
     model.to(args.device)
     cfg.data.val = [ShardSetConfig(path=args.data)]
     cfg.data.batch_size = args.batch_size

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
@@ -360,7 +361,11 @@ def cli_efficiency(args: Any) -> int:
         if run_file.is_file():
             info = json.loads(run_file.read_text())
             run_id, uri = info["run_id"], info["tracking_uri"]
-        log_to_mlflow(report, run_id, uri)
+        try:
+            log_to_mlflow(report, run_id, uri)
+        except Exception as e:  # MlflowException: no such run, server down, ...
+            print(f"lm-mini efficiency: cannot log to MLflow run {run_id!r} at {uri}: {str(e).splitlines()[0]}", file=sys.stderr)
+            return 1
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -1,6 +1,8 @@
 """Attention analysis: shares per token type, detection of image-focused attention, layer-drop."""
 import math
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -123,6 +125,7 @@ def test_cli_analyses_a_run_checkpoint_on_shards_and_writes_csv_and_png(tmp_path
     from lm_mini.training.checkpoint import checkpoint_name
 
     cfg = load_config("experiments/demo.yaml", ["model.prefusion.depth=1"])
+    cfg.data.tokenizer = str(Path(cfg.data.tokenizer).resolve())  # the test loads it from another directory
     trained = build_model(cfg.model, "cpu")  # stands in for a trained model: its weights must come back
     run = tmp_path / "runs" / "demo" / "r1"
     (run / "checkpoints").mkdir(parents=True)
@@ -135,6 +138,12 @@ def test_cli_analyses_a_run_checkpoint_on_shards_and_writes_csv_and_png(tmp_path
     monkeypatch.undo()
     mine = loaded.state_dict()  # built afresh (other random weights), then loaded from the checkpoint
     assert all(torch.equal(mine[k], v) for k, v in trained.state_dict().items())
+    assert main(["export", str(run), "--out", str(tmp_path / "exported")]) == 0  # a model directory loads too
+    from_dir = load_model(str(tmp_path / "exported"), ["data.batch_size=5"])
+    assert all(torch.equal(from_dir[0].state_dict()[k], v) for k, v in trained.state_dict().items())
+    assert from_dir[1].data.batch_size == 5
+    assert main(["analyze", "attention", str(tmp_path / "nowhere"), "--data", "data_shards/demo/eval"]) == 1
+    assert "nowhere: no such model directory, run directory or checkpoint" in capsys.readouterr().err
 
     out, png = tmp_path / "att.csv", tmp_path / "att.png"
     assert main(["analyze", "attention", str(ckpt), "--data", "data_shards/demo/eval", "--max-batches", "1",
