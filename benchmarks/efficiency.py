@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from lm_mini.config import load_config  # noqa: E402
 from lm_mini.eval.efficiency import efficiency_report, format_table, format_value, latency_report  # noqa: E402
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
 
     started, cache, reports = time.time(), {}, {}
     for preset in PRESETS:
-        cfg = load_config(Path("experiments/models") / f"{preset}.yaml").model
+        cfg = load_config(REPO / "experiments" / "models" / f"{preset}.yaml").model
         for frames, sample in SAMPLES:
             reports[(preset, sample)] = efficiency_report(cfg, TEXT_TOKENS, frames, cache=cache)
         if args.latency_device:
