@@ -137,8 +137,11 @@ def evaluate_source(source_path: str, data: Sequence[str], metrics: Sequence[str
 
 def cli_eval(args: Any) -> int:
     metrics = args.metric or ["exact_match"]
+    # `--data A B key=value`: argparse hands the overrides after --data to --data; take them back.
+    data = [d for d in args.data if "=" not in d or Path(d).exists()]
+    overrides = list(args.overrides) + [d for d in args.data if d not in data]
     try:
-        result = evaluate_source(args.source, args.data, metrics, args.out, args.overrides, args.device, not args.no_mlflow)
+        result = evaluate_source(args.source, data, metrics, args.out, overrides, args.device, not args.no_mlflow)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"lm-mini eval: {e}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ config: missing, unexpected and wrongly shaped tensors are all named in one erro
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
@@ -215,6 +216,10 @@ def save_pretrained(out: PathLike, state: Mapping[str, torch.Tensor], cfg: DictC
     cfg = OmegaConf.merge(cfg, {"data": {"tokenizer": "."}})
     copy_tokenizer(tokenizer, out)
     save_torch_state_dict(dict(state), out, max_shard_size=max_shard_size)
+    umask = os.umask(0)
+    os.umask(umask)
+    for weights in out.glob("*.safetensors"):  # written 0600 by safetensors: a shared model directory's weights
+        weights.chmod(0o666 & ~umask)  # must be as readable as its other files
     (out / CONFIG_YAML).write_text(OmegaConf.to_yaml(cfg, resolve=True))
     # no "model_type": transformers would take it for one of its own (AutoTokenizer reads this file and warns)
     summary = {"architectures": ["LlavaMini"], "library_name": "lm_mini", **model_summary(cfg),

@@ -72,7 +72,7 @@ def test_eval_cli_scores_a_record_whose_image_comes_in_a_later_turn(tmp_path, ca
     build_shards([tmp_path / "qa.json"], tmp_path, tmp_path / "qa")
     cfg = load_config(ROOT / "experiments" / "demo.yaml")
     save_pretrained(tmp_path / "model", build_model(cfg.model).state_dict(), cfg, ROOT / cfg.data.tokenizer, card="")
-    rc = cli_main(["eval", str(tmp_path / "model"), "eval.max_new_tokens=2", "--data", str(tmp_path / "qa"),
+    rc = cli_main(["eval", str(tmp_path / "model"), "--data", str(tmp_path / "qa"), "eval.max_new_tokens=2",  # after --data
                    "--out", str(tmp_path / "pred.jsonl"), "--device", "cpu", "--no-mlflow", "--json"])
     assert rc == 0, capsys.readouterr().err
     result = json.loads(capsys.readouterr().out)

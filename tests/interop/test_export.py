@@ -49,6 +49,8 @@ def test_export_round_trip_gives_identical_logits_and_tokens(trained, tmp_path):
     card = (out / "README.md").read_text()
     assert "0123abcd" in card and "step 6" in card and "## Training config" in card and "template: vicuna_v1" in card
     assert json.loads((out / "config.json").read_text())["compressor_size"] == 2
+    modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir() if f.is_file()}
+    assert len(set(modes.values())) == 1, f"weights as readable as the other files: {modes}"
 
     loaded, batch = load_pretrained(out), image_batch(seed=4)
     with torch.no_grad():
