@@ -252,6 +252,9 @@ _CHOICES = {
     "model.prefusion.init": ("random", "llm_layers"),
     "model.encoder.select_feature": ("patch", "cls_patch"),
     "data.aspect_mode": ("square", "pad"),
+    "train.stage": ("pretrain", "finetune"),
+    "train.strategy": ("auto", "ddp", "fsdp"),
+    "train.precision": ("32-true", "32", "16-mixed", "16-true", "16", "bf16-mixed", "bf16-true", "bf16", "64-true", "64"),  # Lightning's
 }
 _MINIMUM = {
     "model.prefusion.depth": 0,
@@ -261,6 +264,8 @@ _MINIMUM = {
     "data.batch_size": 1,
     "data.max_length": 1,
     "data.num_workers": 0,
+    "train.accumulate_grad_batches": 1,
+    "train.keep_last_k": 1,  # 0 would keep no checkpoint: nothing to evaluate, export or init_from
 }
 _POSITIVE = ("data.video_fps",)
 
@@ -279,6 +284,10 @@ def validate(cfg: DictConfig, source: str = "config") -> DictConfig:
         value = OmegaConf.select(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{source}: bad value for config key '{key}': {value}; expected > 0")
+    for kind in ("train", "val"):
+        for i, item in enumerate(OmegaConf.select(cfg, f"data.{kind}") or []):
+            if item.weight < 0:
+                raise ConfigError(f"{source}: bad value for config key 'data.{kind}.{i}.weight': {item.weight}; expected >= 0")
     _validate_components(cfg, source)
     return cfg
 

@@ -97,6 +97,24 @@ def resolve_run(cfg: DictConfig, resume: Optional[str]) -> Run:
     return run
 
 
+class ResumeMismatch(ValueError):
+    """``--resume`` with a configuration the run's checkpoint cannot continue."""
+
+
+def check_same_model(saved_config: Path, cfg: DictConfig) -> None:
+    """Resuming needs the model the checkpoint was trained with; refuse a changed ``model.*`` by name."""
+    from lm_mini.config import flatten, load_config
+
+    if not saved_config.is_file():
+        return
+    saved, now = flatten(load_config(saved_config).model), flatten(cfg.model)
+    changed = [f"model.{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if changed:
+        raise ResumeMismatch(f"cannot resume {saved_config.parent}: its checkpoint was trained with another model ("
+                         + "; ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
+                         + "); use a new run_name, or train.init_from to start from its weights")
+
+
 def resolve_init_from(value: str, runs_dir: str) -> Path:
     """``train.init_from``: a checkpoint, a run directory, or a run name (under any experiment) -> checkpoint."""
     path = Path(value)
@@ -111,6 +129,9 @@ def resolve_init_from(value: str, runs_dir: str) -> Path:
         if latest is None:
             raise FileNotFoundError(f"train.init_from={value}: run {path} has no complete checkpoint")
         return latest
+    if path.is_dir() and not (path / ".metadata").is_file():  # an FSDP checkpoint folder has one
+        raise FileNotFoundError(f"train.init_from={value}: {path} is a directory with no checkpoints/ (a run that "
+                                "saved none?) and not a sharded checkpoint folder")
     return path
 
 
@@ -206,19 +227,27 @@ def train(cfg: DictConfig, resume: Optional[str] = None, model_factory: Optional
         check_tracking_server(tracking_uri(cfg), cfg.logging.connect_timeout_s)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run = resolve_run(cfg, resume)
+    if run.resume_from is not None:
+        check_same_model(run.dir / "config.yaml", cfg)  # before anything of the run is touched
+    if datamodule is None and not cfg.data.train:
+        raise FileNotFoundError("data.train is empty: no shard set to train on")
+    # Checked before the run directory and MLflow run exist: a bad init_from leaves nothing behind.
+    init_from = str(resolve_init_from(cfg.train.init_from, cfg.logging.runs_dir)) if cfg.train.init_from and run.resume_from is None else None
     if rank_zero_only.rank == 0:
         run.dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_incomplete(run.checkpoints)  # leftovers of a save that was killed
         (run.dir / "config.yaml").write_text(to_yaml(cfg))
     logger = setup_tracking(cfg, run)
+    try:
+        module = LmMiniModule(cfg, model_factory=model_factory, init_from=init_from)
+        if datamodule is None:
+            from lm_mini.data.datamodule import build_datamodule
 
-    init_from = str(resolve_init_from(cfg.train.init_from, cfg.logging.runs_dir)) if cfg.train.init_from and run.resume_from is None else None
-    module = LmMiniModule(cfg, model_factory=model_factory, init_from=init_from)
-    if datamodule is None:
-        from lm_mini.data.datamodule import build_datamodule
-
-        datamodule = build_datamodule(cfg)
-    trainer, preemption = build_trainer(cfg, run, logger)
+            datamodule = build_datamodule(cfg)
+        trainer, preemption = build_trainer(cfg, run, logger)
+    except BaseException:  # e.g. a precision Lightning refuses: the MLflow run must not stay RUNNING
+        logger.close("FAILED")
+        raise
     if rank_zero_only.rank == 0:
         print(f"lm-mini: run {run.dir}" + (f" (resuming {run.resume_from.name})" if run.resume_from else ""), flush=True)
     previous_name = os.environ.get(RUN_NAME_ENV)
@@ -302,7 +331,7 @@ def cli_train(args: Any) -> int:
     cfg = load_config(args.config, args.overrides)
     try:
         result = train(cfg, resume=args.resume)
-    except (TrackingUnavailable, FileExistsError, FileNotFoundError) as e:
+    except (TrackingUnavailable, FileExistsError, FileNotFoundError, ResumeMismatch) as e:
         print(f"lm-mini: {e}", file=sys.stderr)
         return 2
     if rank_zero_only.rank == 0:

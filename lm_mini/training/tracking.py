@@ -76,7 +76,11 @@ class BufferedMLFlowLogger(MLFlowLogger):
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
         if step is not None and step <= self.skip_through_step:
-            return  # this step is already in the run (logged before the job was interrupted)
+            # This step's training metrics are already in the run (logged before the job was interrupted);
+            # the final evaluation's are not (the job may have died during it), so they go through.
+            metrics = {k: v for k, v in metrics.items() if k.startswith("eval/")}
+            if not metrics:
+                return
         self._queue.put((dict(metrics), step, int(time.time() * 1000)))
         if self._worker is None or not self._worker.is_alive():
             self._closing = False

@@ -38,3 +38,47 @@ def test_init_from_accepts_a_checkpoint_a_run_directory_or_a_run_name(tmp_path):
     assert resolve_init_from(str(latest), str(runs)) == latest
     with pytest.raises(FileNotFoundError, match="not a checkpoint path"):
         resolve_init_from("no-such-run", str(runs))
+
+
+def test_init_from_a_run_without_checkpoints_says_so(tmp_path):
+    run = tmp_path / "runs" / "pre" / "died-early"
+    _touch(run / "config.yaml")
+    with pytest.raises(FileNotFoundError, match="died-early is a directory with no checkpoints/"):
+        resolve_init_from("died-early", str(tmp_path / "runs"))
+
+
+def test_resume_with_another_model_is_refused_before_the_run_is_touched(tmp_path):
+    """A refused resume used to rewrite config.yaml and mark the finished MLflow run FAILED."""
+    from lm_mini.config import to_yaml
+    from lm_mini.training.run import ResumeMismatch, train
+
+    cfg = tiny_config(tmp_path)
+    run = tmp_path / "runs" / "test" / "r"
+    _touch(run / "checkpoints" / ckpt.checkpoint_name(4))
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    before = (run / "config.yaml").read_text()
+    changed = tiny_config(tmp_path, "model.compressor.grid=2")
+    with pytest.raises(ResumeMismatch, match=r"model.compressor.grid: 1 -> 2"):
+        train(changed, resume="auto")
+    assert (run / "config.yaml").read_text() == before and not (tmp_path / "mlflow.db").exists()
+
+
+def test_an_empty_training_set_is_refused(tmp_path):
+    from lm_mini.training.run import train
+
+    with pytest.raises(FileNotFoundError, match="data.train is empty"):
+        train(tiny_config(tmp_path, "data.train=[]"))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_resumed_run_drops_repeated_training_steps_but_not_the_final_eval():
+    from lm_mini.training.tracking import BufferedMLFlowLogger
+
+    logger = BufferedMLFlowLogger.__new__(BufferedMLFlowLogger)  # no MLflow: only the filter is under test
+    logger.skip_through_step, sent = 30, []
+    logger._queue = type("Q", (), {"put": staticmethod(sent.append)})()
+    logger._worker = type("W", (), {"is_alive": staticmethod(lambda: True)})()
+    logger.log_metrics({"train/loss": 1.0}, step=30)
+    logger.log_metrics({"train/loss": 1.0, "eval/exact_match": 0.5}, step=30)
+    logger.log_metrics({"train/loss": 0.9}, step=31)
+    assert [(m, s) for m, s, _ in sent] == [({"eval/exact_match": 0.5}, 30), ({"train/loss": 0.9}, 31)]
