@@ -81,7 +81,12 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
-    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as e:  # yaml's ScannerError / ParserError and friends
+        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping (base, grid, overrides, ...) at the top level")
     allowed = {"base", "sweep_id", "experiment", "overrides", "grid", "slurm"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
@@ -89,7 +94,11 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     if "base" not in raw or not raw.get("grid"):
         raise ConfigError(f"{path}: a sweep needs 'base' (a config file) and a non-empty 'grid'")
     base = (path.parent / raw["base"]).resolve()
+    if not isinstance(raw["grid"], dict):
+        raise ConfigError(f"{path}: 'grid' must map config keys to lists of values")
     grid = {str(k): (v if isinstance(v, list) else [v]) for k, v in raw["grid"].items()}
+    if not isinstance(raw.get("overrides", []), list):
+        raise ConfigError(f"{path}: 'overrides' must be a list of key=value strings, got {raw['overrides']!r:.80}")
     overrides = [str(o) for o in raw.get("overrides", [])]
     base_cfg = load_config(base, overrides)
     sweep = Sweep(
@@ -116,6 +125,8 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
             load_config(base, run_overrides)
         except ConfigError as e:
             raise ConfigError(f"{path}: grid run '{name}' is invalid: {e}") from None
+        if any(r.name == name for r in sweep.runs):  # e.g. 0.001 and 1.0e-3: one run directory for two points
+            raise ConfigError(f"{path}: two grid points have the same run name '{name}'; list each value once")
         sweep.runs.append(SweepRun(name=name, values=values, overrides=run_overrides))
     return sweep
 

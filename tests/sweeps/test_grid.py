@@ -57,3 +57,16 @@ def test_slurm_script_is_a_valid_array_job(tmp_path):
         assert entry[:2] == ["train", str(sweep.base)] and entry[-2:] == ["--resume", "auto"]
         assert entry[2:-2] == run.overrides
     assert 'srun lm-mini ${RUNS[$SLURM_ARRAY_TASK_ID]}' in text
+
+
+def test_malformed_sweep_files_are_clear_config_errors(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("base: base.yaml\ngrid: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_sweep(path)
+    (tmp_path / "base.yaml").write_text("train:\n  max_steps: 3\n")
+    path.write_text("base: base.yaml\noverrides: train.lr=0.01\ngrid:\n  train.lr: [0.1]\n")
+    with pytest.raises(ConfigError, match="'overrides' must be a list of key=value strings, got 'train.lr=0.01'"):
+        load_sweep(path)
+    with pytest.raises(ConfigError, match="two grid points have the same run name 'lr=0.001'"):
+        load_sweep(make_sweep(tmp_path, grid="  train.lr: [0.001, 1.0e-3]\n"))
