@@ -267,6 +267,12 @@ def _finish(keymap: KeyMap, src: Path, out: Path, cfg: DictConfig, renamed: Rena
     return save_pretrained(out, renamed.state, cfg, src, _card(keymap, src, cfg, renamed), max_shard_size)
 
 
+def _refuse_lm_mini_dir(src: Path, raw: dict) -> None:
+    if raw.get("library_name") == "lm_mini":
+        raise ValueError(f"{src} is already an lm_mini model directory (written by lm-mini export/import): "
+                         "eval, generate, chat, analyze and train.init_from take it as it is")
+
+
 def import_llava_mini(src: PathLike, out: PathLike, vision_tower: Optional[PathLike] = None,
                       template: Optional[str] = None, max_shard_size: Any = "5GB") -> Path:
     """An official LLaVA-Mini checkpoint directory -> lm_mini model directory ``out``.
@@ -277,6 +283,7 @@ def import_llava_mini(src: PathLike, out: PathLike, vision_tower: Optional[PathL
     """
     src = Path(src)
     raw = read_config_json(src)
+    _refuse_lm_mini_dir(src, raw)
     if "compressor_size" not in raw:
         raise ValueError(f"{src}/config.json has no compressor_size: not a LLaVA-Mini checkpoint (try llava-hf)")
     name = raw.get("mm_vision_tower")
@@ -298,6 +305,7 @@ def import_llava_mini(src: PathLike, out: PathLike, vision_tower: Optional[PathL
 def import_llava_hf(src: PathLike, out: PathLike, template: Optional[str] = None, max_shard_size: Any = "5GB") -> Path:
     """A ``LlavaForConditionalGeneration`` checkpoint directory (LLaVA-1.5) -> lm_mini model directory ``out``."""
     src = Path(src)
+    _refuse_lm_mini_dir(src, read_config_json(src))
     cfg = llava_hf_config(src, _template(src, template, "vicuna_v1"))
     return _finish(LLAVA_HF, src, Path(out), cfg, rename(read_safetensors(src), LLAVA_HF), max_shard_size)
 

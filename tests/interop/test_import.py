@@ -251,6 +251,9 @@ def test_cli_import_and_its_errors(official, tokenizer_dir, tmp_path, capsys):
     assert "unknown template 'chatml'" in capsys.readouterr().err
     assert main(["import", "llava-mini", str(tmp_path / "nowhere")]) == 2
     assert "no config.json" in capsys.readouterr().err
+    for kind in ("llava-mini", "llava-hf"):  # its own output is not a release checkpoint to import
+        assert main(["import", kind, str(tmp_path / "b"), "--out", str(tmp_path / "d")]) == 2
+        assert "is already an lm_mini model directory" in capsys.readouterr().err
 
 
 def test_release_config_matches_the_llama31_preset(tmp_path):
