@@ -172,6 +172,11 @@ def cli_compare(args: argparse.Namespace) -> int:
         print(f"lm-mini compare: {e}")
         return 1
     metrics = _metric_names(rows, args.metric or [])
+    known = sorted({m for r in rows for m in r.metrics})
+    unknown = [m for m in metrics if m not in known]
+    if unknown:  # a typo would print a table of '-' and an empty plot
+        print(f"lm-mini compare: no run has metric(s) {', '.join(unknown)}; they have: {', '.join(known) or 'none'}")
+        return 1
     records = to_records(rows, metrics)
     if args.format == "json":
         print(render(records, "json"))

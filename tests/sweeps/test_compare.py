@@ -62,3 +62,12 @@ def test_plot_writes_png(store, tmp_path):
     out = tmp_path / "p.png"
     plot(read_runs("exp", "s1", store), "accuracy", str(out))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_refuses_a_metric_no_run_has(store, capsys):
+    from lm_mini.cli import main
+
+    assert main(["compare", "--experiment", "exp", "--metric", "acuracy", "--tracking-uri", store]) == 1
+    out = capsys.readouterr().out
+    assert "no run has metric(s) acuracy; they have: accuracy, loss" in out
+    assert main(["compare", "--experiment", "exp", "--metric", "accuracy", "--tracking-uri", store]) == 0
