@@ -706,15 +706,15 @@ def _inspect(args: argparse.Namespace) -> int:
         from lm_mini.registry import TEMPLATES
 
         TEMPLATES.get(args.template)  # an unknown name fails now, listing the known templates
-    if (path / INDEX_FILE).is_file():
+    urls, counts = find_shards(path)
+    if counts is not None:  # from index.json
         index = read_index(path)
         print(f"{path}: {index['num_samples']} samples in {len(index['shards'])} shards; media "
               + ", ".join(f"{k} {v}" for k, v in index["media"].items())
               + f"; skipped at build: {index['skipped'] or 'none'}")
         for s in index["shards"]:
             print(f"  {s['name']}: {s['samples']} samples ({', '.join(f'{k} {v}' for k, v in s['media'].items())})")
-    urls, counts = find_shards(path)
-    if not (path / INDEX_FILE).is_file():
+    else:
         print(f"{path}: {len(urls)} tar files without {INDEX_FILE} (read as they are, e.g. img2dataset output)")
     tokenizer = None
     if args.tokenizer:

@@ -57,12 +57,17 @@ class ShardSet:
         urls, counts = find_shards(path)
         if counts is None:
             counts = [count_tar_samples(u) for u in urls]
-        name = path.name if path.is_dir() else path.parent.name
-        return cls(name, tuple(urls), tuple(int(c) for c in counts), float(cfg.weight), cfg.template)
+        return cls(shard_set_name(path), tuple(urls), tuple(int(c) for c in counts), float(cfg.weight), cfg.template)
 
     @property
     def spec(self) -> SetSpec:
         return SetSpec(self.counts, self.weight)
+
+
+def shard_set_name(path: Any) -> str:
+    """A set's name in its sample ids: its directory's name (for a tar or a pattern, the folder holding it)."""
+    path = Path(str(path))
+    return path.name if path.is_dir() else path.parent.name
 
 
 # ------------------------------------------------------------------------------------- one worker

@@ -338,16 +338,14 @@ def load_model(target: str, overrides: List[str]) -> tuple:
 
 def cli_attention(args: Any) -> int:
     """``lm-mini analyze attention (RUN|CHECKPOINT|CONFIG) --data SHARDS``: print per-layer figures."""
-    from lm_mini.config import ShardSetConfig
+    from lm_mini.config import ConfigError, ShardSetConfig
     from lm_mini.data.datamodule import build_datamodule
 
     try:
         model, cfg = load_model(args.target, args.overrides)
-    except (FileNotFoundError, ValueError) as e:  # ConfigError (a ValueError) is main's: it names the key
-        from lm_mini.config import ConfigError
-
-        if isinstance(e, ConfigError):
-            raise
+    except ConfigError:  # a ValueError too, but main reports it, naming the key
+        raise
+    except (FileNotFoundError, ValueError) as e:
         print(f"lm-mini analyze attention: {e}", file=sys.stderr)
         return 1
     model.to(args.device)

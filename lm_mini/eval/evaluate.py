@@ -66,15 +66,14 @@ def score(predictions: Sequence[Mapping[str, Any]], records: Mapping[str, Mappin
 
 def _records_by_id(shard_dirs: Sequence[str]) -> Dict[str, Dict[str, Any]]:
     """The records of the evaluated shard sets under the data module's sample ids."""
-    from lm_mini.config import ShardSetConfig
     from lm_mini.data.errors import SkipCounter
-    from lm_mini.data.shards import iter_raw_samples, shard_paths
-    from lm_mini.data.streaming import ShardSet
+    from lm_mini.data.shards import find_shards, iter_raw_samples
+    from lm_mini.data.streaming import shard_set_name
 
     out = {}
     for path in shard_dirs:
-        name = ShardSet.from_config(ShardSetConfig(path=path)).name
-        for s in iter_raw_samples(shard_paths(path), SkipCounter()):
+        name = shard_set_name(path)
+        for s in iter_raw_samples(find_shards(path)[0], SkipCounter()):
             out[f"{name}/{s.key}"] = s.record
     return out
 

@@ -302,13 +302,14 @@ def majority_per_question_type(val_sets: Any, sample_ids: set) -> Optional[float
     """Accuracy, on the evaluated samples, of always giving the most frequent answer of each
     ``question_type`` (None when the records do not say their type)."""
     from lm_mini.data.errors import SkipCounter
-    from lm_mini.data.shards import iter_raw_samples, shard_paths
+    from lm_mini.data.shards import find_shards, iter_raw_samples
+    from lm_mini.data.streaming import shard_set_name
     from lm_mini.data.synthetic import majority_baseline
 
-    from lm_mini.data.streaming import ShardSet
-
-    records = [s.record for v in val_sets for s in iter_raw_samples(shard_paths(v.path), SkipCounter())
-               if f"{ShardSet.from_config(v).name}/{s.key}" in sample_ids]  # the data module's sample ids
+    records = []
+    for v in val_sets:
+        name = shard_set_name(v.path)  # the data module's sample ids are "<set name>/<key>"
+        records += [s.record for s in iter_raw_samples(find_shards(v.path)[0], SkipCounter()) if f"{name}/{s.key}" in sample_ids]
     if not records or not all("question_type" in r for r in records):
         return None
     return float(majority_baseline(records)["overall"]["accuracy"])
