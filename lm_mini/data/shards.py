@@ -456,7 +456,7 @@ def find_shards(path: Union[str, Path]) -> Tuple[List[str], Optional[List[int]]]
     ``_stats.json``) are passed over; a path that names no tar is an error.
     """
     path = Path(str(path))
-    if (path / INDEX_FILE).is_file():
+    if (path / INDEX_FILE).is_file() or (path / STATE_DIR).is_dir():  # an unfinished build: read_index says so
         shards = read_index(path)["shards"]
         return [str(path / s["name"]) for s in shards], [int(s["samples"]) for s in shards]
     if path.is_file() and not path.name.endswith(TAR_SUFFIXES):

@@ -192,6 +192,8 @@ def test_interrupted_build_resumes_to_identical_output(dataset, monkeypatch):
     assert (out / "shard-000000.tar").is_file() and not (out / "index.json").exists()
     with pytest.raises(FileNotFoundError, match="--resume"):
         read_index(out)
+    with pytest.raises(FileNotFoundError, match="unfinished build"):  # not trained on as a directory of tars
+        shards.find_shards(out)
     with pytest.raises(ShardBuildError, match="unfinished build"):
         build(dataset, "out")
 
