@@ -238,27 +238,23 @@ def train(cfg: DictConfig, resume: Optional[str] = None, model_factory: Optional
         ckpt.remove_incomplete(run.checkpoints)  # leftovers of a save that was killed
         (run.dir / "config.yaml").write_text(to_yaml(cfg))
     logger = setup_tracking(cfg, run)
-    try:
+    previous_name = os.environ.get(RUN_NAME_ENV)
+    try:  # from here on a failure (a precision Lightning refuses, a crash in fit) closes the MLflow run as FAILED
         module = LmMiniModule(cfg, model_factory=model_factory, init_from=init_from)
         if datamodule is None:
             from lm_mini.data.datamodule import build_datamodule
 
             datamodule = build_datamodule(cfg)
         trainer, preemption = build_trainer(cfg, run, logger)
-    except BaseException:  # e.g. a precision Lightning refuses: the MLflow run must not stay RUNNING
-        logger.close("FAILED")
-        raise
-    if rank_zero_only.rank == 0:
-        print(f"lm-mini: run {run.dir}" + (f" (resuming {run.resume_from.name})" if run.resume_from else ""), flush=True)
-    previous_name = os.environ.get(RUN_NAME_ENV)
-    os.environ[RUN_NAME_ENV] = run.name  # the processes Lightning starts for DDP/FSDP join this run
-    try:
+        if rank_zero_only.rank == 0:
+            print(f"lm-mini: run {run.dir}" + (f" (resuming {run.resume_from.name})" if run.resume_from else ""), flush=True)
+        os.environ[RUN_NAME_ENV] = run.name  # the processes Lightning starts for DDP/FSDP join this run
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(run.resume_from) if run.resume_from else None)
     except BaseException:
         logger.close("FAILED")
         raise
     finally:
-        os.environ.pop(RUN_NAME_ENV) if previous_name is None else os.environ.update({RUN_NAME_ENV: previous_name})
+        os.environ.pop(RUN_NAME_ENV, None) if previous_name is None else os.environ.update({RUN_NAME_ENV: previous_name})
     skipped = next(c.totals for c in trainer.callbacks if isinstance(c, SkippedSamplesLogger))
     result = TrainResult(run, preemption.preempted, trainer.global_step, tracking_uri=tracking_uri(cfg),
                          mlflow_run_id=logger.run_id if trainer.is_global_zero else None, trainer=trainer, skipped=skipped)
