@@ -19,12 +19,12 @@ def _handler(target: str) -> Callable[[argparse.Namespace], Optional[int]]:
     return run
 
 
-def _at_least(low: float, kind: type = int) -> Callable[[str], Any]:
-    """An argparse type: a number ``>= low`` (for ``low == 0.0`` with ``kind=float``: ``> 0``)."""
+def _at_least(low: float, kind: type = int, inclusive: bool = True) -> Callable[[str], Any]:
+    """An argparse type: a ``kind`` number ``>= low`` (``> low`` when not ``inclusive``)."""
     def parse(text: str) -> Any:
         value = kind(text)
-        if value < low or (kind is float and low == 0.0 and value == 0.0):
-            raise argparse.ArgumentTypeError(f"{text}: expected {'> 0' if kind is float and low == 0.0 else f'>= {low}'}")
+        if value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"{text}: expected {'>=' if inclusive else '>'} {low}")
         return value
     return parse
 
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--text-tokens", type=_at_least(1), default=64, help="prompt text tokens besides the media")
     p.add_argument("--frames", type=_at_least(0), default=0, help="video frames per sample (0: one image)")
-    p.add_argument("--budget-gb", type=_at_least(0.0, float), default=24.0, help="memory budget for max frames, GiB")
+    p.add_argument("--budget-gb", type=_at_least(0, float, inclusive=False), default=24.0, help="memory budget for max frames, GiB")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="dtype of weights and KV cache")
     p.add_argument("--chunk-frames", type=_at_least(1), default=16, help="frames encoded at once (working memory)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
