@@ -32,7 +32,7 @@ from lm_mini.training import checkpoint as ckpt
 from lm_mini.training.callbacks import PreemptionHandler, SkippedSamplesLogger, StepCheckpoint, ThroughputLogger, requeue_slurm_job
 from lm_mini.training.module import LmMiniModule
 from lm_mini.training.strategy import build_strategy, cluster_plugins
-from lm_mini.training.tracking import BufferedMLFlowLogger, TrackingUnavailable, check_tracking_server
+from lm_mini.training.tracking import BufferedMLFlowLogger, CheckpointedMetrics, TrackingUnavailable, check_tracking_server
 
 RUN_NAME_ENV = "LM_MINI_RUN_NAME"  # processes Lightning launches (DDP/FSDP children) inherit the run's name
 
@@ -201,7 +201,10 @@ def build_trainer(cfg: DictConfig, run: Run, logger: Any) -> tuple:
         use_distributed_sampler=False,  # the data module places samples on ranks itself
         default_root_dir=str(run.dir),
         logger=logger,
-        callbacks=[checkpoints, preemption, LearningRateMonitor(logging_interval="step"), ThroughputLogger(), SkippedSamplesLogger()],
+        # The preemption save comes after every callback that logs the step (Lightning puts checkpoint
+        # callbacks last), so the checkpoint carries all of its step's metrics.
+        callbacks=[checkpoints, LearningRateMonitor(logging_interval="step"), ThroughputLogger(), SkippedSamplesLogger(),
+                   preemption, CheckpointedMetrics()],
         plugins=[ckpt.AtomicCheckpointIO(), *cluster_plugins()],
     )
     return trainer, preemption

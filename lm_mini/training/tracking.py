@@ -3,18 +3,19 @@
 - ``check_tracking_server(uri)``: an ``http(s)`` tracking server must answer ``/health`` within
   ``logging.connect_timeout_s``, else :class:`TrackingUnavailable` with what to do about it. Local
   stores (``sqlite:///mlflow.db``, the default) need no server.
-- :class:`BufferedMLFlowLogger`: Lightning's ``MLFlowLogger`` whose metric writes go through a queue
-  and a background thread. If the server goes away mid-run, training does not wait: the thread keeps
+- :class:`BufferedMLFlowLogger`: Lightning's ``MLFlowLogger`` whose metric writes are sent by a
+  background thread. If the server goes away mid-run, training does not wait: the thread keeps
   the metrics and retries; at the end it waits ``logging.flush_timeout_s`` and then writes what is
   still unsent to ``<run>/mlflow_pending.jsonl`` (with a warning); the next start of the run
   (``--resume auto``) sends that file first.
 - Exactly once: a resumed run re-executes the steps after its checkpoint; metrics for steps the MLflow
-  run already has are dropped (``skip_through_step``), so every step appears once in the history.
+  run already has are dropped (``skip_through_step``). Steps before the checkpoint that the store had
+  not confirmed when the job was killed travel in the checkpoint (:class:`CheckpointedMetrics`) and
+  are sent on resume, so every step appears once in the history.
 """
 from __future__ import annotations
 
 import json
-import queue
 import re
 import threading
 import time
@@ -23,6 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
@@ -65,11 +67,14 @@ class BufferedMLFlowLogger(MLFlowLogger):
         self.skip_through_step = skip_through_step
         self.pending_file = Path(pending_file) if pending_file else None
         self.flush_timeout = flush_timeout
-        self._queue: "queue.Queue[Item]" = queue.Queue()
-        self._inflight: List[Item] = []
+        # Metrics in logging order that the store has not confirmed yet. The sender removes a prefix only
+        # once it is stored, so at any moment this list is exactly what a kill would lose (see unconfirmed()).
+        self._unsent: List[Item] = []
+        self._lock = threading.Condition()
         self._worker: Optional[threading.Thread] = None
         self._closing = False
         self._warned = False
+        self._step_logged: Tuple[Optional[int], Dict[str, Any]] = (None, {})  # the latest step and what it logged
         self.status: Optional[str] = None
 
     # ------------------------------------------------------------------ writing
@@ -81,11 +86,25 @@ class BufferedMLFlowLogger(MLFlowLogger):
             metrics = {k: v for k, v in metrics.items() if k.startswith("eval/")}
             if not metrics:
                 return
-        self._queue.put((dict(metrics), step, int(time.time() * 1000)))
-        if self._worker is None or not self._worker.is_alive():
+        # A step checkpoint hands its step's metrics over before Lightning does (CheckpointedMetrics):
+        # values this step already has are repeats and carry nothing new.
+        if step is None or step != self._step_logged[0]:
+            self._step_logged = (step, {})
+        seen = self._step_logged[1]
+        metrics = {k: v for k, v in metrics.items() if k not in seen or repr(seen[k]) != repr(v)}
+        if not metrics:
+            return
+        seen.update(metrics)
+        self._enqueue([(dict(metrics), step, int(time.time() * 1000))])
+
+    def _enqueue(self, items: List[Item]) -> None:
+        with self._lock:
+            self._unsent.extend(items)
             self._closing = False
-            self._worker = threading.Thread(target=self._send_loop, name="mlflow-sender", daemon=True)
-            self._worker.start()
+            self._lock.notify_all()
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._send_loop, name="mlflow-sender", daemon=True)
+                self._worker.start()
 
     def _send(self, items: List[Item]) -> None:
         """One ``log_batch`` request per 1000 values (MLflow's limit), names cleaned as Lightning does."""
@@ -97,58 +116,69 @@ class BufferedMLFlowLogger(MLFlowLogger):
             self._mlflow_client.log_batch(self.run_id, metrics=batch[i: i + 1000])
 
     def _send_loop(self) -> None:
-        """Send whatever is queued, many steps per request; on failure keep it and retry with backoff."""
-        backoff = 0.5
-        while not self._closing:
+        """Send what is unsent, many steps per request, oldest first; on failure keep it and retry with backoff.
+
+        A sender that was replaced (``_write_pending`` gave up on it while a request hung) leaves the
+        list alone when its request finally returns."""
+        me, backoff = threading.current_thread(), 0.5
+        while True:
+            with self._lock:
+                while not self._unsent and not self._closing and self._worker is me:
+                    self._lock.wait(0.5)
+                if self._closing or self._worker is not me:
+                    return
+                items = self._unsent[:200]
             try:
-                items = [self._queue.get(timeout=0.5)]
-            except queue.Empty:
+                self._send(items)
+            except Exception as e:  # any transport error: keep the metrics, retry later
+                if not self._warned:
+                    rank_zero_warn(f"MLflow tracking store {self._tracking_uri} failed ({type(e).__name__}: "
+                                   f"{str(e)[:200]}); training continues, metrics are kept and retried")
+                    self._warned = True
+                with self._lock:
+                    self._lock.wait(backoff)  # woken early by closing
+                backoff = min(backoff * 2, 10.0)
                 continue
-            while len(items) < 200:
-                try:
-                    items.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            self._inflight = items
-            while not self._closing:
-                try:
-                    self._send(items)
-                    backoff = 0.5
-                    break
-                except Exception as e:  # any transport error: keep the metrics, retry later
-                    if not self._warned:
-                        rank_zero_warn(f"MLflow tracking store {self._tracking_uri} failed ({type(e).__name__}: "
-                                       f"{str(e)[:200]}); training continues, metrics are kept and retried")
-                        self._warned = True
-                    time.sleep(backoff)
-                    backoff = min(backoff * 2, 10.0)
-            else:
-                return  # closing: the in-flight items stay in self._inflight for the fallback file
-            self._inflight = []
-            for _ in items:
-                self._queue.task_done()
+            backoff = 0.5
+            with self._lock:
+                if self._worker is not me:
+                    return
+                del self._unsent[:len(items)]
+                self._lock.notify_all()  # flush() waits for an empty list
+
+    def unconfirmed(self) -> List[Item]:
+        """The metrics logged so far that the store has not confirmed, oldest first (a checkpoint carries them)."""
+        with self._lock:
+            return list(self._unsent)
+
+    def resend(self, items: List[Item]) -> int:
+        """Log again what an earlier session of this run had not got into the store (its checkpoint's
+        ``unconfirmed()``); steps the store already has are left out. Returns how many steps are re-sent."""
+        items = [(dict(m), step, ts) for m, step, ts in items if step is None or step > self.skip_through_step]
+        if items:
+            self._enqueue(items)
+            self.skip_through_step = max([self.skip_through_step] + [s for _, s, _ in items if s is not None])
+        return len({step for _, step, _ in items})
 
     def flush(self, timeout: Optional[float] = None) -> bool:
-        """Wait until every queued metric is sent; False if the store did not take them in time."""
+        """Wait until every logged metric is stored; False if the store did not take them in time."""
         deadline = time.monotonic() + (self.flush_timeout if timeout is None else timeout)
-        while self._queue.unfinished_tasks and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return not self._queue.unfinished_tasks
+        with self._lock:
+            while self._unsent and (left := deadline - time.monotonic()) > 0:
+                self._lock.wait(min(left, 0.5))
+            return not self._unsent
 
     def _write_pending(self) -> int:
         """Stop the sender and append everything unsent to the pending file; returns the number of steps written."""
-        self._closing = True
-        if self._worker is not None:
-            self._worker.join(timeout=1.0)
-        items, self._inflight = list(self._inflight), []
-        for _ in items:
-            self._queue.task_done()
-        while True:
-            try:
-                items.append(self._queue.get_nowait())
-                self._queue.task_done()
-            except queue.Empty:
-                break
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
+            worker = self._worker
+        if worker is not None:
+            worker.join(timeout=1.0)
+        with self._lock:
+            self._worker = None  # a sender still hanging in a request drops its result (see _send_loop)
+            items, self._unsent = self._unsent, []
         if items and self.pending_file is not None:
             self.pending_file.parent.mkdir(parents=True, exist_ok=True)
             with open(self.pending_file, "a") as f:
@@ -166,7 +196,7 @@ class BufferedMLFlowLogger(MLFlowLogger):
         # Steps the resumed training re-executes are now in the run: do not log them twice.
         self.skip_through_step = max([self.skip_through_step] + [e["step"] for e in sent if e["step"] is not None])
         self.pending_file.unlink()
-        return len(sent)
+        return len({e["step"] for e in sent})
 
     # ------------------------------------------------------------------ ending
     def _flush_or_spill(self) -> bool:
@@ -205,3 +235,45 @@ class BufferedMLFlowLogger(MLFlowLogger):
         thread = threading.Thread(target=terminate, daemon=True)
         thread.start()
         thread.join(self.flush_timeout)
+
+
+class CheckpointedMetrics(Callback):
+    """Every checkpoint carries the metrics the tracking store has not confirmed; a resume sends them.
+
+    Without it, a job killed right after writing the checkpoint of step N loses the metrics that the
+    sender thread had not delivered yet, and always those of step N-1: Lightning hands a step's
+    metrics to the logger only after ``on_train_batch_end``, where step checkpoints are written. So a
+    checkpoint taken there first hands this step's metrics over (Lightning's own repeat of them is
+    dropped by the logger), then stores ``logger.unconfirmed()``.
+    """
+
+    KEY = "lm_mini_unconfirmed_metrics"
+
+    def __init__(self) -> None:
+        self._step_not_logged = False  # between a batch's start and Lightning logging its metrics
+
+    def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+        self._step_not_logged = True
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._step_not_logged = False  # the last step's metrics are logged by now (as at train end)
+
+    on_train_end = on_train_epoch_end
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: Dict[str, Any]) -> None:
+        logger = trainer.logger
+        if not isinstance(logger, BufferedMLFlowLogger):
+            return
+        if self._step_not_logged:
+            # Lightning's own call for this step (it only logs every log_every_n_steps, and not mid
+            # gradient accumulation), made early; private, so tests/training pin its effect.
+            trainer._logger_connector.update_train_step_metrics()
+            self._step_not_logged = False
+        checkpoint[self.KEY] = logger.unconfirmed() if trainer.is_global_zero else []
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: Dict[str, Any]) -> None:
+        logger = trainer.logger
+        if isinstance(logger, BufferedMLFlowLogger) and trainer.is_global_zero:
+            sent = logger.resend([tuple(item) for item in checkpoint.get(self.KEY, [])])
+            if sent:
+                print(f"lm-mini: sent {sent} metric steps that the interrupted session had not delivered", flush=True)
