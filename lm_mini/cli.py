@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     # shards
     shards = sub.add_parser("shards", help="build and inspect WebDataset shards").add_subparsers(dest="shards_command", required=True)
     p = shards.add_parser("build", help="LLaVA JSON/JSONL + media -> WebDataset shards with index.json")
-    p.add_argument("--json", nargs="+", required=True, help="LLaVA JSON or JSONL files")
+    p.add_argument("--json", nargs="+", required=True, help="LLaVA JSON or JSONL files (or Video-ChatGPT q/a records)")
     p.add_argument("--media-root", default=".", help="directory the records' image/video paths are relative to")
     p.add_argument("--out", required=True, help="output directory (refused if it holds a different finished build)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")

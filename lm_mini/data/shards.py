@@ -6,6 +6,9 @@ Schema (DESIGN §4). One sample = one group of tar members sharing a ``__key__``
     <key>.jpg|png|webp          image bytes, as found on disk          } at most one media member;
     <key>.mp4|webm|mkv|avi      video bytes, decoded at load time      } none for a text-only record
 
+Input records are LLaVA's (``conversations`` + an ``image`` or ``video`` path) or Video-ChatGPT's own
+(``video_id``, ``q``, ``a``), which are turned into LLaVA records (:func:`from_video_chatgpt`).
+
 Caption shards made by img2dataset (``<key>.jpg`` + ``<key>.txt`` [+ metadata ``<key>.json``]) are
 read too, as a one-turn caption record for the ``plain`` template.
 
@@ -44,7 +47,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
-from lm_mini.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from lm_mini.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, VIDEO_PLACEHOLDER
 from lm_mini.data.conversation import ASSISTANT, normalize_turns
 from lm_mini.data.errors import SampleError, SkipCounter
 from lm_mini.data.media import decode_image, probe_video
@@ -108,6 +111,36 @@ def media_path(record: dict, sample_id: Optional[str] = None) -> Tuple[Optional[
     return None, None
 
 
+def from_video_chatgpt(record: Any) -> Any:
+    """Video-ChatGPT's own record (``VideoInstruct100K.json``: ``{"video_id", "q", "a"}``) as a LLaVA
+    record: one exchange about the video ``video_id`` (see :func:`media_file`). Anything else is returned as is."""
+    if not (isinstance(record, dict) and "conversations" not in record and {"video_id", "q", "a"} <= record.keys()):
+        return record
+    q, a = record["q"], record["a"]
+    return {"id": record["video_id"], "video": record["video_id"],
+            "conversations": [{"from": "human", "value": f"{VIDEO_PLACEHOLDER}\n{q}" if isinstance(q, str) else q},
+                              {"from": "gpt", "value": a}]}
+
+
+def media_file(media_root: Path, kind: str, rel: str) -> Path:
+    """The file a record's media path names under ``media_root``.
+
+    A video path without a video suffix names the video of that name in any container: a bare id
+    (Video-ChatGPT's own records) or a feature file such as ``v_x.pkl`` (Video-ChatGPT's converted
+    training JSON points at its CLIP features) finds ``v_x.mp4`` / ``.mkv`` / ``.webm`` ... beside it
+    (ActivityNet mixes containers). Without such a file the path is returned as given."""
+    path = media_root / rel
+    if kind != "video" or media_kind(path.suffix.lower().lstrip(".")) == "video" or path.is_file():
+        return path
+    names = [path.name] + ([path.stem] if path.suffix else [])
+    for name in names:
+        for ext in (*VIDEO_EXTS, *EXT_ALIASES):
+            candidate = path.with_name(f"{name}.{ext}")
+            if media_kind(ext) == "video" and candidate.is_file():
+                return candidate
+    return path
+
+
 def _load_media(kind: str, path: Path, sample_id: str) -> Tuple[str, bytes]:
     """Read and check one media file -> (member extension, bytes to store)."""
     try:
@@ -160,12 +193,12 @@ def _read_source(path: Union[str, Path]) -> _Source:
             records = json.loads(text)
         except json.JSONDecodeError as e:
             raise ShardBuildError(f"{path} is not valid JSON: {e}") from e
-        return _Source(str(path), sha, list(enumerate(records)))
+        return _Source(str(path), sha, [(i, from_video_chatgpt(r)) for i, r in enumerate(records)])
     out: List[Tuple[int, Any]] = []
     for line_no, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                out.append((line_no, json.loads(line)))
+                out.append((line_no, from_video_chatgpt(json.loads(line))))
             except json.JSONDecodeError as e:
                 out.append((line_no, _BadLine(f"line is not JSON: {e}")))
     if out and all(isinstance(r, _BadLine) for _, r in out):  # e.g. a pretty-printed object, not records
@@ -205,7 +238,7 @@ def _make_sample(key: str, source: str, record: Any, media_root: Path) -> dict:
                           sample_id) from e
     sample = {"__key__": key, "json": encoded}
     if kind is not None:
-        ext, data = _load_media(kind, media_root / rel, sample_id)
+        ext, data = _load_media(kind, media_file(media_root, kind, rel), sample_id)
         sample[ext] = data
     return sample
 
@@ -409,9 +442,9 @@ def _check_media_root(sources: Sequence[_Source], media_root: Path, probe: int =
     checked: List[Tuple[str, bool]] = []
     for rec in (rec for s in sources for _, rec in s.records if isinstance(rec, dict)):
         try:
-            rel = media_path(rec)[1]
+            kind, rel = media_path(rec)
             if rel is not None:
-                checked.append((rel, (media_root / rel).exists()))
+                checked.append((rel, media_file(media_root, kind, rel).exists()))
         except (SampleError, OSError, ValueError):  # malformed path, name the OS refuses: no clue to the root
             continue
         if len(checked) == probe:

@@ -96,6 +96,35 @@ def test_round_trip_image_video_text(dataset):
     assert samples[0].record["source"] == "llava.json" and samples[5].record["source"] == "extra.jsonl"
 
 
+def test_video_chatgpt_records_raw_and_converted_find_their_videos(tmp_path):
+    """VideoInstruct100K.json ({video_id, q, a}) and the training JSON Video-ChatGPT converts it to
+    ("video": "<id>.pkl", its CLIP features) both train on the videos, in whatever container each is."""
+    videos = tmp_path / "activitynet"
+    videos.mkdir()
+    (videos / "v_abc.mp4").write_bytes(gray_video(6))
+    (videos / "v_-x.y.mkv").write_bytes(gray_video(4))  # ActivityNet ids start with "-" at times; a dot in a name
+    raw = [{"video_id": "v_abc", "q": "What happens?", "a": "It brightens."},
+           {"video_id": "v_-x.y", "q": "How long is it?", "a": "Short."},
+           {"video_id": "v_gone", "q": "Is it there?", "a": "No."}]
+    converted = [{"id": "v_abc", "video": "v_abc.pkl", "conversations": turns("What is shown?\n<video>", "Grey.")}]
+    (tmp_path / "VideoInstruct100K.json").write_text(json.dumps(raw))
+    (tmp_path / "video_chatgpt_training.json").write_text(json.dumps(converted))
+    report = build_shards([tmp_path / "VideoInstruct100K.json", tmp_path / "video_chatgpt_training.json"], videos, tmp_path / "out")
+    assert (report.num_samples, report.media, report.skipped) == (3, {"image": 0, "video": 3, "text": 0}, {"missing_media": 1})
+    skipped = json.loads((tmp_path / "out" / "skipped.json").read_text())["records"]
+    assert [(r["id"], r["reason"]) for r in skipped] == [("v_gone", "missing_media")] and "v_gone" in skipped[0]["message"]
+
+    samples, counter = read_all(tmp_path / "out")
+    assert not counter
+    assert [(s.record["id"], s.media_ext) for s in samples] == [("v_abc", "mp4"), ("v_-x.y", "mkv"), ("v_abc", "mp4")]
+    assert samples[0].media_bytes == (videos / "v_abc.mp4").read_bytes()
+    assert samples[1].media_bytes == (videos / "v_-x.y.mkv").read_bytes()
+    assert samples[0].record["conversations"] == turns("<video>\nWhat happens?", "It brightens.")
+    assert samples[0].record["source"] == "VideoInstruct100K.json"
+    rendered = render(samples[1].record["conversations"], "vicuna_v1", has_media=True)
+    assert "USER: <image>\nHow long is it? ASSISTANT: Short.</s>" in rendered
+
+
 def test_build_is_deterministic_across_runs_and_workers(dataset):
     build(dataset, "a", workers=1)
     build(dataset, "b", workers=2)
