@@ -132,9 +132,9 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     max_new_tokens: int = 16
-    batch_size: int = 8
+    batch_size: int = 8  # samples per generate() call; validation loss during training batches as data.batch_size
     metrics: List[str] = field(default_factory=lambda: ["exact_match"])
-    max_samples: Optional[int] = None
+    max_samples: Optional[int] = None  # the first N samples of data.val (an equal share per rank: exact on one rank)
 
 
 @dataclass

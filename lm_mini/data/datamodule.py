@@ -52,9 +52,10 @@ class LmMiniDataModule(L.LightningDataModule):
         self.train_loader = build_loader(self.cfg, True, rank, world, start, self.processor)
         return self.train_loader
 
-    def val_dataloader(self) -> StreamingLoader:
+    def val_dataloader(self, batch_size: Optional[int] = None) -> StreamingLoader:
+        """``data.val`` in order; the generation eval asks for ``eval.batch_size`` (validation loss: ``data.batch_size``)."""
         rank, world = self._placement()
-        return build_loader(self.cfg, False, rank, world, processor=self.processor)
+        return build_loader(self.cfg, False, rank, world, processor=self.processor, batch_size=batch_size)
 
     def skip_counts(self) -> Dict[str, int]:
         """Skipped (or truncated / mask-unaligned) training samples per reason so far on this rank."""

@@ -266,8 +266,9 @@ def build_processor(cfg: Any) -> SampleProcessor:
 
 
 def build_loader(cfg: Any, train: bool, rank: int = 0, world_size: int = 1, start_epoch: int = 0,
-                 processor: Optional[SampleProcessor] = None) -> StreamingLoader:
-    """Train loader (weighted mix, shuffled) or val loader (every sample once, in index order).
+                 processor: Optional[SampleProcessor] = None, batch_size: Optional[int] = None) -> StreamingLoader:
+    """Train loader (weighted mix, shuffled) or val loader (every sample once, in index order);
+    ``batch_size`` defaults to ``data.batch_size``.
 
     The val loader pads nothing on one rank; with several ranks, at most ``world_size - 1`` padding
     samples (on the last rank) give every rank the same number of batches, as for training.
@@ -277,6 +278,6 @@ def build_loader(cfg: Any, train: bool, rank: int = 0, world_size: int = 1, star
     if not train:  # a weight shapes the training mix only
         sets = [dataclasses.replace(s, weight=1.0) for s in sets]
     dataset = StreamingDataset(sets, processor or build_processor(cfg), seed=cfg.seed, rank=rank,
-                               world_size=world_size, batch_size=d.batch_size, num_workers=d.num_workers,
+                               world_size=world_size, batch_size=batch_size or d.batch_size, num_workers=d.num_workers,
                                shuffle=train, shuffle_buffer=d.shuffle_buffer)
     return StreamingLoader(dataset, start_epoch=start_epoch)

@@ -228,13 +228,15 @@ class LmMiniModule(L.LightningModule):
         g = self._generation
         if g is None:
             raise RuntimeError("call start_generation_eval(...) before trainer.test")
-        if g["max_samples"] is not None and g["seen"] * self.trainer.world_size >= g["max_samples"]:
-            return  # every rank stops at the same batch: ranks hold equally many samples
+        # eval.max_samples, as an equal share per rank (exact on one rank): every rank stops at the same batch
+        budget = None if g["max_samples"] is None else -(-g["max_samples"] // self.trainer.world_size) - g["seen"]
+        if budget is not None and budget <= 0:
+            return
         prompt, golds = split_prompt_answer(batch)
         tok = g["tokenizer"]
         new = self._generate(prompt, g)
         preds = [tok.decode(row[: _first_stop(row.tolist(), g["stop"])], skip_special_tokens=True).strip() for row in new]
-        keep = [i for i, sid in enumerate(batch["sample_ids"]) if sid is not None]  # drop padding samples
+        keep = [i for i, sid in enumerate(batch["sample_ids"]) if sid is not None][:budget]  # no padding samples
         preds = [preds[i] for i in keep]
         golds = [tok.decode(golds[i], skip_special_tokens=True).strip() for i in keep]
         g["seen"] += len(batch["sample_ids"])

@@ -285,7 +285,11 @@ def evaluate(trainer: L.Trainer, module: LmMiniModule, datamodule: Any, cfg: Dic
     tokenizer = datamodule.processor.tokenizer
     template = TEMPLATES.get(cfg.data.val[0].template or cfg.data.template)
     module.start_generation_eval(tokenizer, template.stop_token_ids(tokenizer), cfg.eval.max_new_tokens, cfg.eval.max_samples)
-    trainer.test(module, dataloaders=datamodule.val_dataloader(), verbose=False)
+    from lm_mini.data.datamodule import LmMiniDataModule
+
+    loader = (datamodule.val_dataloader(batch_size=cfg.eval.batch_size) if isinstance(datamodule, LmMiniDataModule)
+              else datamodule.val_dataloader())  # a caller's own data module batches as it likes
+    trainer.test(module, dataloaders=loader, verbose=False)
     evaluated = dict(module.gathered_answers())  # sample id -> gold answer
     top, hits = Counter(evaluated.values()).most_common(1)[0] if evaluated else ("", 0)
     result = {"accuracy": float(trainer.callback_metrics["eval/exact_match"]), "n": len(evaluated),

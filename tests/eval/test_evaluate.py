@@ -10,6 +10,7 @@ from lm_mini.config import load_config
 from lm_mini.data.shards import build_shards
 from lm_mini.eval.evaluate import score
 from lm_mini.interop.pretrained import build_model, save_pretrained
+from lm_mini.training.module import LmMiniModule
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,8 +42,17 @@ def test_eval_cli_on_a_trained_run_writes_predictions_and_logs_scores(tmp_path, 
                      "run_name=ev", f"logging.runs_dir={tmp_path / 'runs'}", f"logging.tracking_uri={uri}"]) == 0
     run = tmp_path / "runs" / "demo" / "ev"
     capsys.readouterr()
-    assert cli_main(["eval", str(run), "eval.max_samples=6", "eval.max_new_tokens=2", "--data", "data_shards/demo/eval",
-                     "--metric", "exact_match", "vqa_accuracy", "--json"]) == 0
+    generate, batches = LmMiniModule._generate, []
+
+    def recording(self, prompt, g):
+        batches.append(prompt["input_ids"].shape[0])
+        return generate(self, prompt, g)
+
+    monkeypatch.setattr(LmMiniModule, "_generate", recording)
+    # eval.batch_size (4), not the run's data.batch_size (2); max_samples=6 is exactly 6 (not 2 whole batches)
+    assert cli_main(["eval", str(run), "eval.max_samples=6", "eval.batch_size=4", "eval.max_new_tokens=2", "--data",
+                     "data_shards/demo/eval", "--metric", "exact_match", "vqa_accuracy", "--json"]) == 0
+    assert batches == [4, 4]
     result = json.loads(capsys.readouterr().out)
     lines = [json.loads(l) for l in Path(result["predictions_file"]).read_text().splitlines()]
     assert result["n"] == len(lines) == 6 and all({"id", "prediction", "gold", "question_type"} <= set(l) for l in lines)
