@@ -158,17 +158,17 @@ def setup_tracking(cfg: DictConfig, run: Run) -> BufferedMLFlowLogger:
     run_id = previous.get("run_id")  # the run's MLflow run, whether resuming or restarting it
     if rank_zero_only.rank != 0:
         return BufferedMLFlowLogger(experiment_name=cfg.experiment, tracking_uri=uri, run_id=run_id)
-    skip_through = -1
+    stored: Dict[str, int] = {}
     if run_id is not None:
         from mlflow import MlflowClient
 
         client = MlflowClient(uri)
-        history = client.get_metric_history(run_id, "train/loss")
-        skip_through = max((m.step for m in history), default=-1)
+        for name in client.get_run(run_id).data.metrics:  # each metric's last stored step
+            stored[name] = max((m.step for m in client.get_metric_history(run_id, name)), default=-1)
         client.update_run(run_id, status="RUNNING")
     logger = BufferedMLFlowLogger(
         experiment_name=cfg.experiment, run_name=run.name, tracking_uri=uri, tags=run_tags(cfg), run_id=run_id,
-        skip_through_step=skip_through, pending_file=run.dir / "mlflow_pending.jsonl", flush_timeout=cfg.logging.flush_timeout_s,
+        stored_steps=stored, pending_file=run.dir / "mlflow_pending.jsonl", flush_timeout=cfg.logging.flush_timeout_s,
     )
     if run_id is None:
         logger.log_hyperparams(flatten(cfg))

@@ -8,8 +8,9 @@
   the metrics and retries; at the end it waits ``logging.flush_timeout_s`` and then writes what is
   still unsent to ``<run>/mlflow_pending.jsonl`` (with a warning); the next start of the run
   (``--resume auto``) sends that file first.
-- Exactly once: a resumed run re-executes the steps after its checkpoint; metrics for steps the MLflow
-  run already has are dropped (``skip_through_step``). Steps before the checkpoint that the store had
+- Exactly once: a resumed run re-executes the steps after its checkpoint; a metric's steps that the
+  MLflow run already has are dropped (``stored_steps``: per metric, the last step stored; per metric,
+  since a job can die between the learning rate and the loss of one step). Steps before the checkpoint that the store had
   not confirmed when the job was killed travel in the checkpoint (:class:`CheckpointedMetrics`) and
   are sent on resume, so every step appears once in the history.
 """
@@ -61,10 +62,10 @@ def check_tracking_server(uri: str, timeout: float = 10.0) -> None:
 class BufferedMLFlowLogger(MLFlowLogger):
     """``MLFlowLogger`` with non-blocking metric writes, local fallback and exactly-once steps on resume."""
 
-    def __init__(self, *args: Any, skip_through_step: int = -1, pending_file: Optional[Path] = None,
+    def __init__(self, *args: Any, stored_steps: Optional[Mapping[str, int]] = None, pending_file: Optional[Path] = None,
                  flush_timeout: float = 30.0, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.skip_through_step = skip_through_step
+        self.stored_steps: Dict[str, int] = dict(stored_steps or {})  # metric name -> last step the run already has
         self.pending_file = Path(pending_file) if pending_file else None
         self.flush_timeout = flush_timeout
         # Metrics in logging order that the store has not confirmed yet. The sender removes a prefix only
@@ -80,12 +81,7 @@ class BufferedMLFlowLogger(MLFlowLogger):
     # ------------------------------------------------------------------ writing
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
-        if step is not None and step <= self.skip_through_step:
-            # This step's training metrics are already in the run (logged before the job was interrupted);
-            # the final evaluation's are not (the job may have died during it), so they go through.
-            metrics = {k: v for k, v in metrics.items() if k.startswith("eval/")}
-            if not metrics:
-                return
+        metrics = self._not_stored(metrics, step)  # a resumed run re-executes steps the run already has
         # A step checkpoint hands its step's metrics over before Lightning does (CheckpointedMetrics):
         # values this step already has are repeats and carry nothing new.
         if step is None or step != self._step_logged[0]:
@@ -96,6 +92,18 @@ class BufferedMLFlowLogger(MLFlowLogger):
             return
         seen.update(metrics)
         self._enqueue([(dict(metrics), step, int(time.time() * 1000))])
+
+    def _not_stored(self, metrics: Mapping[str, Any], step: Optional[int]) -> Dict[str, Any]:
+        if step is None:
+            return dict(metrics)
+        return {k: v for k, v in metrics.items() if step > self.stored_steps.get(_METRIC_NAME.sub("", k), -1)}
+
+    def _mark_stored(self, items: List[Item]) -> None:
+        for metrics, step, _ in items:
+            for k in metrics:
+                if step is not None:
+                    name = _METRIC_NAME.sub("", k)
+                    self.stored_steps[name] = max(step, self.stored_steps.get(name, -1))
 
     def _enqueue(self, items: List[Item]) -> None:
         with self._lock:
@@ -154,10 +162,10 @@ class BufferedMLFlowLogger(MLFlowLogger):
     def resend(self, items: List[Item]) -> int:
         """Log again what an earlier session of this run had not got into the store (its checkpoint's
         ``unconfirmed()``); steps the store already has are left out. Returns how many steps are re-sent."""
-        items = [(dict(m), step, ts) for m, step, ts in items if step is None or step > self.skip_through_step]
+        items = [(m, step, ts) for m, step, ts in ((self._not_stored(m, s), s, ts) for m, s, ts in items) if m]
         if items:
             self._enqueue(items)
-            self.skip_through_step = max([self.skip_through_step] + [s for _, s, _ in items if s is not None])
+            self._mark_stored(items)
         return len({step for _, step, _ in items})
 
     def flush(self, timeout: Optional[float] = None) -> bool:
@@ -191,12 +199,12 @@ class BufferedMLFlowLogger(MLFlowLogger):
         if self.pending_file is None or not self.pending_file.is_file():
             return 0
         lines = [json.loads(line) for line in self.pending_file.read_text().splitlines() if line.strip()]
-        sent = [e for e in lines if e["step"] is None or e["step"] > self.skip_through_step]
-        self._send([(e["metrics"], e["step"], e["timestamp"]) for e in sent])
-        # Steps the resumed training re-executes are now in the run: do not log them twice.
-        self.skip_through_step = max([self.skip_through_step] + [e["step"] for e in sent if e["step"] is not None])
+        items = [(self._not_stored(e["metrics"], e["step"]), e["step"], e["timestamp"]) for e in lines]
+        items = [item for item in items if item[0]]
+        self._send(items)
+        self._mark_stored(items)  # steps the resumed training re-executes are now in the run: not logged twice
         self.pending_file.unlink()
-        return len({e["step"] for e in sent})
+        return len({step for _, step, _ in items})
 
     # ------------------------------------------------------------------ ending
     def _flush_or_spill(self) -> bool:

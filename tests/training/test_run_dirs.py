@@ -69,16 +69,3 @@ def test_an_empty_training_set_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="data.train is empty"):
         train(tiny_config(tmp_path, "data.train=[]"))
     assert not (tmp_path / "runs").exists()
-
-
-def test_a_resumed_run_drops_repeated_training_steps_but_not_the_final_eval():
-    from lm_mini.training.tracking import BufferedMLFlowLogger
-
-    logger = BufferedMLFlowLogger.__new__(BufferedMLFlowLogger)  # no MLflow: only the filter is under test
-    logger.skip_through_step, sent = 30, []
-    logger._queue = type("Q", (), {"put": staticmethod(sent.append)})()
-    logger._worker = type("W", (), {"is_alive": staticmethod(lambda: True)})()
-    logger.log_metrics({"train/loss": 1.0}, step=30)
-    logger.log_metrics({"train/loss": 1.0, "eval/exact_match": 0.5}, step=30)
-    logger.log_metrics({"train/loss": 0.9}, step=31)
-    assert [(m, s) for m, s, _ in sent] == [({"eval/exact_match": 0.5}, 30), ({"train/loss": 0.9}, 31)]

@@ -1,5 +1,6 @@
 """BufferedMLFlowLogger without Lightning: what the store has not confirmed is kept in order (a checkpoint
-carries it), exact repeats of a step's values are dropped, and a resend skips the steps the store has."""
+carries it), exact repeats of a step's values are dropped, and a resumed run or a resend skips, metric by
+metric, the steps the store already has."""
 from mlflow import MlflowClient
 
 from lm_mini.training.tracking import BufferedMLFlowLogger
@@ -37,6 +38,25 @@ def test_unconfirmed_metrics_are_kept_in_order_until_the_store_takes_them(tmp_pa
     assert _history(logger) == [(0, 1.0), (1, 0.5), (2, 0.25), (2, 1.0 / 3)]
 
 
+def test_a_resumed_run_drops_the_steps_each_metric_has_stored_but_not_the_final_eval(tmp_path):
+    first = _logger(tmp_path)
+    for step in range(3):
+        first.log_metrics({"lr-AdamW/llm": 0.1}, step=step)  # the learning rate goes out before the step's loss
+        first.log_metrics({"train/loss": 1.0 / (step + 1)}, step=step)
+    first.log_metrics({"lr-AdamW/llm": 0.1}, step=3)  # the job dies before step 3's loss is logged
+    assert first.flush(timeout=30)
+
+    stored = {"train/loss": 2, "lr-AdamW/llm": 3}  # what lm-mini train reads back from the run on resume
+    resumed = _logger(tmp_path, run_id=first.run_id, stored_steps=stored)
+    for step in range(2, 5):  # resumed from the checkpoint of step 2
+        resumed.log_metrics({"lr-AdamW/llm": 0.1}, step=step)
+        resumed.log_metrics({"train/loss": 1.0 / (step + 1), **({"eval/exact_match": 0.5} if step == 2 else {})}, step=step)
+    assert resumed.flush(timeout=30)
+    assert [s for s, _ in _history(resumed)] == [0, 1, 2, 3, 4]
+    assert [s for s, _ in _history(resumed, "lr-AdamW/llm")] == [0, 1, 2, 3, 4]
+    assert _history(resumed, "eval/exact_match") == [(2, 0.5)]
+
+
 def test_resend_skips_the_steps_the_store_already_has(tmp_path):
     first = _logger(tmp_path)
     first.log_metrics({"train/loss": 1.0}, step=0)
@@ -44,8 +64,8 @@ def test_resend_skips_the_steps_the_store_already_has(tmp_path):
     assert first.flush(timeout=30)
     carried = [({"train/loss": 1.0}, 0, 1), ({"train/loss": 0.5}, 1, 2), ({"train/loss": 0.3}, 2, 3), ({"train/loss": 0.2}, 3, 4)]
 
-    resumed = _logger(tmp_path, run_id=first.run_id, skip_through_step=1)
-    assert resumed.resend(carried) == 2 and resumed.skip_through_step == 3
+    resumed = _logger(tmp_path, run_id=first.run_id, stored_steps={"train/loss": 1})
+    assert resumed.resend(carried) == 2 and resumed.stored_steps == {"train/loss": 3}
     resumed.log_metrics({"train/loss": 0.3}, step=2)  # a re-executed step the resend delivered: dropped
     resumed.log_metrics({"train/loss": 0.1}, step=4)
     assert resumed.flush(timeout=30)
