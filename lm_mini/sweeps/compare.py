@@ -1,5 +1,6 @@
 """Read runs back from MLflow into a table (terminal / Markdown / CSV / JSON), a pivot of one metric
-over C x pre-fusion depth, and plots (metric vs C, one line per depth; metric vs FLOPs)."""
+over the sweep's two grid keys, and plots (metric vs the first grid key, one line per value of the
+others; metric vs FLOPs). For the default C x depth grid: C across, one line per depth."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +9,7 @@ import io
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from lm_mini.config import tracking_uri as resolve_tracking_uri
 
@@ -107,9 +108,19 @@ def render(records: List[Dict[str, Any]], fmt: str) -> str:
     return "\n".join(lines + ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells])
 
 
-def pivot(rows: Sequence[RunRow], metric: str, row_key: str = C_KEY, col_key: str = DEPTH_KEY) -> Optional[List[Dict[str, Any]]]:
-    """One record per C value with a column per depth; None when the runs do not vary both keys."""
-    if not all(row_key in r.values and col_key in r.values for r in rows):
+def grid_axes(rows: Sequence[RunRow]) -> List[str]:
+    """The runs' grid keys, the one plotted across first: C (then depth) when swept, else sweep order."""
+    keys = list(dict.fromkeys(k for r in rows for k in r.values))
+    return sorted(keys, key=lambda k: (k != C_KEY, k != DEPTH_KEY))
+
+
+def pivot(rows: Sequence[RunRow], metric: str, row_key: Optional[str] = None, col_key: Optional[str] = None) -> Optional[List[Dict[str, Any]]]:
+    """One record per value of ``row_key`` with a column per value of ``col_key`` (default: the first two
+    of :func:`grid_axes`, C x depth for the default grid); None unless every run has both keys."""
+    axes = grid_axes(rows)
+    row_key = row_key or (axes[0] if len(axes) == 2 else None)
+    col_key = col_key or (axes[1] if len(axes) == 2 else None)
+    if row_key is None or col_key is None or not all(row_key in r.values and col_key in r.values for r in rows):
         return None
     row_vals = sorted({r.values[row_key] for r in rows}, key=_sort_key)
     col_vals = sorted({r.values[col_key] for r in rows}, key=_sort_key)
@@ -127,8 +138,27 @@ def _sort_key(v: Any):
     return (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))
 
 
+def _short(key: str) -> str:
+    return {C_KEY: "C", DEPTH_KEY: "depth"}.get(key, key.split(".")[-1])
+
+
+def series(rows: Sequence[RunRow], metric: str) -> Dict[str, List[Tuple[Any, float]]]:
+    """The left plot's lines: label -> [(value of the first grid key, metric)], one line per combination
+    of the other grid keys ("depth=2"; "" when there is one key); runs without the metric are left out.
+    Without grid keys, one point per run, by name."""
+    axes = grid_axes(rows)
+    lines: Dict[tuple, List[Tuple[Any, float]]] = {}
+    for r in rows:
+        if metric in r.metrics:
+            x = r.values.get(axes[0]) if axes else r.name
+            lines.setdefault(tuple(r.values.get(k) for k in axes[1:]), []).append((x, r.metrics[metric]))
+    return {", ".join(f"{_short(k)}={v}" for k, v in zip(axes[1:], others)): sorted(pts, key=lambda p: _sort_key(p[0]))
+            for others, pts in sorted(lines.items(), key=lambda kv: [_sort_key(v) for v in kv[0]])}
+
+
 def plot(rows: Sequence[RunRow], metric: str, path: str) -> None:
-    """Left: metric vs C, one line per depth. Right: metric vs FLOPs per sample (when logged)."""
+    """Left: metric vs the first grid key, one line per value of the others (:func:`series`).
+    Right: metric vs FLOPs per sample (when logged)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,15 +167,15 @@ def plot(rows: Sequence[RunRow], metric: str, path: str) -> None:
     has_flops = any(FLOPS_METRIC in r.metrics for r in rows)
     fig, axes = plt.subplots(1, 2 if has_flops else 1, figsize=(11 if has_flops else 6, 4), squeeze=False)
     ax = axes[0][0]
-    depths = sorted({r.values.get(DEPTH_KEY) for r in rows}, key=_sort_key)
-    for d in depths:
-        pts = sorted(((r.values.get(C_KEY), r.metrics[metric]) for r in rows if r.values.get(DEPTH_KEY) == d and metric in r.metrics), key=lambda p: _sort_key(p[0]))
-        if pts:
-            ax.plot([str(p[0]) for p in pts], [p[1] for p in pts], marker="o", label=f"depth {d}")
-    ax.set_xlabel("C (compressor grid; C² vision tokens)")
+    grid = grid_axes(rows)
+    for label, pts in series(rows, metric).items():
+        ax.plot([str(p[0]) for p in pts], [p[1] for p in pts], marker="o", label=label or None)
+    across = "C (compressor grid; C² vision tokens)" if grid and grid[0] == C_KEY else grid[0] if grid else "run"
+    ax.set_xlabel(across)
     ax.set_ylabel(metric)
-    ax.set_title(f"{metric} vs C")
-    ax.legend()
+    ax.set_title(f"{metric} vs {_short(grid[0]) if grid else 'run'}")
+    if len(grid) > 1:
+        ax.legend()
     ax.grid(alpha=0.3)
     if has_flops:
         ax = axes[0][1]
@@ -185,7 +215,8 @@ def cli_compare(args: argparse.Namespace) -> int:
         main_metric = metrics[0] if metrics else None
         table = pivot(rows, main_metric) if main_metric else None
         if table:
-            print(f"\n{main_metric} over C x depth:")
+            axes = grid_axes(rows)
+            print(f"\n{main_metric} over {_short(axes[0])} x {_short(axes[1])}:")
             print(render(table, "markdown" if args.format == "markdown" else "table" if args.format == "table" else "csv"))
     if args.plot:
         if not metrics:

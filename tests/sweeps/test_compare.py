@@ -3,7 +3,7 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lm_mini.sweeps.compare import pivot, read_runs, render, to_records
+from lm_mini.sweeps.compare import RunRow, pivot, read_runs, render, series, to_records
 
 
 @pytest.fixture(scope="module")  # creating an MLflow SQLite store costs seconds: share one
@@ -54,6 +54,20 @@ def test_unknown_experiment_and_empty_sweep_are_clear(store):
         read_runs("nope", None, store)
     with pytest.raises(LookupError, match="has no runs in sweep 'zzz'"):
         read_runs("exp", "zzz", store)
+
+
+def test_plot_lines_follow_the_sweep_grid(store):
+    rows = read_runs("exp", "s1", store)  # C x depth: C across, one line per depth
+    assert series(rows, "accuracy") == {"depth=0": [(1, pytest.approx(0.1)), (2, pytest.approx(0.2))],
+                                        "depth=2": [(1, pytest.approx(0.12)), (2, pytest.approx(0.22))]}
+    # another grid (learning rate x batch size, in the sweep's order): its first key across, lines by the other
+    other = [RunRow(f"r{i}", f"r{i}", "FINISHED", {"train.lr": lr, "data.batch_size": bs}, {"acc": lr * 100 + bs})
+             for i, (lr, bs) in enumerate([(1e-3, 16), (1e-4, 16), (1e-3, 8), (1e-4, 8)])]
+    assert series(other, "acc") == {"batch_size=8": [(1e-4, 8.01), (1e-3, 8.1)], "batch_size=16": [(1e-4, 16.01), (1e-3, 16.1)]}
+    table = pivot(other, "acc")
+    assert [rec["lr \\ batch_size"] for rec in table] == [1e-4, 1e-3] and table[1]["16"] == pytest.approx(16.1)
+    one_key = [RunRow("a", "a", "FINISHED", {"train.lr": 0.1}, {"acc": 1.0}), RunRow("b", "b", "FINISHED", {"train.lr": 0.01}, {"acc": 2.0})]
+    assert series(one_key, "acc") == {"": [(0.01, 2.0), (0.1, 1.0)]} and pivot(one_key, "acc") is None
 
 
 def test_plot_writes_png(store, tmp_path):
