@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Optional
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig
 
 from lm_mini.config import flatten, load_config, to_yaml, tracking_uri
@@ -55,6 +55,10 @@ class Run:
     @property
     def finished_file(self) -> Path:
         return self.dir / "finished.json"
+
+    @property
+    def pending_file(self) -> Path:  # metrics the tracking server did not take (sent on resume)
+        return self.dir / "mlflow_pending.jsonl"
 
 
 def run_is_finished(run_dir: Path) -> bool:
@@ -150,15 +154,38 @@ def run_tags(cfg: DictConfig) -> Dict[str, str]:
     return tags
 
 
+def replace_abandoned_attempt(uri: str, run_id: str, run: Run) -> None:
+    """A run that starts from scratch although an earlier attempt opened an MLflow run (it died before its
+    first checkpoint, or its checkpoints were deleted) gets a new MLflow run: params are immutable, so the
+    old one would show the old config, and its steps would hide the new ones. The old run is marked
+    FAILED, tagged and soft-deleted (``mlflow runs restore --run-id ...`` brings it back)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    try:
+        if client.get_run(run_id).info.status in ("RUNNING", "SCHEDULED"):
+            client.set_terminated(run_id, "FAILED")
+        client.set_tag(run_id, "lm_mini.abandoned", "restarted from scratch; replaced by a new MLflow run")
+        client.delete_run(run_id)
+    except Exception as e:  # e.g. not in this store (the tracking URI changed): nothing to replace there
+        rank_zero_warn(f"could not retire MLflow run {run_id} of an earlier attempt of {run.dir}: {e}")
+    run.mlflow_file.unlink(missing_ok=True)
+    run.pending_file.unlink(missing_ok=True)  # that attempt's unsent metrics
+    print(f"lm-mini: {run.dir} starts from scratch; its earlier attempt's MLflow run {run_id} is replaced", flush=True)
+
+
 def setup_tracking(cfg: DictConfig, run: Run) -> BufferedMLFlowLogger:
-    """The run's MLflow logger. Rank 0 opens (or reopens) the MLflow run: params, tags and the config
-    artifact for a new run; for an existing one, the steps it already has (logged once only)."""
+    """The run's MLflow logger. Rank 0 opens the MLflow run (params, tags and the config artifact) or,
+    when resuming, reopens it and reads the steps it already has (logged once only)."""
     uri = tracking_uri(cfg)
     previous = json.loads(run.mlflow_file.read_text()) if run.mlflow_file.is_file() else {}
-    run_id = previous.get("run_id")  # the run's MLflow run, whether resuming or restarting it
+    run_id = previous.get("run_id")  # the MLflow run of an earlier session of this run
     if rank_zero_only.rank != 0:
         return BufferedMLFlowLogger(experiment_name=cfg.experiment, tracking_uri=uri, run_id=run_id)
     stored: Dict[str, int] = {}
+    if run_id is not None and run.resume_from is None:
+        replace_abandoned_attempt(uri, run_id, run)
+        run_id = None
     if run_id is not None:
         from mlflow import MlflowClient
 
@@ -168,7 +195,7 @@ def setup_tracking(cfg: DictConfig, run: Run) -> BufferedMLFlowLogger:
         client.update_run(run_id, status="RUNNING")
     logger = BufferedMLFlowLogger(
         experiment_name=cfg.experiment, run_name=run.name, tracking_uri=uri, tags=run_tags(cfg), run_id=run_id,
-        stored_steps=stored, pending_file=run.dir / "mlflow_pending.jsonl", flush_timeout=cfg.logging.flush_timeout_s,
+        stored_steps=stored, pending_file=run.pending_file, flush_timeout=cfg.logging.flush_timeout_s,
     )
     if run_id is None:
         logger.log_hyperparams(flatten(cfg))

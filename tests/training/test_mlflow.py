@@ -1,6 +1,7 @@
 """Against a real ``mlflow server`` on 127.0.0.1: params, tags, metric histories and the config artifact
 read back with MlflowClient; a dead port fails fast and clearly; a server that dies mid-run does not
 stop training, and the metrics it missed reach it when the run is resumed."""
+import json
 import os
 import signal
 import socket
@@ -105,6 +106,32 @@ def test_params_tags_metrics_and_config_read_back_and_a_dead_server_mid_run_does
     assert not pending.exists()
     steps = [m.step for m in MlflowClient(server.uri).get_metric_history(result.mlflow_run_id, "train/loss")]
     assert sorted(steps) == list(range(10))
+
+
+def test_a_run_restarted_from_scratch_gets_a_new_mlflow_run_with_its_own_params_and_steps(tmp_path):
+    class Crash(L.Callback):  # the first attempt dies in step 1, before its first checkpoint (step 3)
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 2:
+                raise RuntimeError("node lost")
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(RuntimeError, match="node lost"):
+        train(tiny_config(tmp_path, "train.max_steps=4", "train.checkpoint_every_n_steps=3"), datamodule=TinyDataWith(Crash()))
+    run_dir = tmp_path / "runs" / "test" / "r"
+    first = json.loads((run_dir / "mlflow.json").read_text())["run_id"]
+    client = MlflowClient(uri)
+    assert client.get_run(first).info.status == "FAILED"
+    assert [m.step for m in client.get_metric_history(first, "train/loss")] == [0]
+
+    # fixed and started again under the same name: a new MLflow run, with the new config and every step once
+    result = train(tiny_config(tmp_path, "train.max_steps=4", "train.lr=1e-3"), resume="auto", datamodule=TinyData(64))
+    assert result.mlflow_run_id != first and json.loads((run_dir / "mlflow.json").read_text())["run_id"] == result.mlflow_run_id
+    new = client.get_run(result.mlflow_run_id)
+    assert new.info.status == "FINISHED" and new.data.params["train.lr"] == "0.001"
+    assert [m.step for m in client.get_metric_history(result.mlflow_run_id, "train/loss")] == [0, 1, 2, 3]
+    old = client.get_run(first)
+    assert old.info.lifecycle_stage == "deleted" and "lm_mini.abandoned" in old.data.tags
+    assert [r.info.run_id for r in client.search_runs([new.info.experiment_id])] == [result.mlflow_run_id]
 
 
 class TinyDataWith(TinyData):
