@@ -62,11 +62,14 @@ def weight_bytes(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
 
 # --------------------------------------------------------------------------- building
 def baseline_config(model_cfg: Any) -> Any:
-    """LLaVA-1.5 next to ``model_cfg``: same encoder, projector and LLM; all patches, no pre-fusion."""
+    """LLaVA-1.5 next to ``model_cfg``: same encoder, projector and LLM; all patches, no pre-fusion, and
+    one view of the image (LLaVA-1.5 has no high-resolution crops: a LLaVA-Mini-HD model with
+    ``resolution_ratio=2`` is compared with the 576-token LLaVA-1.5, as in the paper)."""
     base = copy.deepcopy(model_cfg)
     base.compressor.name = "identity"
     base.compressor.options = {}
     base.prefusion.depth = 0
+    base.resolution_ratio = 1
     return base
 
 

@@ -182,8 +182,10 @@ def test_llava_mini_cuts_flops_by_70_percent_and_kv_cache_576x(vicuna_report):
 def test_baseline_config_is_llava15():
     cfg = load_config("experiments/models/llava_mini_vicuna7b.yaml").model
     base = baseline_config(cfg)
-    assert (base.compressor.name, base.prefusion.depth) == ("identity", 0)
+    assert (base.compressor.name, base.prefusion.depth, base.resolution_ratio) == ("identity", 0, 1)
     assert (cfg.compressor.name, cfg.prefusion.depth) == ("query_attention", 4)  # the input is untouched
+    cfg.resolution_ratio = 2  # LLaVA-Mini-HD is compared with LLaVA-1.5 as released: one 336 view
+    assert baseline_config(cfg).resolution_ratio == 1
 
 
 def test_cli_json_has_model_baseline_ratio_and_logs_to_a_training_runs_mlflow_run(tmp_path, capsys, monkeypatch):
