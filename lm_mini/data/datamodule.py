@@ -11,6 +11,7 @@ summing over ranks is the logger's job.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import lightning as L
@@ -60,6 +61,23 @@ class LmMiniDataModule(L.LightningDataModule):
     def skip_counts(self) -> Dict[str, int]:
         """Skipped (or truncated / mask-unaligned) training samples per reason so far on this rank."""
         return self.train_loader.skips.as_dict() if self.train_loader is not None else {}
+
+
+def check_data_paths(cfg: Any) -> None:
+    """Raise ``FileNotFoundError`` naming the config key when a shard set or the tokenizer is not where
+    ``cfg.data`` says, before a run directory or MLflow run exists (relative paths are relative to
+    the working directory, as in ``experiments/demo.yaml``)."""
+    from lm_mini.data.shards import find_shards
+
+    where = f"(relative paths are relative to the working directory, {Path.cwd()})"
+    for key in ("train", "val"):
+        for i, shard_set in enumerate(cfg.data[key]):
+            try:
+                find_shards(shard_set.path)
+            except (OSError, ValueError) as e:
+                raise FileNotFoundError(f"data.{key}[{i}].path: {e} {where}") from e
+    if not Path(cfg.data.tokenizer).is_dir():
+        raise FileNotFoundError(f"data.tokenizer: tokenizer directory not found: {cfg.data.tokenizer} {where}")
 
 
 def build_datamodule(cfg: Any, rank: Optional[int] = None, world_size: Optional[int] = None) -> LmMiniDataModule:

@@ -259,8 +259,12 @@ def train(cfg: DictConfig, resume: Optional[str] = None, model_factory: Optional
     run = resolve_run(cfg, resume)
     if run.resume_from is not None:
         check_same_model(run.dir / "config.yaml", cfg)  # before anything of the run is touched
-    if datamodule is None and not cfg.data.train:
-        raise FileNotFoundError("data.train is empty: no shard set to train on")
+    if datamodule is None:
+        from lm_mini.data.datamodule import check_data_paths
+
+        if not cfg.data.train:
+            raise FileNotFoundError("data.train is empty: no shard set to train on")
+        check_data_paths(cfg)  # a wrong path (or working directory) leaves no run behind
     # Checked before the run directory and MLflow run exist: a bad init_from leaves nothing behind.
     init_from = str(resolve_init_from(cfg.train.init_from, cfg.logging.runs_dir)) if cfg.train.init_from and run.resume_from is None else None
     if rank_zero_only.rank == 0:

@@ -1,7 +1,7 @@
 """Run directories: which run and checkpoint ``--resume`` and ``train.init_from`` pick (no training)."""
 import pytest
 
-from training_helpers import tiny_config
+from training_helpers import ROOT, tiny_config
 from lm_mini.training import checkpoint as ckpt
 from lm_mini.training.run import resolve_init_from, resolve_run
 
@@ -69,3 +69,18 @@ def test_an_empty_training_set_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="data.train is empty"):
         train(tiny_config(tmp_path, "data.train=[]"))
     assert not (tmp_path / "runs").exists()
+
+
+def test_data_that_is_not_where_the_config_says_is_refused_before_a_run_exists(tmp_path, monkeypatch, capsys):
+    from lm_mini.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the demo config's paths are relative to the repository root
+    assert main(["train", str(ROOT / "experiments" / "demo.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "data.train[0].path: data_shards/demo/instruct: no index.json and no tar files" in err
+    assert f"relative to the working directory, {tmp_path}" in err
+    demo = ROOT / "data_shards" / "demo"
+    paths = [f"data.train=[{{path: {demo / 'instruct'}}}]", f"data.val=[{{path: {demo / 'eval'}}}]"]
+    assert main(["train", str(ROOT / "experiments" / "demo.yaml"), *paths]) == 2
+    assert "data.tokenizer: tokenizer directory not found: data_shards/demo/tokenizer" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no run directory, no MLflow store
