@@ -129,6 +129,8 @@ class ThroughputLogger(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         samples, text, visual = batch_counts(batch, _tokens_per_frame(pl_module))
+        if samples == 0:  # every sample of the batch was skipped (padding): no throughput to measure
+            return
         self._batches += 1
         self._samples += samples
         self._tokens += text + visual
