@@ -147,6 +147,10 @@ def normalize_turns(conversations: Any, has_media: bool, sample_id: Optional[str
             if i != 0:
                 raise SampleError("malformed_record", f"system turn at position {i}; only the first turn may be one", sample_id)
             system = turn["value"]
+            placed = sum(system.count(tag) for tag in PLACEHOLDERS)
+            if placed:  # the system text is rendered as is: its placeholder would become a second media slot
+                raise SampleError("placeholder_mismatch", f"system turn has {placed} media placeholder(s); the media "
+                                  "slot belongs in a human turn", sample_id)
             continue
         turns.append((role, turn["value"]))
     if turns and turns[0][0] == ASSISTANT:

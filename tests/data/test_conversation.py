@@ -177,6 +177,8 @@ def test_missing_placeholder_is_inserted_at_start_of_first_human_turn(tok):
     (turns(("human", "<image>\n<image>\nCompare."), ("gpt", "Same.")), True, 2),
     (turns(("human", "<image>\nA?"), ("gpt", "B."), ("human", "<video> C?"), ("gpt", "D.")), True, 2),
     (turns(("human", "<image>\nWhat is this?"), ("gpt", "A square.")), False, 1),
+    (turns(("system", "You may see an <image>."), ("human", "Hi"), ("gpt", "Hello")), False, 1),
+    (turns(("system", "Look at the <image>."), ("human", "<image>\nWhat?"), ("gpt", "A dog.")), True, 1),
 ])
 def test_placeholder_mismatch(tok, conversations, has_media, count):
     with pytest.raises(SampleError, match=rf"sample-7.*{count}") as err:
