@@ -22,8 +22,8 @@ SKIPPED = "skipped"  # batch key: {reason: count} for the samples of this batch
 class SampleProcessor:
     """``RawSample`` -> sample dict; raises ``SampleError`` for a sample that must be skipped.
 
-    The template is the shard set's, else the record's own (img2dataset captions say ``plain``),
-    else ``data.template``.
+    The template is the shard set's, else the one the sample's layout implies (``plain`` for
+    img2dataset captions), else ``data.template``.
     """
 
     def __init__(self, tokenizer: Any, template: str, max_length: int, image_processor: Any,
@@ -41,7 +41,7 @@ class SampleProcessor:
         from lm_mini.data.media import decode_image, decode_video
 
         record = raw.record
-        template = template or record.get("template") or self.template
+        template = template or raw.template or self.template
         # Tokenize first: it is cheap and rejects malformed records before any decoding.
         tok = tokenize_conversation(record.get("conversations"), self.tokenizer, template, self.max_length,
                                     has_media=raw.media_kind is not None, sample_id=sample_id)

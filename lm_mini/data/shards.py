@@ -532,7 +532,9 @@ def shard_paths(path: Union[str, Path]) -> List[str]:
 
 @dataclass(frozen=True)
 class RawSample:
-    """One undecoded sample. ``record`` is a checked LLaVA record; ``source`` is the shard it came from."""
+    """One undecoded sample. ``record`` is a checked LLaVA record; ``source`` is the shard it came from;
+    ``template`` is the one its layout implies (``plain`` for img2dataset captions), else None. It is not
+    a record field: a record's own keys are the user's data and never choose how it is rendered."""
 
     key: str
     record: dict
@@ -540,6 +542,7 @@ class RawSample:
     media_ext: Optional[str]
     media_bytes: Optional[bytes]
     source: str
+    template: Optional[str] = None
 
 
 def _caption_record(key: str, sample: dict, url: str) -> dict:
@@ -557,7 +560,7 @@ def _caption_record(key: str, sample: dict, url: str) -> dict:
         except ValueError:
             meta = {}
     sample_id = str(meta.get("key") or key) if isinstance(meta, dict) else key
-    return {"id": sample_id, "source": Path(url).name, "template": "plain",
+    return {"id": sample_id, "source": Path(url).name,
             "conversations": [{"from": "human", "value": "<image>\n"}, {"from": "gpt", "value": caption}]}
 
 
@@ -569,7 +572,7 @@ def to_raw_sample(sample: dict, url: str) -> RawSample:
         raise SampleError("malformed_record", f"{len(media)} media members; one per sample", key)
     ext, data = media[0] if media else (None, None)
     kind = media_kind(ext)
-    record = None
+    record, template = None, None
     if "json" in sample:
         try:
             record = json.loads(sample["json"])
@@ -579,7 +582,7 @@ def to_raw_sample(sample: dict, url: str) -> RawSample:
         if "txt" in sample:  # img2dataset caption layout (its json, if any, is metadata)
             if kind != "image":
                 raise SampleError("missing_media", "caption record without an image", key)
-            record = _caption_record(key, sample, url)
+            record, template = _caption_record(key, sample, url), "plain"
         elif record is None:
             raise SampleError("malformed_record", "sample has no json record", key)
     wanted = media_path(record, key)[0] if isinstance(record, dict) else None
@@ -587,7 +590,7 @@ def to_raw_sample(sample: dict, url: str) -> RawSample:
         raise SampleError("missing_media", f"record names a {wanted} but the shard holds {kind or 'no media'}",
                           str(record.get("id", key)))
     check_record(record, kind is not None, key)
-    return RawSample(key, record, kind, ext, data, url)
+    return RawSample(key, record, kind, ext, data, url, template)
 
 
 def _complete_tar(url: str) -> bool:
@@ -775,7 +778,7 @@ def _inspect(args: argparse.Namespace) -> int:
             print(f"  {turn['from']}: {turn['value']!r}")
         if tokenizer is not None:
             try:
-                print("\n".join(_token_layout(s, tokenizer, args.template or s.record.get("template") or "vicuna_v1")))
+                print("\n".join(_token_layout(s, tokenizer, args.template or s.template or "vicuna_v1")))
             except SampleError as e:
                 print(f"  cannot tokenize: {e}")
     if counter:

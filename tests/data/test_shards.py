@@ -359,9 +359,23 @@ def test_img2dataset_caption_shards_read_as_plain_records(tmp_path):
     assert [s.record["id"] for s in samples] == ["000000017", "000000018"]
     assert samples[0].record["conversations"] == [{"from": "human", "value": "<image>\n"}, {"from": "gpt", "value": "a gray square"}]
     assert samples[1].record["conversations"][1]["value"] == "a dark photo"
-    assert samples[0].record["template"] == "plain" and samples[0].media_bytes == jpeg
+    assert samples[0].template == "plain" and samples[0].media_bytes == jpeg and "template" not in samples[0].record
     assert render(samples[0].record["conversations"], "plain", has_media=True) == "<image>a gray square\n"
     assert counter.as_dict() == {"missing_media": 1}
+
+
+def test_a_records_own_template_field_is_data_not_the_template(tmp_path):
+    """A "template" key in a user's record (their own metadata) never picks how the sample is rendered."""
+    from lm_mini.data.samples import SampleProcessor
+    from lm_mini.data.tokenizer import load_tokenizer
+
+    plain = {"id": "t", "conversations": turns("Hi", "Hello")}
+    write_tar(tmp_path / "t.tar", [{"__key__": str(i), "json": json.dumps({**plain, **extra}).encode()}
+                                   for i, extra in enumerate([{}, {"template": "qa_v2"}, {"template": "llama3"}, {"template": "this:s"}])])
+    samples = list(iter_raw_samples([str(tmp_path / "t.tar")], SkipCounter()))
+    processor = SampleProcessor(load_tokenizer(Path(__file__).parents[2] / "data_shards" / "demo" / "tokenizer"), "vicuna_v1", 256, None)
+    ids = [list(processor(s, s.key)["input_ids"]) for s in samples]
+    assert len(samples) == 4 and all(i == ids[0] for i in ids) and all(s.template is None for s in samples)
 
 
 # ------------------------------------------------------------------------------------------ CLI
