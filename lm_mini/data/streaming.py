@@ -18,16 +18,19 @@ loader has none of its own, so the loader counts passes itself: each fresh pass 
 (starting at ``start_epoch``), a restored state continues its own epoch, ``set_epoch(e)`` sets the
 next one. Workers must not be persistent: they copy the dataset (and its epoch) when they start.
 
-Sample ids are ``"<set name>/<shard key>"`` (the set's directory name): unique across sets, so a
-ledger over a mixed epoch counts each sample's repeats exactly.
+Sample ids are ``"<set name>/<shard key>"`` (the set's directory name, with parent folders where two
+sets' folders share a name: :func:`shard_set_names`): unique across a loader's sets, so a ledger over a
+mixed epoch counts each sample's repeats exactly.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -50,24 +53,44 @@ class ShardSet:
     template: Optional[str] = None  # None: the record's own, else data.template
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "ShardSet":
+    def from_config(cls, cfg: Any, name: Optional[str] = None) -> "ShardSet":
         """From a ``ShardSetConfig``: a directory with ``index.json``, or tars without one (a directory of
-        them, e.g. img2dataset output, a tar, a glob/brace pattern), counted once from their headers."""
+        them, e.g. img2dataset output, a tar, a glob/brace pattern), counted once from their headers.
+        ``name``: from :func:`shard_set_names` over all the loader's sets (default: this set alone)."""
         path = Path(str(cfg.path))
         urls, counts = find_shards(path)
         if counts is None:
             counts = [count_tar_samples(u) for u in urls]
-        return cls(shard_set_name(path), tuple(urls), tuple(int(c) for c in counts), float(cfg.weight), cfg.template)
+        name = name or shard_set_names([path])[0]
+        return cls(name, tuple(urls), tuple(int(c) for c in counts), float(cfg.weight), cfg.template)
 
     @property
     def spec(self) -> SetSpec:
         return SetSpec(self.counts, self.weight)
 
 
-def shard_set_name(path: Any) -> str:
-    """A set's name in its sample ids: its directory's name (for a tar or a pattern, the folder holding it)."""
-    path = Path(str(path))
-    return path.name if path.is_dir() else path.parent.name
+def shard_set_names(paths: Sequence[Any]) -> List[str]:
+    """The sets' names in their sample ids (``<name>/<key>``): each set's directory name (for a tar or a
+    pattern, the folder holding it), with as many parent folders as it takes to tell apart sets whose
+    folders share a name (``coco/val``, ``gqa/val``); the same folder again is ``<name>#2``, ``#3``, ..."""
+    dirs = [Path(os.path.abspath(p if Path(str(p)).is_dir() else Path(str(p)).parent)).parts for p in paths]
+    distinct = list(dict.fromkeys(dirs))
+    depth = {d: 1 for d in distinct}
+    while True:  # lengthen the names that two different folders share
+        by_name: Dict[tuple, List[tuple]] = {}
+        for d in distinct:
+            by_name.setdefault(d[-depth[d]:], []).append(d)
+        grow = [d for same in by_name.values() if len(same) > 1 for d in same if depth[d] < len(d)]
+        if not grow:
+            break
+        for d in grow:
+            depth[d] += 1
+    names, seen = [], Counter()
+    for d in dirs:
+        name = "/".join(d[-depth[d]:])
+        seen[name] += 1
+        names.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return names
 
 
 # ------------------------------------------------------------------------------------- one worker
@@ -274,7 +297,8 @@ def build_loader(cfg: Any, train: bool, rank: int = 0, world_size: int = 1, star
     samples (on the last rank) give every rank the same number of batches, as for training.
     """
     d = cfg.data
-    sets = [ShardSet.from_config(s) for s in (d.train if train else d.val)]
+    configs = d.train if train else d.val
+    sets = [ShardSet.from_config(s, name) for s, name in zip(configs, shard_set_names([s.path for s in configs]))]
     if not train:  # a weight shapes the training mix only
         sets = [dataclasses.replace(s, weight=1.0) for s in sets]
     dataset = StreamingDataset(sets, processor or build_processor(cfg), seed=cfg.seed, rank=rank,

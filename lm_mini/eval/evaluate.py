@@ -68,11 +68,10 @@ def _records_by_id(shard_dirs: Sequence[str]) -> Dict[str, Dict[str, Any]]:
     """The records of the evaluated shard sets under the data module's sample ids."""
     from lm_mini.data.errors import SkipCounter
     from lm_mini.data.shards import find_shards, iter_raw_samples
-    from lm_mini.data.streaming import shard_set_name
+    from lm_mini.data.streaming import shard_set_names
 
     out = {}
-    for path in shard_dirs:
-        name = shard_set_name(path)
+    for path, name in zip(shard_dirs, shard_set_names(shard_dirs)):
         for s in iter_raw_samples(find_shards(path)[0], SkipCounter()):
             out[f"{name}/{s.key}"] = s.record
     return out

@@ -337,12 +337,11 @@ def majority_per_question_type(val_sets: Any, sample_ids: set) -> Optional[float
     ``question_type`` (None when the records do not say their type)."""
     from lm_mini.data.errors import SkipCounter
     from lm_mini.data.shards import find_shards, iter_raw_samples
-    from lm_mini.data.streaming import shard_set_name
+    from lm_mini.data.streaming import shard_set_names
     from lm_mini.data.synthetic import majority_baseline
 
     records = []
-    for v in val_sets:
-        name = shard_set_name(v.path)  # the data module's sample ids are "<set name>/<key>"
+    for v, name in zip(val_sets, shard_set_names([v.path for v in val_sets])):  # sample ids: "<set name>/<key>"
         records += [s.record for s in iter_raw_samples(find_shards(v.path)[0], SkipCounter()) if f"{name}/{s.key}" in sample_ids]
     if not records or not all("question_type" in r for r in records):
         return None

@@ -1,5 +1,6 @@
 """Streaming data module: partition, resume in a new process, mixing, bad samples, batch contract."""
 import io
+import shutil
 import json
 import subprocess
 import tarfile
@@ -415,6 +416,21 @@ def test_batches_follow_the_contract_for_image_video_text_and_hires(corpus, tmp_
         assert (batch["input_ids"][row, :n] == IMAGE_TOKEN_INDEX).sum() == (0 if o == 2 else 1)
         assert (batch["labels"][row] != IGNORE_INDEX).any()  # every real sample trains its answer
     assert "skipped" not in batch  # the loader takes its tally out
+
+
+def test_sets_whose_folders_share_a_name_get_distinct_sample_ids(corpus, tmp_path):
+    from lm_mini.data.streaming import shard_set_names
+
+    for parent in ("coco", "gqa"):
+        shutil.copytree(corpus["img"], tmp_path / parent / "val")
+    paths = [tmp_path / "coco" / "val", tmp_path / "gqa" / "val", corpus["img"], corpus["img"] + "/shard-*.tar"]
+    assert shard_set_names(paths) == ["coco/val", "gqa/val", Path(corpus["img"]).name, Path(corpus["img"]).name + "#2"]
+    assert shard_set_names([corpus["img"]]) == [Path(corpus["img"]).name]  # a name is only as long as it must be
+    cfg = make_cfg(corpus, MIX)
+    cfg.data.val = [ShardSetConfig(str(tmp_path / "coco" / "val")), ShardSetConfig(str(tmp_path / "gqa" / "val"))]
+    ids = ids_of(build_datamodule(cfg).val_dataloader())
+    assert len(ids) == len(set(ids)) == 2 * len(set_ids(corpus["img"]))
+    assert {i.rsplit("/", 1)[0] for i in ids} == {"coco/val", "gqa/val"}
 
 
 def test_val_loader_every_sample_once_in_order(corpus):
