@@ -114,7 +114,7 @@ def media_path(record: dict, sample_id: Optional[str] = None) -> Tuple[Optional[
 def from_video_chatgpt(record: Any) -> Any:
     """Video-ChatGPT's own record (``VideoInstruct100K.json``: ``{"video_id", "q", "a"}``) as a LLaVA
     record: one exchange about the video ``video_id`` (see :func:`media_file`). Anything else is returned as is."""
-    if not (isinstance(record, dict) and "conversations" not in record and {"video_id", "q", "a"} <= record.keys()):
+    if not (isinstance(record, dict) and "conversations" not in record and _is_record(record)):
         return record
     q, a = record["q"], record["a"]
     return {"id": record["video_id"], "video": record["video_id"],
@@ -188,6 +188,15 @@ def _read_source(path: Union[str, Path]) -> _Source:
     except (OSError, UnicodeDecodeError) as e:
         raise ShardBuildError(f"cannot read {path}: {e}") from e
     sha = hashlib.sha256(raw).hexdigest()
+    if text.lstrip().startswith("{"):  # one JSON object over the whole file: one record, or a wrapper of records
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None  # JSON lines
+        if isinstance(whole, dict) and not _is_record(whole):
+            keys = ", ".join(map(repr, list(whole)[:5]))
+            raise ShardBuildError(f"{path} holds one JSON object (keys {keys}), not LLaVA records: expected a JSON list "
+                                  "of records or JSON lines (one record per line)")
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)
@@ -201,14 +210,14 @@ def _read_source(path: Union[str, Path]) -> _Source:
                 out.append((line_no, from_video_chatgpt(json.loads(line))))
             except json.JSONDecodeError as e:
                 out.append((line_no, _BadLine(f"line is not JSON: {e}")))
-    if out and all(isinstance(r, _BadLine) for _, r in out):  # e.g. a pretty-printed object, not records
-        raise ShardBuildError(f"{path} is neither a JSON list of records nor JSON lines")
-    if len(out) == 1 and isinstance(out[0][1], dict) and "conversations" not in out[0][1]:
-        # One object on one line that is not a record, e.g. {"data": [...]} written by json.dump.
-        keys = ", ".join(map(repr, list(out[0][1])[:5]))
-        raise ShardBuildError(f"{path} holds one JSON object (keys {keys}), not LLaVA records: expected a JSON list "
-                              "of records or JSON lines (one record per line)")
+    if out and not any(isinstance(r, dict) for _, r in out):  # e.g. pretty-printed JSON that is not records
+        raise ShardBuildError(f"{path} is neither a JSON list of records nor JSON lines of records (no line is a "
+                              "JSON object)")
     return _Source(str(path), sha, out)
+
+
+def _is_record(obj: dict) -> bool:
+    return "conversations" in obj or {"video_id", "q", "a"} <= obj.keys()
 
 
 # ------------------------------------------------------------------------------------- writing
@@ -678,6 +687,9 @@ def cli_build(args: argparse.Namespace) -> int:
     print(report.summary())
     if report.skipped:
         print(f"skipped records are listed in {Path(args.out) / SKIPPED_FILE}")
+    if report.num_samples == 0:  # every record skipped: the input's layout or the media root is almost surely wrong
+        print(f"lm-mini shards build: no usable record: all {sum(report.skipped.values())} were skipped; see the reasons above")
+        return 1
     return 0
 
 

@@ -156,8 +156,10 @@ def test_rerun_is_refused_unless_resume(dataset):
 
 @pytest.mark.parametrize("content, message", [
     ('[{"id": 1, "conversations": []', "not valid JSON"),
-    (json.dumps({"records": [{"id": 1}]}, indent=2), "neither a JSON list of records nor JSON lines"),
+    (json.dumps({"records": [{"id": 1}]}, indent=2), r"holds one JSON object \(keys 'records'\), not LLaVA records"),
     (json.dumps({"records": [{"id": 1}]}), r"holds one JSON object \(keys 'records'\), not LLaVA records"),
+    # pretty-printed and cut short: read as JSON lines, some of which are JSON on their own ("a.png") but no object
+    (json.dumps({"data": [{"id": "r", "image": ["a.png"]}]}, indent=2)[:-3], "no line is a JSON object"),
     ("", "no records"),
     ("[]", "no records"),
 ])
@@ -379,6 +381,17 @@ def test_a_records_own_template_field_is_data_not_the_template(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ CLI
+
+
+def test_a_build_where_every_record_is_skipped_fails_and_training_refuses_it(tmp_path, capsys):
+    (tmp_path / "in.json").write_text(json.dumps([{"id": i, "conversations": turns("Hi", "")[:1]} for i in range(3)]))
+    assert main(["shards", "build", "--json", str(tmp_path / "in.json"), "--media-root", str(tmp_path), "--out", str(tmp_path / "out")]) == 1
+    assert "no usable record: all 3 were skipped" in capsys.readouterr().out
+    root = Path(__file__).parents[2]
+    assert main(["train", str(root / "experiments" / "demo.yaml"), f"data.train=[{{path: {tmp_path / 'out'}}}]", "data.val=[]",
+                 f"data.tokenizer={root / 'data_shards' / 'demo' / 'tokenizer'}", f"logging.runs_dir={tmp_path / 'runs'}"]) == 2
+    assert f"data.train[0].path: {tmp_path / 'out'} holds no samples" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_cli_build_and_inspect(dataset, capsys):
