@@ -109,6 +109,19 @@ def _frame_rate(stream, num_frames: int) -> float:
     return 1.0
 
 
+def _declared_frames(container, stream, rate: float) -> int:
+    """The frames the header promises: the stream's frame count (MP4), else its duration times the rate,
+    else the file's duration when the video is its only stream (Matroska); 0 when it says nothing."""
+    if stream.frames:
+        return int(stream.frames)
+    seconds = None
+    if stream.duration and stream.time_base:
+        seconds = float(stream.duration * stream.time_base)
+    elif container.duration and len(container.streams) == 1:  # with audio, the file may outlast the video
+        seconds = container.duration / av.time_base
+    return round(seconds * rate) if seconds else 0
+
+
 def _count_frames(data: bytes, sample_id: Optional[str]) -> tuple:
     """(number of frames, frame rate): frames counted by demuxing, which is cheap (no decoding); the rate is
     frames / the span of their timestamps when they have them, else the stream header's."""
@@ -129,7 +142,13 @@ def _count_frames(data: bytes, sample_id: Optional[str]) -> tuple:
             # The frames' own timestamps give the real duration; a header rate is wrong for variable-rate video
             span = float((last - first + last_duration) * stream.time_base) + (0.0 if last_duration else 1.0 / rate)
             rate = num_frames / span
+        declared = _declared_frames(container, stream, rate)
+        if declared and num_frames < declared - max(2, 0.05 * declared):
+            # A file cut short (an interrupted copy) still demuxes; its first part would pass for the whole clip.
+            raise SampleError("bad_video", f"truncated: {num_frames} of the {declared} frames its header declares", sample_id)
         return num_frames, rate
+    except SampleError:
+        raise
     except Exception as e:
         raise SampleError("bad_video", f"cannot read video ({type(e).__name__}: {e})", sample_id) from e
     finally:

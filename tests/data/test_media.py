@@ -1,4 +1,5 @@
 """Media: image/video decoding (EXIF, corrupt input, frame sampling) and pixel preprocessing."""
+import av
 import numpy as np
 import pytest
 import torch
@@ -160,6 +161,27 @@ def test_bad_videos_raise_sample_error(video_30_frames, damage):
         with pytest.raises(SampleError) as err:
             fn(data, sample_id="v1")
         assert err.value.reason == "bad_video" and err.value.sample_id == "v1"
+
+
+def _encoded(path, container_format: str, frames: int = 50, **options) -> bytes:
+    with av.open(str(path), "w", format=container_format, options=options) as container:  # a file: faststart rewrites it
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        noise = np.random.default_rng(0)
+        for _ in range(frames):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(noise.integers(0, 255, (32, 32, 3), dtype=np.uint8), format="rgb24")))
+        container.mux(stream.encode())
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("container_format,options", [("mp4", {"movflags": "faststart"}), ("matroska", {})])
+def test_a_video_cut_short_is_refused_not_taken_for_a_shorter_clip(tmp_path, container_format, options):
+    whole = _encoded(tmp_path / "v", container_format, **options)  # the header (first) says 50 frames, 5 s
+    assert probe_video(whole)["frames"] == 50 and len(decode_video(whole, fps=1.0)) == 5
+    for fn in (decode_video, probe_video):
+        with pytest.raises(SampleError, match=r"truncated: \d+ of the 50 frames its header declares") as err:
+            fn(whole[: int(len(whole) * 0.6)], sample_id="v1")
+        assert err.value.reason == "bad_video"
 
 
 def test_probe_and_video_views(video_30_frames):
