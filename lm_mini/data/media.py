@@ -6,6 +6,7 @@ normalised pixel views: one view per image (plus R*R crops at high resolution), 
 """
 from __future__ import annotations
 
+import bisect
 import io
 from typing import List, Optional, Sequence
 
@@ -74,17 +75,24 @@ def _to_8_bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(pixels * scale), 0, 255).astype(np.uint8), mode="L")
 
 
-def sample_frame_indices(num_frames: int, frame_rate: float, fps: float = 1.0, max_frames: int = 64) -> List[int]:
-    """Indices of the frames to keep: the middle frame of each of ``n`` equal segments.
+def sample_frame_indices(num_frames: int, frame_rate: float, fps: float = 1.0, max_frames: int = 64,
+                         times: Optional[Sequence[float]] = None) -> List[int]:
+    """Indices of the frames to keep: the frame on screen in the middle of each of ``n`` equal time segments.
 
     ``n`` is about ``fps`` per second of video (at least 1) and at most ``max_frames``, so a long video
-    gets ``max_frames`` equal segments instead of being cut short.
+    gets ``max_frames`` equal segments instead of being cut short. ``times``: the frames' presentation
+    times in seconds, ascending; without them frames are taken as evenly spaced (constant rate), which
+    gives the same indices for constant-rate video. With them, a variable-rate video is sampled evenly
+    in time (a frame on screen through two segments is kept twice).
     """
     if num_frames <= 0:
         return []
     duration = num_frames / frame_rate
     n = max(1, min(round(duration * fps), max_frames, num_frames))
-    return [int((k + 0.5) * num_frames / n) for k in range(n)]
+    if times is None or len(times) != num_frames:
+        return [int((k + 0.5) * num_frames / n) for k in range(n)]
+    start = times[0]
+    return [max(0, bisect.bisect_right(times, start + (k + 0.5) * duration / n + 1e-9) - 1) for k in range(n)]
 
 
 def _open_video(data: bytes, sample_id: Optional[str]):
@@ -123,30 +131,34 @@ def _declared_frames(container, stream, rate: float) -> int:
 
 
 def _count_frames(data: bytes, sample_id: Optional[str]) -> tuple:
-    """(number of frames, frame rate): frames counted by demuxing, which is cheap (no decoding); the rate is
-    frames / the span of their timestamps when they have them, else the stream header's."""
+    """(number of frames, frame rate, presentation times in s or None): frames counted by demuxing, which is
+    cheap (no decoding); the rate is frames / the span of their timestamps when they have them, else the
+    stream header's. The times (ascending) are None unless every frame has a timestamp."""
     container = _open_video(data, sample_id)
     try:
         stream = container.streams.video[0]
-        num_frames, first, last, last_duration = 0, None, None, 0
+        num_frames, stamps, last, last_duration = 0, [], None, 0
         for p in container.demux(stream):
             if not p.size:
                 continue
             num_frames += 1
             if p.pts is not None:
-                first = p.pts if first is None else min(first, p.pts)
                 if last is None or p.pts >= last:
                     last, last_duration = p.pts, p.duration or 0
+                stamps.append(p.pts)
         rate = _frame_rate(stream, num_frames)
-        if num_frames > 1 and first is not None and last > first and stream.time_base:
+        times = None
+        if num_frames > 1 and len(stamps) == num_frames and max(stamps) > min(stamps) and stream.time_base:
             # The frames' own timestamps give the real duration; a header rate is wrong for variable-rate video
-            span = float((last - first + last_duration) * stream.time_base) + (0.0 if last_duration else 1.0 / rate)
+            base = float(stream.time_base)
+            times = [(t - min(stamps)) * base for t in sorted(stamps)]  # decode order -> presentation order
+            span = times[-1] + (last_duration * base if last_duration else 1.0 / rate)
             rate = num_frames / span
         declared = _declared_frames(container, stream, rate)
         if declared and num_frames < declared - max(2, 0.05 * declared):
             # A file cut short (an interrupted copy) still demuxes; its first part would pass for the whole clip.
             raise SampleError("bad_video", f"truncated: {num_frames} of the {declared} frames its header declares", sample_id)
-        return num_frames, rate
+        return num_frames, rate, times
     except SampleError:
         raise
     except Exception as e:
@@ -177,16 +189,18 @@ def decode_video(data: bytes, fps: float = 1.0, max_frames: int = 64, sample_id:
 
     Zero-length, unreadable or frameless videos raise ``SampleError("bad_video")``.
     """
-    num_frames, rate = _count_frames(data, sample_id)
-    wanted = sample_frame_indices(num_frames, rate, fps, max_frames)
+    num_frames, rate, times = _count_frames(data, sample_id)
+    wanted = sample_frame_indices(num_frames, rate, fps, max_frames, times)
     if not wanted:
         raise SampleError("bad_video", "video has no frames", sample_id)
-    frames = _decode_frames(data, wanted, sample_id)
+    distinct = sorted(set(wanted))
+    frames = _decode_frames(data, distinct, sample_id)
     # Fewer decoded frames than packets means a damaged stream; a sample with missing frames would
     # be silently wrong, so it is refused instead.
-    if len(frames) != len(wanted):
-        raise SampleError("bad_video", f"decoded {len(frames)} of {len(wanted)} sampled frames", sample_id)
-    return frames
+    if len(frames) != len(distinct):
+        raise SampleError("bad_video", f"decoded {len(frames)} of {len(distinct)} sampled frames", sample_id)
+    by_index = dict(zip(distinct, frames))
+    return [by_index[i] for i in wanted]
 
 
 def probe_video(data: bytes, sample_id: Optional[str] = None) -> dict:
@@ -194,7 +208,7 @@ def probe_video(data: bytes, sample_id: Optional[str] = None) -> dict:
 
     Returns ``{"frames": ..., "width": ..., "height": ...}``.
     """
-    num_frames, _ = _count_frames(data, sample_id)
+    num_frames = _count_frames(data, sample_id)[0]
     if num_frames == 0:
         raise SampleError("bad_video", "video has no frames", sample_id)
     frames = _decode_frames(data, [0], sample_id)

@@ -1,4 +1,6 @@
 """Media: image/video decoding (EXIF, corrupt input, frame sampling) and pixel preprocessing."""
+from fractions import Fraction
+
 import av
 import numpy as np
 import pytest
@@ -7,7 +9,7 @@ from PIL import Image
 
 from lm_mini.data.errors import SampleError
 from lm_mini.data.media import ImageProcessor, decode_image, decode_video, expand_to_square, probe_video, sample_frame_indices
-from media_fixtures import frame_index, gray_video, image_bytes
+from media_fixtures import GRAY_STEP, frame_index, gray_video, image_bytes
 
 MEAN, STD = (0.25, 0.5, 0.75), (0.5, 0.25, 0.5)
 RED, BLUE = (255, 0, 0), (0, 0, 255)
@@ -152,6 +154,30 @@ def test_sample_frame_indices_caps_long_videos():
     assert len(idx) == 64 and idx[0] == int(0.5 * 3000 / 64) and idx[-1] == int(63.5 * 3000 / 64)
     assert sample_frame_indices(num_frames=6, frame_rate=30.0, fps=1.0) == [3]  # 0.2 s: still one frame
     assert sample_frame_indices(num_frames=0, frame_rate=30.0) == []
+
+
+def test_variable_rate_video_is_sampled_evenly_in_time(tmp_path):
+    # 10 frames in the first second, then one a second up to 10 s (each on screen until the next)
+    times = [i / 10 for i in range(10)] + [float(k) for k in range(1, 11)]
+    picks = sample_frame_indices(num_frames=20, frame_rate=20 / 11, fps=1.0, max_frames=64, times=times)
+    assert picks == [5] + list(range(10, 20))  # one frame per second of video, not half from the first second
+    assert sample_frame_indices(20, 20 / 11, 1.0, 64) == [int((k + 0.5) * 20 / 11) for k in range(11)]  # by index
+    assert sample_frame_indices(30, 10.0, 1.0, 64, times=[i / 10 for i in range(30)]) == [5, 15, 25]  # constant rate: same
+
+    # end to end: a Matroska file with those timestamps; frame i is gray i * GRAY_STEP
+    with av.open(str(tmp_path / "vfr.mkv"), "w", format="matroska") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        stream.options = {"qscale": "2"}
+        for i, t in enumerate(times):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), i * GRAY_STEP, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = round(t * 1000), Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    picked = [frame_index(f) for f in decode_video((tmp_path / "vfr.mkv").read_bytes(), fps=1.0)]
+    # 10 or 11 segments, as the container states the last frame's duration; one frame from the first second
+    assert len(picked) in (10, 11) and picked == [5] + list(range(10, 9 + len(picked)))
 
 
 @pytest.mark.parametrize("damage", ["empty", "garbage", "truncated"])
