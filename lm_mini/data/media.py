@@ -276,12 +276,20 @@ class ImageProcessor:
             pixels = TF.resize(pixels, [size, size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
         return pixels  # possibly channels-last strided: the batch's torch.cat copies it anyway
 
-    def _square(self, image: Image.Image) -> Image.Image:
-        return expand_to_square(_rgb(image), self.fill) if self.aspect_mode == "pad" else image
+    def _square(self, image: Image.Image, size: int) -> Image.Image:
+        """``pad``: the image padded to a square, for views of at most ``size`` pixels a side."""
+        if self.aspect_mode != "pad":
+            return image
+        # A 30000x60 banner would become a 30000x30000 canvas (2.7 GB) before its resize to ``size``:
+        # shrink such an image first, by an integer box filter, to no less than 4x the size it is resized to.
+        factor = max(image.size) // (4 * size)
+        if factor > 1:
+            image = _rgb(image).reduce(factor)
+        return expand_to_square(_rgb(image), self.fill)
 
     def image(self, image: Image.Image) -> torch.Tensor:
         """One image -> ``[V, 3, S, S]``: the global view, then (R > 1) the R*R crops row-major."""
-        image = self._square(image)
+        image = self._square(image, self.image_size * self.resolution_ratio)
         s, r = self.image_size, self.resolution_ratio
         view = self._to_tensor(image, s)
         if r == 1:
@@ -292,7 +300,7 @@ class ImageProcessor:
 
     def video(self, frames: Sequence[Image.Image]) -> torch.Tensor:
         """Video frames -> ``[T, 3, S, S]`` (one global view per frame; no high-resolution crops)."""
-        return torch.stack([self._to_tensor(self._square(f), self.image_size) for f in frames])
+        return torch.stack([self._to_tensor(self._square(f, self.image_size), self.image_size) for f in frames])
 
 
 __all__ = ["decode_image", "decode_video", "probe_video", "sample_frame_indices", "expand_to_square", "ImageProcessor"]

@@ -218,6 +218,18 @@ def test_probe_and_video_views(video_30_frames):
     assert abs(int(pixels[1, 0, 8, 8]) - 15 * 8) < 4  # the middle kept frame is frame 15
 
 
+def test_pad_mode_shrinks_a_huge_image_before_padding_it():
+    """A 30000x60 banner is padded after an integer shrink (not to a 2.7 GB canvas); the views of a
+    shrunk image match those of padding at full size."""
+    processor = ImageProcessor(16, MEAN, STD, aspect_mode="pad", resolution_ratio=2)
+    banner = processor.image(Image.new("RGB", (30000, 60), RED))  # shrunk by 30000 // (4 * 32) = 234
+    assert banner.shape == (5, 3, 16, 16) and banner[0, :, 0, 0].tolist() == list(processor.fill)  # a thin line on the fill
+    ramp = np.tile(np.linspace(0, 255, 2000, dtype=np.uint8)[None, :, None], (500, 1, 3))
+    image = Image.fromarray(np.ascontiguousarray(ramp))  # shrunk by 2000 // 128 = 15
+    reference = processor._to_tensor(expand_to_square(image, processor.fill), 16)  # padded at full size
+    assert (processor.image(image)[0].int() - reference.int()).abs().float().mean() < 1.0
+
+
 def test_pad_colour_is_the_official_truncated_mean():
     # Official LLaVA expand2square fill: tuple(int(x * 255) for x in image_mean) -> (122, 116, 104) for CLIP.
     clip_mean = (0.48145466, 0.4578275, 0.40821073)
