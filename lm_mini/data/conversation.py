@@ -276,7 +276,7 @@ def tokenize_conversation(conversations: Any, tokenizer: Any, template: Union[st
     """Token ids and labels of a training record (every assistant answer + end-of-turn is trained).
 
     Raises ``SampleError`` for records that cannot be used (``malformed_record``,
-    ``placeholder_mismatch``, ``too_long`` when truncation would cut the media slot); flags the
+    ``placeholder_mismatch``, ``media_past_max_length`` when truncation would cut the media slot); flags the
     samples that are kept but altered (``unaligned``, ``truncated``).
     """
     tpl = _resolve(template)
@@ -296,7 +296,7 @@ def tokenize_conversation(conversations: Any, tokenizer: Any, template: Union[st
     if truncated:
         if IMAGE_TOKEN_INDEX in input_ids[max_length:]:
             # Cutting the media slot would leave pixels with nowhere to go: not a usable sample.
-            raise SampleError("too_long", f"media slot at token {input_ids.index(IMAGE_TOKEN_INDEX)} is beyond "
+            raise SampleError("media_past_max_length", f"media slot at token {input_ids.index(IMAGE_TOKEN_INDEX)} is beyond "
                               f"max_length {max_length}", sample_id)
         input_ids, labels = input_ids[:max_length], labels[:max_length]
     return TokenizedSample(input_ids, labels, truncated, unaligned)

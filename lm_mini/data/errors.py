@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Dict, Optional
+from typing import Dict, Mapping, Optional, Sequence
 
 # Reasons a sample is skipped (or, for the last two, kept but altered). Counted per reason.
 SKIP_REASONS = (
@@ -12,9 +12,23 @@ SKIP_REASONS = (
     "malformed_record",  # JSON not of the LLaVA form (id, conversations [{from, value}])
     "placeholder_mismatch",  # number of <image>/<video> tags != number of media
     "truncated_tar",  # shard ends mid-record
-    "unaligned_mask",  # kept, but every label masked (answer spans could not be aligned)
-    "too_long",  # kept, truncated at max_length
+    "media_past_max_length",  # the media slot lies beyond data.max_length: truncating would cut it off
+    "unaligned_mask",  # kept (ALTERED), but every label masked (answer spans could not be aligned)
+    "too_long",  # kept (ALTERED), truncated at max_length
 )
+
+
+ALTERED = ("unaligned_mask", "too_long")  # the reasons whose samples are still used
+
+
+def describe_skips(counts: Mapping[str, int]) -> str:
+    """``"skipped corrupt_image 2, bad_video 1; kept but altered: too_long 3"`` (reasons in SKIP_REASONS order)."""
+    def listed(reasons: Sequence[str]) -> str:
+        return ", ".join(f"{r} {int(counts[r])}" for r in reasons if counts.get(r))
+
+    skipped, altered = listed([r for r in SKIP_REASONS if r not in ALTERED]), listed(ALTERED)
+    parts = ([f"skipped {skipped}"] if skipped else []) + ([f"kept but altered: {altered}"] if altered else [])
+    return "; ".join(parts) or "no samples skipped"
 
 
 class SampleError(Exception):

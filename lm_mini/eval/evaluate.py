@@ -20,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from lm_mini.data.errors import describe_skips
 from lm_mini.eval.metrics import POPEMetrics, build_metric
 
 _OPTION_LINE = re.compile(r"^\s*\(?([A-Z])[.)]\s", re.MULTILINE)
@@ -130,7 +131,7 @@ def evaluate_source(source_path: str, data: Sequence[str], metrics: Sequence[str
             f.write(json.dumps({**p, **({"question_type": rec["question_type"]} if "question_type" in rec else {})}) + "\n")
     run_id = _log_to_mlflow(source.info, scores, name, out_path) if log_mlflow else None
     return {"scores": scores, "majority_baseline": result["majority_baseline"], "predictions_file": str(out_path),
-            "mlflow_run_id": run_id, "n": result["n"]}
+            "mlflow_run_id": run_id, "n": result["n"], "skipped": result["skipped"]}
 
 
 def cli_eval(args: Any) -> int:
@@ -148,6 +149,8 @@ def cli_eval(args: Any) -> int:
         return 0
     s = result["scores"]
     print(f"evaluated {result['n']} samples; majority-answer baseline {result['majority_baseline']:.3f}")
+    if result["skipped"]:
+        print(f"data: {describe_skips(result['skipped'])}")
     width = max(len(k) for k in s)
     for key in sorted(s, key=lambda k: (k != "all/n" and not k.startswith("all/"), k)):
         value = s[key]

@@ -175,10 +175,15 @@ class SkippedSamplesLogger(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         datamodule = trainer.datamodule
         counts = datamodule.skip_counts() if datamodule is not None and hasattr(datamodule, "skip_counts") else {}
-        totals = torch.tensor([float(counts.get(r, 0)) for r in SKIP_REASONS], device=pl_module.device)
-        if trainer.world_size > 1:
-            totals = trainer.strategy.reduce(totals, reduce_op="sum")
-        values = totals.tolist()
-        for reason, value in zip(SKIP_REASONS, values):
-            pl_module.log(f"data/skipped/{reason}", value, on_step=True, on_epoch=False, batch_size=1)
-        self.totals = {reason: int(value) for reason, value in zip(SKIP_REASONS, values) if value}
+        totals = skip_counts_over_ranks(trainer, counts, pl_module.device)
+        for reason in SKIP_REASONS:
+            pl_module.log(f"data/skipped/{reason}", float(totals.get(reason, 0)), on_step=True, on_epoch=False, batch_size=1)
+        self.totals = totals
+
+
+def skip_counts_over_ranks(trainer: L.Trainer, counts: Dict[str, int], device: Any = "cpu") -> Dict[str, int]:
+    """This rank's skip counts summed over all ranks (every rank must call it: one all-reduce); nonzero only."""
+    totals = torch.tensor([float(counts.get(r, 0)) for r in SKIP_REASONS], device=device)
+    if trainer.world_size > 1:
+        totals = trainer.strategy.reduce(totals, reduce_op="sum")
+    return {reason: int(value) for reason, value in zip(SKIP_REASONS, totals.tolist()) if value}

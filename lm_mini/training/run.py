@@ -28,8 +28,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig
 
 from lm_mini.config import flatten, load_config, to_yaml, tracking_uri
+from lm_mini.data.errors import describe_skips
 from lm_mini.training import checkpoint as ckpt
-from lm_mini.training.callbacks import PreemptionHandler, SkippedSamplesLogger, StepCheckpoint, ThroughputLogger, requeue_slurm_job
+from lm_mini.training.callbacks import (PreemptionHandler, SkippedSamplesLogger, StepCheckpoint, ThroughputLogger,
+                                       requeue_slurm_job, skip_counts_over_ranks)
 from lm_mini.training.module import LmMiniModule
 from lm_mini.training.strategy import build_strategy, cluster_plugins
 from lm_mini.training.tracking import BufferedMLFlowLogger, CheckpointedMetrics, TrackingUnavailable, check_tracking_server
@@ -321,11 +323,13 @@ def evaluate(trainer: L.Trainer, module: LmMiniModule, datamodule: Any, cfg: Dic
     loader = (datamodule.val_dataloader(batch_size=cfg.eval.batch_size) if isinstance(datamodule, LmMiniDataModule)
               else datamodule.val_dataloader())  # a caller's own data module batches as it likes
     trainer.test(module, dataloaders=loader, verbose=False)
+    skips = getattr(loader, "skips", None)  # ours counts what it skipped; the evaluated samples are the rest
+    skipped = skip_counts_over_ranks(trainer, dict(skips or {}), module.device)
     evaluated = dict(module.gathered_answers())  # sample id -> gold answer
     top, hits = Counter(evaluated.values()).most_common(1)[0] if evaluated else ("", 0)
     result = {"accuracy": float(trainer.callback_metrics["eval/exact_match"]), "n": len(evaluated),
               "majority_baseline": hits / max(1, len(evaluated)), "majority_answer": top,
-              "predictions": module.eval_examples}
+              "skipped": skipped, "predictions": module.eval_examples}
     per_type = majority_per_question_type(cfg.data.val, set(evaluated))
     if per_type is not None:  # records that say their question type: the stronger, per-type majority guess
         result["majority_baseline"] = max(result["majority_baseline"], per_type)
@@ -351,12 +355,13 @@ def majority_per_question_type(val_sets: Any, sample_ids: set) -> Optional[float
 def _report(result: TrainResult) -> None:
     print(f"lm-mini: finished at step {result.global_step}; run directory {result.run.dir}")
     if result.skipped is not None:  # the data module's counts, as logged to MLflow (data/skipped/<reason>)
-        counts = ", ".join(f"{reason} {n}" for reason, n in result.skipped.items())
-        print(f"lm-mini: data: skipped/altered samples by reason: {counts}" if counts else "lm-mini: data: no samples skipped")
+        print(f"lm-mini: training data: {describe_skips(result.skipped)}")
     if result.eval:
         e = result.eval
         print(f"lm-mini: held-out accuracy (exact match, greedy): {e['accuracy']:.3f} on {e['n']} samples; "
               f"majority-answer baseline: {e['majority_baseline']:.3f}")
+        if e.get("skipped"):
+            print(f"lm-mini: held-out data: {describe_skips(e['skipped'])}")
     print(f"lm-mini: MLflow run {result.mlflow_run_id} in {result.tracking_uri} "
           f"(view: mlflow ui --backend-store-uri {result.tracking_uri})")
 

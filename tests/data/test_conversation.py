@@ -239,7 +239,7 @@ def test_truncation_that_cuts_the_media_slot_is_refused(tok):
     assert tokenize_conversation(SINGLE, tok, "vicuna_v1", slot + 1, True).truncated  # slot kept: fine
     with pytest.raises(SampleError, match="media slot") as err:
         tokenize_conversation(SINGLE, tok, "vicuna_v1", slot, True, sample_id="s1")
-    assert err.value.reason == "too_long"
+    assert err.value.reason == "media_past_max_length"  # skipped, unlike a truncated sample (too_long, kept)
 
 
 def _gpt2_style_tokenizer():

@@ -1,4 +1,6 @@
+import io
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -77,9 +79,18 @@ def test_eval_cli_scores_a_record_whose_image_comes_in_a_later_turn(tmp_path, ca
         {"id": "first", "image": "red.png", "conversations": _turns("<image>\nWhat colour is the square?", "red")},
         {"id": "later", "image": "red.png", "conversations": _turns("Hello", "Hi.", "<image>\nWhat colour is this?", "red")},
         {"id": "text", "conversations": _turns("Name a colour.", "blue")},
+        {"id": "broken", "image": "red.png", "conversations": _turns("<image>\nWhat colour?", "red")},  # cut below
     ]
     (tmp_path / "qa.json").write_text(json.dumps(records))
     build_shards([tmp_path / "qa.json"], tmp_path, tmp_path / "qa")
+    shard = next((tmp_path / "qa").glob("*.tar"))
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(shard, "w") as tar:  # the last record's image is cut short inside the shard
+        for m, data in members:
+            data = data[:40] if m.name.endswith(".png") and m.name.startswith("000000003") else data
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
     cfg = load_config(ROOT / "experiments" / "demo.yaml")
     save_pretrained(tmp_path / "model", build_model(cfg.model).state_dict(), cfg, ROOT / cfg.data.tokenizer, card="")
     rc = cli_main(["eval", str(tmp_path / "model"), "--data", str(tmp_path / "qa"), "eval.max_new_tokens=2",  # after --data
@@ -88,6 +99,7 @@ def test_eval_cli_scores_a_record_whose_image_comes_in_a_later_turn(tmp_path, ca
     result = json.loads(capsys.readouterr().out)
     preds = sorted(map(json.loads, (tmp_path / "pred.jsonl").read_text().splitlines()), key=lambda p: p["id"])
     assert result["n"] == result["scores"]["all/n"] == 3 and "all/exact_match" in result["scores"]
+    assert result["skipped"] == {"corrupt_image": 1}  # what the 3 of 4 leave out, said, not silent
     assert [p["gold"] for p in preds] == ["red", "red", "blue"]  # ids are record positions: "later" is scored on "red", not "Hi."
 
 

@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 
 from training_helpers import ROOT
 from lm_mini.cli import main as cli_main
-from lm_mini.data.errors import SKIP_REASONS, SkipCounter
+from lm_mini.data.errors import SKIP_REASONS, SkipCounter, describe_skips
 from lm_mini.data.shards import iter_raw_samples, shard_paths
 from lm_mini.data.synthetic import majority_baseline
 from lm_mini.eval.metrics import ExactMatch
@@ -60,8 +60,8 @@ def test_short_demo_trains_evaluates_and_reports(tmp_path, monkeypatch, capsys):
 
     # the skip counts are printed as logged (data/skipped/<reason>), zero reasons left out
     logged = client.get_run(run_id).data.metrics
-    skipped = ", ".join(f"{r} {int(logged[f'data/skipped/{r}'])}" for r in SKIP_REASONS if logged[f"data/skipped/{r}"])
-    assert (f"lm-mini: data: skipped/altered samples by reason: {skipped}\n" if skipped else "lm-mini: data: no samples skipped\n") in out
+    skipped = {r: int(logged[f"data/skipped/{r}"]) for r in SKIP_REASONS if logged[f"data/skipped/{r}"]}
+    assert f"lm-mini: training data: {describe_skips(skipped)}\n" in out
 
     # accuracy is exact match over the generated answers; the baseline is per question type on the same samples
     preds = result["predictions"]

@@ -80,7 +80,7 @@ def test_params_tags_metrics_and_config_read_back_and_a_dead_server_mid_run_does
     assert run.data.metrics["data/skipped/corrupt_image"] == 1.0  # the data module's skip counter
     assert result.skipped == {"corrupt_image": 1}  # and what the end-of-run report prints
     _report(result)
-    assert "lm-mini: data: skipped/altered samples by reason: corrupt_image 1\n" in capsys.readouterr().out
+    assert "lm-mini: training data: skipped corrupt_image 1\n" in capsys.readouterr().out
     assert run.data.metrics["perf/visual_tokens_per_sample"] == 1.0  # C = 1, one image per sample
     assert "perf/samples_per_sec" in run.data.metrics and "perf/tokens_per_sec" in run.data.metrics
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
