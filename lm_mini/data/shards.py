@@ -306,7 +306,7 @@ class BuildReport:
     skipped_records: List[dict] = field(default_factory=list, repr=False)
 
     def summary(self) -> str:
-        media = ", ".join(f"{k} {v}" for k, v in self.media.items())
+        media = ", ".join(f"{k} {self.media.get(k, 0)}" for k in ("image", "video", "text"))  # also as read back from index.json
         skipped = ", ".join(f"{k} {v}" for k, v in self.skipped.items()) or "none"
         return (f"{self.out_dir}: {self.num_samples} samples in {self.num_shards} shards ({media}); "
                 f"wrote {self.shards_written} shards; skipped: {skipped}")
@@ -342,8 +342,13 @@ def _check_out_dir(out: Path, params: dict, resume: bool) -> str:
                                   "choose another --out or delete it (nothing was written)")
         index = read_index(out)
         build = index["build"]  # its media root as given (relative paths keep a shipped index portable)
+        given = Path(build.get("media_root", "."))
+        now = Path(params["media_root"])
+        # A relative root was relative to the directory that build ran in, which the index does not know:
+        # from here, or a root that ends in the same folders (the same build run from elsewhere) is the same.
+        same_root = given.resolve() == now or (not given.is_absolute() and now.parts[-len(given.parts):] == given.parts)
         diff = _same_build({"shard_size": build["shard_size"], "sources": index["sources"],
-                            "media_root": str(Path(build.get("media_root", ".")).resolve())}, params)
+                            "media_root": str(now if same_root else given.resolve())}, params)
         if diff:
             raise ShardBuildError(f"{out} holds a finished build of other inputs ({diff}); refusing to overwrite it")
         return "complete"

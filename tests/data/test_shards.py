@@ -148,6 +148,16 @@ def test_rerun_is_refused_unless_resume(dataset):
     with pytest.raises(ShardBuildError, match="media root differs"):  # a finished build is not the answer either
         build_shards(dataset["json"], other_root, dataset["root"] / "out", shard_size=3, resume=True)
     assert shard_bytes(dataset["root"] / "out") == before
+
+
+def test_resume_of_a_finished_build_given_relative_paths_works_from_another_directory(dataset, monkeypatch):
+    monkeypatch.chdir(dataset["root"])
+    build_shards(["llava.json", "extra.jsonl"], "media", "out", shard_size=3)  # the index keeps "media" as given
+    monkeypatch.chdir(dataset["media"] / "coco")  # elsewhere, the same inputs as absolute paths
+    assert build_shards(dataset["json"], dataset["media"], dataset["root"] / "out", shard_size=3, resume=True).shards_written == 0
+    shutil.copytree(dataset["media"], dataset["root"] / "elsewhere")
+    with pytest.raises(ShardBuildError, match="media root differs"):
+        build_shards(dataset["json"], dataset["root"] / "elsewhere", dataset["root"] / "out", shard_size=3, resume=True)
     (dataset["root"] / "stuff").mkdir()
     (dataset["root"] / "stuff" / "notes.txt").write_text("mine")
     with pytest.raises(ShardBuildError, match="not empty"):
