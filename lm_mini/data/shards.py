@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import webdataset as wds
+from PIL import Image
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from lm_mini.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, VIDEO_PLACEHOLDER
@@ -56,6 +57,7 @@ FORMAT = "lm_mini.shards/1"
 IMAGE_EXTS = ("jpg", "png", "webp")
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi")
 EXT_ALIASES = {"jpeg": "jpg", "m4v": "mp4", "mov": "mp4"}  # same formats under another file suffix
+_PIL_EXTS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # PIL's format name -> member extension
 INDEX_FILE, SKIPPED_FILE, STATE_DIR = "index.json", "skipped.json", ".build"
 TAR_MTIME = 0  # fixed member time/owner so the same input gives byte-identical tars
 log = logging.getLogger(__name__)
@@ -87,8 +89,8 @@ def check_record(record: Any, has_media: bool, sample_id: Optional[str] = None) 
     """
     if not isinstance(record, dict):
         raise SampleError("malformed_record", f"record is a {type(record).__name__}, not an object", sample_id)
-    if record.get("id") is None:
-        raise SampleError("malformed_record", "record has no 'id'", sample_id)
+    if record.get("id") is None or str(record["id"]).strip() == "":
+        raise SampleError("malformed_record", "record has no 'id'" if record.get("id") is None else "record has an empty 'id'", sample_id)
     sample_id = str(record["id"])
     if "image" in record and "video" in record:
         raise SampleError("malformed_record", "record has both 'image' and 'video'; one media item per sample", sample_id)
@@ -154,6 +156,8 @@ def _load_media(kind: str, path: Path, sample_id: str) -> Tuple[str, bytes]:
     ext = EXT_ALIASES.get(ext, ext)
     if kind == "image":
         image = decode_image(data, sample_id)  # full decode: a truncated JPEG fails here, not in training
+        # The member is named by what the bytes are, not by the file's suffix (a PNG saved as .jpg is png).
+        ext = _PIL_EXTS.get(Image.open(io.BytesIO(data)).format, ext)
         if ext not in IMAGE_EXTS:  # gif, bmp, tiff, ...: store losslessly as PNG
             buf = io.BytesIO()
             image.save(buf, format="PNG")

@@ -125,6 +125,18 @@ def test_video_chatgpt_records_raw_and_converted_find_their_videos(tmp_path):
     assert "USER: <image>\nHow long is it? ASSISTANT: Short.</s>" in rendered
 
 
+def test_media_members_are_named_by_content_and_an_empty_id_is_malformed(tmp_path):
+    (tmp_path / "really_png.jpg").write_bytes(image_bytes(Image.new("RGB", (5, 5), (1, 2, 3)), "PNG"))
+    (tmp_path / "really_jpeg.png").write_bytes(image_bytes(Image.new("RGB", (5, 5), (1, 2, 3))))
+    records = [{"id": "a", "image": "really_png.jpg", "conversations": turns("<image>\nQ")},
+               {"id": "b", "image": "really_jpeg.png", "conversations": turns("<image>\nQ")},
+               {"id": " ", "conversations": turns("Q")}]
+    (tmp_path / "in.json").write_text(json.dumps(records))
+    report = build_shards([tmp_path / "in.json"], tmp_path, tmp_path / "out")
+    assert report.skipped == {"malformed_record": 1}
+    assert [(s.record["id"], s.media_ext) for s in read_all(tmp_path / "out")[0]] == [("a", "png"), ("b", "jpg")]
+
+
 def test_build_is_deterministic_across_runs_and_workers(dataset):
     build(dataset, "a", workers=1)
     build(dataset, "b", workers=2)
