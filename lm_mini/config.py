@@ -266,7 +266,20 @@ _MINIMUM = {
     "data.num_workers": 0,
     "train.accumulate_grad_batches": 1,
     "train.keep_last_k": 1,  # 0 would keep no checkpoint: nothing to evaluate, export or init_from
+    "train.lr": 0.0,  # a negative rate would train backwards (gradient ascent) without a word
+    **{f"train.parts.{part}.lr": 0.0 for part in ("encoder", "projector", "compressor", "prefusion", "llm")},
+    "train.weight_decay": 0.0,
+    "train.warmup_ratio": 0.0,
+    "train.max_grad_norm": 0.0,  # 0: no clipping
+    "train.num_nodes": 1,
+    "train.checkpoint_every_n_steps": 1,
+    "train.log_every_n_steps": 1,
+    "train.val_every_n_steps": 1,
+    "eval.max_new_tokens": 1,
+    "eval.batch_size": 1,
+    "eval.max_samples": 1,
 }
+_MAXIMUM = {"train.warmup_ratio": 1.0}  # a fraction of the run
 _POSITIVE = ("data.video_fps",)
 
 
@@ -280,10 +293,20 @@ def validate(cfg: DictConfig, source: str = "config") -> DictConfig:
         value = OmegaConf.select(cfg, key)
         if value is not None and value < low:
             raise ConfigError(f"{source}: bad value for config key '{key}': {value}; expected >= {low}")
+    for key, high in _MAXIMUM.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value > high:
+            raise ConfigError(f"{source}: bad value for config key '{key}': {value}; expected <= {high}")
     for key in _POSITIVE:
         value = OmegaConf.select(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{source}: bad value for config key '{key}': {value}; expected > 0")
+    devices = OmegaConf.select(cfg, "train.devices")
+    if not (devices == "auto" or (isinstance(devices, int) and (devices >= 1 or devices == -1))
+            or (isinstance(devices, str) and devices.replace(",", "").strip().isdigit())
+            or (isinstance(devices, ListConfig) and len(devices) > 0)):
+        raise ConfigError(f"{source}: bad value for config key 'train.devices': {devices!r}; expected a count >= 1, "
+                          "-1 or 'auto' (all), or device ids ([0, 1] or '0,1')")
     for kind in ("train", "val"):
         for i, item in enumerate(OmegaConf.select(cfg, f"data.{kind}") or []):
             if item.weight < 0:

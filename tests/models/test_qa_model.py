@@ -134,10 +134,22 @@ def test_timm_non_square_input_is_refused_clearly():
     ("data.video_fps=0", "data.video_fps", "> 0"),
     ("data.batch_size=0", "data.batch_size", ">= 1"),
     ("data.max_length=0", "data.max_length", ">= 1"),
+    ("train.parts.llm.lr=-0.5", "train.parts.llm.lr", ">= 0.0"),  # would train the LLM backwards
+    ("train.lr=-1", "train.lr", ">= 0.0"),
+    ("train.warmup_ratio=2", "train.warmup_ratio", "<= 1.0"),
+    ("train.weight_decay=-0.1", "train.weight_decay", ">= 0.0"),
+    ("train.devices=0", "train.devices", "a count >= 1"),
+    ("train.checkpoint_every_n_steps=0", "train.checkpoint_every_n_steps", ">= 1"),
+    ("eval.batch_size=0", "eval.batch_size", ">= 1"),
 ])
 def test_bad_config_values_are_refused_at_load_with_the_key(override, key, expected):
     with pytest.raises(ConfigError, match=rf"'{key}'.*{expected}"):
         load_config(TINY, [override])
+
+
+@pytest.mark.parametrize("devices", ["1", "2", "-1", "auto", "[0, 1]", "'0,1'"])
+def test_device_choices_lightning_takes_are_accepted(devices):
+    load_config(TINY, [f"train.devices={devices}"])
 
 
 def test_bad_value_in_yaml_is_refused_naming_the_file(tmp_path):
