@@ -107,18 +107,30 @@ class ResumeMismatch(ValueError):
     """``--resume`` with a configuration the run's checkpoint cannot continue."""
 
 
-def check_same_model(saved_config: Path, cfg: DictConfig) -> None:
-    """Resuming needs the model the checkpoint was trained with; refuse a changed ``model.*`` by name."""
+# What a resumed run may change: how long it goes on, how often it checkpoints / logs / validates, how it
+# is evaluated and tracked. Anything else (model, data, optimiser, schedule, seed, devices) the checkpoint
+# holds or the loader's saved position depends on: a change would be ignored (the restored optimiser and
+# schedule win, so config.yaml and MLflow would record a config the run does not follow) or crash.
+RESUME_MAY_CHANGE = ("train.max_steps", "train.max_epochs", "train.checkpoint_every_n_steps", "train.keep_last_k",
+                     "train.eval_at_end", "train.val_every_n_steps", "train.log_every_n_steps", "train.init_from",
+                     "data.val", "eval", "logging", "experiment", "run_name")
+
+
+def check_resumable(saved_config: Path, cfg: DictConfig) -> None:
+    """Refuse, naming the keys, a resume whose config differs from the run's outside ``RESUME_MAY_CHANGE``."""
     from lm_mini.config import flatten, load_config
 
     if not saved_config.is_file():
         return
-    saved, now = flatten(load_config(saved_config).model), flatten(cfg.model)
-    changed = [f"model.{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
-    if changed:
-        raise ResumeMismatch(f"cannot resume {saved_config.parent}: its checkpoint was trained with another model ("
-                         + "; ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
-                         + "); use a new run_name, or train.init_from to start from its weights")
+    saved, now = flatten(load_config(saved_config)), flatten(cfg)
+    fixed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)
+             and not any(k == p or k.startswith(p + ".") for p in RESUME_MAY_CHANGE)]
+    if fixed:
+        changed = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in fixed]
+        raise ResumeMismatch(f"cannot resume {saved_config.parent}: its checkpoint was trained with another configuration ("
+                             + "; ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
+                             + "); a resumed run may change only " + ", ".join(RESUME_MAY_CHANGE)
+                             + ". Use a new run_name, or train.init_from to start from its weights")
 
 
 def resolve_init_from(value: str, runs_dir: str) -> Path:
@@ -260,7 +272,7 @@ def train(cfg: DictConfig, resume: Optional[str] = None, model_factory: Optional
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run = resolve_run(cfg, resume)
     if run.resume_from is not None:
-        check_same_model(run.dir / "config.yaml", cfg)  # before anything of the run is touched
+        check_resumable(run.dir / "config.yaml", cfg)  # before anything of the run is touched
     if datamodule is None:
         from lm_mini.data.datamodule import check_data_paths
 

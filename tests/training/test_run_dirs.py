@@ -63,6 +63,21 @@ def test_resume_with_another_model_is_refused_before_the_run_is_touched(tmp_path
     assert (run / "config.yaml").read_text() == before and not (tmp_path / "mlflow.db").exists()
 
 
+def test_resume_refuses_settings_the_checkpoint_fixes_and_takes_the_ones_it_may_change(tmp_path):
+    """A new lr was ignored (the restored schedule won) while config.yaml claimed it; a new batch size crashed."""
+    from lm_mini.config import to_yaml
+    from lm_mini.training.run import ResumeMismatch, check_resumable
+
+    saved = tmp_path / "config.yaml"
+    saved.write_text(to_yaml(tiny_config(tmp_path)))
+    for override, shown in [("train.lr=0.01", "train.lr: 0.003 -> 0.01"), ("data.batch_size=8", "data.batch_size: 4 -> 8"),
+                            ("seed=1", "seed: 0 -> 1"), ("train.parts.llm.train=false", "train.parts.llm.train: True -> False")]:
+        with pytest.raises(ResumeMismatch, match=rf"{shown}.*may change only train.max_steps"):
+            check_resumable(saved, tiny_config(tmp_path, override))
+    check_resumable(saved, tiny_config(tmp_path, "train.max_steps=50", "train.checkpoint_every_n_steps=5", "eval.max_samples=3",
+                                       "logging.tags.note=longer", "data.val=[]"))
+
+
 def test_an_empty_training_set_is_refused(tmp_path):
     from lm_mini.training.run import train
 
