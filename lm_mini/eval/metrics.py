@@ -142,33 +142,44 @@ class ExactMatch(_MeanMetric):
 
 
 # --------------------------------------------------------------------------- multiple choice
-_LETTER_PATTERNS = [
-    re.compile(r"^\s*\(?([A-Z])\)?\s*(?:[.:)\]]|$|\s)"),  # "B", "(B)", "B. text", "B) text", "B: text"
-    re.compile(r"answer\s*(?:is|:)?\s*(?:option\s*)?\(?([A-Z])\)?(?![A-Za-z])", re.IGNORECASE),  # "The answer is B"
-    re.compile(r"(?:option|choice)\s*\(?([A-Z])\)?(?![A-Za-z])", re.IGNORECASE),  # "option C"
+_STRONG_PATTERNS = [  # a letter the answer plainly gives
+    re.compile(r"^\s*\(?([A-Za-z])\)?\s*(?:[.:)\]]|$)"),  # "B", "b", "(b)", "B.", "B) text", "b: text"
+    re.compile(r"(?i:answer\s*(?:is|:)?\s*(?:option\s*)?)\(?([A-Z])\)?(?![A-Za-z])"),  # "The answer is B"
+    re.compile(r"(?i:(?:option|choice)\s*)\(?([A-Z])\)?(?![A-Za-z])"),  # "option C"
     re.compile(r"\(([A-Z])\)"),  # "... (C) ..."
-    re.compile(r"(?<![A-Za-z'])([A-Z])(?![A-Za-z'])"),  # a standalone capital letter anywhere
 ]
+_STANDALONE = re.compile(r"(?<![A-Za-z'])([A-Z])(?![A-Za-z'])")  # a capital letter alone: the last resort
+_WORD_NOT_LETTER = re.compile(r"[AI]\s+[a-z]")  # "A red circle", "I think ...": an article or pronoun
+_GOLD_LETTER = re.compile(r"\s*\(?([A-Za-z])\)?\s*[.:)\]]?\s*")
 
 
 def extract_choice(text: str, options: Union[int, Sequence[str]]) -> Optional[str]:
     """The option letter a free-form answer picks, or None.
 
-    ``options``: the number of options (letters A, B, ...) or the option texts (then an answer that
-    repeats one option's text also counts)."""
+    ``options``: the number of options (letters A, B, ...) or the option texts. In order: a letter
+    given plainly ("B", "(b)", "B. ...", "the answer is B"); else the one option whose text the
+    answer repeats; else a capital letter standing alone, where it is not the word "A" or "I"."""
     n = options if isinstance(options, int) else len(options)
     letters = [chr(ord("A") + i) for i in range(n)]
-    for pattern in _LETTER_PATTERNS:
+    for pattern in _STRONG_PATTERNS:
         for m in pattern.finditer(text):
-            letter = m.group(1).upper()
-            if letter in letters:
-                return letter
+            if m.group(1).upper() in letters:
+                return m.group(1).upper()
     if not isinstance(options, int):
         norm = normalize_vqa_answer(text)
         hits = [letters[i] for i, o in enumerate(options) if normalize_vqa_answer(o) and normalize_vqa_answer(o) in norm]
         if len(hits) == 1:
             return hits[0]
+    for m in _STANDALONE.finditer(text):
+        if m.group(1) in letters and not _WORD_NOT_LETTER.match(text, m.start()):
+            return m.group(1)
     return None
+
+
+def gold_letter(target: str) -> str:
+    """A gold answer as its letter: "B", "(B)", "b." -> "B" (anything else as written, upper-cased)."""
+    m = _GOLD_LETTER.fullmatch(target)
+    return m.group(1).upper() if m else target.strip().upper()
 
 
 class MultipleChoiceAccuracy(_MeanMetric):
@@ -187,7 +198,7 @@ class MultipleChoiceAccuracy(_MeanMetric):
         for p, t, o in zip(preds, targets, options):
             choice = extract_choice(p, o)
             self.unparsed += int(choice is None)
-            scores.append(float(choice == t.strip().upper()))
+            scores.append(float(choice == gold_letter(t)))
         self._add(scores)
 
 

@@ -77,6 +77,11 @@ def test_exact_match_with_alternatives():
         ("I choose option C because", "C"),
         ("E", None),  # only four options
         ("no idea", None),
+        ("b", "B"), ("(b)", "B"), ("b.", "B"), ("c) blue", "C"),  # lower case, given plainly
+        ("B is correct", "B"),
+        ("I think it is D", "D"),  # "I" is a word here, not option I
+        ("A red circle", None),  # "A" is an article: no letter given (option texts decide, below)
+        ("the answer is a red one", None),
     ],
 )
 def test_multiple_choice_extraction(text, letter):
@@ -85,10 +90,14 @@ def test_multiple_choice_extraction(text, letter):
 
 def test_multiple_choice_by_option_text():
     assert extract_choice("it is a square", ["circle", "square", "triangle"]) == "B"
+    assert extract_choice("A red circle", ["a blue square", "a red circle"]) == "B"  # not option A by its article
     m = MultipleChoiceAccuracy()
     m.update(["(A)", "The answer is C", "hmm"], ["A", "B", "C"], [3, 3, 3])
     assert m.compute().item() == pytest.approx(1 / 3)
     assert m.unparsed.item() == 1
+    golds = MultipleChoiceAccuracy()  # gold answers written "(B)" / "B." / "c" are their letters
+    golds.update(["B", "B", "C"], ["(B)", "B.", "c"], [3, 3, 3])
+    assert golds.compute().item() == 1.0
 
 
 def test_pope_on_known_confusion_matrix():
