@@ -301,6 +301,12 @@ def validate(cfg: DictConfig, source: str = "config") -> DictConfig:
         value = OmegaConf.select(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{source}: bad value for config key '{key}': {value}; expected > 0")
+    from lm_mini.eval.metrics import METRICS
+
+    for name in OmegaConf.select(cfg, "eval.metrics") or []:
+        if name not in METRICS:
+            raise ConfigError(f"{source}: bad value for config key 'eval.metrics': unknown metric {name!r}; "
+                              f"expected some of {', '.join(sorted(METRICS))}")
     devices = OmegaConf.select(cfg, "train.devices")
     if not (devices == "auto" or (isinstance(devices, int) and (devices >= 1 or devices == -1))
             or (isinstance(devices, str) and devices.replace(",", "").strip().isdigit())

@@ -54,8 +54,11 @@ def score(predictions: Sequence[Mapping[str, Any]], records: Mapping[str, Mappin
                 metric.update(texts, [r.get("answers") or [g] for r, g in zip(recs, golds)])
             elif name == "multiple_choice":
                 metric.update(texts, golds, [_options(r) for r in recs])
-            else:  # pope
-                metric.update(texts, golds)
+            else:  # pope: on the yes/no questions only (a mixed set still scores its other metrics)
+                yes_no = [i for i, g in enumerate(golds) if g.strip().lower() in ("yes", "no")]
+                if not yes_no:
+                    continue
+                metric.update([texts[i] for i in yes_no], [golds[i] for i in yes_no])
             value = metric.compute()
             if isinstance(metric, POPEMetrics):
                 out.update({f"{group}/pope_{k}": float(v) for k, v in value.items()})
@@ -65,7 +68,7 @@ def score(predictions: Sequence[Mapping[str, Any]], records: Mapping[str, Mappin
     return out
 
 
-def _records_by_id(shard_dirs: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+def records_by_id(shard_dirs: Sequence[str]) -> Dict[str, Dict[str, Any]]:
     """The records of the evaluated shard sets under the data module's sample ids."""
     from lm_mini.data.errors import SkipCounter
     from lm_mini.data.shards import find_shards, iter_raw_samples
@@ -94,9 +97,10 @@ def _log_to_mlflow(info: Mapping[str, Any], scores: Mapping[str, Any], prefix: s
     return run_id
 
 
-def evaluate_source(source_path: str, data: Sequence[str], metrics: Sequence[str], out: Optional[str] = None,
+def evaluate_source(source_path: str, data: Sequence[str], metrics: Optional[Sequence[str]] = None, out: Optional[str] = None,
                     overrides: Sequence[str] = (), device: str = "auto", log_mlflow: bool = True) -> Dict[str, Any]:
-    """Evaluate a model directory / run / checkpoint on shard sets; returns scores and where things went."""
+    """Evaluate a model directory / run / checkpoint on shard sets; returns scores and where things went.
+    ``metrics``: default ``eval.metrics`` of the model's config (after ``overrides``)."""
     import lightning as L
 
     from omegaconf import OmegaConf
@@ -115,27 +119,30 @@ def evaluate_source(source_path: str, data: Sequence[str], metrics: Sequence[str
     cfg = OmegaConf.merge(schema(), cfg)  # validated again, with every default filled in
     cfg.data.val = [ShardSetConfig(path=str(d)) for d in data]
     cfg = apply_overrides(cfg, overrides)
+    metrics = list(metrics or cfg.eval.metrics)
+    for name in metrics:
+        build_metric(name)  # an unknown name fails now, not after every answer was generated
     datamodule = build_datamodule(cfg)
     module = LmMiniModule(cfg, model_factory=lambda _: model)
     trainer = L.Trainer(accelerator="cpu" if device == "cpu" else "auto", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     result = evaluate(trainer, module, datamodule, cfg)
-    records = _records_by_id(data)
-    scores = score(result["predictions"], records, metrics)
+    records = records_by_id(data)
     name = "+".join(Path(d).name for d in data)
     out_path = Path(out) if out else (source.run_dir or source.path) / "eval" / f"{name}.jsonl"
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with out_path.open("w") as f:
+    with out_path.open("w") as f:  # first: the generated answers are kept whatever the scoring says
         for p in result["predictions"]:
             rec = records.get(p["id"], {})
             f.write(json.dumps({**p, **({"question_type": rec["question_type"]} if "question_type" in rec else {})}) + "\n")
+    scores = score(result["predictions"], records, metrics)
     run_id = _log_to_mlflow(source.info, scores, name, out_path) if log_mlflow else None
     return {"scores": scores, "majority_baseline": result["majority_baseline"], "predictions_file": str(out_path),
             "mlflow_run_id": run_id, "n": result["n"], "skipped": result["skipped"]}
 
 
 def cli_eval(args: Any) -> int:
-    metrics = args.metric or ["exact_match"]
+    metrics = args.metric or None  # None: eval.metrics
     # `--data A B key=value`: argparse hands the overrides after --data to --data; take them back.
     data = [d for d in args.data if "=" not in d or Path(d).exists()]
     overrides = list(args.overrides) + [d for d in args.data if d not in data]

@@ -40,7 +40,13 @@ def read_runs(experiment: str, sweep: Optional[str] = None, tracking_uri: Option
     """Runs of an experiment (optionally one sweep), oldest first. Raises LookupError with a clear message."""
     from mlflow.tracking import MlflowClient
 
+    from lm_mini.training.tracking import TrackingUnavailable, check_tracking_server
+
     uri = tracking_uri or resolve_tracking_uri()
+    try:  # MLflow's client would retry a dead server for minutes without a word
+        check_tracking_server(uri)
+    except TrackingUnavailable as e:
+        raise LookupError(str(e)) from None
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:

@@ -148,8 +148,14 @@ def train_command(sweep: Sweep, run: SweepRun) -> List[str]:
 
 
 # --------------------------------------------------------------------------- launchers
+def sweep_runs_dir(sweep: Sweep) -> Path:
+    """``<logging.runs_dir>/<experiment>``: the sweep's runs, its logs and its SLURM script."""
+    return Path(load_config(sweep.base, sweep.overrides).logging.runs_dir) / sweep.experiment
+
+
 def launch_local(sweep: Sweep, max_parallel: int = 1, log=print) -> Dict[str, str]:
-    """Run the unfinished runs, ``max_parallel`` at a time. Returns run name -> finished|skipped|failed."""
+    """Run the unfinished runs, ``max_parallel`` at a time. Returns run name -> finished|skipped|stopped|failed
+    (stopped: exited cleanly before its end, e.g. on SIGTERM; running the sweep again resumes it)."""
     status: Dict[str, str] = {}
     pending = []
     for run in sweep.runs:
@@ -159,7 +165,7 @@ def launch_local(sweep: Sweep, max_parallel: int = 1, log=print) -> Dict[str, st
         else:
             pending.append(run)
     running: Dict[str, subprocess.Popen] = {}
-    logs_dir = Path(load_config(sweep.base, sweep.overrides).logging.runs_dir) / sweep.experiment / "_sweep_logs"
+    logs_dir = sweep_runs_dir(sweep) / "_sweep_logs"
     logs_dir.mkdir(parents=True, exist_ok=True)
     while pending or running:
         while pending and len(running) < max(1, max_parallel):
@@ -172,12 +178,15 @@ def launch_local(sweep: Sweep, max_parallel: int = 1, log=print) -> Dict[str, st
             if rc is None:
                 continue
             del running[name]
-            status[name] = "finished" if rc == 0 else "failed"
-            log(f"[sweep {sweep.sweep_id}] {name}: {status[name]} (exit {rc})")
-            if rc != 0:
+            run = next(r for r in sweep.runs if r.name == name)
+            # exit 0 is also a run stopped by a signal after its checkpoint (preemption): it is not done
+            status[name] = "failed" if rc != 0 else "finished" if is_finished(run_dir(sweep, run)) else "stopped"
+            log(f"[sweep {sweep.sweep_id}] {name}: {status[name]} (exit {rc})"
+                + (": stopped before its end; run the sweep again to resume it" if status[name] == "stopped" else ""))
+            if status[name] == "failed":
                 _mark_failed(sweep, name)
-            else:
-                _log_efficiency(sweep, next(r for r in sweep.runs if r.name == name))
+            elif status[name] == "finished":
+                _log_efficiency(sweep, run)
         time.sleep(0.2)
     return status
 
@@ -226,7 +235,7 @@ def slurm_script(sweep: Sweep, max_parallel: Optional[int] = None) -> str:
         f"#SBATCH --time={s.pop('time')}",
         "#SBATCH --requeue",
         "#SBATCH --signal=USR1@300",  # to every job step (B: would signal only this shell): the trainer checkpoints and exits
-        f"#SBATCH --output={Path('runs') / sweep.experiment / '_sweep_logs' / '%x_%A_%a.out'}",
+        f"#SBATCH --output={sweep_runs_dir(sweep) / '_sweep_logs' / '%x_%A_%a.out'}",  # cli_sweep creates the folder
     ]
     lines += [f"#SBATCH --{k.replace('_', '-')}={v}" for k, v in s.items()]
     lines += ["", "set -euo pipefail", "export HF_HUB_OFFLINE=1", "RUNS=("]
@@ -244,8 +253,9 @@ def cli_sweep(args: argparse.Namespace) -> int:
     for run in sweep.runs:
         print(f"  {run.name}: {run.values}")
     if args.launcher == "slurm":
-        out = Path(args.slurm_script or (Path("runs") / sweep.experiment / f"{sweep.sweep_id}.sbatch"))
+        out = Path(args.slurm_script or (sweep_runs_dir(sweep) / f"{sweep.sweep_id}.sbatch"))
         out.parent.mkdir(parents=True, exist_ok=True)
+        (sweep_runs_dir(sweep) / "_sweep_logs").mkdir(parents=True, exist_ok=True)  # SLURM does not create it
         out.write_text(slurm_script(sweep, args.max_parallel if args.max_parallel > 1 else None))
         print(f"wrote {out}")
         if args.submit and not args.dry_run:
@@ -255,7 +265,14 @@ def cli_sweep(args: argparse.Namespace) -> int:
         for run in sweep.runs:
             print(" ".join(shlex.quote(a) for a in train_command(sweep, run)))
         return 0
+    from lm_mini.training.tracking import TrackingUnavailable, check_tracking_server
+
+    try:  # a dead tracking server fails every run, then hangs marking each failed: say so first
+        check_tracking_server(tracking_uri(load_config(sweep.base, sweep.overrides)))
+    except TrackingUnavailable as e:
+        print(f"lm-mini sweep: {e}", file=sys.stderr)
+        return 2
     status = launch_local(sweep, max_parallel=args.max_parallel)
-    failed = [n for n, s in status.items() if s == "failed"]
-    print(f"sweep {sweep.sweep_id}: " + ", ".join(f"{s}={sum(v == s for v in status.values())}" for s in ("finished", "skipped", "failed")))
-    return 1 if failed else 0
+    print(f"sweep {sweep.sweep_id}: " + ", ".join(f"{s}={sum(v == s for v in status.values())}"
+                                                 for s in ("finished", "skipped", "stopped", "failed")))
+    return 1 if any(s in ("failed", "stopped") for s in status.values()) else 0

@@ -314,6 +314,7 @@ def train(cfg: DictConfig, resume: Optional[str] = None, model_factory: Optional
     if cfg.train.eval_at_end and len(cfg.data.val) > 0:
         result.eval = evaluate(trainer, module, datamodule, cfg)
         if trainer.is_global_zero:
+            _score_other_metrics(result.eval, cfg, logger, trainer.global_step)
             (run.dir / "eval.json").write_text(json.dumps(result.eval, indent=2))
     if trainer.is_global_zero:
         final = ckpt.latest_checkpoint(run.checkpoints)
@@ -348,6 +349,19 @@ def evaluate(trainer: L.Trainer, module: LmMiniModule, datamodule: Any, cfg: Dic
     return result
 
 
+def _score_other_metrics(result: Dict[str, Any], cfg: DictConfig, logger: Any, step: int) -> None:
+    """``eval.metrics`` besides exact match (logged by the test loop) on the predictions, into ``result["scores"]``
+    and MLflow as ``eval/<metric>`` and ``eval/type/<question type>/<metric>``."""
+    from lm_mini.eval.evaluate import records_by_id, score
+
+    others = [m for m in cfg.eval.metrics if m != "exact_match"]
+    if not others or not result["predictions"]:
+        return
+    scores = score(result["predictions"], records_by_id([v.path for v in cfg.data.val]), others)
+    result["scores"] = scores
+    logger.log_metrics({f"eval/{k.removeprefix('all/')}": v for k, v in scores.items() if not k.endswith("/n")}, step=step)
+
+
 def majority_per_question_type(val_sets: Any, sample_ids: set) -> Optional[float]:
     """Accuracy, on the evaluated samples, of always giving the most frequent answer of each
     ``question_type`` (None when the records do not say their type)."""
@@ -372,6 +386,9 @@ def _report(result: TrainResult) -> None:
         e = result.eval
         print(f"lm-mini: held-out accuracy (exact match, greedy): {e['accuracy']:.3f} on {e['n']} samples; "
               f"majority-answer baseline: {e['majority_baseline']:.3f}")
+        if e.get("scores"):
+            shown = ", ".join(f"{k.removeprefix('all/')} {v:.3f}" for k, v in e["scores"].items() if k.startswith("all/") and k != "all/n")
+            print(f"lm-mini: held-out scores: {shown}")
         if e.get("skipped"):
             print(f"lm-mini: held-out data: {describe_skips(e['skipped'])}")
     print(f"lm-mini: MLflow run {result.mlflow_run_id} in {result.tracking_uri} "

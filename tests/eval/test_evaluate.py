@@ -35,14 +35,26 @@ def test_score_uses_record_fields_and_breaks_down_by_type():
     assert s["type/mc/multiple_choice"] == 1.0
     pope = score([{"id": "x", "prediction": "No.", "gold": "no"}, {"id": "y", "prediction": "yes", "gold": "no"}], {}, ["pope"])
     assert pope["all/pope_accuracy"] == pytest.approx(0.5) and pope["all/pope_precision"] == 0.0
+    # a set with other questions too: POPE on its yes/no ones, the other metrics on all (it used to raise)
+    mixed = score([{"id": "x", "prediction": "No.", "gold": "no"}, {"id": "z", "prediction": "red", "gold": "red"}], {},
+                  ["pope", "exact_match"])
+    assert mixed["all/pope_accuracy"] == 1.0 and mixed["all/exact_match"] == 1.0 and mixed["all/n"] == 2
 
 
 def test_eval_cli_on_a_trained_run_writes_predictions_and_logs_scores(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert cli_main(["train", "experiments/demo.yaml", "train.max_steps=2", "data.batch_size=2", "train.eval_at_end=false",
+    assert cli_main(["train", "experiments/demo.yaml", "train.max_steps=2", "data.batch_size=2", "eval.max_samples=4",
+                     "eval.max_new_tokens=2", "eval.metrics=[exact_match,vqa_accuracy]",
                      "run_name=ev", f"logging.runs_dir={tmp_path / 'runs'}", f"logging.tracking_uri={uri}"]) == 0
     run = tmp_path / "runs" / "demo" / "ev"
+    # the end-of-training eval scores every metric of eval.metrics, into eval.json, MLflow and the report
+    at_end = json.loads((run / "eval.json").read_text())
+    assert at_end["n"] == 4 and set(at_end["scores"]) >= {"all/vqa_accuracy", "all/n"}
+    assert "lm-mini: held-out scores: vqa_accuracy " in capsys.readouterr().out
+    logged_at_end = MlflowClient(uri).get_run(json.loads((run / "mlflow.json").read_text())["run_id"]).data.metrics
+    assert logged_at_end["eval/vqa_accuracy"] == pytest.approx(at_end["scores"]["all/vqa_accuracy"])
+    assert "eval/exact_match" in logged_at_end
     capsys.readouterr()
     generate, batches = LmMiniModule._generate, []
 
@@ -61,6 +73,10 @@ def test_eval_cli_on_a_trained_run_writes_predictions_and_logs_scores(tmp_path, 
     assert Path(result["predictions_file"]) == run / "eval" / "eval.jsonl"
     exact = sum(l["prediction"].strip().lower() == l["gold"].strip().lower() for l in lines) / 6
     assert result["scores"]["all/exact_match"] == pytest.approx(exact)
+    # without --metric: the metrics of eval.metrics (the run's config, or an override)
+    assert cli_main(["eval", str(run), "eval.max_samples=2", "eval.max_new_tokens=2", "eval.metrics=[vqa_accuracy]",
+                     "--data", "data_shards/demo/eval", "--no-mlflow", "--json", "--out", str(tmp_path / "p.jsonl")]) == 0
+    assert {k for k in json.loads(capsys.readouterr().out)["scores"] if k.startswith("all/")} == {"all/vqa_accuracy", "all/n"}
     run_id = json.loads((run / "mlflow.json").read_text())["run_id"]
     logged = MlflowClient(uri).get_run(run_id).data.metrics
     assert logged["eval/eval/exact_match"] == pytest.approx(exact)

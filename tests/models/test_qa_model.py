@@ -141,6 +141,7 @@ def test_timm_non_square_input_is_refused_clearly():
     ("train.devices=0", "train.devices", "a count >= 1"),
     ("train.checkpoint_every_n_steps=0", "train.checkpoint_every_n_steps", ">= 1"),
     ("eval.batch_size=0", "eval.batch_size", ">= 1"),
+    ("eval.metrics=[exact_match,accuracy]", "eval.metrics", "unknown metric 'accuracy'"),
 ])
 def test_bad_config_values_are_refused_at_load_with_the_key(override, key, expected):
     with pytest.raises(ConfigError, match=rf"'{key}'.*{expected}"):

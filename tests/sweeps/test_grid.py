@@ -70,3 +70,68 @@ def test_malformed_sweep_files_are_clear_config_errors(tmp_path):
         load_sweep(path)
     with pytest.raises(ConfigError, match="two grid points have the same run name 'lr=0.001'"):
         load_sweep(make_sweep(tmp_path, grid="  train.lr: [0.001, 1.0e-3]\n"))
+
+
+def _sweep_in(tmp_path, runs_dir):
+    (tmp_path / "base.yaml").write_text(f"experiment: base_exp\nlogging:\n  runs_dir: {runs_dir}\n")
+    (tmp_path / "sw.yaml").write_text("base: base.yaml\nsweep_id: cd\ngrid:\n  model.compressor.grid: [1, 2, 3]\n")
+    return tmp_path / "sw.yaml"
+
+
+def test_slurm_script_and_its_log_folder_live_under_logging_runs_dir(tmp_path, monkeypatch):
+    from lm_mini.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", str(_sweep_in(tmp_path, tmp_path / "elsewhere")), "--launcher", "slurm"]) == 0
+    script = tmp_path / "elsewhere" / "base_exp" / "cd.sbatch"
+    output = re.search(r"#SBATCH --output=(\S+)", script.read_text()).group(1)
+    assert output == str(tmp_path / "elsewhere" / "base_exp" / "_sweep_logs" / "%x_%A_%a.out")
+    assert (tmp_path / "elsewhere" / "base_exp" / "_sweep_logs").is_dir()  # sbatch does not create it
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_that_exits_cleanly_before_its_end_is_reported_stopped_not_finished(tmp_path, monkeypatch, capsys):
+    """A SIGTERM-ed run checkpoints and exits 0; the sweep used to call it finished (and exit 0)."""
+    import json
+    import sys
+
+    from lm_mini.cli import main
+    from lm_mini.sweeps import grid
+
+    runs = tmp_path / "runs"
+    fake = {  # what each run's training does: exit code, and whether it writes the finished marker
+        "grid=1": "import sys; sys.exit(0)",  # preempted: checkpointed, exit 0, not finished
+        "grid=2": "import sys; sys.exit(3)",  # crashed
+        "grid=3": (f"import json, pathlib; d = pathlib.Path({str(runs / 'base_exp' / 'grid=3')!r}); (d / 'checkpoints').mkdir(parents=True); "
+                   "(d / 'checkpoints' / 'step=00000004.ckpt').touch(); "
+                   "(d / 'finished.json').write_text(json.dumps({'checkpoint': 'step=00000004.ckpt'}))"),
+    }
+    monkeypatch.setattr(grid, "train_command", lambda sweep, run: [sys.executable, "-c", fake[run.name]])
+    marked, measured = [], []
+    monkeypatch.setattr(grid, "_mark_failed", lambda sweep, name: marked.append(name))
+    monkeypatch.setattr(grid, "_log_efficiency", lambda sweep, run: measured.append(run.name))
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", str(_sweep_in(tmp_path, runs))]) == 1
+    out = capsys.readouterr().out
+    assert "grid=1: stopped (exit 0): stopped before its end; run the sweep again to resume it" in out
+    assert "finished=1, skipped=0, stopped=1, failed=1" in out
+    assert marked == ["grid=2"] and measured == ["grid=3"]  # figures only for a finished run, once
+
+
+def test_a_dead_tracking_server_is_one_clear_error_for_sweep_and_compare(tmp_path, monkeypatch, capsys):
+    import socket
+    import time
+
+    from lm_mini.cli import main
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.chdir(tmp_path)
+    start = time.monotonic()
+    assert main(["sweep", str(_sweep_in(tmp_path, tmp_path / "runs"))]) == 2
+    assert "is not reachable" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+    assert main(["compare", "--experiment", "base_exp"]) == 1
+    assert "is not reachable" in capsys.readouterr().out
+    assert time.monotonic() - start < 30

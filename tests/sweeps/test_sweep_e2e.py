@@ -41,20 +41,20 @@ def test_sweep_runs_skips_resumes_and_compares(tmp_path, monkeypatch, capsys):
 
     assert cli_main(["sweep", str(sweep)]) == 0
     out = capsys.readouterr().out
-    assert "finished=4, skipped=0, failed=0" in out
+    assert "finished=4, skipped=0, stopped=0, failed=0" in out
     runs = tmp_path / "runs" / "sweep_test"
     for name in names:
         assert (runs / name / "checkpoints" / "step=00000004.ckpt").exists(), name
 
     # a re-run skips everything
     assert cli_main(["sweep", str(sweep)]) == 0
-    assert "finished=0, skipped=4, failed=0" in capsys.readouterr().out
+    assert "finished=0, skipped=4, stopped=0, failed=0" in capsys.readouterr().out
 
     # losing one run's final checkpoint: the re-run resumes that run alone, from its step-2 checkpoint
     (runs / names[3] / "checkpoints" / "step=00000004.ckpt").unlink()
     assert cli_main(["sweep", str(sweep)]) == 0
     out = capsys.readouterr().out
-    assert "finished=1, skipped=3, failed=0" in out and f"{names[3]}: starting" in out
+    assert "finished=1, skipped=3, stopped=0, failed=0" in out and f"{names[3]}: starting" in out
     log = (runs / "_sweep_logs" / f"{names[3]}.log").read_text()
     assert "resuming step=00000002.ckpt" in log
     assert (runs / names[3] / "checkpoints" / "step=00000004.ckpt").exists()
