@@ -133,6 +133,16 @@ def check_resumable(saved_config: Path, cfg: DictConfig) -> None:
                              + ". Use a new run_name, or train.init_from to start from its weights")
 
 
+def check_same_tracking_store(run: Run, uri: str) -> None:
+    """A resumed run continues its MLflow run, which lives in the store it was started with."""
+    started = json.loads(run.mlflow_file.read_text()).get("tracking_uri") if run.mlflow_file.is_file() else None
+    if started and started != uri:
+        raise TrackingUnavailable(
+            f"cannot resume {run.dir}: its MLflow run is in {started}, but this session logs to {uri} "
+            f"(logging.tracking_uri / MLFLOW_TRACKING_URI). Resume with logging.tracking_uri={started}, or delete "
+            f"{run.mlflow_file} to continue in a new MLflow run there")
+
+
 def resolve_init_from(value: str, runs_dir: str) -> Path:
     """``train.init_from``: a checkpoint, a run directory, or a run name (under any experiment) -> checkpoint."""
     path = Path(value)
@@ -273,6 +283,7 @@ def train(cfg: DictConfig, resume: Optional[str] = None, model_factory: Optional
     run = resolve_run(cfg, resume)
     if run.resume_from is not None:
         check_resumable(run.dir / "config.yaml", cfg)  # before anything of the run is touched
+        check_same_tracking_store(run, tracking_uri(cfg))
     if datamodule is None:
         from lm_mini.data.datamodule import check_data_paths
 

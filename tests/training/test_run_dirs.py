@@ -99,3 +99,18 @@ def test_data_that_is_not_where_the_config_says_is_refused_before_a_run_exists(t
     assert main(["train", str(ROOT / "experiments" / "demo.yaml"), *paths]) == 2
     assert "data.tokenizer: tokenizer directory not found: data_shards/demo/tokenizer" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # no run directory, no MLflow store
+
+
+def test_resume_against_another_tracking_store_names_the_runs_own(tmp_path):
+    import json
+
+    from lm_mini.training.run import train
+    from lm_mini.training.tracking import TrackingUnavailable
+
+    run = tmp_path / "runs" / "test" / "r"
+    _touch(run / "checkpoints" / ckpt.checkpoint_name(4))
+    first = f"sqlite:///{tmp_path / 'first.db'}"
+    (run / "mlflow.json").write_text(json.dumps({"tracking_uri": first, "run_id": "abc", "experiment": "test"}))
+    with pytest.raises(TrackingUnavailable, match=rf"its MLflow run is in {first}.*logging.tracking_uri={first}"):
+        train(tiny_config(tmp_path), resume="auto")  # tiny_config logs to mlflow.db, not first.db
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "mlflow.json"]  # nothing touched
