@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import signal
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,6 +211,10 @@ class StreamingDataset(IterableDataset):
         workers = info.num_workers if info is not None else 1
         if workers != max(self.num_workers, 1):
             raise RuntimeError(f"dataset planned for {self.num_workers} workers runs in {workers}")
+        if info is not None:
+            # Ctrl-C reaches the workers too; the trainer decides what it means (checkpoint at the next step,
+            # then stop) and shuts its workers down itself, so a worker must not die of it first.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         return _WorkerStream(self, info.id if info is not None else 0)
 
 

@@ -47,7 +47,7 @@ class StepCheckpoint(ModelCheckpoint):
 
 
 class PreemptionHandler(Callback):
-    """SIGTERM / SIGUSR1: checkpoint at the next optimizer-step boundary, stop cleanly, requeue on SLURM.
+    """SIGTERM / SIGUSR1 / Ctrl-C: checkpoint at the next optimizer-step boundary, stop cleanly, requeue on SLURM.
 
     Lightning's own handlers are replaced while training runs: its SLURM handler checkpoints from inside
     the signal handler (mid-step, possibly mid gradient accumulation, with collectives under FSDP), and
@@ -56,7 +56,7 @@ class PreemptionHandler(Callback):
     checkpoint resumes bit-exactly. ``run.py`` requeues the SLURM job afterwards.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SIGINT: Ctrl-C, the same; a second one stops at once
 
     def __init__(self, checkpoint: StepCheckpoint):
         self.checkpoint = checkpoint
@@ -67,11 +67,16 @@ class PreemptionHandler(Callback):
         self._launcher: Any = None
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT:  # the next Ctrl-C interrupts as usual, without waiting for the step to end
+            signal.signal(signal.SIGINT, self._previous.get(signal.SIGINT, signal.default_int_handler))
         if self.received is None:
-            print(f"lm-mini: received {signal.Signals(signum).name}; checkpointing at the next optimizer step, then exiting", flush=True)
+            again = " (Ctrl-C again to stop now, without a checkpoint)" if signum == signal.SIGINT else ""
+            print(f"lm-mini: received {signal.Signals(signum).name}; checkpointing at the next optimizer step, then exiting{again}",
+                  flush=True)
         self.received = signum
         launcher = self._launcher
-        if launcher is not None and hasattr(launcher, "kill"):  # processes Lightning started get the signal too
+        # Processes Lightning started get the signal too; a terminal's Ctrl-C already reached them all.
+        if launcher is not None and hasattr(launcher, "kill") and signum != signal.SIGINT:
             launcher.kill(signum)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

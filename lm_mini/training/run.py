@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from collections import Counter
@@ -318,7 +319,7 @@ def train(cfg: DictConfig, resume: Optional[str] = None, model_factory: Optional
     result = TrainResult(run, preemption.preempted, trainer.global_step, tracking_uri=tracking_uri(cfg),
                          mlflow_run_id=logger.run_id if trainer.is_global_zero else None, trainer=trainer, skipped=skipped)
     if preemption.preempted:
-        if trainer.is_global_zero and requeue_slurm_job():
+        if trainer.is_global_zero and preemption.received != signal.SIGINT and requeue_slurm_job():  # not a Ctrl-C
             print("lm-mini: SLURM job requeued", flush=True)
         logger.close("KILLED")
         return result

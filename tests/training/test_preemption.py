@@ -93,6 +93,42 @@ def test_sigterm_then_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path)
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
+def test_ctrl_c_checkpoints_at_the_next_step_with_loader_workers_and_the_run_resumes(tmp_path):
+    checkpoints = tmp_path / "runs" / "demo" / "job" / "checkpoints"
+    # with gradient accumulation the step boundary needs batches after the Ctrl-C: the workers must live on
+    job = _start(tmp_path, "job", "data.num_workers=2", "train.accumulate_grad_batches=2")
+    _wait_for(checkpoints / ckpt.checkpoint_name(3), job)
+    job.send_signal(signal.SIGINT)
+    for worker in _children(job.pid):  # a terminal's Ctrl-C reaches the whole process group
+        os.kill(worker, signal.SIGINT)
+    assert job.wait(timeout=120) == 0
+    log = (tmp_path / "job.log").read_text()
+    assert "received SIGINT" in log and "Ctrl-C again to stop now" in log and "stopped by a signal" in log
+    step = ckpt.load_checkpoint(ckpt.latest_checkpoint(checkpoints))["global_step"]
+    assert 3 < step < STEPS
+    run_id = json.loads((checkpoints.parent / "mlflow.json").read_text())["run_id"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'job.db'}")
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert subprocess.run(_cmd(tmp_path, "job", "data.num_workers=2", "train.accumulate_grad_batches=2", "--resume", "auto"),
+                          cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, timeout=400).returncode == 0
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == list(range(STEPS))
+
+
+def _children(pid: int):
+    """Process ids whose parent is ``pid`` (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
 _KILLED_AFTER_A_CHECKPOINT = """
 import os, signal, sys, threading
 from lm_mini.cli import main
