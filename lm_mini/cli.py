@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="greedy generation on shards, scored (VQA, exact match, multiple choice, POPE)")
     p.add_argument("source", help="run directory, checkpoint (*.ckpt) or model directory")
     p.add_argument("--data", nargs="+", required=True, help="shard directories (with index.json) to evaluate on")
-    p.add_argument("--metric", nargs="*", default=None, choices=["exact_match", "vqa_accuracy", "multiple_choice", "pope"],
-                   help="metrics (default: exact_match)")
+    p.add_argument("--metric", nargs="*", default=None,
+                   help="exact_match, vqa_accuracy, multiple_choice, pope (default: the config's eval.metrics)")
     p.add_argument("--out", default=None, help="predictions JSONL (default: <run>/eval/<data>.jsonl)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu"], help="auto: a GPU when there is one")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
@@ -178,7 +178,14 @@ def _add_interop_commands(sub: Any) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides after an option (`train cfg --resume auto k=v`) are overrides like the ones before it
+    overrides = [t for t in extra if "=" in t and not t.startswith("-")]
+    if len(overrides) != len(extra) or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if overrides:
+        args.overrides = list(args.overrides) + overrides
     from lm_mini.config import ConfigError
 
     try:

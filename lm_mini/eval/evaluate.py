@@ -142,10 +142,10 @@ def evaluate_source(source_path: str, data: Sequence[str], metrics: Optional[Seq
 
 
 def cli_eval(args: Any) -> int:
-    metrics = args.metric or None  # None: eval.metrics
-    # `--data A B key=value`: argparse hands the overrides after --data to --data; take them back.
+    # `--data A B key=value` / `--metric m key=value`: argparse hands the overrides to the option; take them back.
     data = [d for d in args.data if "=" not in d or Path(d).exists()]
-    overrides = list(args.overrides) + [d for d in args.data if d not in data]
+    metrics = [m for m in args.metric or [] if "=" not in m] or None  # None: eval.metrics
+    overrides = list(args.overrides) + [d for d in args.data if d not in data] + [m for m in args.metric or [] if "=" in m]
     try:
         result = evaluate_source(args.source, data, metrics, args.out, overrides, args.device, not args.no_mlflow)
     except (FileNotFoundError, ValueError, KeyError) as e:

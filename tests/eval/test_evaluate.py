@@ -77,6 +77,12 @@ def test_eval_cli_on_a_trained_run_writes_predictions_and_logs_scores(tmp_path, 
     assert cli_main(["eval", str(run), "eval.max_samples=2", "eval.max_new_tokens=2", "eval.metrics=[vqa_accuracy]",
                      "--data", "data_shards/demo/eval", "--no-mlflow", "--json", "--out", str(tmp_path / "p.jsonl")]) == 0
     assert {k for k in json.loads(capsys.readouterr().out)["scores"] if k.startswith("all/")} == {"all/vqa_accuracy", "all/n"}
+    # overrides after --metric are overrides; an unknown metric is refused before anything is generated
+    assert cli_main(["eval", str(run), "--data", "data_shards/demo/eval", "--no-mlflow", "--json", "--out", str(tmp_path / "q.jsonl"),
+                     "--metric", "multiple_choice", "eval.max_samples=1", "eval.max_new_tokens=1"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 1
+    assert cli_main(["eval", str(run), "--data", "data_shards/demo/eval", "--metric", "accuracy"]) == 2
+    assert "unknown metric 'accuracy'" in capsys.readouterr().err
     run_id = json.loads((run / "mlflow.json").read_text())["run_id"]
     logged = MlflowClient(uri).get_run(run_id).data.metrics
     assert logged["eval/eval/exact_match"] == pytest.approx(exact)

@@ -114,3 +114,15 @@ def test_resume_against_another_tracking_store_names_the_runs_own(tmp_path):
     with pytest.raises(TrackingUnavailable, match=rf"its MLflow run is in {first}.*logging.tracking_uri={first}"):
         train(tiny_config(tmp_path), resume="auto")  # tiny_config logs to mlflow.db, not first.db
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "mlflow.json"]  # nothing touched
+
+
+def test_overrides_after_an_option_are_overrides(tmp_path, capsys):
+    from lm_mini.cli import main
+
+    # data.train=[] after --resume reached the config: refused as an empty training set (argparse refused it before)
+    assert main(["train", str(ROOT / "experiments" / "demo.yaml"), "--resume", "auto", "data.train=[]",
+                 f"logging.runs_dir={tmp_path / 'runs'}"]) == 2
+    assert "data.train is empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", str(ROOT / "experiments" / "demo.yaml"), "--resume", "auto", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
