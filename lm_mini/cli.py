@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p.add_argument("--data", required=True, help="shard directory (with index.json) to analyse")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-batches", type=int, default=None)
+    p.add_argument("--max-batches", type=int, default=None, help="default: all, or eval.max_samples worth of batches")
     p.add_argument("--no-layer-drop", action="store_true", help="skip the layer-drop probe (one forward per layer)")
     p.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
     p.add_argument("--plot", default=None, help="PNG file")

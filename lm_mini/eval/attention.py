@@ -352,7 +352,10 @@ def cli_attention(args: Any) -> int:
     cfg.data.val = [ShardSetConfig(path=args.data)]
     cfg.data.batch_size = args.batch_size
     loader = build_datamodule(cfg, rank=0, world_size=1).val_dataloader()
-    result = analyze(model, loader, with_layer_drop=not args.no_layer_drop, max_batches=args.max_batches)
+    max_batches = args.max_batches
+    if max_batches is None and cfg.eval.max_samples:  # eval.max_samples=N: the first N samples, in whole batches
+        max_batches = -(-cfg.eval.max_samples // args.batch_size)
+    result = analyze(model, loader, with_layer_drop=not args.no_layer_drop, max_batches=max_batches)
     print(f"{'layer':>5} {'system':>8} {'visual':>8} {'instr.':>8} {'H(visual)':>10} {'drop: loglik':>13} {'EM':>6}")
     for row in layer_rows(result):
         ll, em = row["drop_from_here_log_likelihood"], row["drop_from_here_exact_match"]

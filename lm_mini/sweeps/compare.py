@@ -192,6 +192,7 @@ def plot(rows: Sequence[RunRow], metric: str, path: str) -> None:
                 x = r.metrics[FLOPS_METRIC] / scale
                 ax.scatter(x, r.metrics[metric])
                 ax.annotate(r.name, (x, r.metrics[metric]), fontsize=7)
+        ax.margins(x=0.25)  # room for the run names written right of their points
         ax.set_xlabel(f"{unit} per sample")
         ax.set_ylabel(metric)
         ax.set_title(f"{metric} vs FLOPs")

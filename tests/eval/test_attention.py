@@ -1,4 +1,5 @@
 """Attention analysis: shares per token type, detection of image-focused attention, layer-drop."""
+import json
 import math
 
 from pathlib import Path
@@ -154,3 +155,7 @@ def test_cli_analyses_a_run_checkpoint_on_shards_and_writes_csv_and_png(tmp_path
         assert sum(float(r[f"share_{t}"]) for t in ("system", "visual", "instruction")) == pytest.approx(1, abs=1e-5)
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
     assert "full model (no drop)" in capsys.readouterr().out
+    # eval.max_samples bounds it too (in whole batches), as it does the generation eval
+    assert main(["analyze", "attention", str(ckpt), "eval.max_samples=3", "--data", "data_shards/demo/eval",
+                 "--batch-size", "2", "--no-layer-drop", "--out", str(tmp_path / "att.json")]) == 0
+    assert json.loads((tmp_path / "att.json").read_text())["layers"][0]["samples"] == 4
