@@ -29,6 +29,19 @@ def _at_least(low: float, kind: type = int, inclusive: bool = True) -> Callable[
     return parse
 
 
+def _device(text: str) -> str:
+    """An argparse type: a torch device this machine has (``cpu``, ``cuda``, ``cuda:1``, ...)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f"{text}: not a device ({e})") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
 def _config_show(args: argparse.Namespace) -> int:
     from lm_mini.config import load_config, to_yaml
 
@@ -122,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--mlflow-run", default=None, help="log the figures (flops_per_sample, ...) to this MLflow run id, or the run of a training run directory")
     p.add_argument("--measure-latency", action="store_true", help="also time prefill and decode with random weights")
-    p.add_argument("--device", default="cpu", help="device for --measure-latency (cpu, cuda)")
+    p.add_argument("--device", type=_device, default="cpu", help="device for --measure-latency (cpu, cuda)")
     p.add_argument("--new-tokens", type=_at_least(1), default=8, help="decode steps timed per run")
     p.add_argument("--repeats", type=_at_least(1), default=5, help="timed runs (median), after 2 warm-up runs")
     p.set_defaults(func=_handler("lm_mini.eval.efficiency:cli_efficiency"))
@@ -136,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-batches", type=int, default=None, help="default: all, or eval.max_samples worth of batches")
     p.add_argument("--no-layer-drop", action="store_true", help="skip the layer-drop probe (one forward per layer)")
-    p.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
+    p.add_argument("--device", type=_device, default="cpu", help="where the model runs (cpu, cuda)")
     p.add_argument("--plot", default=None, help="PNG file")
     p.add_argument("--out", default=None, help="numbers as .json (everything) or .csv (one row per layer)")
     p.set_defaults(func=_handler("lm_mini.eval.attention:cli_attention"))
@@ -173,7 +186,7 @@ def _add_interop_commands(sub: Any) -> None:
             p.add_argument("--prompt", required=True, help="the question")
         p.add_argument("--json", action="store_true", help="print a JSON object per answer instead of streaming text")
         p.add_argument("--max-new-tokens", type=int, default=128)
-        p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+        p.add_argument("--device", type=_device, default=None, help="default: cuda if available, else cpu")
         p.set_defaults(func=_handler(f"lm_mini.interop.generate:cli_{name}"))
 
 

@@ -89,6 +89,20 @@ def test_efficiency_refuses_impossible_options(option, value, capsys):
     assert exit_.value.code == 2 and f"argument {option}: {value}: expected" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["efficiency", "experiments/demo.yaml", "--measure-latency"],
+                                     ["analyze", "attention", "experiments/demo.yaml", "--data", "data_shards/demo/eval"]])
+def test_a_device_the_machine_lacks_is_an_argument_error(command, capsys):
+    import torch
+
+    from lm_mini.cli import main
+
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU, if any
+    for device, message in [(missing, f"this machine has {torch.cuda.device_count()} CUDA device(s)"), ("gpu", "not a device")]:
+        with pytest.raises(SystemExit) as exit_:
+            main([*command, "--device", device])
+        assert exit_.value.code == 2 and f"argument --device: {device}: {message}" in capsys.readouterr().err
+
+
 def test_efficiency_names_an_unknown_mlflow_run(tmp_path, monkeypatch, capsys):
     from lm_mini.cli import main
 
