@@ -36,13 +36,17 @@ def _options(record: Mapping[str, Any]) -> Any:
 
 
 def score(predictions: Sequence[Mapping[str, Any]], records: Mapping[str, Mapping[str, Any]], metrics: Sequence[str]) -> Dict[str, Any]:
-    """Scores of ``predictions`` ({id, prediction, gold}) under each metric name, overall and per question type."""
+    """Scores of ``predictions`` ({id, prediction, gold}) under each metric name: overall, per question type,
+    and per shard set (``set/<name>/...``) when they come from several (ids are ``<set name>/<key>``)."""
     groups: Dict[str, List[Mapping[str, Any]]] = defaultdict(list)
+    several_sets = len({p["id"].rpartition("/")[0] for p in predictions}) > 1
     for p in predictions:
         groups["all"].append(p)
         qtype = records.get(p["id"], {}).get("question_type")
         if qtype is not None:
             groups[f"type/{qtype}"].append(p)
+        if several_sets:
+            groups[f"set/{p['id'].rpartition('/')[0]}"].append(p)
     out: Dict[str, Any] = {}
     for group, preds in groups.items():
         for name in metrics:

@@ -35,6 +35,11 @@ def test_score_uses_record_fields_and_breaks_down_by_type():
     assert s["type/mc/multiple_choice"] == 1.0
     pope = score([{"id": "x", "prediction": "No.", "gold": "no"}, {"id": "y", "prediction": "yes", "gold": "no"}], {}, ["pope"])
     assert pope["all/pope_accuracy"] == pytest.approx(0.5) and pope["all/pope_precision"] == 0.0
+    # predictions from two shard sets: scored on each as well (ids are "<set name>/<key>")
+    two = score([{"id": "gqa/val/0", "prediction": "red", "gold": "red"}, {"id": "coco/val/0", "prediction": "x", "gold": "y"},
+                 {"id": "coco/val/1", "prediction": "y", "gold": "y"}], {}, ["exact_match"])
+    assert (two["all/n"], two["set/gqa/val/exact_match"], two["set/coco/val/exact_match"], two["set/coco/val/n"]) == (3, 1.0, 0.5, 2)
+    assert not any(k.startswith("set/") for k in score([{"id": "a/0", "prediction": "p", "gold": "p"}], {}, ["exact_match"]))
     # a set with other questions too: POPE on its yes/no ones, the other metrics on all (it used to raise)
     mixed = score([{"id": "x", "prediction": "No.", "gold": "no"}, {"id": "z", "prediction": "red", "gold": "red"}], {},
                   ["pope", "exact_match"])
