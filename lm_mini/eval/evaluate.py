@@ -130,8 +130,8 @@ def evaluate_source(source_path: str, data: Sequence[str], metrics: Optional[Seq
     module = LmMiniModule(cfg, model_factory=lambda _: model)
     trainer = L.Trainer(accelerator="cpu" if device == "cpu" else "auto", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    result = evaluate(trainer, module, datamodule, cfg)
     records = records_by_id(data)
+    result = evaluate(trainer, module, datamodule, cfg, records)
     name = "+".join(Path(d).name for d in data)
     out_path = Path(out) if out else (source.run_dir or source.path) / "eval" / f"{name}.jsonl"
     out_path.parent.mkdir(parents=True, exist_ok=True)

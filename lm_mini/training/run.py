@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -324,9 +324,12 @@ def train(cfg: DictConfig, resume: Optional[str] = None, model_factory: Optional
         logger.close("KILLED")
         return result
     if cfg.train.eval_at_end and len(cfg.data.val) > 0:
-        result.eval = evaluate(trainer, module, datamodule, cfg)
+        from lm_mini.eval.evaluate import records_by_id
+
+        records = records_by_id([v.path for v in cfg.data.val])  # read once: for the baseline and the scores
+        result.eval = evaluate(trainer, module, datamodule, cfg, records)
         if trainer.is_global_zero:
-            _score_other_metrics(result.eval, cfg, logger, trainer.global_step)
+            _score_other_metrics(result.eval, cfg, logger, trainer.global_step, records)
             (run.dir / "eval.json").write_text(json.dumps(result.eval, indent=2))
     if trainer.is_global_zero:
         final = ckpt.latest_checkpoint(run.checkpoints)
@@ -335,9 +338,11 @@ def train(cfg: DictConfig, resume: Optional[str] = None, model_factory: Optional
     return result
 
 
-def evaluate(trainer: L.Trainer, module: LmMiniModule, datamodule: Any, cfg: DictConfig) -> Dict[str, Any]:
+def evaluate(trainer: L.Trainer, module: LmMiniModule, datamodule: Any, cfg: DictConfig,
+             records: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
     """Greedy generation on ``data.val`` (Lightning's test loop, every rank its share); exact match
-    against the gold answers, next to the majority-answer baseline of the same samples."""
+    against the gold answers, next to the majority-answer baseline of the same samples.
+    ``records``: ``data.val``'s records by sample id (``lm_mini.eval.evaluate.records_by_id``)."""
     from lm_mini.data.conversation import TEMPLATES
 
     tokenizer = datamodule.processor.tokenizer
@@ -355,39 +360,35 @@ def evaluate(trainer: L.Trainer, module: LmMiniModule, datamodule: Any, cfg: Dic
     result = {"accuracy": float(trainer.callback_metrics["eval/exact_match"]), "n": len(evaluated),
               "majority_baseline": hits / max(1, len(evaluated)), "majority_answer": top,
               "skipped": skipped, "predictions": module.eval_examples}
-    per_type = majority_per_question_type(cfg.data.val, set(evaluated))
+    per_type = majority_per_question_type(records, set(evaluated))
     if per_type is not None:  # records that say their question type: the stronger, per-type majority guess
         result["majority_baseline"] = max(result["majority_baseline"], per_type)
     return result
 
 
-def _score_other_metrics(result: Dict[str, Any], cfg: DictConfig, logger: Any, step: int) -> None:
+def _score_other_metrics(result: Dict[str, Any], cfg: DictConfig, logger: Any, step: int,
+                         records: Mapping[str, Mapping[str, Any]]) -> None:
     """``eval.metrics`` besides exact match (logged by the test loop) on the predictions, into ``result["scores"]``
     and MLflow as ``eval/<metric>`` and ``eval/type/<question type>/<metric>``."""
-    from lm_mini.eval.evaluate import records_by_id, score
+    from lm_mini.eval.evaluate import score
 
     others = [m for m in cfg.eval.metrics if m != "exact_match"]
     if not others or not result["predictions"]:
         return
-    scores = score(result["predictions"], records_by_id([v.path for v in cfg.data.val]), others)
+    scores = score(result["predictions"], records, others)
     result["scores"] = scores
     logger.log_metrics({f"eval/{k.removeprefix('all/')}": v for k, v in scores.items() if not k.endswith("/n")}, step=step)
 
 
-def majority_per_question_type(val_sets: Any, sample_ids: set) -> Optional[float]:
+def majority_per_question_type(records: Mapping[str, Mapping[str, Any]], sample_ids: set) -> Optional[float]:
     """Accuracy, on the evaluated samples, of always giving the most frequent answer of each
     ``question_type`` (None when the records do not say their type)."""
-    from lm_mini.data.errors import SkipCounter
-    from lm_mini.data.shards import find_shards, iter_raw_samples
-    from lm_mini.data.streaming import shard_set_names
     from lm_mini.data.synthetic import majority_baseline
 
-    records = []
-    for v, name in zip(val_sets, shard_set_names([v.path for v in val_sets])):  # sample ids: "<set name>/<key>"
-        records += [s.record for s in iter_raw_samples(find_shards(v.path)[0], SkipCounter()) if f"{name}/{s.key}" in sample_ids]
-    if not records or not all("question_type" in r for r in records):
+    evaluated = [r for sid, r in records.items() if sid in sample_ids]
+    if not evaluated or not all("question_type" in r for r in evaluated):
         return None
-    return float(majority_baseline(records)["overall"]["accuracy"])
+    return float(majority_baseline(evaluated)["overall"]["accuracy"])
 
 
 def _report(result: TrainResult) -> None:
