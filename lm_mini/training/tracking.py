@@ -98,12 +98,15 @@ class BufferedMLFlowLogger(MLFlowLogger):
             return dict(metrics)
         return {k: v for k, v in metrics.items() if step > self.stored_steps.get(_METRIC_NAME.sub("", k), -1)}
 
-    def _mark_stored(self, items: List[Item]) -> None:
+    def _take_unstored(self, items: List[Item]) -> List[Item]:
+        """The parts of an earlier session's ``items`` the run does not have yet; from now on they count as
+        stored, so the steps the resumed training re-executes do not log them twice."""
+        items = [(m, step, ts) for m, step, ts in ((self._not_stored(m, s), s, ts) for m, s, ts in items) if m]
         for metrics, step, _ in items:
-            for k in metrics:
-                if step is not None:
-                    name = _METRIC_NAME.sub("", k)
+            if step is not None:
+                for name in (_METRIC_NAME.sub("", k) for k in metrics):
                     self.stored_steps[name] = max(step, self.stored_steps.get(name, -1))
+        return items
 
     def _enqueue(self, items: List[Item]) -> None:
         with self._lock:
@@ -162,10 +165,9 @@ class BufferedMLFlowLogger(MLFlowLogger):
     def resend(self, items: List[Item]) -> int:
         """Log again what an earlier session of this run had not got into the store (its checkpoint's
         ``unconfirmed()``); steps the store already has are left out. Returns how many steps are re-sent."""
-        items = [(m, step, ts) for m, step, ts in ((self._not_stored(m, s), s, ts) for m, s, ts in items) if m]
+        items = self._take_unstored(items)
         if items:
             self._enqueue(items)
-            self._mark_stored(items)
         return len({step for _, step, _ in items})
 
     def flush(self, timeout: Optional[float] = None) -> bool:
@@ -199,10 +201,8 @@ class BufferedMLFlowLogger(MLFlowLogger):
         if self.pending_file is None or not self.pending_file.is_file():
             return 0
         lines = [json.loads(line) for line in self.pending_file.read_text().splitlines() if line.strip()]
-        items = [(self._not_stored(e["metrics"], e["step"]), e["step"], e["timestamp"]) for e in lines]
-        items = [item for item in items if item[0]]
+        items = self._take_unstored([(e["metrics"], e["step"], e["timestamp"]) for e in lines])
         self._send(items)
-        self._mark_stored(items)  # steps the resumed training re-executes are now in the run: not logged twice
         self.pending_file.unlink()
         return len({step for _, step, _ in items})
 
