@@ -1,0 +1,163 @@
+"""What a benchmark is: its own question file, the official prompt rule, LLaVA's answers file, the official scorer.
+
+The contract between the generic runner (``lm_mini.eval.benchmark_runner``: generation, chunks, answers
+files, suites, MLflow) and one benchmark family (a module in this package: reading its question file,
+its prompt, its official scoring and submission files):
+
+- :meth:`Benchmark.read_questions` turns the benchmark's own question file (LLaVA's ``.jsonl``, MMBench's
+  ``.tsv``, a video benchmark's ``.json``) into :class:`Question` objects, in file order, with
+  ``question_id`` of its original JSON type;
+- :meth:`Benchmark.prompt` is the user turn's text after the media placeholder, exactly as the official
+  inference script builds it (fixed suffixes included);
+- the runner writes one LLaVA answers line per question (:class:`Answer`, as ``model_vqa_loader.py``);
+- :meth:`Benchmark.score` reads answers lines (``question_id``, ``prompt``, ``text``, ...) back and returns a
+  :class:`BenchmarkResult` equal to what the official scorer computes; benchmarks scored by a server
+  write a submission file instead (:meth:`Benchmark.write_submission`) and score what they can locally.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+from lm_mini.registry import Registry
+
+PathLike = Union[str, Path]
+
+
+@dataclass(frozen=True)
+class Question:
+    """One question of a benchmark, as its file gives it.
+
+    ``media``: the image/video path relative to ``--image-folder`` (``str``), the media itself (``bytes``:
+    MMBench/SEED carry base64 images in their TSV), or None (a text-only question). ``record`` is the whole
+    original entry (options, answers, categories ... whatever the benchmark adds)."""
+
+    question_id: Any  # str or int, as in the file; answers files keep it so
+    text: str  # the question as the file gives it (LLaVA's "text")
+    media: Union[str, bytes, None] = None
+    is_video: bool = False
+    category: Optional[str] = None
+    record: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Answer:
+    """One line of LLaVA's answers file (``llavamini/eval/model_vqa_loader.py``)."""
+
+    question_id: Any
+    prompt: str
+    text: str
+    answer_id: str
+    model_id: str
+    metadata: Dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+@dataclass
+class BenchmarkResult:
+    """Scores of one answers file. ``scores`` keys: ``<metric>`` or ``<split>/<metric>`` (``adversarial/f1``),
+    metric names ``accuracy``, ``precision``, ``recall``, ``f1``, ``yes_ratio``, ... where they apply.
+    ``excluded``: ids of questions left out of every score (no reference answer), never counted correct."""
+
+    benchmark: str
+    n: int  # questions scored
+    scores: Dict[str, float] = field(default_factory=dict)
+    excluded: List[Any] = field(default_factory=list)
+    files: Dict[str, str] = field(default_factory=dict)  # what was written: submission sheets, per-split files
+    notes: List[str] = field(default_factory=list)  # e.g. "test-dev: no annotations; submission written"
+
+    def to_json(self) -> Dict[str, Any]:
+        """The ``--json`` object of ``lm-mini eval`` / ``lm-mini score``."""
+        out: Dict[str, Any] = {"benchmark": self.benchmark, "n": self.n, "scores": dict(self.scores)}
+        if self.excluded:
+            out["excluded"] = {"n": len(self.excluded), "question_ids": list(self.excluded)}
+        if self.files:
+            out["files"] = dict(self.files)
+        if self.notes:
+            out["notes"] = list(self.notes)
+        return out
+
+
+class Benchmark:
+    """One benchmark (a subclass per benchmark, registered in :data:`BENCHMARKS` under its name)."""
+
+    name: ClassVar[str] = ""
+    modality: ClassVar[str] = "image"  # "image" or "video"
+    # Generation as the official script runs it (the runner's defaults; flags override).
+    max_new_tokens: ClassVar[int] = 128
+    needs_annotations: ClassVar[bool] = False  # True: score() needs --annotations (else only a submission file)
+    judged: ClassVar[bool] = False  # GPT-judged: answers file only, scored by a user's --judge command
+
+    def read_questions(self, path: PathLike) -> List[Question]:
+        """LLaVA's question ``.jsonl``: ``question_id, image|video, text, category`` per line."""
+        return read_llava_questions(path)
+
+    def prompt(self, question: Question) -> str:
+        """The user text after the media placeholder (LLaVA puts ``<image>\\n`` before it)."""
+        return question.text
+
+    def score(self, answers: Sequence[Mapping[str, Any]], questions: Optional[Sequence[Question]] = None,
+              annotations: Optional[PathLike] = None) -> BenchmarkResult:
+        raise NotImplementedError(f"benchmark {self.name}: no local scorer (see write_submission)")
+
+    def write_submission(self, answers: Sequence[Mapping[str, Any]], out_dir: PathLike,
+                         questions: Optional[Sequence[Question]] = None) -> Optional[Path]:
+        """The file a benchmark's evaluation server takes (None where there is none)."""
+        return None
+
+
+BENCHMARKS: Registry = Registry("benchmark", home="lm_mini.eval.benchmarks")
+
+
+# --------------------------------------------------------------------------- files
+def read_jsonl(path: PathLike, what: str = "line") -> List[Dict[str, Any]]:
+    """JSON lines, each an object; a bad line is an error naming the file and line number."""
+    path = Path(path)
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not a JSON {what} ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object per {what}, got {type(obj).__name__}")
+            out.append(obj)
+    return out
+
+
+def read_llava_questions(path: PathLike) -> List[Question]:
+    """LLaVA's question file (``llava_textvqa_val_v051_ocr.jsonl``, ``llava_vqav2_mscoco_test-dev2015.jsonl``, ...)."""
+    out = []
+    for number, rec in enumerate(read_jsonl(path, "question"), 1):
+        missing = [k for k in ("question_id", "text") if k not in rec]
+        if missing:
+            raise ValueError(f"{path}:{number}: question has no {', '.join(repr(k) for k in missing)} "
+                             f"(LLaVA question files have question_id, image|video, text, category)")
+        media, is_video = (rec["video"], True) if "video" in rec else (rec.get("image"), False)
+        out.append(Question(rec["question_id"], rec["text"], media, is_video, rec.get("category"), rec))
+    return out
+
+
+def read_answers(path: PathLike) -> List[Dict[str, Any]]:
+    """An answers file (ours or LLaVA's): every line needs ``question_id`` and ``text``."""
+    answers = read_jsonl(path, "answer")
+    for number, a in enumerate(answers, 1):
+        if "question_id" not in a or "text" not in a:
+            raise ValueError(f"{path}: answer {number} has no 'question_id'/'text' (LLaVA answers-file lines have "
+                             "question_id, prompt, text, answer_id, model_id, metadata)")
+    return answers
+
+
+def write_answers(path: PathLike, answers: Iterable[Answer]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for a in answers:
+            f.write(a.to_json() + "\n")
