@@ -3,14 +3,37 @@
 A name resolves, in order, to: a registered entry; ``package.module:Attr`` (imported);
 an entry point of the registry's group (e.g. ``lm_mini.compressors``). Anything else is
 refused with the list of known names.
+
+``package.module:Attr`` imports code, so while a config that came with a model or run directory is
+read (:func:`config_from_directory`) such a name is refused unless the user allowed it
+(``--allow-import``, ``LM_MINI_ALLOW_IMPORTS``; see ``lm_mini.trust``).
 """
 from __future__ import annotations
 
 import importlib
+from contextlib import contextmanager
+from contextvars import ContextVar
 from importlib.metadata import entry_points
-from typing import Any, Callable, Dict, Generic, List, Optional, TypeVar
+from typing import Any, Callable, Dict, Generic, Iterator, List, Optional, TypeVar
+
+from lm_mini.trust import ALLOW_IMPORTS_ENV, import_allowed
 
 T = TypeVar("T")
+_CONFIG_FROM: ContextVar[Optional[str]] = ContextVar("lm_mini_config_from", default=None)
+
+
+@contextmanager
+def config_from_directory(where: str) -> Iterator[None]:
+    """Within: ``package.module:Attr`` names are refused unless allowed (the config at ``where`` is not the user's)."""
+    token = _CONFIG_FROM.set(str(where))
+    try:
+        yield
+    finally:
+        _CONFIG_FROM.reset(token)
+
+
+class ImportNotAllowed(KeyError):
+    """A ``package.module:Attr`` name in a config that came with a model or run directory, not allowed by the user."""
 
 
 class Registry(Generic[T]):
@@ -51,6 +74,12 @@ class Registry(Generic[T]):
             return self._entries[name]
         if ":" in name:
             module_name, _, attr = name.partition(":")
+            where = _CONFIG_FROM.get()
+            if where is not None and not import_allowed(name):
+                raise ImportNotAllowed(
+                    f"{self.kind} '{name}' in {where} would import Python code (module '{module_name}'); a config that "
+                    f"comes with a model or run directory may not import code unless you allow it. If you trust it and "
+                    f"have that package installed: --allow-import {name} (or {ALLOW_IMPORTS_ENV}={name})")
             try:
                 module = importlib.import_module(module_name)
             except ImportError as e:
