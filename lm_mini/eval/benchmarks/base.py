@@ -9,17 +9,29 @@ its prompt, its official scoring and submission files):
   ``question_id`` of its original JSON type;
 - :meth:`Benchmark.prompt` is the user turn's text after the media placeholder, exactly as the official
   inference script builds it (fixed suffixes included);
-- the runner writes one LLaVA answers line per question (:class:`Answer`, as ``model_vqa_loader.py``);
+- the runner writes one LLaVA answers line per question (:class:`Answer`, as ``model_vqa_loader.py``) whose
+  ``prompt`` is :meth:`Benchmark.answer_prompt` (the official scripts' ``cur_prompt``: scorers read it back);
 - :meth:`Benchmark.score` reads answers lines (``question_id``, ``prompt``, ``text``, ...) back and returns a
   :class:`BenchmarkResult` equal to what the official scorer computes; benchmarks scored by a server
   write a submission file instead (:meth:`Benchmark.write_submission`) and score what they can locally.
+
+``question_id`` alone does not name a question in every LLaVA file: TextVQA's is the *image* id and MME's
+the image path (two questions per image). An answer belongs to the question with the same
+:func:`answer_key` ``(question_id, prompt)`` (:meth:`Benchmark.answer_key` for a :class:`Question`); resume
+and chunk merging must key on it, not on ``question_id``.
+
+Scores are in the units the paper's tables use: percentages (0-100), MME in its points (acc + acc+ per
+subtask, summed). Answers to questions without a reference are left out of every score and listed in
+:attr:`BenchmarkResult.excluded`; questions of the given question file without an answer are listed in
+:attr:`BenchmarkResult.unanswered` and not scored (a complete answers file is scored exactly as the
+official script scores it; an incomplete one is scored on what it answers, and says so).
 """
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, ClassVar, Dict, Hashable, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from lm_mini.registry import Registry
 
@@ -69,12 +81,15 @@ class BenchmarkResult:
     excluded: List[Any] = field(default_factory=list)
     files: Dict[str, str] = field(default_factory=dict)  # what was written: submission sheets, per-split files
     notes: List[str] = field(default_factory=list)  # e.g. "test-dev: no annotations; submission written"
+    unanswered: List[Any] = field(default_factory=list)  # ids of given questions the answers file lacks (not scored)
 
     def to_json(self) -> Dict[str, Any]:
         """The ``--json`` object of ``lm-mini eval`` / ``lm-mini score``."""
         out: Dict[str, Any] = {"benchmark": self.benchmark, "n": self.n, "scores": dict(self.scores)}
         if self.excluded:
             out["excluded"] = {"n": len(self.excluded), "question_ids": list(self.excluded)}
+        if self.unanswered:
+            out["unanswered"] = {"n": len(self.unanswered), "question_ids": list(self.unanswered)}
         if self.files:
             out["files"] = dict(self.files)
         if self.notes:
@@ -90,7 +105,13 @@ class Benchmark:
     # Generation as the official script runs it (the runner's defaults; flags override).
     max_new_tokens: ClassVar[int] = 128
     needs_annotations: ClassVar[bool] = False  # True: score() needs --annotations (else only a submission file)
+    needs_questions: ClassVar[bool] = False  # True: score() needs the question file (the runner passes it)
     judged: ClassVar[bool] = False  # GPT-judged: answers file only, scored by a user's --judge command
+    headline: ClassVar[str] = "accuracy"  # the score key the paper's Table 1 reports
+    # Video frames as the official script samples them: ``video_fps`` frames per second of the clip (evenly,
+    # the middle of each segment), at most ``video_max_frames`` (None: no cap). A folder of frames: all of them.
+    video_fps: ClassVar[float] = 1.0
+    video_max_frames: ClassVar[Optional[int]] = None
 
     def read_questions(self, path: PathLike) -> List[Question]:
         """LLaVA's question ``.jsonl``: ``question_id, image|video, text, category`` per line."""
@@ -100,8 +121,24 @@ class Benchmark:
         """The user text after the media placeholder (LLaVA puts ``<image>\\n`` before it)."""
         return question.text
 
+    def answer_prompt(self, question: Question) -> str:
+        """The answers line's ``prompt`` as the official script writes it (``cur_prompt``): the question file's
+        text for ``model_vqa_loader.py``; scorers read it back (TextVQA and MME find the question by it)."""
+        return question.text
+
+    def answer_key(self, question: Question) -> Tuple[Hashable, str]:
+        """The key an answer to ``question`` has (:func:`answer_key` of its answers line)."""
+        return (question.question_id, self.answer_prompt(question))
+
+    def media_path(self, question: Question, folder: PathLike) -> Path:
+        """Where ``question``'s media lies under ``--image-folder`` (video benchmarks try the official extensions)."""
+        if not isinstance(question.media, str):
+            raise ValueError(f"{self.name}: question {question.question_id!r} has no media path")
+        return Path(folder) / question.media
+
     def score(self, answers: Sequence[Mapping[str, Any]], questions: Optional[Sequence[Question]] = None,
-              annotations: Optional[PathLike] = None) -> BenchmarkResult:
+              annotations: Optional[PathLike] = None, judge: Optional[str] = None) -> BenchmarkResult:
+        """``judge``: the user's judge command (GPT-judged benchmarks only)."""
         raise NotImplementedError(f"benchmark {self.name}: no local scorer (see write_submission)")
 
     def write_submission(self, answers: Sequence[Mapping[str, Any]], out_dir: PathLike,
@@ -143,6 +180,11 @@ def read_llava_questions(path: PathLike) -> List[Question]:
         media, is_video = (rec["video"], True) if "video" in rec else (rec.get("image"), False)
         out.append(Question(rec["question_id"], rec["text"], media, is_video, rec.get("category"), rec))
     return out
+
+
+def answer_key(answer: Mapping[str, Any]) -> Tuple[Hashable, str]:
+    """``(question_id, prompt)`` of an answers line: what names its question (see the module docstring)."""
+    return (answer["question_id"], answer.get("prompt", ""))
 
 
 def read_answers(path: PathLike) -> List[Dict[str, Any]]:
