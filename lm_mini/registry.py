@@ -104,9 +104,14 @@ class Registry(Generic[T]):
         except KeyError:
             return False
 
+    def __iter__(self):
+        """The known names (as :meth:`names`), so ``sorted(REGISTRY)`` lists them."""
+        return iter(self.names())
+
 
 ENCODERS: Registry = Registry("vision encoder", home="lm_mini.models.encoders")
 PROJECTORS: Registry = Registry("projector", home="lm_mini.models.projector")
 COMPRESSORS: Registry = Registry("compressor", home="lm_mini.models.compressors", entry_point_group="lm_mini.compressors")
 LLMS: Registry = Registry("llm builder", home="lm_mini.models.llm")
 TEMPLATES: Registry = Registry("conversation template", home="lm_mini.data.conversation")
+METRICS: Registry = Registry("metric", home="lm_mini.eval.metrics", entry_point_group="lm_mini.metrics")

@@ -1,101 +1,53 @@
-"""Answer metrics as ``torchmetrics.Metric`` classes, so they sync across ranks.
+"""Answer metrics as ``torchmetrics.Metric`` classes (they sync across ranks), registered in :data:`METRICS`.
 
-- ``VQAAccuracy``: VQAv2 with the official answer normalisation and the min(#matching/3, 1) rule,
-  averaged over the 10-choose-9 annotator subsets.
-- ``ExactMatch``: normalised string equality.
-- ``MultipleChoiceAccuracy``: option-letter extraction (ScienceQA / MMBench / SEED style).
-- ``POPEMetrics``: yes/no accuracy, precision, recall, F1 ("yes" is the positive class).
+Names that carry a benchmark's rule give the official number (the rules: :mod:`lm_mini.eval.answer_processing`,
+official files and commits cited there); lenient variants say so in their name:
+
+- ``vqa_accuracy``: VQAv2 as LLaVA scores it: the answer through ``EvalAIAnswerProcessor``
+  (``convert_vqav2_for_submission.py``), then ``vqaEval.py``'s accuracy against the annotators' answers;
+- ``exact_match``: equality after the VQA normalisation (ours; not a benchmark's rule);
+- ``multiple_choice``: ``eval_science_qa.py``'s option letter (LLaVA's rule): ``"B"``, ``"B. ..."`` or
+  ``"The answer is B."``; ``multiple_choice_lenient``: a letter in any usual form, or the option's text;
+- ``pope``: ``eval_pope.py``'s yes/no reading; ``pope_lenient``: "no"/"not" in any case in the first sentence.
+
+Each metric names what its targets are (``target_kind``): ``"answers"`` (a string or a list of acceptable /
+annotator answers per prediction), ``"choice"`` (a gold letter plus the options or their number) or
+``"yes_no"``.
 """
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Optional, Sequence, Union
+from typing import ClassVar, Dict, List, Optional, Sequence, Union
 
 import torch
 from torchmetrics import Metric
 
-# --------------------------------------------------------------------------- VQA normalisation
-# From the official VQA evaluation code (vqaEval.py), which LLaVA's and lmms-eval's processors follow.
-_CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
-    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
-    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
-    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's",
-    "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
-    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll",
-    "let's": "let's", "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've",
-    "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've",
-    "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
-    "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't",
-    "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldve": "should've",
-    "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
-    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
-    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
-    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
-    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
-    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's", "thered": "there'd",
-    "thered've": "there'd've", "there'dve": "there'd've", "therere": "there're", "theres": "there's",
-    "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've", "theyll": "they'll",
-    "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've",
-    "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're",
-    "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd", "wheres": "where's",
-    "whereve": "where've", "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've", "wholl": "who'll",
-    "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's",
-    "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
-    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
-    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd",
-    "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
-}
-_NUMBER_WORDS = {
-    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
-}
-_ARTICLES = {"a", "an", "the"}
-_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
-_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # a period not followed by a digit (the official regex, quirk kept)
-_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+from lm_mini.eval.answer_processing import (
+    option_letters,
+    pope_answer,
+    scienceqa_choice,
+    vqaeval_normalize,
+    vqav2_accuracy,
+)
+from lm_mini.registry import METRICS
 
-
-def _process_punctuation(text: str) -> str:
-    out = text
-    for p in _PUNCT:
-        # Official rule: drop the mark where it touches a space (or the text has a digit comma), else make it a space.
-        if (p + " " in text or " " + p in text) or _COMMA_STRIP.search(text) is not None:
-            out = out.replace(p, "")
-        else:
-            out = out.replace(p, " ")
-    return _PERIOD_STRIP.sub("", out)
-
-
-def _process_digit_article(text: str) -> str:
-    words = [_NUMBER_WORDS.get(w, w) for w in text.lower().split()]
-    words = [_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES]
-    return " ".join(words)
+Targets = Sequence[Union[str, Sequence[str]]]
 
 
 def normalize_vqa_answer(text: str) -> str:
-    """The official VQA answer normalisation: whitespace, punctuation, number words, articles, contractions."""
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    return _process_digit_article(_process_punctuation(text))
+    """The VQA answer normalisation (``vqaEval.py``'s processPunctuation + processDigitArticle), whitespace cleaned."""
+    return vqaeval_normalize(text.replace("\n", " ").replace("\t", " ").strip())
 
 
 def vqa_score(prediction: str, gt_answers: Sequence[str]) -> float:
-    """VQA accuracy of one prediction against the annotators' answers (usually 10).
+    """VQAv2 accuracy of one prediction as LLaVA's pipeline scores it (:func:`vqav2_accuracy`), in [0, 1].
 
-    For each annotator, the prediction scores min(#matches among the *other* annotators / 3, 1);
-    the score is the mean over annotators (= the average over the 10-choose-9 subsets).
-    """
+    A single reference answer counts as ten annotators who agree (our shards' plain gold answer): the official
+    rule then compares the processed prediction with that answer as written, without normalising it."""
     if not gt_answers:
         raise ValueError("vqa_score needs at least one ground-truth answer")
-    pred = normalize_vqa_answer(prediction)
-    gts = [normalize_vqa_answer(a) for a in gt_answers]
-    if len(gts) == 1:  # a single reference answer counts as unanimous annotators (else no subset could match)
-        gts = gts * 10
-    scores = []
-    for i in range(len(gts)):
-        others = gts[:i] + gts[i + 1 :]
-        scores.append(min(1.0, sum(a == pred for a in others) / 3.0))
-    return sum(scores) / len(scores)
+    gts = list(gt_answers) * 10 if len(gt_answers) == 1 else list(gt_answers)
+    return vqav2_accuracy(prediction, gts)
 
 
 class _MeanMetric(Metric):
@@ -103,6 +55,7 @@ class _MeanMetric(Metric):
 
     full_state_update = False
     higher_is_better = True
+    target_kind: ClassVar[str] = "answers"
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -119,20 +72,22 @@ class _MeanMetric(Metric):
         return (self.score_sum / self.total).float()
 
 
+@METRICS.register("vqa_accuracy")
 class VQAAccuracy(_MeanMetric):
-    """``update(preds: list[str], targets: list[list[str]])``: one list of annotator answers per prediction."""
+    """``update(preds: list[str], targets: list[list[str]])``: the annotators' answers per prediction (VQAv2: 10)."""
 
-    def update(self, preds: Sequence[str], targets: Sequence[Union[str, Sequence[str]]]) -> None:
+    def update(self, preds: Sequence[str], targets: Targets) -> None:
         _check_lengths(preds, targets)
         self._add([vqa_score(p, [t] if isinstance(t, str) else list(t)) for p, t in zip(preds, targets)])
 
 
+@METRICS.register("exact_match")
 class ExactMatch(_MeanMetric):
     """Exact match after VQA normalisation (case, punctuation, articles, number words).
 
     ``targets`` may hold a string or a list of acceptable strings per prediction."""
 
-    def update(self, preds: Sequence[str], targets: Sequence[Union[str, Sequence[str]]]) -> None:
+    def update(self, preds: Sequence[str], targets: Targets) -> None:
         _check_lengths(preds, targets)
         scores = []
         for p, t in zip(preds, targets):
@@ -142,6 +97,48 @@ class ExactMatch(_MeanMetric):
 
 
 # --------------------------------------------------------------------------- multiple choice
+_GOLD_LETTER = re.compile(r"\s*\(?([A-Za-z])\)?\s*[.:)\]]?\s*")
+
+
+def gold_letter(target: str) -> str:
+    """A gold answer as its letter: "B", "(B)", "b." -> "B" (anything else as written, upper-cased)."""
+    m = _GOLD_LETTER.fullmatch(target)
+    return m.group(1).upper() if m else target.strip().upper()
+
+
+class _ChoiceAccuracy(_MeanMetric):
+    """``update(preds: list[str], targets: list[str letter], options: list[int | list[str]])``: an answer from
+    which no option letter can be read counts as wrong (and in ``unparsed``)."""
+
+    target_kind: ClassVar[str] = "choice"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("unparsed", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def read_choice(self, text: str, options: Union[int, Sequence[str]]) -> Optional[str]:
+        raise NotImplementedError
+
+    def update(self, preds: Sequence[str], targets: Sequence[str], options: Sequence[Union[int, Sequence[str]]]) -> None:
+        _check_lengths(preds, targets)
+        _check_lengths(preds, options)
+        scores = []
+        for p, t, o in zip(preds, targets, options):
+            choice = self.read_choice(p, o)
+            self.unparsed += int(choice is None)
+            scores.append(float(choice == gold_letter(t)))
+        self._add(scores)
+
+
+@METRICS.register("multiple_choice")
+class MultipleChoiceAccuracy(_ChoiceAccuracy):
+    """The option letter as LLaVA's ``eval_science_qa.py`` reads it (:func:`scienceqa_choice`): ``"(B)"``, ``"b"``,
+    ``"B)"`` or ``"Answer: B"`` are not an answer (``multiple_choice_lenient`` reads them)."""
+
+    def read_choice(self, text: str, options: Union[int, Sequence[str]]) -> Optional[str]:
+        return scienceqa_choice(text, options if isinstance(options, int) else len(options))
+
+
 _STRONG_PATTERNS = [  # a letter the answer plainly gives
     re.compile(r"^\s*\(?([A-Za-z])\)?\s*(?:[.:)\]]|$)"),  # "B", "b", "(b)", "B.", "B) text", "b: text"
     re.compile(r"(?i:answer\s*(?:is|:)?\s*(?:option\s*)?)\(?([A-Z])\)?(?![A-Za-z])"),  # "The answer is B"
@@ -150,17 +147,16 @@ _STRONG_PATTERNS = [  # a letter the answer plainly gives
 ]
 _STANDALONE = re.compile(r"(?<![A-Za-z'])([A-Z])(?![A-Za-z'])")  # a capital letter alone: the last resort
 _WORD_NOT_LETTER = re.compile(r"[AI]\s+[a-z]")  # "A red circle", "I think ...": an article or pronoun
-_GOLD_LETTER = re.compile(r"\s*\(?([A-Za-z])\)?\s*[.:)\]]?\s*")
 
 
-def extract_choice(text: str, options: Union[int, Sequence[str]]) -> Optional[str]:
-    """The option letter a free-form answer picks, or None.
+def extract_choice_lenient(text: str, options: Union[int, Sequence[str]]) -> Optional[str]:
+    """The option letter a free-form answer picks, or None -- more lenient than any official parser.
 
     ``options``: the number of options (letters A, B, ...) or the option texts. In order: a letter
     given plainly ("B", "(b)", "B. ...", "the answer is B"); else the one option whose text the
     answer repeats; else a capital letter standing alone, where it is not the word "A" or "I"."""
     n = options if isinstance(options, int) else len(options)
-    letters = [chr(ord("A") + i) for i in range(n)]
+    letters = option_letters(n)
     for pattern in _STRONG_PATTERNS:
         for m in pattern.finditer(text):
             if m.group(1).upper() in letters:
@@ -176,54 +172,43 @@ def extract_choice(text: str, options: Union[int, Sequence[str]]) -> Optional[st
     return None
 
 
-def gold_letter(target: str) -> str:
-    """A gold answer as its letter: "B", "(B)", "b." -> "B" (anything else as written, upper-cased)."""
-    m = _GOLD_LETTER.fullmatch(target)
-    return m.group(1).upper() if m else target.strip().upper()
+@METRICS.register("multiple_choice_lenient")
+class LenientMultipleChoiceAccuracy(_ChoiceAccuracy):
+    """The option letter by :func:`extract_choice_lenient` (not an official number)."""
 
-
-class MultipleChoiceAccuracy(_MeanMetric):
-    """``update(preds: list[str], targets: list[str letter], options: list[int | list[str]])``.
-
-    An answer from which no valid letter can be extracted counts as wrong (and is counted in ``unparsed``)."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.add_state("unparsed", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, preds: Sequence[str], targets: Sequence[str], options: Sequence[Union[int, Sequence[str]]]) -> None:
-        _check_lengths(preds, targets)
-        _check_lengths(preds, options)
-        scores = []
-        for p, t, o in zip(preds, targets, options):
-            choice = extract_choice(p, o)
-            self.unparsed += int(choice is None)
-            scores.append(float(choice == gold_letter(t)))
-        self._add(scores)
+    def read_choice(self, text: str, options: Union[int, Sequence[str]]) -> Optional[str]:
+        return extract_choice_lenient(text, options)
 
 
 # --------------------------------------------------------------------------- POPE
-def parse_yes_no(text: str) -> str:
-    """LLaVA's POPE rule: first sentence; 'no' if it contains the word no/not, else 'yes'."""
+def parse_yes_no_lenient(text: str) -> str:
+    """A lenient yes/no reading (not POPE's): first sentence, any case; 'no' if it has the word no/not."""
     first = text.strip().split(".")[0].lower()
     words = re.findall(r"[a-z']+", first)
     return "no" if ("no" in words or "not" in words) else "yes"
 
 
+@METRICS.register("pope")
 class POPEMetrics(Metric):
-    """Yes/no hallucination metrics; ``compute()`` -> dict(accuracy, precision, recall, f1, yes_ratio)."""
+    """Yes/no hallucination metrics with ``eval_pope.py``'s reading of an answer (:func:`pope_answer`);
+    ``compute()`` -> dict(accuracy, precision, recall, f1, yes_ratio), fractions ("yes" is the positive
+    class). Where ``eval_pope.py`` divides by zero (no "yes" predicted or none gold), 0."""
 
     full_state_update = False
+    target_kind: ClassVar[str] = "yes_no"
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         for name in ("tp", "fp", "tn", "fn"):
             self.add_state(name, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
+    def read_yes_no(self, text: str) -> str:
+        return pope_answer(text)
+
     def update(self, preds: Sequence[str], targets: Sequence[str]) -> None:
         _check_lengths(preds, targets)
         for p, t in zip(preds, targets):
-            pred_yes = parse_yes_no(p) == "yes"
+            pred_yes = self.read_yes_no(p) == "yes"
             label = t.strip().lower()
             if label not in ("yes", "no"):
                 raise ValueError(f"POPE target must be 'yes' or 'no', got {t!r}")
@@ -234,33 +219,36 @@ class POPEMetrics(Metric):
             self.fn += int(not pred_yes and gold_yes)
 
     def compute(self) -> Dict[str, torch.Tensor]:
-        tp, fp, tn, fn = (x.double() for x in (self.tp, self.fp, self.tn, self.fn))
-        total = tp + fp + tn + fn
-        precision = tp / (tp + fp) if tp + fp > 0 else torch.tensor(0.0, dtype=torch.float64)
-        recall = tp / (tp + fn) if tp + fn > 0 else torch.tensor(0.0, dtype=torch.float64)
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else torch.tensor(0.0, dtype=torch.float64)
-        out = {
-            "accuracy": (tp + tn) / total if total > 0 else torch.tensor(float("nan")),
-            "precision": precision,
-            "recall": recall,
-            "f1": f1,
-            "yes_ratio": (tp + fp) / total if total > 0 else torch.tensor(float("nan")),
-        }
-        return {k: v.float() for k, v in out.items()}
+        return {k: torch.tensor(v, dtype=torch.float32)
+                for k, v in yes_no_scores(int(self.tp), int(self.fp), int(self.tn), int(self.fn)).items()}
 
 
-METRICS = {
-    "vqa_accuracy": VQAAccuracy,
-    "exact_match": ExactMatch,
-    "multiple_choice": MultipleChoiceAccuracy,
-    "pope": POPEMetrics,
-}
+@METRICS.register("pope_lenient")
+class LenientPOPEMetrics(POPEMetrics):
+    """POPE's metrics with :func:`parse_yes_no_lenient` ("NO", "No!" read as no; not the official number)."""
+
+    def read_yes_no(self, text: str) -> str:
+        return parse_yes_no_lenient(text)
+
+
+def yes_no_scores(tp: int, fp: int, tn: int, fn: int) -> Dict[str, float]:
+    """``eval_pope.py``'s accuracy, precision, recall, F1 and yes-ratio (fractions) from a confusion matrix;
+    where it would divide by zero, 0 (NaN for an empty matrix)."""
+    total = tp + fp + tn + fn
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return {
+        "accuracy": (tp + tn) / total if total else float("nan"),
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "yes_ratio": (tp + fp) / total if total else float("nan"),
+    }
 
 
 def build_metric(name: str) -> Metric:
-    if name not in METRICS:
-        raise KeyError(f"unknown metric '{name}'. Known metrics: {', '.join(sorted(METRICS))}")
-    return METRICS[name]()
+    """A metric by its registered name (or ``package.module:Class``); unknown names list the known ones."""
+    return METRICS.create(name)
 
 
 def _check_lengths(a: Sequence, b: Sequence) -> None:

@@ -3,15 +3,18 @@ import torch
 
 from lm_mini.eval.metrics import (
     ExactMatch,
+    LenientMultipleChoiceAccuracy,
+    LenientPOPEMetrics,
     MultipleChoiceAccuracy,
     POPEMetrics,
     VQAAccuracy,
     build_metric,
-    extract_choice,
+    extract_choice_lenient,
     normalize_vqa_answer,
-    parse_yes_no,
+    parse_yes_no_lenient,
     vqa_score,
 )
+from lm_mini.registry import METRICS
 
 
 @pytest.mark.parametrize(
@@ -41,7 +44,8 @@ def test_vqa_normalisation(raw, normalized):
         (2, (2 * (1 / 3) + 8 * (2 / 3)) / 10),  # = 0.6
         (3, (3 * (2 / 3) + 7 * 1.0) / 10),  # = 0.9
         (4, 1.0),
-        (10, 1.0),
+        # vqaEval.py normalises only when the annotators disagree: ten "two"s are compared to "2" as written
+        (10, 0.0),
     ],
 )
 def test_vqa_score_partial_agreement(n_match, expected):
@@ -51,9 +55,27 @@ def test_vqa_score_partial_agreement(n_match, expected):
 
 def test_vqa_metric_accumulates_and_normalises():
     m = VQAAccuracy()
+    # "the cat" -> EvalAIAnswerProcessor (convert_vqav2_for_submission) -> "cat", equal to the unanimous "cat"
     m.update(["Two.", "the cat"], [["2"] * 3 + ["3"] * 7, ["cat"] * 10])
     m.update(["no"], [["yes"] * 10])
     assert m.compute().item() == pytest.approx((0.9 + 1.0 + 0.0) / 3)
+
+
+@pytest.mark.parametrize(
+    "prediction, annotators, expected",
+    [
+        # vqaEval.py: ten identical answers are not normalised -- "Man's" is not "man 's" (EvalAI split the 's)
+        ("man's", ["man's"] * 10, 0.0),
+        ("man's", ["man's"] * 9 + ["man"], 0.0),  # disagreeing: normalised, but "man's" keeps its apostrophe
+        ("red, white", ["red white"] * 10, 1.0),  # EvalAI removes every comma from the prediction
+        ("red, white", ["red, white"] * 10, 0.0),  # ... the unanimous "red, white" stays as written
+        ("red, white", ["red, white"] * 9 + ["red"], 1.0),  # disagreeing: vqaEval drops ", " too
+        ("3,000", ["3000"] * 4 + ["3"] * 6, 1.0),  # digit commas: all punctuation dropped
+        ("Yes", ["Yes"] * 10, 0.0),  # EvalAI lower-cases the prediction; unanimous "Yes" stays capitalised
+    ],
+)
+def test_vqa_score_follows_the_official_pipeline(prediction, annotators, expected):
+    assert vqa_score(prediction, annotators) == pytest.approx(expected)
 
 
 def test_exact_match_with_alternatives():
@@ -84,20 +106,41 @@ def test_exact_match_with_alternatives():
         ("the answer is a red one", None),
     ],
 )
-def test_multiple_choice_extraction(text, letter):
-    assert extract_choice(text, 4) == letter
+def test_lenient_multiple_choice_extraction(text, letter):
+    assert extract_choice_lenient(text, 4) == letter
 
 
-def test_multiple_choice_by_option_text():
-    assert extract_choice("it is a square", ["circle", "square", "triangle"]) == "B"
-    assert extract_choice("A red circle", ["a blue square", "a red circle"]) == "B"  # not option A by its article
-    m = MultipleChoiceAccuracy()
+def test_lenient_multiple_choice_by_option_text():
+    assert extract_choice_lenient("it is a square", ["circle", "square", "triangle"]) == "B"
+    assert extract_choice_lenient("A red circle", ["a blue square", "a red circle"]) == "B"  # not option A by its article
+    m = LenientMultipleChoiceAccuracy()
     m.update(["(A)", "The answer is C", "hmm"], ["A", "B", "C"], [3, 3, 3])
     assert m.compute().item() == pytest.approx(1 / 3)
     assert m.unparsed.item() == 1
-    golds = MultipleChoiceAccuracy()  # gold answers written "(B)" / "B." / "c" are their letters
+    golds = LenientMultipleChoiceAccuracy()  # gold answers written "(B)" / "B." / "c" are their letters
     golds.update(["B", "B", "C"], ["(B)", "B.", "c"], [3, 3, 3])
     assert golds.compute().item() == 1.0
+
+
+def test_multiple_choice_reads_letters_as_eval_science_qa_does():
+    # eval_science_qa.py: a bare letter, "X. ...", or "The answer is X." once; "(B)", "b", "B)", "Answer: B" fail
+    m = MultipleChoiceAccuracy()
+    preds = ["B", "B. blue", "The answer is B.", "(B)", "b", "B)", "Answer: B", "The answer is B", "D"]
+    m.update(preds, ["B"] * len(preds), [3] * len(preds))
+    assert m.compute().item() == pytest.approx(3 / len(preds))
+    assert m.unparsed.item() == 6  # "D" is past the 3 choices: get_pred_idx gives -1
+
+
+def test_pope_reads_answers_as_eval_pope_does():
+    # eval_pope.py: first sentence, commas dropped, split on " "; no if a word is "No", "no" or "not"
+    m = POPEMetrics()
+    m.update(["NO", "No!", "Not sure.", "no", "No, it is not.", "There is no dog"], ["no"] * 6)
+    out = m.compute()
+    assert out["accuracy"].item() == pytest.approx(3 / 6)  # "NO", "No!", "Not sure." read as yes
+    lenient = LenientPOPEMetrics()
+    lenient.update(["NO", "No!", "Not sure.", "no", "No, it is not.", "There is no dog"], ["no"] * 6)
+    assert lenient.compute()["accuracy"].item() == 1.0
+    assert parse_yes_no_lenient("Not at all. Yes.") == "no"
 
 
 def test_pope_on_known_confusion_matrix():
@@ -112,7 +155,6 @@ def test_pope_on_known_confusion_matrix():
     assert out["recall"].item() == pytest.approx(4 / 5)
     assert out["f1"].item() == pytest.approx(2 * (4 / 6) * (4 / 5) / (4 / 6 + 4 / 5))
     assert out["yes_ratio"].item() == pytest.approx(6 / 10)
-    assert parse_yes_no("Not at all. Yes.") == "no"
     with pytest.raises(ValueError, match="'yes' or 'no'"):
         m.update(["yes"], ["maybe"])
 
@@ -129,6 +171,15 @@ def test_metric_states_merge_like_ranks():
 def test_unknown_metric_lists_known():
     with pytest.raises(KeyError, match="exact_match"):
         build_metric("bleu")
+
+
+def test_metrics_registry_names_each_metric_and_what_it_scores():
+    assert sorted(METRICS) == ["exact_match", "multiple_choice", "multiple_choice_lenient", "pope", "pope_lenient",
+                               "vqa_accuracy"]
+    kinds = {name: build_metric(name).target_kind for name in METRICS}
+    assert kinds == {"exact_match": "answers", "vqa_accuracy": "answers", "multiple_choice": "choice",
+                     "multiple_choice_lenient": "choice", "pope": "yes_no", "pope_lenient": "yes_no"}
+    assert isinstance(build_metric("lm_mini.eval.metrics:ExactMatch"), ExactMatch)  # a class by its import path
 
 
 def test_a_single_reference_answer_counts_as_unanimous():
