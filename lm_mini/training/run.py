@@ -309,7 +309,7 @@ def train(cfg: DictConfig, resume: Optional[str] = None, model_factory: Optional
         if rank_zero_only.rank == 0:
             print(f"lm-mini: run {run.dir}" + (f" (resuming {run.resume_from.name})" if run.resume_from else ""), flush=True)
         os.environ[RUN_NAME_ENV] = run.name  # the processes Lightning starts for DDP/FSDP join this run
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(run.resume_from) if run.resume_from else None)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt.verified(run.resume_from), weights_only=not ckpt.checkpoints_trusted())
     except BaseException:
         logger.close("FAILED")
         raise
