@@ -3,10 +3,11 @@ modules are imported only when their command runs, so ``lm-mini --help`` stays f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights never come from a hub here; fail fast, not after ~50 s
 
@@ -47,6 +48,34 @@ def _config_show(args: argparse.Namespace) -> int:
 
     print(to_yaml(load_config(args.config, args.overrides)), end="")
     return 0
+
+
+def _add_trust_args(p: argparse.ArgumentParser, imports: bool = True) -> None:
+    """The opt-ins of a command that opens checkpoints (and model/run directories): see lm_mini/trust.py."""
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="read checkpoints that hold more than tensors, numbers and strings: RUNS ARBITRARY CODE "
+                        "FROM THE FILE (only for files from a source you trust)")
+    if imports:
+        p.add_argument("--allow-import", action="append", default=[], metavar="MODULE:CLASS",
+                       help="let a model or run directory's config import this component (package.module:Class, "
+                            "or a module, or '*'): importing runs that package's code (repeatable)")
+
+
+@contextlib.contextmanager
+def _opt_ins(args: argparse.Namespace) -> Iterator[None]:
+    """The command's opt-ins as environment variables for its duration (processes it starts inherit them)."""
+    from lm_mini.trust import ALLOW_IMPORTS_ENV, TRUST_CHECKPOINTS_ENV
+
+    saved = {k: os.environ.get(k) for k in (TRUST_CHECKPOINTS_ENV, ALLOW_IMPORTS_ENV)}
+    if getattr(args, "trust_checkpoint", False):
+        os.environ[TRUST_CHECKPOINTS_ENV] = "1"
+    if getattr(args, "allow_import", None):
+        os.environ[ALLOW_IMPORTS_ENV] = ",".join(filter(None, [saved[ALLOW_IMPORTS_ENV], *args.allow_import]))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.update({key: value})
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -90,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a stage")
     _add_config_args(p)
     p.add_argument("--resume", default=None, help="auto (newest complete checkpoint of this run) or a checkpoint path")
+    _add_trust_args(p, imports=False)  # --resume and train.init_from: the config is the user's own
     p.set_defaults(func=_handler("lm_mini.training.run:cli_train"))
 
     # eval
@@ -103,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the scores to the checkpoint's MLflow run")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. eval.max_samples=100")
+    _add_trust_args(p)
     p.set_defaults(func=_handler("lm_mini.eval.evaluate:cli_eval"))
 
     # sweeps
@@ -152,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=_device, default="cpu", help="where the model runs (cpu, cuda)")
     p.add_argument("--plot", default=None, help="PNG file")
     p.add_argument("--out", default=None, help="numbers as .json (everything) or .csv (one row per layer)")
+    _add_trust_args(p)
     p.set_defaults(func=_handler("lm_mini.eval.attention:cli_attention"))
 
     _add_interop_commands(sub)
@@ -173,6 +205,7 @@ def _add_interop_commands(sub: Any) -> None:
     p.add_argument("source", help="run directory (newest checkpoint), checkpoint (*.ckpt file or FSDP folder) or model directory")
     p.add_argument("--out", required=True, help="output directory (must not hold weights already)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
+    _add_trust_args(p)
     p.set_defaults(func=_handler("lm_mini.interop.export:cli_export"))
 
     for name, about in (("generate", "answer one question about an image or a video"),
@@ -187,6 +220,7 @@ def _add_interop_commands(sub: Any) -> None:
         p.add_argument("--json", action="store_true", help="print a JSON object per answer instead of streaming text")
         p.add_argument("--max-new-tokens", type=int, default=128)
         p.add_argument("--device", type=_device, default=None, help="default: cuda if available, else cpu")
+        _add_trust_args(p)
         p.set_defaults(func=_handler(f"lm_mini.interop.generate:cli_{name}"))
 
 
@@ -200,14 +234,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     if overrides:
         args.overrides = list(args.overrides) + overrides
     from lm_mini.config import ConfigError
+    from lm_mini.trust import UntrustedCheckpoint
 
     try:
-        rc = args.func(args)
+        with _opt_ins(args):
+            rc = args.func(args)
     except BrokenPipeError:  # output piped into `head` & co.: not an error
         sys.stderr.close()
         return 0
     except ConfigError as e:
         print(f"lm-mini: config error: {e}", file=sys.stderr)
+        return 2
+    except UntrustedCheckpoint as e:  # commands that report their own errors say so first; train, e.g., does not
+        print(f"lm-mini: {e}", file=sys.stderr)
         return 2
     return int(rc or 0)
 

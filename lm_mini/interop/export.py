@@ -9,6 +9,10 @@ Three kinds of path name a model:
   FSDP shards whose model weights are gathered into full tensors on the way (also the one file
   ``tools/consolidate_checkpoint.py`` makes of such a folder, ``step=N.ckpt.consolidated``).
 
+Nothing found this way runs code unless the user allows it (``lm_mini.trust``): checkpoints are read
+``weights_only`` (``lm_mini.training.checkpoint``), and a run's or model directory's config may not name
+``package.module:Class`` components.
+
 Export pins the config first: parts built from a local path (``model.llm.path``, ``model.encoder.path``)
 get that path's config written out and the path removed, since every weight now lives in the export.
 """
@@ -41,10 +45,12 @@ class Source:
 
 def _run_config(run_dir: Path, what: str) -> DictConfig:
     from lm_mini.config import load_config
+    from lm_mini.registry import config_from_directory
 
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{what}: its run's config.yaml is not in {run_dir}")
-    return load_config(run_dir / "config.yaml")
+    with config_from_directory(run_dir / "config.yaml"):  # maybe someone else's run: it imports no code unasked
+        return load_config(run_dir / "config.yaml")
 
 
 def resolve_source(path: PathLike) -> Source:

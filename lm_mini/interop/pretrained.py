@@ -232,11 +232,13 @@ def save_pretrained(out: PathLike, state: Mapping[str, torch.Tensor], cfg: DictC
 def read_config(path: PathLike) -> DictConfig:
     """A model directory's config, with ``data.tokenizer`` resolved against the directory."""
     from lm_mini.config import load_config
+    from lm_mini.registry import config_from_directory
 
     path = Path(path)
     if not is_model_dir(path):
         raise FileNotFoundError(f"{path} is not an lm_mini model directory (needs {CONFIG_YAML} and {WEIGHTS} or {WEIGHTS_INDEX})")
-    cfg = load_config(path / CONFIG_YAML)
+    with config_from_directory(path / CONFIG_YAML):  # a downloaded model imports no code unless the user allows it
+        cfg = load_config(path / CONFIG_YAML)
     return OmegaConf.merge(cfg, {"data": {"tokenizer": str((path / cfg.data.tokenizer).resolve())}})
 
 
