@@ -53,10 +53,12 @@ class LmMiniDataModule(L.LightningDataModule):
         self.train_loader = build_loader(self.cfg, True, rank, world, start, self.processor)
         return self.train_loader
 
-    def val_dataloader(self, batch_size: Optional[int] = None) -> StreamingLoader:
-        """``data.val`` in order; the generation eval asks for ``eval.batch_size`` (validation loss: ``data.batch_size``)."""
+    def val_dataloader(self, batch_size: Optional[int] = None, max_samples_per_set: Optional[int] = None) -> StreamingLoader:
+        """``data.val`` in order; the generation eval asks for ``eval.batch_size`` (validation loss: ``data.batch_size``)
+        and the first ``eval.max_samples`` of each set."""
         rank, world = self._placement()
-        return build_loader(self.cfg, False, rank, world, processor=self.processor, batch_size=batch_size)
+        return build_loader(self.cfg, False, rank, world, processor=self.processor, batch_size=batch_size,
+                            max_samples_per_set=max_samples_per_set)
 
     def skip_counts(self) -> Dict[str, int]:
         """Skipped (or truncated / mask-unaligned) training samples per reason so far on this rank."""

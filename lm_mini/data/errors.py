@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 # Reasons a sample is skipped (or, for the last two, kept but altered). Counted per reason.
 SKIP_REASONS = (
@@ -50,3 +50,14 @@ class SkipCounter(Counter):
 
     def as_dict(self) -> Dict[str, int]:
         return {k: int(v) for k, v in sorted(self.items()) if v}
+
+
+def sum_over_ranks(counts: Mapping[str, int], reduce: Optional[Callable[..., Any]] = None, device: Any = "cpu") -> Dict[str, int]:
+    """This rank's skip counts summed over all ranks with ``reduce`` (a sum all-reduce, e.g. a Lightning
+    strategy's ``reduce``; None: one rank). Every rank must call it: one collective. Nonzero counts only."""
+    import torch
+
+    totals = torch.tensor([float(counts.get(r, 0)) for r in SKIP_REASONS], device=device)
+    if reduce is not None:
+        totals = reduce(totals, reduce_op="sum")
+    return {reason: int(value) for reason, value in zip(SKIP_REASONS, totals.tolist()) if value}

@@ -294,9 +294,11 @@ def build_processor(cfg: Any) -> SampleProcessor:
 
 
 def build_loader(cfg: Any, train: bool, rank: int = 0, world_size: int = 1, start_epoch: int = 0,
-                 processor: Optional[SampleProcessor] = None, batch_size: Optional[int] = None) -> StreamingLoader:
+                 processor: Optional[SampleProcessor] = None, batch_size: Optional[int] = None,
+                 max_samples_per_set: Optional[int] = None) -> StreamingLoader:
     """Train loader (weighted mix, shuffled) or val loader (every sample once, in index order);
-    ``batch_size`` defaults to ``data.batch_size``.
+    ``batch_size`` defaults to ``data.batch_size``. ``max_samples_per_set`` (val only): the first N samples
+    of each set (a weight below 1 takes a prefix of the set's unshuffled stream).
 
     The val loader pads nothing on one rank; with several ranks, at most ``world_size - 1`` padding
     samples (on the last rank) give every rank the same number of batches, as for training.
@@ -305,7 +307,8 @@ def build_loader(cfg: Any, train: bool, rank: int = 0, world_size: int = 1, star
     configs = d.train if train else d.val
     sets = [ShardSet.from_config(s, name) for s, name in zip(configs, shard_set_names([s.path for s in configs]))]
     if not train:  # a weight shapes the training mix only
-        sets = [dataclasses.replace(s, weight=1.0) for s in sets]
+        sets = [dataclasses.replace(s, weight=1.0 if max_samples_per_set is None or s.spec.size == 0
+                                    else min(1.0, max_samples_per_set / s.spec.size)) for s in sets]
     dataset = StreamingDataset(sets, processor or build_processor(cfg), seed=cfg.seed, rank=rank,
                                world_size=world_size, batch_size=batch_size or d.batch_size, num_workers=d.num_workers,
                                shuffle=train, shuffle_buffer=d.shuffle_buffer)

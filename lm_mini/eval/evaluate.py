@@ -1,22 +1,28 @@
-"""``lm-mini eval (RUN|CHECKPOINT|MODEL_DIR) --data SHARDS [...]``: greedy generation on shards, scored.
+"""Evaluation on shard sets: ``lm-mini eval (RUN|CHECKPOINT|MODEL_DIR) --data SHARDS [...]`` and the held-out
+evaluation at the end of training (``lm_mini.training.run`` calls :func:`evaluate` and :func:`score_other_metrics`).
 
-Generation runs in Lightning's test loop (``training.run.evaluate``: batched, KV cache); the
-predictions are then scored with the requested ``torchmetrics`` metrics against the gold answer of
-each sample, or against the record's own fields where the benchmark has them:
+Generation runs in Lightning's test loop (:class:`lm_mini.eval.generation.GenerationEval`: batched, KV cache);
+the predictions are then scored with the requested ``torchmetrics`` metrics against the gold answer of each
+sample, or against the record's own fields where the benchmark has them:
 
 - ``answers``: a list of annotator answers (VQAv2: 10) -> ``vqa_accuracy`` / ``exact_match`` use all;
 - ``options``: option texts of a multiple-choice question -> ``multiple_choice`` extracts the letter;
 - ``question_type``: scores are also broken down per type.
 
-Predictions go to a JSONL file, scores to stdout (and JSON with ``--json``) and to the MLflow run the
-checkpoint came from (``eval/<data>/<metric>``).
+A sample with no reference (no answer turn and no ``answers``) is left out of every score and reported
+(count and ids); ``eval.max_samples`` takes the first N samples of *each* shard set. Predictions go to a JSONL
+file, scores to stdout (JSON with ``--json``) and to the MLflow run the checkpoint came from: one set as
+``eval/<set>/<metric>``, several sets each as ``eval/<set>/<metric>`` and pooled as ``eval/all/<metric>``.
+
+LLaVA benchmark files (question files, official scorers, answers files) are the benchmark runner's
+(``lm-mini eval SOURCE --benchmark NAME``, :mod:`lm_mini.eval.benchmark_runner`); this command dispatches there.
 """
 from __future__ import annotations
 
 import json
 import re
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -35,20 +41,47 @@ def _options(record: Mapping[str, Any]) -> Any:
     return len(letters) if letters else 4
 
 
+def has_reference(prediction: Mapping[str, Any], record: Mapping[str, Any]) -> bool:
+    """A sample can be scored when its record has an answer turn (``gold``) or annotator ``answers``."""
+    answers = record.get("answers")
+    return bool(str(prediction.get("gold", "")).strip()) or (isinstance(answers, list) and any(str(a).strip() for a in answers))
+
+
+def unanswered(predictions: Sequence[Mapping[str, Any]], records: Mapping[str, Mapping[str, Any]]) -> List[Any]:
+    """Ids of the predictions whose sample has no reference answer (left out of every score)."""
+    return [p["id"] for p in predictions if not has_reference(p, records.get(p["id"], {}))]
+
+
+def set_name(sample_id: str) -> str:
+    """The shard set of a data-module sample id ``<set name>/<key>``."""
+    return sample_id.rpartition("/")[0]
+
+
 def score(predictions: Sequence[Mapping[str, Any]], records: Mapping[str, Mapping[str, Any]], metrics: Sequence[str]) -> Dict[str, Any]:
-    """Scores of ``predictions`` ({id, prediction, gold}) under each metric name: overall, per question type,
-    and per shard set (``set/<name>/...``) when they come from several (ids are ``<set name>/<key>``)."""
+    """Scores of ``predictions`` ({id, prediction, gold}) under each metric name: overall (``all/``), per question
+    type (``type/<t>/``), and per shard set (``set/<name>/``) when they come from several (ids are
+    ``<set name>/<key>``); ``<group>/n`` counts the scored samples. Samples without a reference are not scored
+    (see :func:`unanswered`): a missing answer is not an empty answer."""
+    excluded = set(unanswered(predictions, records))
+    scored = [p for p in predictions if p["id"] not in excluded]
     groups: Dict[str, List[Mapping[str, Any]]] = defaultdict(list)
-    several_sets = len({p["id"].rpartition("/")[0] for p in predictions}) > 1
-    for p in predictions:
+    several_sets = len({set_name(p["id"]) for p in predictions}) > 1
+    for p in scored:
         groups["all"].append(p)
         qtype = records.get(p["id"], {}).get("question_type")
         if qtype is not None:
             groups[f"type/{qtype}"].append(p)
         if several_sets:
-            groups[f"set/{p['id'].rpartition('/')[0]}"].append(p)
+            groups[f"set/{set_name(p['id'])}"].append(p)
+    if several_sets:  # a set whose every sample lacks a reference still shows up, with n 0
+        for p in predictions:
+            groups.setdefault(f"set/{set_name(p['id'])}", [])
+    groups.setdefault("all", [])
     out: Dict[str, Any] = {}
     for group, preds in groups.items():
+        out[f"{group}/n"] = len(preds)
+        if not preds:
+            continue
         for name in metrics:
             metric = build_metric(name)
             texts = [p["prediction"] for p in preds]
@@ -68,7 +101,6 @@ def score(predictions: Sequence[Mapping[str, Any]], records: Mapping[str, Mappin
                 out.update({f"{group}/pope_{k}": float(v) for k, v in value.items()})
             else:
                 out[f"{group}/{name}"] = float(value)
-        out[f"{group}/n"] = len(preds)
     return out
 
 
@@ -85,20 +117,88 @@ def records_by_id(shard_dirs: Sequence[str]) -> Dict[str, Dict[str, Any]]:
     return out
 
 
-def _log_to_mlflow(info: Mapping[str, Any], scores: Mapping[str, Any], prefix: str, artifact: Path) -> Optional[str]:
-    """Log scores to the checkpoint's MLflow run (if it has one); returns the run id."""
-    run_id, uri = info.get("run_id"), info.get("tracking_uri")
-    if not run_id or not uri:
-        return None
-    from mlflow import MlflowClient
+# --------------------------------------------------------------------------- the held-out evaluation (test loop)
+def evaluate(trainer: Any, module: Any, datamodule: Any, cfg: Any, records: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
+    """Generation on ``data.val`` (Lightning's test loop, every rank its share; ``module`` is a
+    :class:`~lm_mini.eval.generation.GenerationEval`); exact match against the gold answers of the samples
+    that have one, next to the majority-answer baseline of the same samples. ``eval.max_samples``: the first
+    N of each set. ``records``: ``data.val``'s records by sample id (:func:`records_by_id`).
 
-    client = MlflowClient(uri)
-    step = int(info.get("global_step", 0) or 0)
+    Returns ``accuracy`` (exact match), ``n`` (samples scored), ``per_set`` ({set: samples scored}),
+    ``excluded`` ({n, ids}: samples without a reference), ``skipped``, ``majority_baseline``, ``predictions``."""
+    from lm_mini.data.datamodule import LmMiniDataModule
+    from lm_mini.data.errors import sum_over_ranks
+    from lm_mini.eval.generation import GenerationOptions, stop_token_ids
+
+    tokenizer = datamodule.processor.tokenizer
+    template = cfg.data.val[0].template or cfg.data.template
+    options = GenerationOptions.from_config(cfg.eval)
+    ours = isinstance(datamodule, LmMiniDataModule)
+    # our loader takes the first eval.max_samples of each set; a caller's own data module batches as it likes,
+    # so the test loop stops after eval.max_samples samples in all
+    module.start_generation_eval(tokenizer, stop_token_ids(tokenizer, template), options, None if ours else cfg.eval.max_samples)
+    loader = (datamodule.val_dataloader(batch_size=cfg.eval.batch_size, max_samples_per_set=cfg.eval.max_samples) if ours
+              else datamodule.val_dataloader())
+    trainer.test(module, dataloaders=loader, verbose=False)
+    skips = getattr(loader, "skips", None)  # ours counts what it skipped; the evaluated samples are the rest
+    skipped = sum_over_ranks(dict(skips or {}), trainer.strategy.reduce if trainer.world_size > 1 else None, module.device)
+    gathered = module.gathered_answers()  # (sample id, gold) of every rank
+    evaluated = {sid: gold for sid, gold in gathered if has_reference({"gold": gold}, records.get(sid, {}))}
+    excluded = [sid for sid, gold in gathered if sid not in evaluated]
+    top, hits = Counter(g for g in evaluated.values() if g).most_common(1)[0] if any(evaluated.values()) else ("", 0)
+    exact = trainer.callback_metrics.get("eval/exact_match")
+    result = {"accuracy": float(exact) if exact is not None else float("nan"), "n": len(evaluated),
+              "per_set": dict(Counter(set_name(str(sid)) for sid in evaluated)),
+              "excluded": {"n": len(excluded), "ids": excluded},
+              "majority_baseline": hits / max(1, len(evaluated)), "majority_answer": top,
+              "skipped": skipped, "predictions": module.eval_examples}
+    per_type = majority_per_question_type(records, set(evaluated))
+    if per_type is not None:  # records that say their question type: the stronger, per-type majority guess
+        result["majority_baseline"] = max(result["majority_baseline"], per_type)
+    return result
+
+
+def score_other_metrics(result: Dict[str, Any], cfg: Any, logger: Any, step: int, records: Mapping[str, Mapping[str, Any]]) -> None:
+    """``eval.metrics`` besides exact match (logged by the test loop) on the predictions, into ``result["scores"]``
+    and MLflow as ``eval/<metric>`` and ``eval/type/<question type>/<metric>`` (names made valid for MLflow)."""
+    from lm_mini.eval.mlflow_scores import metric_name
+
+    others = [m for m in cfg.eval.metrics if m != "exact_match"]
+    if not others or not result["predictions"]:
+        return
+    scores = score(result["predictions"], records, others)
+    result["scores"] = scores
+    logger.log_metrics({metric_name("eval", k.removeprefix("all/")): v for k, v in scores.items() if not k.endswith("/n")}, step=step)
+
+
+def majority_per_question_type(records: Mapping[str, Mapping[str, Any]], sample_ids: set) -> Optional[float]:
+    """Accuracy, on the evaluated samples, of always giving the most frequent answer of each
+    ``question_type`` (None when the records do not say their type)."""
+    from lm_mini.data.synthetic import majority_baseline
+
+    evaluated = [r for sid, r in records.items() if sid in sample_ids]
+    if not evaluated or not all("question_type" in r for r in evaluated):
+        return None
+    return float(majority_baseline(evaluated)["overall"]["accuracy"])
+
+
+# --------------------------------------------------------------------------- lm-mini eval --data
+def mlflow_scores(scores: Mapping[str, float], set_names: Sequence[str]) -> Dict[str, float]:
+    """:func:`score`'s keys as MLflow metric names: one set -> ``eval/<set>/<metric>``; several sets -> each set
+    as ``eval/<set>/<metric>`` and the pooled scores as ``eval/all/<metric>``; per type ``.../type/<t>/<metric>``."""
+    from lm_mini.eval.mlflow_scores import metric_name
+
+    out = {}
     for key, value in scores.items():
-        if not key.endswith("/n"):
-            client.log_metric(run_id, f"eval/{prefix}/{key.removeprefix('all/')}", float(value), step=step)
-    client.log_artifact(run_id, str(artifact), artifact_path="eval")
-    return run_id
+        if key.endswith("/n"):
+            continue
+        if key.startswith("set/"):
+            out[metric_name("eval", key.removeprefix("set/"))] = value
+        elif len(set_names) == 1:
+            out[metric_name("eval", set_names[0], key.removeprefix("all/"))] = value
+        else:
+            out[metric_name("eval", key)] = value
+    return out
 
 
 def evaluate_source(source_path: str, data: Sequence[str], metrics: Optional[Sequence[str]] = None, out: Optional[str] = None,
@@ -106,14 +206,14 @@ def evaluate_source(source_path: str, data: Sequence[str], metrics: Optional[Seq
     """Evaluate a model directory / run / checkpoint on shard sets; returns scores and where things went.
     ``metrics``: default ``eval.metrics`` of the model's config (after ``overrides``)."""
     import lightning as L
-
     from omegaconf import OmegaConf
 
     from lm_mini.config import ShardSetConfig, apply_overrides, schema
     from lm_mini.data.datamodule import build_datamodule
+    from lm_mini.data.streaming import shard_set_names
+    from lm_mini.eval.generation import GenerationModule
+    from lm_mini.eval.mlflow_scores import log_scores
     from lm_mini.interop.export import load_model, resolve_source
-    from lm_mini.training.module import LmMiniModule
-    from lm_mini.training.run import evaluate
 
     for d in data:
         if not Path(d).exists():
@@ -126,26 +226,61 @@ def evaluate_source(source_path: str, data: Sequence[str], metrics: Optional[Seq
     metrics = list(metrics or cfg.eval.metrics)
     for name in metrics:
         build_metric(name)  # an unknown name fails now, not after every answer was generated
+    from lm_mini.eval.mlflow_scores import metric_name
+
+    names = shard_set_names(list(data))
     datamodule = build_datamodule(cfg)
-    module = LmMiniModule(cfg, model_factory=lambda _: model)
     trainer = L.Trainer(accelerator="cpu" if device == "cpu" else "auto", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     records = records_by_id(data)
-    result = evaluate(trainer, module, datamodule, cfg, records)
-    name = "+".join(Path(d).name for d in data)
-    out_path = Path(out) if out else (source.run_dir or source.path) / "eval" / f"{name}.jsonl"
+    result = evaluate(trainer, GenerationModule(model), datamodule, cfg, records)
+    file_name = metric_name("+".join(Path(d).name for d in data)).replace("/", "_")
+    out_path = Path(out) if out else (source.run_dir or source.path) / "eval" / f"{file_name}.jsonl"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with out_path.open("w") as f:  # first: the generated answers are kept whatever the scoring says
         for p in result["predictions"]:
             rec = records.get(p["id"], {})
-            f.write(json.dumps({**p, **({"question_type": rec["question_type"]} if "question_type" in rec else {})}) + "\n")
+            extra = {k: rec[k] for k in ("id", "question_type") if k in rec}  # the record's own id, of its JSON type
+            f.write(json.dumps({**p, **({"record_id": extra.pop("id")} if "id" in extra else {}), **extra}) + "\n")
     scores = score(result["predictions"], records, metrics)
-    run_id = _log_to_mlflow(source.info, scores, name, out_path) if log_mlflow else None
+    per_set = {name: int(scores.get(f"set/{name}/n", scores["all/n"] if len(names) == 1 else 0)) for name in names}
+    run_id = log_scores(source.info, mlflow_scores(scores, names), [out_path]) if log_mlflow else None
     return {"scores": scores, "majority_baseline": result["majority_baseline"], "predictions_file": str(out_path),
-            "mlflow_run_id": run_id, "n": result["n"], "skipped": result["skipped"]}
+            "mlflow_run_id": run_id, "n": scores["all/n"], "per_set": per_set, "excluded": result["excluded"],
+            "skipped": result["skipped"]}
+
+
+def _print_shard_result(result: Mapping[str, Any]) -> None:
+    s = result["scores"]
+    sets = ", ".join(f"{name}: {n}" for name, n in result["per_set"].items())
+    print(f"evaluated {result['n']} samples ({sets}); majority-answer baseline {result['majority_baseline']:.3f}")
+    excluded = result["excluded"]
+    if excluded["n"]:
+        shown = ", ".join(map(str, excluded["ids"][:10])) + (" ..." if excluded["n"] > 10 else "")
+        print(f"not scored: {excluded['n']} samples without a reference answer ({shown})")
+    if result["skipped"]:
+        print(f"data: {describe_skips(result['skipped'])}")
+    width = max(len(k) for k in s)
+    for key in sorted(s, key=lambda k: (not k.startswith("all/"), k)):
+        value = s[key]
+        print(f"  {key.ljust(width)}  {value if key.endswith('/n') else f'{value:.4f}'}")
+    print(f"predictions: {result['predictions_file']}")
+    if result["mlflow_run_id"]:
+        print(f"scores logged to MLflow run {result['mlflow_run_id']}")
 
 
 def cli_eval(args: Any) -> int:
+    """``lm-mini eval``: shard sets (``--data``), or LLaVA benchmark files (``--benchmark`` / ``--suite`` / ``--merge``)."""
+    if getattr(args, "benchmark", None) or getattr(args, "suite", None) or getattr(args, "merge", False):
+        from lm_mini.eval.benchmark_runner import cli_benchmark
+
+        return cli_benchmark(args)
+    if not args.data:
+        print("lm-mini eval: give --data SHARDS..., or --benchmark NAME --questions FILE, or --suite FILE", file=sys.stderr)
+        return 2
+    if not args.source:
+        print("lm-mini eval: give the model (run directory, checkpoint or model directory) to evaluate", file=sys.stderr)
+        return 2
     # `--data A B key=value` / `--metric m key=value`: argparse hands the overrides to the option; take them back.
     data = [d for d in args.data if "=" not in d or Path(d).exists()]
     metrics = [m for m in args.metric or [] if "=" not in m] or None  # None: eval.metrics
@@ -158,15 +293,5 @@ def cli_eval(args: Any) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    s = result["scores"]
-    print(f"evaluated {result['n']} samples; majority-answer baseline {result['majority_baseline']:.3f}")
-    if result["skipped"]:
-        print(f"data: {describe_skips(result['skipped'])}")
-    width = max(len(k) for k in s)
-    for key in sorted(s, key=lambda k: (k != "all/n" and not k.startswith("all/"), k)):
-        value = s[key]
-        print(f"  {key.ljust(width)}  {value if key.endswith('/n') else f'{value:.4f}'}")
-    print(f"predictions: {result['predictions_file']}")
-    if result["mlflow_run_id"]:
-        print(f"scores logged to MLflow run {result['mlflow_run_id']}")
+    _print_shard_result(result)
     return 0

@@ -8,12 +8,11 @@ import time
 from typing import Any, Dict, Optional
 
 import lightning as L
-import torch
 from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from lm_mini.data.errors import SKIP_REASONS
+from lm_mini.data.errors import SKIP_REASONS, sum_over_ranks
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -188,7 +187,4 @@ class SkippedSamplesLogger(Callback):
 
 def skip_counts_over_ranks(trainer: L.Trainer, counts: Dict[str, int], device: Any = "cpu") -> Dict[str, int]:
     """This rank's skip counts summed over all ranks (every rank must call it: one all-reduce); nonzero only."""
-    totals = torch.tensor([float(counts.get(r, 0)) for r in SKIP_REASONS], device=device)
-    if trainer.world_size > 1:
-        totals = trainer.strategy.reduce(totals, reduce_op="sum")
-    return {reason: int(value) for reason, value in zip(SKIP_REASONS, totals.tolist()) if value}
+    return sum_over_ranks(counts, trainer.strategy.reduce if trainer.world_size > 1 else None, device)

@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from lm_mini.eval.generation import GenerationEval, split_prompt_answer  # noqa: F401  (split_prompt_answer: re-exported)
 from lm_mini.training import strategy as strategies
 from lm_mini.training.checkpoint import read_checkpoint_weights
 
@@ -101,51 +102,6 @@ def init_weights_from(model: nn.Module, path: str) -> List[str]:
     return list(result.missing_keys)
 
 
-def split_prompt_answer(batch: Dict[str, Any]) -> tuple:
-    """An evaluation batch -> (prompt-only batch, gold answer token ids per sample).
-
-    The gold answer of a sample is its first supervised span (answer + end-of-turn token) that starts
-    after its media slot (``IMAGE_TOKEN_INDEX``; no slot: its first span), the prompt everything before
-    that span: the earlier turns, the media slot and the question. Cut at the first span instead, a record
-    whose ``<image>`` sits in a later human turn would lose its slot (its pixels would have nowhere to go).
-    When the evaluated answer is the record's last turn, the prompt is exactly what ``build_prompt``
-    renders, because the conversation tokenizer checks that every prefix tokenizes the same alone and in
-    the whole text.
-    """
-    from lm_mini.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-
-    labels, ids, mask = batch["labels"], batch["input_ids"], batch["attention_mask"]
-    lengths, golds = [], []
-    for b in range(ids.shape[0]):
-        slot = ((ids[b] == IMAGE_TOKEN_INDEX) & mask[b].bool()).nonzero().flatten().tolist()
-        supervised = (labels[b] != IGNORE_INDEX).nonzero().flatten().tolist()
-        supervised = [i for i in supervised if not slot or i > slot[0]]
-        start = supervised[0] if supervised else int(mask[b].sum())
-        end = start
-        while end < labels.shape[1] and labels[b, end] != IGNORE_INDEX:
-            end += 1
-        lengths.append(max(1, start))
-        golds.append(ids[b, start:end].tolist())
-    width = max(lengths)
-    prompt = dict(batch)
-    prompt["input_ids"] = ids[:, :width].clone()
-    prompt["attention_mask"] = torch.zeros_like(mask[:, :width])
-    for b, n in enumerate(lengths):
-        prompt["attention_mask"][b, :n] = 1
-    prompt.pop("labels")
-    return prompt, golds
-
-
-def _first_stop(tokens: List[int], stop: List[int]) -> int:
-    return next((i for i, t in enumerate(tokens) if t in stop), len(tokens))
-
-
-def _is_fsdp(module: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
-
-
 def _rng_state() -> Dict[str, Any]:
     # Tensors, ints and strings only, so checkpoints stay loadable with torch.load(weights_only=True).
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -165,8 +121,9 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class LmMiniModule(L.LightningModule):
-    """Trains ``LlavaMini`` (``self.model``) as ``cfg.train`` says.
+class LmMiniModule(GenerationEval, L.LightningModule):
+    """Trains ``LlavaMini`` (``self.model``) as ``cfg.train`` says; its test loop is the generation eval
+    (:class:`lm_mini.eval.generation.GenerationEval`).
 
     ``model_factory(cfg.model) -> nn.Module`` builds the network (default ``LlavaMini.from_config``).
     """
@@ -210,63 +167,6 @@ class LmMiniModule(L.LightningModule):
         loss = self.model(batch).loss
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
         return loss
-
-    # ------------------------------------------------------------------ generation eval (trainer.test)
-    def start_generation_eval(self, tokenizer: Any, stop_ids: List[int], max_new_tokens: int, max_samples: Optional[int] = None) -> None:
-        """Make ``trainer.test`` run greedy generation + exact match on the given loader."""
-        from lm_mini.eval.metrics import ExactMatch
-
-        self.exact_match = ExactMatch().to(self.device)
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        self._generation = {"tokenizer": tokenizer, "stop": sorted(set(stop_ids + eos)), "max_new_tokens": max_new_tokens,
-                            "max_samples": max_samples, "seen": 0}
-        self.eval_answers: List[str] = []
-        self.eval_ids: List[str] = []
-        self.eval_examples: List[Dict[str, str]] = []
-
-    def test_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
-        g = self._generation
-        if g is None:
-            raise RuntimeError("call start_generation_eval(...) before trainer.test")
-        # eval.max_samples, as an equal share per rank (exact on one rank): every rank stops at the same batch
-        budget = None if g["max_samples"] is None else -(-g["max_samples"] // self.trainer.world_size) - g["seen"]
-        if budget is not None and budget <= 0:
-            return
-        prompt, golds = split_prompt_answer(batch)
-        tok = g["tokenizer"]
-        new = self._generate(prompt, g)
-        preds = [tok.decode(row[: _first_stop(row.tolist(), g["stop"])], skip_special_tokens=True).strip() for row in new]
-        keep = [i for i, sid in enumerate(batch["sample_ids"]) if sid is not None][:budget]  # no padding samples
-        preds = [preds[i] for i in keep]
-        golds = [tok.decode(golds[i], skip_special_tokens=True).strip() for i in keep]
-        g["seen"] += len(batch["sample_ids"])
-        self.exact_match.update(preds, golds)
-        self.log("eval/exact_match", self.exact_match, on_step=False, on_epoch=True, batch_size=max(1, len(keep)))
-        self.eval_answers.extend(golds)
-        self.eval_ids.extend(batch["sample_ids"][i] for i in keep)
-        self.eval_examples.extend({"id": batch["sample_ids"][i], "prediction": p, "gold": a} for i, p, a in zip(keep, preds, golds))
-
-    def _generate(self, prompt: Dict[str, Any], g: Dict[str, Any]) -> torch.Tensor:
-        kwargs: Dict[str, Any] = {"eos_token_id": g["stop"] or None}
-        fsdp = _is_fsdp(self.model)
-        if self.trainer.world_size > 1:
-            kwargs["synced_gpus"] = True  # ranks finish at different lengths; sharded layers need all of them
-        if fsdp:  # generate() enters through the LLM, not the FSDP root: gather the root's own shards first
-            self.model.unshard()
-        try:
-            return self.model.generate(prompt, max_new_tokens=g["max_new_tokens"], **kwargs)
-        finally:
-            if fsdp:
-                self.model.reshard()
-
-    def gathered_answers(self) -> List[tuple]:
-        """(sample id, gold answer) of every evaluated sample on every rank (padding excluded)."""
-        mine = list(zip(self.eval_ids, self.eval_answers))
-        if self.trainer.world_size == 1:
-            return mine
-        out: List[List[tuple]] = [None] * self.trainer.world_size  # type: ignore[list-item]
-        torch.distributed.all_gather_object(out, mine)
-        return [a for part in out for a in part]
 
     def configure_optimizers(self) -> Dict[str, Any]:
         train = self.cfg.train

@@ -12,7 +12,7 @@ from lm_mini.config import load_config
 from lm_mini.data.shards import build_shards
 from lm_mini.eval.evaluate import score
 from lm_mini.interop.pretrained import build_model, save_pretrained
-from lm_mini.training.module import LmMiniModule
+from lm_mini.eval.generation import GenerationEval
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,17 +61,17 @@ def test_eval_cli_on_a_trained_run_writes_predictions_and_logs_scores(tmp_path, 
     assert logged_at_end["eval/vqa_accuracy"] == pytest.approx(at_end["scores"]["all/vqa_accuracy"])
     assert "eval/exact_match" in logged_at_end
     capsys.readouterr()
-    generate, batches = LmMiniModule._generate, []
+    generate, batches = GenerationEval._generate, []
 
     def recording(self, prompt, g):
         batches.append(prompt["input_ids"].shape[0])
         return generate(self, prompt, g)
 
-    monkeypatch.setattr(LmMiniModule, "_generate", recording)
-    # eval.batch_size (4), not the run's data.batch_size (2); max_samples=6 is exactly 6 (not 2 whole batches)
+    monkeypatch.setattr(GenerationEval, "_generate", recording)
+    # eval.batch_size (4), not the run's data.batch_size (2); max_samples=6 is exactly 6: the loader reads 6 (4 + 2)
     assert cli_main(["eval", str(run), "eval.max_samples=6", "eval.batch_size=4", "eval.max_new_tokens=2", "--data",
                      "data_shards/demo/eval", "--metric", "exact_match", "vqa_accuracy", "--json"]) == 0
-    assert batches == [4, 4]
+    assert batches == [4, 2]
     result = json.loads(capsys.readouterr().out)
     lines = [json.loads(l) for l in Path(result["predictions_file"]).read_text().splitlines()]
     assert result["n"] == len(lines) == 6 and all({"id", "prediction", "gold", "question_type"} <= set(l) for l in lines)
