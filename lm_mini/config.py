@@ -134,7 +134,11 @@ class EvalConfig:
     max_new_tokens: int = 16
     batch_size: int = 8  # samples per generate() call; validation loss during training batches as data.batch_size
     metrics: List[str] = field(default_factory=lambda: ["exact_match"])
-    max_samples: Optional[int] = None  # the first N samples of data.val (an equal share per rank: exact on one rank)
+    max_samples: Optional[int] = None  # the first N samples of each data.val set
+    # Generation (lm-mini eval flags --temperature --top-p --num-beams override): greedy by default, as the paper's eval.
+    temperature: float = 0.0  # > 0 samples (LLaVA's eval scripts: do_sample = temperature > 0)
+    top_p: Optional[float] = None  # nucleus sampling, with temperature > 0
+    num_beams: int = 1
 
 
 @dataclass
@@ -278,9 +282,11 @@ _MINIMUM = {
     "eval.max_new_tokens": 1,
     "eval.batch_size": 1,
     "eval.max_samples": 1,
+    "eval.temperature": 0,
+    "eval.num_beams": 1,
 }
-_MAXIMUM = {"train.warmup_ratio": 1.0}  # a fraction of the run
-_POSITIVE = ("data.video_fps",)
+_MAXIMUM = {"train.warmup_ratio": 1.0, "eval.top_p": 1.0}  # fractions
+_POSITIVE = ("eval.top_p", "data.video_fps",)
 
 
 def validate(cfg: DictConfig, source: str = "config") -> DictConfig:
