@@ -73,6 +73,22 @@ def media_kind(ext: Optional[str]) -> Optional[str]:
     return "image" if ext in IMAGE_EXTS else "video" if ext in VIDEO_EXTS else None
 
 
+def unsafe_member_name(name: str) -> bool:
+    """Does a tar member's name leave the shard (absolute, or a ``..`` part)? Such members are never used:
+    reading keeps members in memory (nothing is extracted), and each one is skipped as ``unsafe_member_name``."""
+    parts = name.replace("\\", "/").split("/")
+    return name.startswith(("/", "\\")) or ".." in parts
+
+
+def member_key(name: str) -> Tuple[Optional[str], Optional[str]]:
+    """``(sample key, extension)`` of a tar member, as webdataset groups them; an unsafe name (see
+    :func:`unsafe_member_name`) is a sample of its own even without an extension, so it is counted and skipped."""
+    key, ext = base_plus_ext(name)
+    if key is None and unsafe_member_name(name):
+        return name, ""
+    return key, ext
+
+
 class ShardBuildError(RuntimeError):
     """The build cannot start (unreadable input file, output directory in the way, ...)."""
 
@@ -533,7 +549,7 @@ def count_tar_samples(url: str) -> int:
         with tarfile.open(url) as tar:
             for member in tar:
                 if member.isreg():
-                    keys.add(base_plus_ext(member.name)[0])
+                    keys.add(member_key(member.name)[0])
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         log.warning("%s: unreadable past %d samples (%s: %s); the rest of it is skipped as truncated_tar",
                     url, len(keys - {None}), type(e).__name__, e)
@@ -585,6 +601,9 @@ def _caption_record(key: str, sample: dict, url: str) -> dict:
 def to_raw_sample(sample: dict, url: str) -> RawSample:
     """A grouped tar sample -> ``RawSample`` (raises ``SampleError`` for unusable ones)."""
     key = sample["__key__"]
+    if unsafe_member_name(key):
+        names = ", ".join(f"{key}.{ext}" if ext else key for ext in sample if not ext.startswith("__"))
+        raise SampleError("unsafe_member_name", f"tar member(s) {names}: an absolute path or '..' is never read", key)
     media = [(EXT_ALIASES.get(k, k), v) for k, v in sample.items() if media_kind(k)]
     if len(media) > 1:
         raise SampleError("malformed_record", f"{len(media)} media members; one per sample", key)
@@ -645,7 +664,7 @@ def read_shard(url: str) -> Iterator[Union[RawSample, SampleError]]:
     n = 0
     with wds.gopen(url) as stream:  # opened here, not by the handler: a missing shard is an error, not a skip
         files = tar_file_expander([{"url": url, "stream": stream}], handler=stop, eof_value=None)
-        for sample in group_by_keys(files, handler=stop):
+        for sample in group_by_keys(files, keys=member_key, handler=stop):
             if pending is not None:  # held back one sample: in a truncated shard the last one may be partial
                 yield pending
                 n += 1
