@@ -277,7 +277,8 @@ class CheckpointedMetrics(Callback):
             # gradient accumulation), made early; private, so tests/training pin its effect.
             trainer._logger_connector.update_train_step_metrics()
             self._step_not_logged = False
-        checkpoint[self.KEY] = logger.unconfirmed() if trainer.is_global_zero else []
+        # plain floats: a value logged as numpy would make the checkpoint unreadable by torch.load(weights_only=True)
+        checkpoint[self.KEY] = [({k: float(v) for k, v in m.items()}, step, ts) for m, step, ts in logger.unconfirmed()] if trainer.is_global_zero else []
 
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: Dict[str, Any]) -> None:
         logger = trainer.logger
