@@ -142,8 +142,10 @@ class Benchmark:
         raise NotImplementedError(f"benchmark {self.name}: no local scorer (see write_submission)")
 
     def write_submission(self, answers: Sequence[Mapping[str, Any]], out_dir: PathLike,
-                         questions: Optional[Sequence[Question]] = None) -> Optional[Path]:
-        """The file a benchmark's evaluation server takes (None where there is none)."""
+                         questions: Optional[Sequence[Question]] = None,
+                         annotations: Optional[PathLike] = None) -> Optional[Path]:
+        """The file a benchmark's evaluation server (or GPT judge) takes, written into ``out_dir``; None where there
+        is none, or where it needs the question file / annotations and they are not given."""
         return None
 
 
