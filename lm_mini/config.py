@@ -43,6 +43,10 @@ class PreFusionConfig:
     depth: int = 4  # number of decoder layers; 0 switches pre-fusion off
     init: str = "random"  # random (official) | llm_layers (copy the LLM's first `depth` layers)
     detach_text: bool = True  # official: no gradient from pre-fusion into the text embeddings
+    # Training (a batch with labels): a text-only sample's text is fused with an all-zero image, as official
+    # LLaVA-Mini training does (its data gives such samples a blank image); inference never fuses text-only
+    # prompts (official). On in the LLaVA-Mini presets; off: text-only samples reach the LLM unfused.
+    text_only_blank_image: bool = False
 
 
 @dataclass
@@ -61,6 +65,7 @@ class ModelConfig:
     prefusion: PreFusionConfig = field(default_factory=PreFusionConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     resolution_ratio: int = 1  # R: hi-res images are split into R x R crops plus the global view
+    video_hires: bool = False  # at R > 1 every video frame gets R x R crops + global view too (official); else one view
     dtype: str = "float32"  # parameter dtype when built: float32 | bfloat16 | float16
 
 
@@ -82,9 +87,14 @@ class DataConfig:
     batch_size: int = 8
     num_workers: int = 0
     shuffle_buffer: int = 1000
-    aspect_mode: str = "square"  # square (LLaVA-Mini) | pad (LLaVA-1.5)
-    video_fps: float = 1.0
+    # square: the CLIP processor's shortest-edge resize + centre crop (official default) | pad: padded to a square
+    # with the mean colour (LLaVA-1.5) | squash: the whole image stretched to S x S (no official counterpart)
+    aspect_mode: str = "square"
+    video_fps: float = 1.0  # frames a second sampled from a video (official inference: 1), at most max_frames
     max_frames: int = 64
+    # Training videos: this many frames, the middle of as many equal segments (official LLaVA-Mini training: 8,
+    # get_seq_frames); None: video_fps / max_frames as for held-out data and generation
+    train_video_frames: Optional[int] = None
 
 
 # --------------------------------------------------------------------------- training
@@ -255,7 +265,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.prefusion.init": ("random", "llm_layers"),
     "model.encoder.select_feature": ("patch", "cls_patch"),
-    "data.aspect_mode": ("square", "pad"),
+    "data.aspect_mode": ("square", "squash", "pad"),
     "train.stage": ("pretrain", "finetune"),
     "train.strategy": ("auto", "ddp", "fsdp"),
     "train.precision": ("32-true", "32", "16-mixed", "16-true", "16", "bf16-mixed", "bf16-true", "bf16", "64-true", "64"),  # Lightning's
@@ -265,6 +275,7 @@ _MINIMUM = {
     "model.compressor.grid": 1,
     "model.resolution_ratio": 1,
     "data.max_frames": 1,
+    "data.train_video_frames": 1,
     "data.batch_size": 1,
     "data.max_length": 1,
     "data.num_workers": 0,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 import io
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import av
 import numpy as np
@@ -75,11 +75,22 @@ def _to_8_bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(pixels * scale), 0, 255).astype(np.uint8), mode="L")
 
 
+def get_seq_frames(total_num_frames: int, desired_num_frames: int) -> List[int]:
+    """Official LLaVA-Mini's frame picker (``llavamini/train/train.py`` and every ``llavamini/eval/video/*``
+    loader, ictnlp/LLaVA-Mini@47da113): the middle index of each of ``desired`` equal segments of
+    ``[0, total - 1]``, segment ends rounded half to even (``np.round``)."""
+    seg_size = float(total_num_frames - 1) / desired_num_frames
+    return [(int(np.round(seg_size * i)) + int(np.round(seg_size * (i + 1)))) // 2 for i in range(desired_num_frames)]
+
+
 def sample_frame_indices(num_frames: int, frame_rate: float, fps: float = 1.0, max_frames: int = 64,
-                         times: Optional[Sequence[float]] = None) -> List[int]:
+                         times: Optional[Sequence[float]] = None, num_segments: Optional[int] = None) -> List[int]:
     """Indices of the frames to keep: the frame on screen in the middle of each of ``n`` equal time segments.
 
-    ``n`` is about ``fps`` per second of video (at least 1) and at most ``max_frames``, so a long video
+    ``num_segments`` given (official LLaVA-Mini training: 8, ``load_video_org(num_frm=8)``): ``n`` is
+    ``min(num_frames, num_segments)`` and the picks are :func:`get_seq_frames`' (frame indices of constant-rate
+    video; with ``times``, the frame on screen at that point of the clip's duration, the same for constant rate).
+    Else ``n`` is about ``fps`` per second of video (at least 1) and at most ``max_frames``, so a long video
     gets ``max_frames`` equal segments instead of being cut short. ``times``: the frames' presentation
     times in seconds, ascending; without them frames are taken as evenly spaced (constant rate), which
     gives the same indices for constant-rate video. With them, a variable-rate video is sampled evenly
@@ -88,8 +99,15 @@ def sample_frame_indices(num_frames: int, frame_rate: float, fps: float = 1.0, m
     if num_frames <= 0:
         return []
     duration = num_frames / frame_rate
+    timed = times is not None and len(times) == num_frames
+    if num_segments is not None:
+        picks = get_seq_frames(num_frames, min(num_frames, int(num_segments)))
+        if not timed:
+            return picks
+        start = times[0]
+        return [max(0, bisect.bisect_right(times, start + p * duration / num_frames + 1e-9) - 1) for p in picks]
     n = max(1, min(round(duration * fps), max_frames, num_frames))
-    if times is None or len(times) != num_frames:
+    if not timed:
         return [int((k + 0.5) * num_frames / n) for k in range(n)]
     start = times[0]
     return [max(0, bisect.bisect_right(times, start + (k + 0.5) * duration / n + 1e-9) - 1) for k in range(n)]
@@ -184,13 +202,15 @@ def _decode_frames(data: bytes, wanted: Sequence[int], sample_id: Optional[str])
     return frames
 
 
-def decode_video(data: bytes, fps: float = 1.0, max_frames: int = 64, sample_id: Optional[str] = None) -> List[Image.Image]:
-    """Bytes -> the sampled frames as RGB PIL images (see ``sample_frame_indices``).
+def decode_video(data: bytes, fps: float = 1.0, max_frames: int = 64, sample_id: Optional[str] = None,
+                 num_segments: Optional[int] = None) -> List[Image.Image]:
+    """Bytes -> the sampled frames as RGB PIL images (see ``sample_frame_indices``; ``num_segments``: a fixed
+    number of frames, as official LLaVA-Mini training samples).
 
     Zero-length, unreadable or frameless videos raise ``SampleError("bad_video")``.
     """
     num_frames, rate, times = _count_frames(data, sample_id)
-    wanted = sample_frame_indices(num_frames, rate, fps, max_frames, times)
+    wanted = sample_frame_indices(num_frames, rate, fps, max_frames, times, num_segments)
     if not wanted:
         raise SampleError("bad_video", "video has no frames", sample_id)
     distinct = sorted(set(wanted))
@@ -219,6 +239,8 @@ def probe_video(data: bytes, sample_id: Optional[str] = None) -> dict:
 
 # ------------------------------------------------------------------------------------------ pixels
 
+ASPECT_MODES = ("square", "squash", "pad")
+
 
 def expand_to_square(image: Image.Image, fill: Sequence[int]) -> Image.Image:
     """Pad the short side (centred) with a flat colour, as LLaVA-1.5's ``expand2square``."""
@@ -231,6 +253,60 @@ def expand_to_square(image: Image.Image, fill: Sequence[int]) -> Image.Image:
     return out
 
 
+def _pixels(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 tensor [3, h, w] (a view of one copy of the pixel bytes)."""
+    image = _rgb(image)
+    w, h = image.size
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1)
+
+
+def _resize(pixels: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """uint8 [3, H, W] -> [3, h, w], bicubic with antialiasing (PIL's filter, as CLIP's processor); unchanged
+    when already that size (PIL and transformers' processors return such an image as it is)."""
+    if tuple(pixels.shape[-2:]) == (h, w):
+        return pixels
+    return TF.resize(pixels, [h, w], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+
+
+def clip_view(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """The CLIP image processor's view: shortest edge resized to ``size``, then the centre ``size x size``.
+
+    uint8 [3, H, W] -> [3, size, size]. Sizes and offsets as transformers' ``CLIPImageProcessor``
+    (``get_resize_output_image_size(default_to_square=False)``: the long side is
+    ``int(size * long / short)``; ``center_crop``: offsets ``(new - size) // 2``), which official
+    LLaVA-Mini calls for every aspect mode but ``pad`` (``llavamini/mm_utils.py`` ``process_images``,
+    ``llavamini/train/train.py`` ``LazySupervisedDataset.__getitem__``).
+    """
+    h, w = pixels.shape[-2:]
+    if h <= w:
+        new_h, new_w = size, int(size * w / h)
+    else:
+        new_h, new_w = int(size * h / w), size
+    resized = _resize(pixels, new_h, new_w)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return resized[:, top:top + size, left:left + size]
+
+
+def split_blocks(pixels: torch.Tensor, r: int) -> List[torch.Tensor]:
+    """Official ``split_image``: ``r x r`` blocks of ``(W // r) x (H // r)`` pixels, row-major (views, no copy).
+
+    As the official code, the last ``W % r`` columns / ``H % r`` rows fall in no block. An image
+    narrower than ``r`` pixels keeps blocks of one pixel (the official crop would be empty and fail).
+    """
+    h, w = pixels.shape[-2:]
+    bh, bw = max(1, h // r), max(1, w // r)
+    return [pixels[:, min(i * bh, h - bh):min(i * bh, h - bh) + bh, min(j * bw, w - bw):min(j * bw, w - bw) + bw]
+            for i in range(r) for j in range(r)]
+
+
+def nearest_square(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [3, H, W] -> [3, size, size] by nearest neighbour, as the official video loaders resize every
+    frame (``torch.nn.functional.interpolate(frames, size=(336, 336))``, mode ``nearest``)."""
+    if tuple(pixels.shape[-2:]) == (size, size):
+        return pixels
+    return torch.nn.functional.interpolate(pixels[None], size=(size, size), mode="nearest")[0]
+
+
 class ImageProcessor:
     """PIL images -> uint8 RGB pixel views ``[V, 3, S, S]`` for the vision encoder.
 
@@ -238,69 +314,104 @@ class ImageProcessor:
     trainer); the model normalises them with the encoder's mean/std on its device. ``normalize``
     gives the float views here, for code that needs them (e.g. a Hugging Face model).
 
-    aspect_mode: ``square`` resizes the whole image to S x S (LLaVA-Mini); ``pad`` first pads it to a
-        square with the encoder's mean colour (LLaVA-1.5), so nothing is stretched.
-    resolution_ratio: R > 1 adds R*R crops of the image resized to (S*R)^2, row-major, after the
-        global view, so an image gives ``1 + R*R`` views (1 when R == 1).
+    aspect_mode (the official code's ``image_aspect_ratio``):
+        ``square`` (LLaVA-Mini's default): the CLIP processor's view, the shortest edge resized to S and
+        the centre S x S kept (:func:`clip_view`); the sides of a non-square image are cut off.
+        ``pad`` (LLaVA-1.5): the image padded to a square with the encoder's mean colour, then resized.
+        ``squash``: the whole image resized to S x S, stretched (no official counterpart).
+    resolution_ratio: R > 1 gives ``1 + R*R`` views per image: the global view, then R*R crops row-major.
+        ``square`` / ``pad`` crop as official LLaVA-Mini (``split_image``): the (padded) image split into
+        R x R blocks, each processed like an image; ``squash`` tiles the image resized to (S*R)^2.
+    video_hires: at R > 1, every video frame gives ``1 + R*R`` views too (official); else one view.
+    Video frames: in ``square`` mode each frame is first resized to S x S by nearest neighbour, as every
+    official video loader does, then viewed as above (a square frame's global view is itself); ``pad`` and
+    ``squash`` treat frames as images.
     Resampling is bicubic with antialiasing, PIL's filter (as CLIP's and LLaVA's processors) computed by
     torchvision on uint8 tensors: ~4x faster than PIL's own resize, within 2 grey levels of it on under
     1% of pixels (tests/data/test_media.py).
     """
 
-    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], aspect_mode: str = "square", resolution_ratio: int = 1):
-        if aspect_mode not in ("square", "pad"):
-            raise ValueError(f"aspect_mode must be 'square' or 'pad', got {aspect_mode!r}")
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], aspect_mode: str = "square",
+                 resolution_ratio: int = 1, video_hires: bool = False):
+        if aspect_mode not in ASPECT_MODES:
+            raise ValueError(f"aspect_mode must be one of {', '.join(ASPECT_MODES)}, got {aspect_mode!r}")
         if resolution_ratio < 1:
             raise ValueError(f"resolution_ratio must be >= 1, got {resolution_ratio}")
         self.image_size = int(image_size)
         self.aspect_mode = aspect_mode
         self.resolution_ratio = int(resolution_ratio)
+        self.video_hires = bool(video_hires)
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         self.fill = tuple(int(255 * m) for m in mean)  # truncated, as official LLaVA: int(x * 255)
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "ImageProcessor":
+        """The processor a whole ``Config`` implies (the encoder's size and normalisation, ``data.aspect_mode``,
+        ``model.resolution_ratio``, ``model.video_hires``)."""
+        from lm_mini.models.encoders import image_preprocessing
+
+        size, mean, std = image_preprocessing(cfg.model.encoder)
+        return cls(size, mean, std, cfg.data.aspect_mode, cfg.model.resolution_ratio,
+                   bool(getattr(cfg.model, "video_hires", False)))
 
     @property
     def views_per_image(self) -> int:
         r = self.resolution_ratio
         return 1 + r * r if r > 1 else 1
 
+    @property
+    def views_per_frame(self) -> int:
+        return self.views_per_image if self.video_hires else 1
+
     def normalize(self, views: torch.Tensor) -> torch.Tensor:
         """uint8 views ``[..., 3, S, S]`` -> float32, normalised with the encoder's mean/std."""
         return normalize_pixels(views, self.mean, self.std)
 
     def _to_tensor(self, image: Image.Image, size: int) -> torch.Tensor:
-        """RGB image -> bicubic resize to size x size -> uint8 tensor [3, size, size]."""
-        image = _rgb(image)
-        w, h = image.size
-        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1)
-        if (h, w) != (size, size):
-            pixels = TF.resize(pixels, [size, size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-        return pixels  # possibly channels-last strided: the batch's torch.cat copies it anyway
+        """RGB image -> bicubic resize to size x size -> uint8 tensor [3, size, size] (the ``squash`` view)."""
+        return _resize(_pixels(image), size, size)  # possibly channels-last strided: the batch's torch.cat copies it
 
-    def _square(self, image: Image.Image, size: int) -> Image.Image:
-        """``pad``: the image padded to a square, for views of at most ``size`` pixels a side."""
-        if self.aspect_mode != "pad":
-            return image
-        # A 30000x60 banner would become a 30000x30000 canvas (2.7 GB) before its resize to ``size``:
-        # shrink such an image first, by an integer box filter, to no less than 4x the size it is resized to.
-        factor = max(image.size) // (4 * size)
+    def _padded(self, image: Image.Image) -> Image.Image:
+        """``pad``: the image padded to a square with the mean colour."""
+        # A 30000x60 banner would become a 30000x30000 canvas (2.7 GB) before its resize: shrink such an
+        # image first, by an integer box filter, to no less than 4x the largest size one of its views needs.
+        factor = max(image.size) // (4 * self.image_size * self.resolution_ratio)
         if factor > 1:
             image = _rgb(image).reduce(factor)
         return expand_to_square(_rgb(image), self.fill)
 
+    def _views(self, pixels: torch.Tensor, hires: bool) -> torch.Tensor:
+        """uint8 [3, H, W] -> ``[V, 3, S, S]``: the global view, then (``hires`` and R > 1) the R*R crops."""
+        s, r = self.image_size, self.resolution_ratio
+        if self.aspect_mode == "squash":
+            view = _resize(pixels, s, s)
+            if r == 1 or not hires:
+                return view.unsqueeze(0)
+            big = _resize(pixels, s * r, s * r)  # [3, rS, rS] -> [r*r, 3, S, S], rows first
+            crops = big.reshape(3, r, s, r, s).permute(1, 3, 0, 2, 4).reshape(r * r, 3, s, s)
+            return torch.cat([view.unsqueeze(0), crops])
+        pieces = [pixels] + (split_blocks(pixels, r) if hires and r > 1 else [])
+        return torch.stack([clip_view(p, s) for p in pieces])  # pad: every piece is square, clip_view = resize
+
     def image(self, image: Image.Image) -> torch.Tensor:
         """One image -> ``[V, 3, S, S]``: the global view, then (R > 1) the R*R crops row-major."""
-        image = self._square(image, self.image_size * self.resolution_ratio)
-        s, r = self.image_size, self.resolution_ratio
-        view = self._to_tensor(image, s)
-        if r == 1:
-            return view.unsqueeze(0)
-        big = self._to_tensor(image, s * r)  # [3, rS, rS] -> [r*r, 3, S, S], rows first
-        crops = big.reshape(3, r, s, r, s).permute(1, 3, 0, 2, 4).reshape(r * r, 3, s, s)
-        return torch.cat([view.unsqueeze(0), crops])
+        if self.aspect_mode == "pad":
+            image = self._padded(image)
+        return self._views(_pixels(image), hires=True)
 
     def video(self, frames: Sequence[Image.Image]) -> torch.Tensor:
-        """Video frames -> ``[T, 3, S, S]`` (one global view per frame; no high-resolution crops)."""
-        return torch.stack([self._to_tensor(self._square(f, self.image_size), self.image_size) for f in frames])
+        """Video frames -> ``[T * views_per_frame, 3, S, S]``, frame by frame (each frame's global view first)."""
+        views = []
+        for frame in frames:
+            if self.aspect_mode == "pad":
+                pixels = _pixels(self._padded(frame))
+            elif self.aspect_mode == "square":
+                pixels = nearest_square(_pixels(frame), self.image_size)
+            else:
+                pixels = _pixels(frame)
+            views.append(self._views(pixels, hires=self.video_hires))
+        return torch.cat(views)
 
 
-__all__ = ["decode_image", "decode_video", "probe_video", "sample_frame_indices", "expand_to_square", "ImageProcessor"]
+__all__ = ["decode_image", "decode_video", "probe_video", "sample_frame_indices", "get_seq_frames", "expand_to_square",
+           "clip_view", "split_blocks", "ASPECT_MODES", "ImageProcessor"]

@@ -7,6 +7,7 @@ entry, which is how counts made in DataLoader worker processes reach the main pr
 """
 from __future__ import annotations
 
+import copy
 import itertools
 from typing import Any, Dict, Optional, Sequence
 
@@ -23,13 +24,24 @@ class SampleProcessor:
     """``RawSample`` -> sample dict; raises ``SampleError`` for a sample that must be skipped.
 
     The template is the shard set's, else the one the sample's layout implies (``plain`` for
-    img2dataset captions), else ``data.template``.
+    img2dataset captions), else ``data.template``. Videos: ``video_frames`` frames when given (the
+    training loader's ``data.train_video_frames``, official LLaVA-Mini training: 8), else about
+    ``video_fps`` a second, at most ``max_frames`` (as official inference samples 1 fps).
     """
 
     def __init__(self, tokenizer: Any, template: str, max_length: int, image_processor: Any,
-                 video_fps: float = 1.0, max_frames: int = 64):
+                 video_fps: float = 1.0, max_frames: int = 64, video_frames: Optional[int] = None):
         self.tokenizer, self.template, self.max_length = tokenizer, template, max_length
         self.images, self.video_fps, self.max_frames = image_processor, video_fps, max_frames
+        self.video_frames = video_frames
+
+    def for_inference(self) -> "SampleProcessor":
+        """This processor with the inference frame sampling (``video_fps`` / ``max_frames``), for held-out data."""
+        if self.video_frames is None:
+            return self
+        other = copy.copy(self)
+        other.video_frames = None
+        return other
 
     @property
     def pad_id(self) -> int:
@@ -49,8 +61,8 @@ class SampleProcessor:
         if raw.media_kind == "image":
             pixels, frames = self.images.image(decode_image(raw.media_bytes, sample_id)), 1
         elif raw.media_kind == "video":
-            pixels = self.images.video(decode_video(raw.media_bytes, self.video_fps, self.max_frames, sample_id))
-            frames = pixels.shape[0]
+            clip = decode_video(raw.media_bytes, self.video_fps, self.max_frames, sample_id, self.video_frames)
+            pixels, frames = self.images.video(clip), len(clip)
         flags = [r for r, on in (("too_long", tok.truncated), ("unaligned_mask", tok.unaligned)) if on]
         return {"input_ids": tok.input_ids, "labels": tok.labels, "pixel_values": pixels, "frames": frames,
                 "is_video": raw.media_kind == "video", "sample_id": sample_id, "flags": flags}

@@ -285,12 +285,10 @@ def build_processor(cfg: Any) -> SampleProcessor:
     """The sample processor for a whole ``Config`` (tokenizer, template, pixels of ``cfg.model``'s encoder)."""
     from lm_mini.data.media import ImageProcessor
     from lm_mini.data.tokenizer import load_tokenizer
-    from lm_mini.models.encoders import image_preprocessing
 
     d = cfg.data
-    size, mean, std = image_preprocessing(cfg.model.encoder)
-    images = ImageProcessor(size, mean, std, d.aspect_mode, cfg.model.resolution_ratio)
-    return SampleProcessor(load_tokenizer(d.tokenizer), d.template, d.max_length, images, d.video_fps, d.max_frames)
+    return SampleProcessor(load_tokenizer(d.tokenizer), d.template, d.max_length, ImageProcessor.from_config(cfg),
+                           d.video_fps, d.max_frames, getattr(d, "train_video_frames", None))
 
 
 def build_loader(cfg: Any, train: bool, rank: int = 0, world_size: int = 1, start_epoch: int = 0,
@@ -309,7 +307,9 @@ def build_loader(cfg: Any, train: bool, rank: int = 0, world_size: int = 1, star
     if not train:  # a weight shapes the training mix only
         sets = [dataclasses.replace(s, weight=1.0 if max_samples_per_set is None or s.spec.size == 0
                                     else min(1.0, max_samples_per_set / s.spec.size)) for s in sets]
-    dataset = StreamingDataset(sets, processor or build_processor(cfg), seed=cfg.seed, rank=rank,
+    processor = processor or build_processor(cfg)
+    processor = processor if train else processor.for_inference()  # held-out videos: inference's frames
+    dataset = StreamingDataset(sets, processor, seed=cfg.seed, rank=rank,
                                world_size=world_size, batch_size=batch_size or d.batch_size, num_workers=d.num_workers,
                                shuffle=train, shuffle_buffer=d.shuffle_buffer)
     return StreamingLoader(dataset, start_epoch=start_epoch)

@@ -9,6 +9,8 @@ from PIL import Image
 
 from lm_mini.data.errors import SampleError
 from lm_mini.data.media import ImageProcessor, decode_image, decode_video, expand_to_square, probe_video, sample_frame_indices
+from pathlib import Path
+
 from media_fixtures import GRAY_STEP, frame_index, gray_video, image_bytes
 
 MEAN, STD = (0.25, 0.5, 0.75), (0.5, 0.25, 0.5)
@@ -81,11 +83,18 @@ def test_corrupt_images_raise_sample_error(damage):
     assert err.value.reason == "corrupt_image" and err.value.sample_id == "s1"
 
 
-def test_square_stretches_and_pad_fills_with_the_mean_colour():
+def test_squash_stretches_square_crops_the_centre_and_pad_fills_with_the_mean_colour():
     image = Image.new("RGB", (40, 20), RED)
-    square = ImageProcessor(16, MEAN, STD, aspect_mode="square").image(image)
-    assert square.shape == (1, 3, 16, 16)
-    assert square.dtype == torch.uint8 and torch.equal(square[0], flat(RED, 16, 16))
+    squash = ImageProcessor(16, MEAN, STD, aspect_mode="squash").image(image)
+    assert squash.shape == (1, 3, 16, 16)
+    assert squash.dtype == torch.uint8 and torch.equal(squash[0], flat(RED, 16, 16))
+
+    # square (official): shortest edge to 16 (32x16), the centre 16x16 kept: the middle of a red | blue
+    # image, red left of the centre line and blue right of it, the outer quarters cut off
+    square = ImageProcessor(16, MEAN, STD, aspect_mode="square").image(two_halves(40, 20))[0]
+    assert torch.equal(square[:, :, :6], flat(RED, 16, 6)) and torch.equal(square[:, :, -6:], flat(BLUE, 16, 6))
+    stretched = ImageProcessor(16, MEAN, STD, aspect_mode="squash").image(two_halves(40, 20))[0]
+    assert torch.equal(stretched[:, :, :6], flat(RED, 16, 6)) and not torch.equal(square, stretched)
 
     proc = ImageProcessor(16, MEAN, STD, aspect_mode="pad")
     pad = proc.image(image)[0]
@@ -95,6 +104,8 @@ def test_square_stretches_and_pad_fills_with_the_mean_colour():
     assert torch.equal(pad[:, :2], flat(mean_pixel, 2, 16)) and torch.equal(pad[:, -2:], flat(mean_pixel, 2, 16))
     assert torch.equal(pad[:, 6:10], flat(RED, 4, 16))
     assert proc.normalize(pad)[:, :2].abs().max() < 0.01  # the padding is (almost) zero after normalisation
+    with pytest.raises(ValueError, match="aspect_mode must be one of square, squash, pad"):
+        ImageProcessor(16, MEAN, STD, aspect_mode="crop")
 
 
 def test_normalize_uses_the_encoders_mean_and_std():
@@ -113,21 +124,36 @@ def test_resize_is_bicubic():
     assert len(torch.unique(views[0, 0])) > 2  # interpolated, not nearest-neighbour's two levels
 
 
-def test_high_resolution_views_are_global_then_crops_row_major():
+@pytest.mark.parametrize("mode", ["square", "squash", "pad"])
+def test_high_resolution_views_are_global_then_crops_row_major(mode):
     colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]  # TL, TR, BL, BR quadrants
     image = Image.new("RGB", (32, 32))
     for k, colour in enumerate(colours):
         x, y = 16 * (k % 2), 16 * (k // 2)
         image.paste(colour, (x, y, x + 16, y + 16))
-    proc = ImageProcessor(8, MEAN, STD, resolution_ratio=2)
+    proc = ImageProcessor(8, MEAN, STD, aspect_mode=mode, resolution_ratio=2)
     views = proc.image(image)
     assert proc.views_per_image == 5 and views.shape == (5, 3, 8, 8)
-    assert torch.equal(views[0], ImageProcessor(8, MEAN, STD).image(image)[0])  # global view first
+    assert torch.equal(views[0], ImageProcessor(8, MEAN, STD, aspect_mode=mode).image(image)[0])  # global view first
     for k, colour in enumerate(colours):  # each crop's interior is its quadrant's flat colour
         assert torch.equal(views[1 + k][:, 2:6, 2:6], flat(colour, 4, 4)), k
-    big = ImageProcessor(16, MEAN, STD).image(image)[0]  # crops tile the image resized to (S*R)^2
-    assert torch.equal(views[2], big[:, :8, 8:]) and torch.equal(views[3], big[:, 8:, :8])
-    assert ImageProcessor(8, MEAN, STD, resolution_ratio=1).image(image).shape == (1, 3, 8, 8)
+    assert ImageProcessor(8, MEAN, STD, aspect_mode=mode, resolution_ratio=1).image(image).shape == (1, 3, 8, 8)
+
+
+def test_squash_keeps_its_output():
+    """``squash`` is the former ``square``: the whole image resized to S x S, crops tiling it resized to (S*R)^2
+    (torchvision's antialiased bicubic on uint8)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    image = photo_like(70, 40, seed=3)
+    pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+    bicubic = dict(interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    views = ImageProcessor(16, MEAN, STD, aspect_mode="squash", resolution_ratio=2).image(image)
+    assert torch.equal(views[0], TF.resize(pixels, [16, 16], **bicubic))
+    big = TF.resize(pixels, [32, 32], **bicubic)
+    for k in range(4):
+        i, j = divmod(k, 2)
+        assert torch.equal(views[1 + k], big[:, 16 * i:16 * i + 16, 16 * j:16 * j + 16])
 
 
 # ------------------------------------------------------------------------------------------ videos
@@ -178,6 +204,70 @@ def test_variable_rate_video_is_sampled_evenly_in_time(tmp_path):
     picked = [frame_index(f) for f in decode_video((tmp_path / "vfr.mkv").read_bytes(), fps=1.0)]
     # 10 or 11 segments, as the container states the last frame's duration; one frame from the first second
     assert len(picked) in (10, 11) and picked == [5] + list(range(10, 9 + len(picked)))
+
+
+def official_get_seq_frames(total_num_frames, desired_num_frames):
+    """``get_seq_frames`` of official LLaVA-Mini (ictnlp/LLaVA-Mini@47da113, llavamini/train/train.py, used by
+    ``load_video_org(num_frm=8)``; the same function in every llavamini/eval/video/*.py loader), verbatim."""
+    seg_size = float(total_num_frames - 1) / desired_num_frames
+    seq = []
+    for i in range(desired_num_frames):
+        start = int(np.round(seg_size * i))
+        end = int(np.round(seg_size * (i + 1)))
+        seq.append((start + end) // 2)
+    return seq
+
+
+@pytest.mark.parametrize("total", [1, 5, 8, 9, 17, 30, 31, 100, 241, 1000, 1001, 7201])
+def test_training_frames_are_official_get_seq_frames(total):
+    """Official training keeps min(total, 8) frames (``load_video_org``): ``get_seq_frames(total, min(total, 8))``."""
+    expected = official_get_seq_frames(total, min(total, 8))
+    assert sample_frame_indices(total, 25.0, num_segments=8) == expected
+    constant_rate = [i / 25.0 for i in range(total)]  # the frames' own timestamps give the same picks
+    assert sample_frame_indices(total, 25.0, times=constant_rate, num_segments=8) == expected
+    assert len(expected) == min(total, 8)
+
+
+def test_decoded_training_video_keeps_the_official_frames(video_30_frames):
+    frames = decode_video(video_30_frames, fps=1.0, max_frames=64, num_segments=8)
+    assert [frame_index(f) for f in frames] == official_get_seq_frames(30, 8)
+    # min(5, 8) = 5 frames, as official: get_seq_frames(5, 5) = [0, 1, 2, 2, 3] (its segments overlap on short clips)
+    assert [frame_index(f) for f in decode_video(gray_video(5), num_segments=8)] == official_get_seq_frames(5, 5)
+
+
+def test_sample_processor_samples_training_videos_by_segments_and_held_out_ones_by_fps(video_30_frames):
+    from lm_mini.data.samples import SampleProcessor
+    from lm_mini.data.shards import RawSample
+    from lm_mini.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(Path(__file__).resolve().parents[2] / "data_shards" / "demo" / "tokenizer")
+    record = {"id": "v", "conversations": [{"from": "human", "value": "<video>\nWhat happens?"},
+                                           {"from": "gpt", "value": "A fade."}]}
+    raw = RawSample("v", record, "video", "mp4", video_30_frames, "shard-0.tar")
+    images = ImageProcessor(16, MEAN, STD, resolution_ratio=2, video_hires=True)
+    train = SampleProcessor(tokenizer, "vicuna_v1", 256, images, video_fps=1.0, max_frames=64, video_frames=8)
+    sample = train(raw, "set/v")
+    assert sample["frames"] == 8 and sample["pixel_values"].shape == (8 * 5, 3, 16, 16)  # R²+1 views a frame
+    held_out = train.for_inference()
+    assert held_out(raw, "set/v")["frames"] == 3 and train.video_frames == 8  # 1 fps of a 3 s clip
+
+
+def test_square_video_frames_are_squashed_by_nearest_neighbour_then_split():
+    """Official video loaders resize every frame to S x S with ``F.interpolate`` (nearest), then ``split_image``
+    at R > 1 and the CLIP processor on each piece (the global view is the squashed frame itself)."""
+    frame = photo_like(48, 32, seed=7)
+    pixels = torch.from_numpy(np.asarray(frame).copy()).permute(2, 0, 1)
+    squashed = torch.nn.functional.interpolate(pixels[None].float(), size=(16, 16))[0].to(torch.uint8)  # official
+    one = ImageProcessor(16, MEAN, STD).video([frame, frame])
+    assert one.shape == (2, 3, 16, 16) and torch.equal(one[0], squashed) and torch.equal(one[1], squashed)
+    hires = ImageProcessor(16, MEAN, STD, resolution_ratio=2, video_hires=True)
+    views = hires.video([frame, frame])
+    assert hires.views_per_frame == 5 and views.shape == (10, 3, 16, 16)
+    assert torch.equal(views[0], squashed) and torch.equal(views[5:], views[:5])
+    block = Image.fromarray(squashed.permute(1, 2, 0).numpy()).crop((8, 0, 16, 8))  # top-right block, 8x8
+    expected = torch.from_numpy(np.asarray(block.resize((16, 16), Image.Resampling.BICUBIC)).copy()).permute(2, 0, 1)
+    assert (views[2].int() - expected.int()).abs().max() <= 3
+    assert ImageProcessor(16, MEAN, STD, resolution_ratio=2).video([frame]).shape == (1, 3, 16, 16)  # video_hires off
 
 
 @pytest.mark.parametrize("damage", ["empty", "garbage", "truncated"])
@@ -263,3 +353,50 @@ def test_pixels_match_llavas_clip_image_processor(source, size, aspect):
     levels = ((ours - theirs) * torch.tensor(std).view(3, 1, 1) * 255).abs()  # difference in 0..255 grey levels
     assert levels.max() < 2.01 and (levels > 0.01).float().mean() < 0.01
     assert (levels > 1.01).float().mean() < 1e-3
+
+
+def official_split_image(image, n=2):
+    """``LazySupervisedDataset.split_image`` of official LLaVA-Mini (ictnlp/LLaVA-Mini@47da113,
+    llavamini/train/train.py; the same function in llavamini/eval/run_llava_mini.py), verbatim but for style:
+    n x n blocks row-major, then the whole image."""
+    if n == 1:
+        return [image]
+    width, height = image.size
+    block_width, block_height = width // n, height // n
+    blocks = [image.crop((j * block_width, i * block_height, (j + 1) * block_width, (i + 1) * block_height))
+              for i in range(n) for j in range(n)]
+    return blocks + [image]
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "pil"])
+@pytest.mark.parametrize("source, size, ratio, aspect", [
+    ((70, 40), 32, 1, "square"), ((40, 70), 32, 1, "square"), ((333, 201), 48, 1, "square"), ((201, 333), 40, 1, "square"),
+    ((97, 500), 40, 2, "square"), ((500, 300), 56, 2, "square"), ((641, 479), 48, 3, "square"),
+    ((300, 500), 48, 2, "pad"), ((70, 41), 32, 2, "pad"),
+])
+def test_views_match_official_clip_preprocessing(backend, source, size, ratio, aspect):
+    """Official LLaVA-Mini's pixels (train.py ``__getitem__``, run_llava_mini.py): ``expand2square`` for ``pad``,
+    ``split_image``, then transformers' CLIP image processor on every piece (shortest edge to S, centre crop).
+    ``pil``: the PIL-backed processor (what the official code ran, transformers 4.44); ``torchvision``: today's
+    ``CLIPImageProcessor``. Theirs lists the crops then the whole image; ours the global view first."""
+    from transformers import CLIPImageProcessor, CLIPImageProcessorPil
+
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    image = photo_like(*source, seed=sum(source))
+    cls = CLIPImageProcessor if backend == "torchvision" else CLIPImageProcessorPil
+    hf = cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, image_mean=mean, image_std=std)
+    reference = image if aspect == "square" else expand_to_square(image, tuple(int(255 * m) for m in mean))
+    pieces = official_split_image(reference, ratio)
+    theirs = torch.stack([hf.preprocess(p, return_tensors="pt")["pixel_values"][0] for p in pieces])
+    theirs = torch.cat([theirs[-1:], theirs[:-1]])  # whole image first, as our views
+    proc = ImageProcessor(size, mean, std, aspect_mode=aspect, resolution_ratio=ratio)
+    ours = proc.normalize(proc.image(image))
+    assert ours.shape == theirs.shape == (1 + ratio * ratio if ratio > 1 else 1, 3, size, size)
+    levels = ((ours - theirs) * torch.tensor(std).view(3, 1, 1) * 255).abs()  # difference in 0..255 grey levels
+    # torchvision: the same resize on the same uint8 pixels (identical today); PIL's own bicubic rounds its two
+    # passes apart from torchvision's port: a rare pixel lands 3 levels off
+    assert levels.max() < (2.01 if backend == "torchvision" else 3.01)
+    assert (levels > 1.01).float().mean() < 1e-3
+    if aspect == "square" and source[0] != source[1]:  # the former stretch is far off on a non-square image
+        squashed = ImageProcessor(size, mean, std, aspect_mode="squash", resolution_ratio=ratio)
+        assert ((proc.normalize(squashed.image(image)) - theirs) * 0.27 * 255).abs().max() > 10
