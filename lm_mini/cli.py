@@ -136,6 +136,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_args(p)
     p.set_defaults(func=_handler("lm_mini.eval.evaluate:cli_eval"))
 
+    # score
+    p = sub.add_parser("score", help="score a benchmark's answers file as the official scorer does (no model)",
+                       description="lm-mini score --benchmark NAME --answers FILE: the official score of LLaVA's answers "
+                       "file, and the submission / judge input file the benchmark's server or judge takes.")
+    p.add_argument("--benchmark", required=True, help="vqav2, gqa, vizwiz, textvqa, scienceqa, pope, mme, mmbench, "
+                   "seed_bench, mvbench, mlvu, egoschema, llava_bench, mmvet, msvd_qa, msrvtt_qa, activitynet_qa, ...")
+    p.add_argument("--answers", required=True, help="LLaVA answers JSONL (question_id, prompt, text, ...)")
+    p.add_argument("--questions", default=None, help="the benchmark's question file (needed by pope, vizwiz, mmbench, video)")
+    p.add_argument("--annotations", default=None, help="the official reference answers (see the benchmark's docs)")
+    p.add_argument("--out-dir", default=None, help="where the submission / judge input goes (default: <answers>_upload/)")
+    p.add_argument("--judge", default=None, help="GPT-judged benchmarks: a command run on the judge input file that "
+                   "prints a JSON object of scores as its last line")
+    p.add_argument("--json", action="store_true", help='print {"benchmark", "n", "scores", ...} as JSON')
+    p.set_defaults(func=_handler("lm_mini.eval.benchmarks.scoring:cli_score"))
+
     # sweeps
     p = sub.add_parser("sweep", help="run a grid sweep (locally or as a SLURM array)")
     p.add_argument("sweep", help="sweep YAML (base config + grid)")
