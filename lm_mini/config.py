@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from lm_mini.constants import ATTENTION_BACKENDS, CUDA_ONLY_ATTENTION
+
 
 # --------------------------------------------------------------------------- model
 @dataclass
@@ -54,7 +56,7 @@ class LLMConfig:
     name: str = "hf_causal_lm"  # LLM builder registry name
     config: Dict[str, Any] = field(default_factory=dict)  # transformers config kwargs incl. model_type
     path: Optional[str] = None  # local HF directory; overrides `config`
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 | ...
+    attn_implementation: Optional[str] = None  # None: model.attn_implementation; else the LLM's (and pre-fusion's) own
 
 
 @dataclass
@@ -67,6 +69,10 @@ class ModelConfig:
     resolution_ratio: int = 1  # R: hi-res images are split into R x R crops plus the global view
     video_hires: bool = False  # at R > 1 every video frame gets R x R crops + global view too (official); else one view
     dtype: str = "float32"  # parameter dtype when built: float32 | bfloat16 | float16
+    # Attention of the LLM, the pre-fusion layers and the (Hugging Face) vision encoder:
+    # sdpa | eager | flash_attention_2 (flash-attn, CUDA) | xformers (CUDA). Checked here against
+    # train.accelerator; whether it can run on this machine (installed, a GPU) at model build.
+    attn_implementation: str = "sdpa"
 
 
 # --------------------------------------------------------------------------- data
@@ -265,6 +271,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.prefusion.init": ("random", "llm_layers"),
     "model.encoder.select_feature": ("patch", "cls_patch"),
+    "model.attn_implementation": ATTENTION_BACKENDS,
     "data.aspect_mode": ("square", "squash", "pad"),
     "train.stage": ("pretrain", "finetune"),
     "train.strategy": ("auto", "ddp", "fsdp"),
@@ -324,6 +331,7 @@ def validate(cfg: DictConfig, source: str = "config") -> DictConfig:
         if name not in METRICS:
             raise ConfigError(f"{source}: bad value for config key 'eval.metrics': unknown metric {name!r}; "
                               f"expected some of {', '.join(sorted(METRICS))}")
+    _validate_attention(cfg, source)
     devices = OmegaConf.select(cfg, "train.devices")
     if not (devices == "auto" or (isinstance(devices, int) and (devices >= 1 or devices == -1))
             or (isinstance(devices, str) and devices.replace(",", "").strip().isdigit())
@@ -336,6 +344,20 @@ def validate(cfg: DictConfig, source: str = "config") -> DictConfig:
                 raise ConfigError(f"{source}: bad value for config key 'data.{kind}.{i}.weight': {item.weight}; expected >= 0")
     _validate_components(cfg, source)
     return cfg
+
+
+def _validate_attention(cfg: DictConfig, source: str) -> None:
+    """``model.llm.attn_implementation`` (None or a backend); a CUDA-only backend with ``train.accelerator=cpu``.
+    Whether the backend is installed and a GPU is there is checked at model build (``lm_mini.models.attention``)."""
+    llm_attn = OmegaConf.select(cfg, "model.llm.attn_implementation")
+    if llm_attn is not None and llm_attn not in ATTENTION_BACKENDS:
+        raise ConfigError(f"{source}: bad value for config key 'model.llm.attn_implementation': {llm_attn!r}; expected "
+                          f"null (follow model.attn_implementation) or one of {', '.join(ATTENTION_BACKENDS)}")
+    if str(OmegaConf.select(cfg, "train.accelerator")).lower() == "cpu":
+        for key in ("model.attn_implementation", "model.llm.attn_implementation"):
+            if OmegaConf.select(cfg, key) in CUDA_ONLY_ATTENTION:
+                raise ConfigError(f"{source}: bad value for config key '{key}': {OmegaConf.select(cfg, key)} runs on CUDA "
+                                  "GPUs only and train.accelerator is cpu; use sdpa (or eager) on CPU")
 
 
 def _validate_components(cfg: DictConfig, source: str) -> None:

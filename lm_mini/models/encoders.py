@@ -1,7 +1,10 @@
 """Vision encoders: pixels [B, 3, H, W] -> patch features [B, N, D] from one hidden layer.
 
 Registry entries (``ENCODERS``) are called with the fields of ``EncoderConfig`` as keywords:
-``ENCODERS.create(name, config=..., path=..., select_layer=..., select_feature=...)``.
+``ENCODERS.create(name, config=..., path=..., select_layer=..., select_feature=...)``, plus
+``attn_implementation=`` (``model.attn_implementation``) for the entries that take it: the Hugging
+Face towers use it as is (their attention calls transformers' registry); timm switches its blocks
+between SDPA (``sdpa`` and the CUDA backends, whose kernels torch's SDPA picks itself) and ``eager``.
 
 - ``hf_clip``: ``transformers.CLIPVisionModel`` (LLaVA / LLaVA-Mini: CLIP ViT-L/14-336, layer -2, CLS dropped).
 - ``hf_siglip``: ``transformers.SiglipVisionModel`` (no CLS token).
@@ -13,7 +16,9 @@ before (LLaVA's choice).
 """
 from __future__ import annotations
 
+import inspect
 import json
+import logging
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -22,6 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lm_mini.registry import ENCODERS
+
+log = logging.getLogger(__name__)
 
 # transformers.utils.constants, copied so that the data pipeline needs no transformers import
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -112,9 +119,14 @@ def _normalisation(family: str, path: Optional[str]) -> Tuple[Tuple[float, ...],
 class HFVisionEncoder(VisionEncoder):
     """A transformers vision tower; features = ``hidden_states[select_layer]`` minus CLS for ``patch``."""
 
-    def __init__(self, family: str, config: Mapping[str, Any], path: Optional[str], select_layer: int, select_feature: str):
+    def __init__(self, family: str, config: Mapping[str, Any], path: Optional[str], select_layer: int, select_feature: str,
+                 attn_implementation: str = "sdpa"):
         super().__init__()
         import transformers
+
+        from lm_mini.models.attention import register_backends
+
+        register_backends()
 
         if select_feature not in ("patch", "cls_patch"):
             raise ValueError(f"encoder select_feature must be 'patch' or 'cls_patch', got '{select_feature}'")
@@ -122,8 +134,9 @@ class HFVisionEncoder(VisionEncoder):
         path = check_local_path(path, "model.encoder.path")
         vcfg = _hf_vision_config(family, config, path)
         if path and not building_on_meta():
-            self.model = model_cls.from_pretrained(path)
+            self.model = model_cls.from_pretrained(path, attn_implementation=attn_implementation)
         else:
+            vcfg._attn_implementation = attn_implementation
             self.model = model_cls(vcfg)
         n_layers = vcfg.num_hidden_layers  # hidden_states has n_layers + 1 entries (0: patch embedding)
         if not -(n_layers + 1) <= select_layer <= n_layers:
@@ -145,13 +158,15 @@ class HFVisionEncoder(VisionEncoder):
 
 
 @ENCODERS.register("hf_clip")
-def hf_clip(config: Mapping[str, Any] = (), path: Optional[str] = None, select_layer: int = -2, select_feature: str = "patch"):
-    return HFVisionEncoder("hf_clip", config or {}, path, select_layer, select_feature)
+def hf_clip(config: Mapping[str, Any] = (), path: Optional[str] = None, select_layer: int = -2, select_feature: str = "patch",
+            attn_implementation: str = "sdpa"):
+    return HFVisionEncoder("hf_clip", config or {}, path, select_layer, select_feature, attn_implementation)
 
 
 @ENCODERS.register("hf_siglip")
-def hf_siglip(config: Mapping[str, Any] = (), path: Optional[str] = None, select_layer: int = -2, select_feature: str = "patch"):
-    return HFVisionEncoder("hf_siglip", config or {}, path, select_layer, select_feature)
+def hf_siglip(config: Mapping[str, Any] = (), path: Optional[str] = None, select_layer: int = -2, select_feature: str = "patch",
+              attn_implementation: str = "sdpa"):
+    return HFVisionEncoder("hf_siglip", config or {}, path, select_layer, select_feature, attn_implementation)
 
 
 # --------------------------------------------------------------------------- timm
@@ -166,7 +181,8 @@ def _split_timm_kwargs(config: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
 class TimmVisionEncoder(VisionEncoder):
     """A timm ViT (anything with ``forward_intermediates``), randomly initialised or from ``path``."""
 
-    def __init__(self, config: Mapping[str, Any] = (), path: Optional[str] = None, select_layer: int = -2, select_feature: str = "patch"):
+    def __init__(self, config: Mapping[str, Any] = (), path: Optional[str] = None, select_layer: int = -2, select_feature: str = "patch",
+                 attn_implementation: str = "sdpa"):
         super().__init__()
         import timm
 
@@ -201,6 +217,17 @@ class TimmVisionEncoder(VisionEncoder):
         self.image_size = int(self.model.patch_embed.img_size[0])
         cfg = self.model.pretrained_cfg
         self.image_mean, self.image_std = tuple(cfg.get("mean", HALF)), tuple(cfg.get("std", HALF))
+        self._set_attention(attn_implementation)
+
+    def _set_attention(self, attn_implementation: str) -> None:
+        """timm blocks choose between ``F.scaled_dot_product_attention`` (``fused_attn``) and plain matmuls."""
+        fused = attn_implementation != "eager"
+        if attn_implementation not in ("sdpa", "eager"):
+            log.info("timm encoder: no %s path in timm; its blocks use torch SDPA (which picks a flash / "
+                     "memory-efficient kernel on CUDA itself)", attn_implementation)
+        for module in self.model.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = fused
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [B, 3, H, W] -> [B, N, D]: the chosen block's output, prefix tokens dropped for ``patch``."""
@@ -246,12 +273,29 @@ def image_preprocessing(encoder_cfg: Any) -> Tuple[int, Tuple[float, ...], Tuple
     return enc.image_size, tuple(enc.image_mean), tuple(enc.image_std)
 
 
-def build_encoder(encoder_cfg: Any) -> VisionEncoder:
-    """Build the encoder named by an ``EncoderConfig``."""
-    return ENCODERS.create(
-        encoder_cfg.name,
+def build_encoder(encoder_cfg: Any, attn_implementation: Optional[str] = None) -> VisionEncoder:
+    """Build the encoder named by an ``EncoderConfig``; ``attn_implementation`` reaches encoders that take
+    that keyword (a user's encoder without it is built as before, with a log line)."""
+    builder = ENCODERS.get(encoder_cfg.name)
+    kwargs: Dict[str, Any] = {}
+    if attn_implementation is not None:
+        if _takes_keyword(builder, "attn_implementation"):
+            kwargs["attn_implementation"] = attn_implementation
+        else:
+            log.info("encoder %s takes no attn_implementation; model.attn_implementation=%s applies to the LLM and "
+                     "pre-fusion only", encoder_cfg.name, attn_implementation)
+    return builder(
         config=plain(encoder_cfg.config),
         path=encoder_cfg.path,
         select_layer=encoder_cfg.select_layer,
         select_feature=encoder_cfg.select_feature,
+        **kwargs,
     )
+
+
+def _takes_keyword(fn: Any, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: do not guess
+        return False
+    return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())

@@ -23,6 +23,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lm_mini.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from lm_mini.models.attention import backend_for_build, resolve_backends
 from lm_mini.models.encoders import build_encoder, normalize_pixels, plain
 from lm_mini.models.prefusion import PreFusion
 from lm_mini.registry import COMPRESSORS, LLMS, PROJECTORS
@@ -73,11 +74,17 @@ class LlavaMini(nn.Module):
             raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {cfg.dtype!r}")
         if cfg.prefusion.depth < 0:
             raise ValueError(f"model.prefusion.depth must be >= 0 (0 switches pre-fusion off), got {cfg.prefusion.depth}")
-        encoder = build_encoder(cfg.encoder)
+        # One attention backend for the encoder, the LLM and pre-fusion (whose layers are the LLM's class and
+        # read its config); refused here, before any weight exists, when it cannot run on this machine.
+        encoder_attn, llm_attn = resolve_backends(cfg)
+        llm_key = "model.llm.attn_implementation" if getattr(cfg.llm, "attn_implementation", None) else "model.attn_implementation"
+        encoder_attn = backend_for_build(encoder_attn, "model.attn_implementation")
+        llm_attn = backend_for_build(llm_attn, llm_key)
+        encoder = build_encoder(cfg.encoder, attn_implementation=encoder_attn)
         encoder.requires_grad_(False)
         llm_cfg = plain(cfg.llm.config)
         with _naming("model.llm", f"name={cfg.llm.name}, model_type={llm_cfg.get('model_type')}, path={cfg.llm.path}"):
-            llm = LLMS.create(cfg.llm.name, config=llm_cfg, path=cfg.llm.path, attn_implementation=cfg.llm.attn_implementation)
+            llm = LLMS.create(cfg.llm.name, config=llm_cfg, path=cfg.llm.path, attn_implementation=llm_attn)
         width = llm.get_input_embeddings().embedding_dim
         projector = PROJECTORS.create(cfg.projector.name, encoder.hidden_size, width)
         options = plain(cfg.compressor.options)

@@ -53,7 +53,9 @@ class PreFusion(nn.Module):
         super().__init__()
         if depth < 1:
             raise ValueError(f"PreFusion needs depth >= 1 (depth 0 means no pre-fusion module), got {depth}")
-        self.config = config  # the LLM's config: attention implementation and mask type follow the LLM
+        # The LLM's config object itself, not a copy: the layers' attention backend (config._attn_implementation,
+        # model.attn_implementation) and the masks built for it follow the LLM's, also when it is switched later.
+        self.config = config
         self.layers = nn.ModuleList(layer_cls(config, layer_idx=i) for i in range(depth))
         self.rotary_emb = rotary_cls(config=config)
 
