@@ -43,6 +43,11 @@ def _device(text: str) -> str:
     return text
 
 
+def _device_or_auto(text: str) -> str:
+    """An argparse type: ``auto`` or a device this machine has (see :func:`_device`)."""
+    return text if text == "auto" else _device(text)
+
+
 def _config_show(args: argparse.Namespace) -> int:
     from lm_mini.config import load_config, to_yaml
 
@@ -123,16 +128,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_handler("lm_mini.training.run:cli_train"))
 
     # eval
-    p = sub.add_parser("eval", help="greedy generation on shards, scored (VQA, exact match, multiple choice, POPE)")
-    p.add_argument("source", help="run directory, checkpoint (*.ckpt) or model directory")
-    p.add_argument("--data", nargs="+", required=True, help="shard directories (with index.json) to evaluate on")
+    p = sub.add_parser("eval", help="evaluate a model: LLaVA benchmark files with the official scorers (--benchmark, "
+                       "--suite), or shard sets (--data)",
+                       description="lm-mini eval SOURCE --benchmark NAME --questions FILE --image-folder DIR [...]: LLaVA's "
+                       "answers file, scored as the official script scores it; lm-mini eval SOURCE --suite FILE: a list of "
+                       "benchmarks; lm-mini eval SOURCE --data SHARDS: shard sets, scored with --metric.")
+    p.add_argument("source", nargs="?", default=None, help="run directory, checkpoint (*.ckpt) or model directory")
+    p.add_argument("--data", nargs="+", default=None, help="shard directories (with index.json) to evaluate on")
     p.add_argument("--metric", nargs="*", default=None,
-                   help="exact_match, vqa_accuracy, multiple_choice, pope (default: the config's eval.metrics)")
-    p.add_argument("--out", default=None, help="predictions JSONL (default: <run>/eval/<data>.jsonl)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu"], help="auto: a GPU when there is one")
-    p.add_argument("--json", action="store_true", help="print the scores as JSON")
-    p.add_argument("--no-mlflow", action="store_true", help="do not log the scores to the checkpoint's MLflow run")
+                   help="with --data: exact_match, vqa_accuracy, multiple_choice, pope (default: the config's eval.metrics)")
+    p.add_argument("--out", default=None, help="with --data: predictions JSONL (default: <run>/eval/<data>.jsonl)")
+    p.add_argument("--device", type=_device_or_auto, default="auto", help="auto (a GPU when there is one), cpu, cuda[:N]")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the scores to the source's MLflow run")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. eval.max_samples=100")
+    b = p.add_argument_group("benchmark files (LLaVA's question and answers files, official scorers)")
+    b.add_argument("--benchmark", default=None, help="a registered benchmark: vqav2, gqa, textvqa, pope, scienceqa, mme, ...")
+    b.add_argument("--questions", default=None, help="the benchmark's question file (e.g. llava_textvqa_val_v051_ocr.jsonl)")
+    b.add_argument("--image-folder", default=None, help="folder the questions' image/video paths are relative to")
+    b.add_argument("--annotations", default=None, help="the official annotations the scorer reads (where the benchmark needs them)")
+    b.add_argument("--answers-file", default=None, help="LLaVA answers JSONL (default: <run or model dir>/eval/<benchmark>.jsonl); "
+                   "an existing one is continued, not regenerated")
+    b.add_argument("--label", default=None, help="name for MLflow keys eval/<label>/... and default files (default: the benchmark)")
+    b.add_argument("--num-chunks", type=_at_least(1), default=1, help="split the questions into N chunks (LLaVA's get_chunk)")
+    b.add_argument("--chunk-idx", type=_at_least(0), default=0, help="the chunk this job answers (into <answers dir>/<stem>/N_K.jsonl)")
+    b.add_argument("--merge", action="store_true", help="concatenate the N chunk files into --answers-file, then score")
+    b.add_argument("--suite", default=None, help="YAML of benchmarks and their paths (experiments/benchmarks/*.yaml)")
+    b.add_argument("--only", nargs="+", default=None, help="with --suite: only these benchmarks (names or labels)")
+    b.add_argument("--answers-dir", default=None, help="with --suite: where the answers files go (default: <run>/eval)")
+    b.add_argument("--model-id", default=None, help="model_id of the answers lines (default: the run or model directory name)")
+    b.add_argument("--batch-size", type=_at_least(1), default=1, help="questions per generate() call (LLaVA's scripts: 1)")
+    b.add_argument("--num-workers", type=_at_least(0), default=0, help="processes decoding media")
+    b.add_argument("--progress-every", type=_at_least(1), default=100, help="print progress every N answers")
+    g = p.add_argument_group("generation (default: the config's eval.*; greedy, as the paper's eval)")
+    g.add_argument("--temperature", type=_at_least(0, float), default=None, help="0: greedy; > 0 samples")
+    g.add_argument("--top-p", type=_at_least(0, float, inclusive=False), default=None, help="nucleus sampling (temperature > 0)")
+    g.add_argument("--num-beams", type=_at_least(1), default=None)
+    g.add_argument("--max-new-tokens", type=_at_least(1), default=None, help="default: the benchmark's official value")
     _add_trust_args(p)
     p.set_defaults(func=_handler("lm_mini.eval.evaluate:cli_eval"))
 

@@ -285,6 +285,9 @@ def cli_eval(args: Any) -> int:
     data = [d for d in args.data if "=" not in d or Path(d).exists()]
     metrics = [m for m in args.metric or [] if "=" not in m] or None  # None: eval.metrics
     overrides = list(args.overrides) + [d for d in args.data if d not in data] + [m for m in args.metric or [] if "=" in m]
+    for flag in ("temperature", "top_p", "num_beams", "max_new_tokens"):  # the generation flags are eval.* keys here
+        if getattr(args, flag, None) is not None:
+            overrides.append(f"eval.{flag}={getattr(args, flag)}")
     try:
         result = evaluate_source(args.source, data, metrics, args.out, overrides, args.device, not args.no_mlflow)
     except (FileNotFoundError, ValueError, KeyError) as e:

@@ -1,0 +1,574 @@
+"""``lm-mini eval SOURCE --benchmark NAME --questions FILE ...``: a benchmark's own files in, LLaVA's answers file out.
+
+What LLaVA-Mini's ``llavamini/eval/model_vqa_loader.py`` (and ``model_vqa_science.py``, ``model_vqa_mmbench.py``,
+``video/*.py``) do, for any registered benchmark (:mod:`lm_mini.eval.benchmarks`):
+
+1. read the question file with the benchmark's reader, keep this job's chunk (LLaVA's ``get_chunk``:
+   ``--num-chunks N`` pieces of ``ceil(len / N)`` questions, piece ``--chunk-idx K``);
+2. prompt with the model's conversation template: one user turn ``<image>\\n`` + :meth:`Benchmark.prompt`
+   (the official scripts' fixed suffixes included; a question without media gets no placeholder), ending
+   at the assistant prefix; media through the model's own preprocessing (``lm_mini.data.media``), videos
+   sampled as the benchmark's official script samples them;
+3. batched generation with a KV cache (:func:`lm_mini.eval.generation.generate_answers`), greedy unless
+   ``--temperature`` > 0;
+4. one JSON line per question, written as it is answered: ``question_id`` (its JSON type from the file),
+   ``prompt`` (:meth:`Benchmark.answer_prompt`), ``text``, ``answer_id``, ``model_id``, ``metadata``
+   (the generation options). A run given an existing answers file continues after its last complete line
+   and regenerates nothing it holds; a file holding answers to other questions or from another model is
+   refused;
+5. chunks merge by concatenation in chunk order (``--merge``), checked complete against the question file;
+6. when the benchmark can score (its annotations given, or in its question file) the official scorer runs
+   (:meth:`Benchmark.score`), a submission file is written where the benchmark has one, and the scores go to
+   the source's MLflow run as ``eval/<benchmark>/<score key>``.
+
+A suite (``--suite experiments/benchmarks/paper_image.yaml``) runs a list of benchmarks with their local
+paths (:class:`Suite`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+from lm_mini.eval.benchmarks.base import (BENCHMARKS, Answer, Benchmark, BenchmarkResult, Question, answer_key,
+                                          read_answers, read_jsonl)
+
+log = logging.getLogger(__name__)
+PathLike = Union[str, Path]
+IMAGE_FILE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+
+# --------------------------------------------------------------------------- chunks (LLaVA's get_chunk)
+def split_list(items: Sequence[Any], n: int) -> List[Sequence[Any]]:
+    """LLaVA's ``split_list``: pieces of ``ceil(len / n)`` items (so there may be fewer than ``n`` pieces)."""
+    if n < 1:
+        raise ValueError(f"--num-chunks must be >= 1, got {n}")
+    size = max(1, math.ceil(len(items) / n))
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def get_chunk(items: Sequence[Any], n: int, k: int) -> List[Any]:
+    """Piece ``k`` of :func:`split_list` (empty where LLaVA's script would fail with an IndexError: fewer
+    questions than chunks)."""
+    if not 0 <= k < n:
+        raise ValueError(f"--chunk-idx must be in [0, {n - 1}] for --num-chunks {n}, got {k}")
+    pieces = split_list(items, n)
+    return list(pieces[k]) if k < len(pieces) else []
+
+
+def chunk_file(answers_file: PathLike, n: int, k: int) -> Path:
+    """Where chunk ``k`` of ``n`` of ``answers_file`` is written: ``<dir>/<stem>/<n>_<k>.jsonl`` (LLaVA's layout,
+    ``answers/<ckpt>/<CHUNKS>_<IDX>.jsonl`` merged into ``answers/<ckpt>.jsonl``)."""
+    p = Path(answers_file)
+    return p.parent / p.stem / f"{n}_{k}.jsonl"
+
+
+# --------------------------------------------------------------------------- what to run
+@dataclass
+class BenchmarkSpec:
+    """One benchmark run: the registered benchmark ``name`` and its local files (a suite entry or the flags)."""
+
+    name: str
+    questions: str
+    image_folder: Optional[str] = None
+    annotations: Optional[str] = None
+    label: Optional[str] = None  # name in MLflow keys and default file names (default: name); e.g. pope_adversarial
+    max_new_tokens: Optional[int] = None  # default: the benchmark's (its official script's)
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+@dataclass
+class Suite:
+    """``experiments/benchmarks/*.yaml``: benchmarks and their local paths (relative ones under ``root``)."""
+
+    root: str = "."
+    benchmarks: List[BenchmarkSpec] = field(default_factory=list)
+
+
+def load_suite(path: PathLike) -> Suite:
+    """A suite YAML -> :class:`Suite` (typed: unknown keys and missing ``name``/``questions`` are refused, naming
+    the entry). ``root`` may use ``${oc.env:VAR,default}``; a relative root is relative to the working directory."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--suite {path}: no such file")
+    raw = OmegaConf.load(path)
+    unknown = set(raw.keys()) - {"root", "benchmarks"}
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; a suite has root and benchmarks")
+    entries = []
+    for i, entry in enumerate(raw.get("benchmarks") or []):
+        try:
+            merged = OmegaConf.merge(OmegaConf.structured(BenchmarkSpec(name="", questions="")), entry)
+        except OmegaConfBaseException as e:
+            raise ValueError(f"{path}: benchmarks[{i}]: {e.msg if hasattr(e, 'msg') else e}") from None
+        spec = BenchmarkSpec(**OmegaConf.to_container(merged, resolve=True))
+        if not spec.name or not spec.questions:
+            raise ValueError(f"{path}: benchmarks[{i}] needs 'name' (a registered benchmark) and 'questions' (its question file)")
+        entries.append(spec)
+    if not entries:
+        raise ValueError(f"{path}: no benchmarks listed")
+    labels = [e.key for e in entries]
+    twice = sorted({k for k in labels if labels.count(k) > 1})
+    if twice:
+        raise ValueError(f"{path}: {', '.join(twice)} listed twice; give each run its own 'label'")
+    root = str(OmegaConf.to_container(raw, resolve=True).get("root") or ".")
+    return Suite(root, [_under(root, e) for e in entries])
+
+
+def _under(root: str, spec: BenchmarkSpec) -> BenchmarkSpec:
+    def place(p: Optional[str]) -> Optional[str]:
+        return None if p is None else str(Path(root) / p) if not Path(p).is_absolute() else p
+
+    return BenchmarkSpec(spec.name, place(spec.questions), place(spec.image_folder), place(spec.annotations), spec.label,
+                         spec.max_new_tokens)
+
+
+def missing_files(spec: BenchmarkSpec) -> List[str]:
+    """The spec's paths that do not exist (``questions``, ``image_folder``, ``annotations``), named by key."""
+    out = []
+    for key in ("questions", "image_folder", "annotations"):
+        value = getattr(spec, key)
+        if value is not None and not Path(value).exists():
+            out.append(f"{spec.key}.{key}: {value}")
+    return out
+
+
+# --------------------------------------------------------------------------- questions -> batches
+class QuestionDataset:
+    """A benchmark's questions as model samples (``lm_mini.data.samples.collate`` batches them): the prompt's
+    token ids (generation prompt, no labels) and the media's pixel views. ``__getitem__`` raises ``ValueError``
+    naming the question and file when its media cannot be read."""
+
+    def __init__(self, questions: Sequence[Question], benchmark: Benchmark, image_folder: Optional[PathLike],
+                 tokenizer: Any, template: str, images: Any):
+        self.questions, self.benchmark, self.folder = list(questions), benchmark, image_folder
+        self.tokenizer, self.template, self.images = tokenizer, template, images
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def prompt_ids(self, q: Question) -> List[int]:
+        from lm_mini.constants import IMAGE_PLACEHOLDER
+        from lm_mini.data.conversation import build_prompt
+
+        has_media = q.media is not None
+        text = (IMAGE_PLACEHOLDER + "\n" if has_media else "") + self.benchmark.prompt(q)  # model_vqa_loader.py
+        return build_prompt([{"from": "human", "value": text}], self.tokenizer, self.template, has_media=has_media,
+                            sample_id=str(q.question_id))
+
+    def media_path(self, q: Question) -> Path:
+        if self.folder is None:
+            raise ValueError(f"{self.benchmark.name}: question {q.question_id!r} has media {q.media!r}: give --image-folder")
+        return self.benchmark.media_path(q, self.folder)
+
+    def pixels(self, q: Question) -> Tuple[Any, int]:
+        """``(views [V, 3, S, S], frames)`` of the question's image or video (frames 1 for an image)."""
+        from lm_mini.data.media import decode_image, decode_video
+
+        if isinstance(q.media, (bytes, bytearray)):  # MMBench / SEED TSVs carry the image itself
+            return self.images.image(decode_image(bytes(q.media), str(q.question_id))), 1
+        path = self.media_path(q)
+        if not q.is_video:
+            return self.images.image(decode_image(path.read_bytes(), str(path))), 1
+        if path.is_dir():  # a folder of frames (MVBench's frame tasks): all of them, in name order
+            names = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_FILE_SUFFIXES)
+            if not names:
+                raise ValueError(f"{path}: a video folder with no frame images")
+            frames = [decode_image(p.read_bytes(), str(p)) for p in names]
+        else:
+            cap = self.benchmark.video_max_frames
+            frames = decode_video(path.read_bytes(), self.benchmark.video_fps, cap if cap is not None else sys.maxsize, str(path))
+        return self.images.video(frames), len(frames)
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        from lm_mini.constants import IGNORE_INDEX
+        from lm_mini.data.errors import SampleError
+
+        q = self.questions[i]
+        ids = self.prompt_ids(q)
+        try:
+            pixels, frames = self.pixels(q) if q.media is not None else (None, 0)
+        except (SampleError, OSError) as e:
+            raise ValueError(f"{self.benchmark.name}: question {q.question_id!r}: cannot read its media: {e}") from e
+        return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids), "pixel_values": pixels, "frames": frames,
+                "is_video": bool(q.is_video and q.media is not None), "sample_id": i, "flags": []}
+
+
+def check_media(dataset: QuestionDataset, indices: Optional[Sequence[int]] = None) -> None:
+    """Every media file of the questions (at ``indices``) exists, checked before any generation: a wrong
+    ``--image-folder`` fails at once, not hours in."""
+    chosen = [dataset.questions[i] for i in indices] if indices is not None else dataset.questions
+    missing = []
+    for q in chosen:
+        if isinstance(q.media, str):
+            path = dataset.media_path(q)
+            if not path.exists():
+                missing.append(f"{q.question_id!r}: {path}")
+    if missing:
+        raise FileNotFoundError(f"{dataset.benchmark.name}: the media of {len(missing)} of {len(chosen)} questions not found "
+                                f"(--image-folder {dataset.folder}), e.g. " + "; ".join(missing[:3]))
+
+
+# --------------------------------------------------------------------------- answers files
+def read_finished(path: Path) -> List[Dict[str, Any]]:
+    """The complete answer lines of a (possibly interrupted) answers file; a last line cut off mid-write is
+    dropped from the file (it is regenerated)."""
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):  # killed while writing its last line
+        cut = data.rfind(b"\n") + 1
+        log.warning("%s: dropping an unfinished last line (%d bytes)", path, len(data) - cut)
+        with path.open("r+b") as f:
+            f.truncate(cut)
+    return read_answers(path)
+
+
+def check_resumable(path: Path, done: Sequence[Mapping[str, Any]], keys: Sequence[Tuple[Any, str]], model_id: str,
+                    generation: Mapping[str, Any]) -> None:
+    """An existing answers file continues this run only if it answers this run's questions, in order, with this
+    model and generation options."""
+    if len(done) > len(keys):
+        raise ValueError(f"{path} holds {len(done)} answers but this run has {len(keys)} questions: "
+                         "another question file or chunk? Pass another --answers-file or delete it")
+    for i, (a, k) in enumerate(zip(done, keys)):
+        if answer_key(a) != k:
+            raise ValueError(f"{path}: line {i + 1} answers question {a['question_id']!r} where this run's question "
+                             f"{i + 1} is {k[0]!r} (another question file, chunk or benchmark?). Pass another "
+                             "--answers-file or delete it")
+        if a.get("model_id") != model_id:
+            raise ValueError(f"{path}: line {i + 1} was written by model {a.get('model_id')!r}, this run is "
+                             f"{model_id!r}. Pass another --answers-file (or --model-id) or delete it")
+        written = (a.get("metadata") or {}).get("generation")
+        if written is not None and dict(written) != dict(generation):
+            raise ValueError(f"{path}: line {i + 1} was generated with {written}, this run uses {dict(generation)}. "
+                             "Pass another --answers-file or delete it")
+
+
+def merge_chunks(answers_file: PathLike, num_chunks: int, questions: Optional[Sequence[Tuple[Any, str]]] = None) -> Path:
+    """Concatenate the chunk files of ``answers_file`` in chunk order into it (LLaVA's merge loop). With the
+    questions' answer keys, each chunk must answer exactly its piece of them (no merge of an unfinished job)."""
+    out = Path(answers_file)
+    parts = [chunk_file(out, num_chunks, k) for k in range(num_chunks)]
+    absent = [str(p) for p in parts if not p.is_file()]
+    pieces = split_list(list(questions), num_chunks) if questions is not None else None
+    if pieces is not None:  # chunks past the last piece have no questions: an absent file is fine there
+        absent = [str(p) for k, p in enumerate(parts) if not p.is_file() and k < len(pieces)]
+    if absent:
+        raise FileNotFoundError(f"--merge {out}: chunk file(s) missing: {', '.join(absent)}")
+    lines: List[str] = []
+    for k, part in enumerate(parts):
+        if not part.is_file():
+            continue
+        answers = read_answers(part)
+        if pieces is not None:
+            want = list(pieces[k]) if k < len(pieces) else []
+            got = [answer_key(a) for a in answers]
+            if got != want:
+                raise ValueError(f"--merge: {part} has {len(got)} answers, chunk {k} of {num_chunks} has {len(want)} "
+                                 "questions" + ("" if len(got) != len(want) else " (other questions)")
+                                 + ": finish that chunk first (run it again with the same --answers-file)")
+        lines += [json.dumps(a) for a in answers]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+# --------------------------------------------------------------------------- generation
+@dataclass
+class LoadedModel:
+    """A model ready for benchmark generation (``lm_mini.interop.export.load_model`` + its data processing)."""
+
+    model: Any
+    cfg: Any
+    tokenizer: Any
+    images: Any  # ImageProcessor: the model's own preprocessing
+    model_id: str
+    info: Dict[str, Any] = field(default_factory=dict)  # the source's MLflow run id / tracking URI / step
+    run_dir: Optional[Path] = None
+    path: Optional[Path] = None
+
+
+def load_for_benchmarks(source: PathLike, device: Optional[str] = None, model_id: Optional[str] = None) -> LoadedModel:
+    import torch
+
+    from lm_mini.data.streaming import build_processor
+    from lm_mini.interop.export import load_model, resolve_source
+
+    found = resolve_source(source)
+    device = device if device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
+    model, cfg = load_model(found, device)
+    processor = build_processor(cfg)
+    name = model_id or (found.run_dir.name if found.run_dir is not None else Path(found.path).name)
+    return LoadedModel(model, cfg, processor.tokenizer, processor.images, name, dict(found.info), found.run_dir, Path(found.path))
+
+
+def generate_benchmark_answers(loaded: LoadedModel, benchmark: Benchmark, questions: Sequence[Question], answers_file: Path,
+                               image_folder: Optional[PathLike], options: Any, batch_size: int = 1, num_workers: int = 0,
+                               progress: Optional[Callable[[int, int], None]] = None) -> int:
+    """Answer ``questions`` into ``answers_file`` line by line, after the answers it already holds; returns how
+    many were generated now (0 for a finished file)."""
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    from lm_mini.data.samples import Collator
+    from lm_mini.eval.generation import generate_answers, stop_token_ids
+
+    template = loaded.cfg.data.template
+    dataset = QuestionDataset(questions, benchmark, image_folder, loaded.tokenizer, template, loaded.images)
+    generation = options.to_dict()
+    done = read_finished(answers_file)
+    check_resumable(answers_file, done, [benchmark.answer_key(q) for q in questions], loaded.model_id, generation)
+    todo = list(range(len(done), len(questions)))
+    if not todo:
+        return 0
+    check_media(dataset, todo)
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else loaded.tokenizer.eos_token_id
+    loader = DataLoader(Subset(dataset, todo), batch_size=batch_size, num_workers=num_workers, collate_fn=Collator(int(pad)))
+    stop = stop_token_ids(loaded.tokenizer, template)
+    device = next(loaded.model.parameters()).device
+    answers_file.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with answers_file.open("a", encoding="utf-8") as f:
+        for batch in loader:
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            texts = generate_answers(loaded.model, batch, loaded.tokenizer, stop, options)
+            for i, text in zip(batch["sample_ids"], texts):
+                q = questions[i]
+                line = Answer(q.question_id, benchmark.answer_prompt(q), text, uuid.uuid4().hex, loaded.model_id,
+                              {"generation": generation})
+                f.write(line.to_json() + "\n")
+            f.flush()  # a killed job keeps every finished batch
+            written += len(texts)
+            if progress is not None:
+                progress(len(done) + written, len(questions))
+    return written
+
+
+# --------------------------------------------------------------------------- scoring
+def score_answers(benchmark: Benchmark, answers: Sequence[Mapping[str, Any]], questions: Optional[Sequence[Question]],
+                  annotations: Optional[PathLike], out_dir: PathLike, judge: Optional[str] = None) -> Optional[BenchmarkResult]:
+    """The official score where the benchmark can compute one here (its annotations given, or in its question file),
+    plus its submission file where it has one; None when neither (a GPT-judged benchmark without ``judge``)."""
+    result: Optional[BenchmarkResult] = None
+    can_score = not (benchmark.needs_annotations and annotations is None) and not (benchmark.judged and not judge) \
+        and not (benchmark.needs_questions and questions is None)
+    if can_score:
+        try:
+            kwargs = {"judge": judge} if judge else {}
+            result = benchmark.score(answers, questions, annotations, **kwargs)
+        except NotImplementedError:
+            result = None
+    submission = benchmark.write_submission(answers, out_dir, questions)
+    if submission is not None:
+        if result is None:
+            result = BenchmarkResult(benchmark.name, 0, notes=["no local score: submit the file to the benchmark's server"])
+        result.files.setdefault("submission", str(submission))
+    return result
+
+
+def mlflow_metrics(label: str, result: BenchmarkResult) -> Dict[str, float]:
+    """``eval/<label>/<score key>`` for every score (valid MLflow names)."""
+    from lm_mini.eval.mlflow_scores import metric_name
+
+    return {metric_name("eval", label, key): float(value) for key, value in result.scores.items()}
+
+
+@dataclass
+class BenchmarkRun:
+    """What one benchmark run did: where its answers are, how many were generated now, its scores."""
+
+    spec: BenchmarkSpec
+    answers_file: Path
+    n_questions: int
+    generated: int
+    result: Optional[BenchmarkResult] = None
+    mlflow_run_id: Optional[str] = None
+    chunk: Optional[Tuple[int, int]] = None  # (num_chunks, chunk_idx) when this run was one chunk (not scored)
+
+    def to_json(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = self.result.to_json() if self.result is not None else {"benchmark": self.spec.name}
+        if self.spec.label and self.spec.label != self.spec.name:
+            out["label"] = self.spec.label
+        out.update({"answers_file": str(self.answers_file), "questions": self.n_questions, "generated": self.generated})
+        if self.chunk:
+            out["chunk"] = {"num_chunks": self.chunk[0], "chunk_idx": self.chunk[1]}
+        if self.mlflow_run_id:
+            out["mlflow_run_id"] = self.mlflow_run_id
+        return out
+
+
+def default_answers_file(loaded_or_root: Any, label: str) -> Path:
+    root = loaded_or_root.run_dir or loaded_or_root.path if isinstance(loaded_or_root, LoadedModel) else Path(loaded_or_root)
+    return Path(root) / "eval" / f"{label}.jsonl"
+
+
+def run_benchmark(loaded: Optional[LoadedModel], spec: BenchmarkSpec, answers_file: Optional[PathLike] = None,
+                  options: Any = None, num_chunks: int = 1, chunk_idx: int = 0, batch_size: int = 1, num_workers: int = 0,
+                  merge: bool = False, log_mlflow: bool = True, judge: Optional[str] = None,
+                  progress: Optional[Callable[[int, int], None]] = None) -> BenchmarkRun:
+    """Generate (this chunk of) ``spec``'s answers, or merge the chunks (``merge``), then score the whole answers
+    file and log the scores to the source's MLflow run. A chunk of several is only generated (merge, then score)."""
+    from lm_mini.eval.generation import GenerationOptions
+    from lm_mini.eval.mlflow_scores import log_scores
+
+    benchmark: Benchmark = BENCHMARKS.create(spec.name)
+    missing = missing_files(spec)
+    if missing:
+        raise FileNotFoundError("not found: " + "; ".join(missing))
+    questions = benchmark.read_questions(spec.questions)
+    if answers_file is None:
+        if loaded is None:
+            raise ValueError("give --answers-file (the merged file) or the model it came from")
+        answers_file = default_answers_file(loaded, spec.key)
+    answers_file = Path(answers_file)
+    if merge:
+        merge_chunks(answers_file, num_chunks, [benchmark.answer_key(q) for q in questions])
+        run = BenchmarkRun(spec, answers_file, len(questions), 0)
+    else:
+        if loaded is None:
+            raise ValueError("give the model to evaluate (run directory, checkpoint or model directory)")
+        options = options or GenerationOptions.from_config(loaded.cfg.eval, max_new_tokens=spec.max_new_tokens or benchmark.max_new_tokens)
+        mine = get_chunk(questions, num_chunks, chunk_idx)
+        target = chunk_file(answers_file, num_chunks, chunk_idx) if num_chunks > 1 else answers_file
+        generated = generate_benchmark_answers(loaded, benchmark, mine, target, spec.image_folder, options, batch_size,
+                                               num_workers, progress)
+        run = BenchmarkRun(spec, target, len(mine), generated, chunk=(num_chunks, chunk_idx) if num_chunks > 1 else None)
+        if num_chunks > 1:
+            return run  # one piece of the benchmark: scored after --merge
+    answers = read_answers(answers_file)
+    run.result = score_answers(benchmark, answers, questions, spec.annotations, answers_file.parent, judge)
+    if run.result is not None and log_mlflow and loaded is not None and run.result.scores:
+        run.mlflow_run_id = log_scores(loaded.info, mlflow_metrics(spec.key, run.result),
+                                       [answers_file] + [Path(p) for p in run.result.files.values() if Path(p).is_file()],
+                                       artifact_path=f"eval/{spec.key}")
+    return run
+
+
+def run_suite(loaded: LoadedModel, suite: Suite, only: Sequence[str] = (), answers_dir: Optional[PathLike] = None,
+              options_for: Optional[Callable[[BenchmarkSpec], Any]] = None, **kwargs: Any) -> Iterator[BenchmarkRun]:
+    """Each benchmark of ``suite`` (``only``: these labels) in turn; every path is checked before the first one runs."""
+    specs = [s for s in suite.benchmarks if not only or s.key in only or s.name in only]
+    unknown = [o for o in only if not any(o in (s.key, s.name) for s in suite.benchmarks)]
+    if unknown:
+        raise ValueError(f"--only {', '.join(unknown)}: not in the suite ({', '.join(s.key for s in suite.benchmarks)})")
+    for spec in specs:
+        BENCHMARKS.get(spec.name)  # an unknown name fails now
+    missing = [m for s in specs for m in missing_files(s)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} suite path(s) not found (suite root {suite.root}): " + "; ".join(missing))
+    for spec in specs:
+        out = Path(answers_dir) / f"{spec.key}.jsonl" if answers_dir else None
+        yield run_benchmark(loaded, spec, out, options_for(spec) if options_for else None, **kwargs)
+
+
+# --------------------------------------------------------------------------- CLI
+def _options(args: Any, loaded: LoadedModel, benchmark_default: int, spec: BenchmarkSpec) -> Any:
+    from lm_mini.eval.generation import GenerationOptions
+
+    return GenerationOptions.from_config(
+        loaded.cfg.eval, max_new_tokens=args.max_new_tokens or spec.max_new_tokens or benchmark_default,
+        temperature=args.temperature, top_p=args.top_p, num_beams=args.num_beams)
+
+
+def _print_run(run: BenchmarkRun) -> None:
+    r, label = run.result, run.spec.key
+    what = f"{run.generated} generated now" if run.generated else "nothing generated (answers file complete)"
+    print(f"{label}: {run.n_questions} questions, {what}; answers: {run.answers_file}")
+    if run.chunk:
+        print(f"{label}: chunk {run.chunk[1]} of {run.chunk[0]}; merge the chunks with --merge, which scores them")
+        return
+    if r is None:
+        bench = BENCHMARKS.get(run.spec.name)
+        why = ("GPT-judged: score with `lm-mini score --judge CMD`" if bench.judged else
+               "give --annotations to score" if bench.needs_annotations else "no local scorer")
+        print(f"{label}: not scored ({why})")
+        return
+    if r.scores:
+        width = max(len(k) for k in r.scores)
+        print(f"{label}: scores on {r.n} questions")
+        for key, value in r.scores.items():
+            print(f"  {key.ljust(width)}  {value:.2f}")
+    for what, ids in (("excluded (no reference answer)", r.excluded), ("unanswered (not in the answers file)", r.unanswered)):
+        if ids:
+            print(f"{label}: {len(ids)} questions {what}: " + ", ".join(map(repr, ids[:10])) + (" ..." if len(ids) > 10 else ""))
+    for name, path in r.files.items():
+        print(f"{label}: {name}: {path}")
+    for note in r.notes:
+        print(f"{label}: {note}")
+    if run.mlflow_run_id:
+        print(f"{label}: scores logged to MLflow run {run.mlflow_run_id}")
+
+
+def cli_benchmark(args: Any) -> int:
+    """``lm-mini eval SOURCE --benchmark NAME ...`` / ``--suite FILE`` / ``--merge``."""
+    try:
+        return _cli_benchmark(args)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"lm-mini eval: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+        return 2
+
+
+def _cli_benchmark(args: Any) -> int:
+    if args.data:
+        raise ValueError("--data (shard sets) and --benchmark/--suite (benchmark files) are separate evaluations")
+    if args.suite and (args.benchmark or args.merge):
+        raise ValueError("--suite runs its own benchmarks: no --benchmark / --merge with it")
+    if args.num_chunks < 1 or not 0 <= args.chunk_idx < args.num_chunks:
+        raise ValueError(f"--chunk-idx must be in [0, --num-chunks - 1] (got {args.chunk_idx} of {args.num_chunks})")
+    if args.benchmark:
+        BENCHMARKS.get(args.benchmark)  # unknown: KeyError listing the known ones
+        if not args.questions:
+            raise ValueError(f"--benchmark {args.benchmark}: give its question file (--questions FILE)")
+    if args.merge and args.num_chunks < 2:
+        raise ValueError("--merge concatenates the chunks of --num-chunks N (N >= 2) into --answers-file")
+    if args.merge and not args.answers_file and not args.source:
+        raise ValueError("--merge: give --answers-file (the merged file; its chunks lie in <dir>/<stem>/N_K.jsonl)")
+    if not args.merge and not args.source:
+        raise ValueError("give the model to evaluate (run directory, checkpoint or model directory)")
+    if args.suite:
+        suite = load_suite(args.suite)
+    from lm_mini.eval.mlflow_scores import metric_name  # noqa: F401  (fail fast on a broken install)
+
+    loaded = None
+    if args.source:
+        device = None if args.device == "auto" else args.device
+        loaded = load_for_benchmarks(args.source, device, args.model_id)
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done % max(1, args.progress_every) < args.batch_size:
+            print(f"  {done}/{total} answered", file=sys.stderr, flush=True)
+
+    common = dict(num_chunks=args.num_chunks, chunk_idx=args.chunk_idx, batch_size=args.batch_size, num_workers=args.num_workers,
+                  log_mlflow=not args.no_mlflow, judge=getattr(args, "judge", None), progress=None if args.json else progress)
+    runs: List[BenchmarkRun] = []
+    if args.suite:
+        options_for = (lambda spec: _options(args, loaded, BENCHMARKS.get(spec.name).max_new_tokens, spec))
+        for run in run_suite(loaded, suite, args.only or (), args.answers_dir, options_for, **common):
+            runs.append(run)
+            if not args.json:
+                _print_run(run)
+    else:
+        spec = BenchmarkSpec(args.benchmark, args.questions, args.image_folder, args.annotations, args.label)
+        options = None if args.merge else _options(args, loaded, BENCHMARKS.get(spec.name).max_new_tokens, spec)
+        run = run_benchmark(loaded, spec, args.answers_file, options, merge=args.merge, **common)
+        runs.append(run)
+        if not args.json:
+            _print_run(run)
+    if args.json:
+        out = [r.to_json() for r in runs]
+        print(json.dumps(out if args.suite else out[0], indent=2))
+    return 0
