@@ -14,7 +14,7 @@ benchmark's name (:mod:`lm_mini.eval.metrics`) both use them. Sources:
 from __future__ import annotations
 
 import re
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 LLAVA_MINI_COMMIT = "ictnlp/LLaVA-Mini@47da1137f7b503be685ab5faa9f64a88b102e786"
 VQA_COMMIT = "GT-Vision-Lab/VQA@a013f0043c1e2cdc995922dfe257f7149aa9af06"
@@ -159,6 +159,21 @@ def pope_answer(text: str) -> str:
         text = text.split(".")[0]
     words = text.replace(",", "").split(" ")
     return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
+
+
+def yes_no_scores(tp: int, fp: int, tn: int, fn: int) -> Dict[str, float]:
+    """``eval_pope.py``'s accuracy, precision, recall, F1 and yes-ratio (fractions) from a confusion matrix;
+    where it would divide by zero, 0 (NaN for an empty matrix)."""
+    total = tp + fp + tn + fn
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return {
+        "accuracy": (tp + tn) / total if total else float("nan"),
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "yes_ratio": (tp + fp) / total if total else float("nan"),
+    }
 
 
 # --------------------------------------------------------------------------- eval_science_qa.py

@@ -25,6 +25,7 @@ from torchmetrics import Metric
 from lm_mini.eval.answer_processing import (
     option_letters,
     pope_answer,
+    yes_no_scores,
     scienceqa_choice,
     vqaeval_normalize,
     vqav2_accuracy,
@@ -229,21 +230,6 @@ class LenientPOPEMetrics(POPEMetrics):
 
     def read_yes_no(self, text: str) -> str:
         return parse_yes_no_lenient(text)
-
-
-def yes_no_scores(tp: int, fp: int, tn: int, fn: int) -> Dict[str, float]:
-    """``eval_pope.py``'s accuracy, precision, recall, F1 and yes-ratio (fractions) from a confusion matrix;
-    where it would divide by zero, 0 (NaN for an empty matrix)."""
-    total = tp + fp + tn + fn
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    return {
-        "accuracy": (tp + tn) / total if total else float("nan"),
-        "precision": precision,
-        "recall": recall,
-        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-        "yes_ratio": (tp + fp) / total if total else float("nan"),
-    }
 
 
 def build_metric(name: str) -> Metric:
