@@ -103,13 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = shards.add_parser("build", help="LLaVA JSON/JSONL + media -> WebDataset shards with index.json")
     p.add_argument("--json", nargs="+", required=True, help="LLaVA JSON or JSONL files (or Video-ChatGPT q/a records)")
     p.add_argument("--media-root", default=".", help="directory the records' image/video paths are relative to")
-    p.add_argument("--out", required=True, help="output directory (refused if it holds a different finished build)")
+    p.add_argument("--out", required=True, help="output directory, or an fsspec URL such as s3://bucket/set (built in "
+                   "--staging, then uploaded with index.json last); refused if it holds a different finished build")
+    p.add_argument("--staging", default=None, help="with a URL --out: local folder to build in before the upload "
+                   "(default: a temporary one); keep it to --resume an interrupted build or upload")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--workers", type=int, default=1, help="parallel writer processes")
     p.add_argument("--resume", action="store_true", help="finish an interrupted build in --out")
     p.set_defaults(func=_handler("lm_mini.data.shards:cli_build"))
     p = shards.add_parser("inspect", help="print counts and a few decoded samples")
-    p.add_argument("path", help="shard directory (with index.json) or .tar file")
+    p.add_argument("path", help="shard directory (with index.json), .tar file or pattern; or a URL (s3://, https://) or pipe: command")
     p.add_argument("-n", "--num-samples", type=int, default=3)
     p.add_argument("--tokenizer", default=None, help="also show token/label layout with this tokenizer")
     p.add_argument("--template", default=None)

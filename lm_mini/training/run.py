@@ -114,7 +114,7 @@ class ResumeMismatch(ValueError):
 # schedule win, so config.yaml and MLflow would record a config the run does not follow) or crash.
 RESUME_MAY_CHANGE = ("train.max_steps", "train.max_epochs", "train.checkpoint_every_n_steps", "train.keep_last_k",
                      "train.eval_at_end", "train.val_every_n_steps", "train.log_every_n_steps", "train.init_from",
-                     "data.val", "eval", "logging", "experiment", "run_name")
+                     "data.val", "data.remote", "eval", "logging", "experiment", "run_name")
 
 
 def check_resumable(saved_config: Path, cfg: DictConfig) -> None:
