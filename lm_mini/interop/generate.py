@@ -50,19 +50,18 @@ def load_media(path: str, is_video: bool, cfg: DictConfig) -> Media:
     """Decode and preprocess one image or video the way the model's training data was."""
     from lm_mini.data.errors import SampleError
     from lm_mini.data.media import ImageProcessor, decode_image, decode_video
-    from lm_mini.models.encoders import image_preprocessing
 
     p = media_file(path, is_video)
-    size, mean, std = image_preprocessing(cfg.model.encoder)
-    processor = ImageProcessor(size, mean, std, cfg.data.aspect_mode, cfg.model.resolution_ratio)
+    processor = ImageProcessor.from_config(cfg)
     try:
-        if is_video:
-            pixels = processor.video(decode_video(p.read_bytes(), cfg.data.video_fps, cfg.data.max_frames, str(p)))
+        if is_video:  # inference samples by fps, as official inference (1 fps), whatever training used
+            frames = decode_video(p.read_bytes(), cfg.data.video_fps, cfg.data.max_frames, str(p))
+            pixels, count = processor.video(frames), len(frames)
         else:
-            pixels = processor.image(decode_image(p.read_bytes(), str(p)))
+            pixels, count = processor.image(decode_image(p.read_bytes(), str(p))), 1
     except SampleError as e:
         raise ValueError(str(e)) from e  # names the file (sample id) and the reason
-    return Media(p, is_video, pixels, pixels.shape[0] if is_video else 1)
+    return Media(p, is_video, pixels, count)
 
 
 @dataclass

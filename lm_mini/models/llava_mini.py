@@ -54,9 +54,13 @@ class LlavaMini(nn.Module):
         prefusion: Optional[PreFusion] = None,
         resolution_ratio: int = 1,
         detach_prefusion_text: bool = True,
+        video_hires: bool = False,
+        text_only_blank_image: bool = False,
     ):
         super().__init__()
         self.detach_prefusion_text = detach_prefusion_text
+        self.video_hires = video_hires  # at R > 1 a video frame has 1 + R² views, like an image (official)
+        self.text_only_blank_image = text_only_blank_image  # training: fuse text-only samples with a blank image
         self.encoder, self.projector, self.compressor, self.prefusion, self.llm = encoder, projector, compressor, prefusion, llm
         if resolution_ratio < 1:
             raise ValueError(f"model.resolution_ratio must be >= 1, got {resolution_ratio}")
@@ -92,7 +96,9 @@ class LlavaMini(nn.Module):
             compressor = COMPRESSORS.create(cfg.compressor.name, dim=encoder.hidden_size, grid=cfg.compressor.grid, **options)
         prefusion = PreFusion.from_llm(llm, cfg.prefusion.depth, cfg.prefusion.init) if cfg.prefusion.depth > 0 else None
         model = cls(encoder, projector, compressor, llm, prefusion, resolution_ratio=cfg.resolution_ratio,
-                    detach_prefusion_text=getattr(cfg.prefusion, "detach_text", True))
+                    detach_prefusion_text=getattr(cfg.prefusion, "detach_text", True),
+                    video_hires=bool(getattr(cfg, "video_hires", False)),
+                    text_only_blank_image=bool(getattr(cfg.prefusion, "text_only_blank_image", False)))
         return model.to(getattr(torch, cfg.dtype))
 
     def _check_parts(self) -> None:
@@ -125,24 +131,32 @@ class LlavaMini(nn.Module):
             )
 
     # ------------------------------------------------------------------ media
+    @property
+    def views_per_image(self) -> int:
+        return 1 + self.resolution_ratio**2 if self.resolution_ratio > 1 else 1
+
     def _media_units(self, batch: Batch) -> Tuple[List[int], List[int]]:
-        """Split the batch's views into media units: (views per unit, sample of each unit), in batch order."""
+        """Split the batch's views into media units: (views per unit, sample of each unit), in batch order.
+
+        An image is one unit of ``views_per_image`` views; a video one unit per frame, of one view
+        (``views_per_image`` with ``video_hires``, as official LLaVA-Mini splits every frame at R > 1).
+        """
         frames = batch["frames_per_sample"].tolist()
         is_video = batch.get("is_video")
         is_video = is_video.tolist() if is_video is not None else [False] * len(frames)
-        views_per_image = 1 + self.resolution_ratio**2 if self.resolution_ratio > 1 else 1
+        views_per_image = self.views_per_image
         views, owner = [], []
         for b, (t, video) in enumerate(zip(frames, is_video)):
             if t and not video and t != 1:
                 raise ValueError(f"sample {_name(batch, b)}: an image sample has frames_per_sample 1, got {t}")
-            per_unit = 1 if video else views_per_image
+            per_unit = views_per_image if (self.video_hires or not video) else 1
             views += [per_unit] * t
             owner += [b] * t
         n_views = 0 if batch.get("pixel_values") is None else batch["pixel_values"].shape[0]
         if sum(views) != n_views:
             raise ValueError(
                 f"pixel_values holds {n_views} views but frames_per_sample {frames} (is_video {is_video}, "
-                f"resolution_ratio {self.resolution_ratio}) needs {sum(views)}"
+                f"resolution_ratio {self.resolution_ratio}, video_hires {self.video_hires}) needs {sum(views)}"
             )
         return views, owner
 
@@ -166,21 +180,35 @@ class LlavaMini(nn.Module):
         return feats
 
     def encode_media(
-        self, batch: Batch, text: torch.Tensor, text_mask: torch.Tensor
+        self, batch: Batch, text: torch.Tensor, text_mask: torch.Tensor, blank_text_only: bool = False
     ) -> Tuple[List[Optional[torch.Tensor]], torch.Tensor, torch.Tensor]:
         """Compress (and pre-fuse) every media unit of the batch.
 
-        text [B, L, d] and text_mask [B, L] are what pre-fusion may read. Returns
+        text [B, L, d] and text_mask [B, L] are what pre-fusion may read. ``blank_text_only``: every text-only
+        sample (padding samples aside) gets one more unit, an all-zero image of ``views_per_image`` views in
+        normalised pixel space (official training's ``torch.zeros(1, 3, H, W)`` processor output), with which
+        its text is fused; that unit's tokens are dropped (the sample has no media slot). Returns
         ``media`` (per sample: [T·C², d] in time order, None for text-only), ``fused_text`` [B, L, d]
-        (mean over the sample's units; undefined for samples without media) and ``has_media`` [B].
+        (mean over the sample's units; undefined for samples without a unit) and ``fused`` [B] (has a unit).
         """
         B = text.shape[0]
         views, owner = self._media_units(batch)
         media: List[Optional[torch.Tensor]] = [None] * B
         fused_sum = torch.zeros(text.shape, dtype=torch.float32, device=text.device)
+        pixels, n_real = batch.get("pixel_values"), len(views)
+        if blank_text_only and self.prefusion is not None:
+            ids, frames = batch.get("sample_ids"), batch["frames_per_sample"].tolist()
+            blank = [b for b in range(B) if not frames[b] and (ids is None or ids[b] is not None)]
+            if blank:
+                per, size = self.views_per_image, self.encoder.image_size
+                zeros = torch.zeros(len(blank) * per, 3, size, size, device=text.device)
+                if pixels is not None and pixels.dtype == torch.uint8:
+                    pixels = normalize_pixels(pixels, self.encoder.image_mean, self.encoder.image_std)
+                pixels = zeros if pixels is None else torch.cat([pixels, zeros.to(pixels.device, pixels.dtype)])
+                views, owner = views + [per] * len(blank), owner + blank
         if not views:
             return media, fused_sum.to(text.dtype), torch.zeros(B, dtype=torch.bool, device=text.device)
-        feats = self._encode(batch["pixel_values"])  # [V, N, D]
+        feats = self._encode(pixels)  # [V, N, D]
         g, R = self.encoder.grid, self.resolution_ratio
         starts = torch.tensor([0] + views[:-1], device=feats.device).cumsum(0)
         per_unit: List[Optional[torch.Tensor]] = [None] * len(views)
@@ -211,19 +239,20 @@ class LlavaMini(nn.Module):
             for u, tokens in zip(units, compressed):
                 per_unit[u] = tokens
         counts = torch.bincount(torch.tensor(owner, device=text.device), minlength=B)  # units per sample
-        for b in set(owner):
-            media[b] = torch.cat([per_unit[u] for u, o in enumerate(owner) if o == b])  # [T·C², d], time order
+        for b in set(owner[:n_real]):
+            media[b] = torch.cat([per_unit[u] for u, o in enumerate(owner[:n_real]) if o == b])  # [T·C², d], time order
         fused_text = (fused_sum / counts.clamp(min=1)[:, None, None]).to(text.dtype)
         return media, fused_text, counts > 0
 
     # ------------------------------------------------------------------ LLM inputs
     def prepare_inputs(
-        self, batch: Batch, padding_side: str = "right"
+        self, batch: Batch, padding_side: str = "right", blank_text_only: Optional[bool] = None
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """The LLM's ``inputs_embeds [B, S, d], attention_mask [B, S], position_ids [B, S], labels [B, S] | None``.
 
         Each sample's ``IMAGE_TOKEN_INDEX`` is replaced by its T·C² media tokens; sequences are
-        re-padded on ``padding_side`` (left for generation).
+        re-padded on ``padding_side`` (left for generation). ``blank_text_only``: fuse text-only samples with
+        a blank image (see :meth:`encode_media`); default: ``text_only_blank_image`` in training mode only.
         """
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"].bool()
         labels = batch.get("labels")
@@ -250,7 +279,10 @@ class LlavaMini(nn.Module):
         # Official LLaVA-Mini feeds pre-fusion detached text embeddings (the LLM's embedding table
         # learns from the tokens the LLM reads raw, not through pre-fusion). Training from scratch,
         # the question words then never learn (they reach the LLM only fused): prefusion.detach_text=false.
-        media, fused, has_media = self.encode_media(batch, text.detach() if self.detach_prefusion_text else text, fuse)
+        # Official training fuses a text-only sample with a blank image (its dataset gives training samples one);
+        # its inference does not (no image, no fusion). Eval mode (validation loss, evaluation) is inference here.
+        blank = self.text_only_blank_image and self.training if blank_text_only is None else blank_text_only
+        media, fused, has_media = self.encode_media(batch, text.detach() if self.detach_prefusion_text else text, fuse, blank)
         if self.prefusion is not None:
             text = torch.where((fuse & has_media[:, None]).unsqueeze(-1), fused, text)
 
@@ -284,7 +316,7 @@ class LlavaMini(nn.Module):
         The prompt is left-padded and enters as embeddings, so the cache holds C² tokens per image.
         Extra keywords go to ``transformers`` ``generate`` (eos_token_id, temperature, ...).
         """
-        embeds, mask, _, _ = self.prepare_inputs(batch, padding_side="left")
+        embeds, mask, _, _ = self.prepare_inputs(batch, padding_side="left", blank_text_only=False)
         gen_kwargs.setdefault("do_sample", False)
         if gen_kwargs.get("pad_token_id") is None and self.llm.generation_config.pad_token_id is None:
             eos = self.llm.generation_config.eos_token_id
