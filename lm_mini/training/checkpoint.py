@@ -129,8 +129,9 @@ def _offending(error: Exception) -> str:
     """The type a refused unpickling stopped at, from torch's message (``posix.system``), else its reason."""
     text = str(error)
     found = _GLOBAL_RE.search(text)
-    if found:
-        return f"`{found.group(1)}`"
+    if found:  # torch names builtins without their module ("GLOBAL exec")
+        name = found.group(1)
+        return f"`{name if '.' in name else 'builtins.' + name}`"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     reason = next((line for line in lines if "WeightsUnpickler error" in line or "Unsupported" in line), lines[-1] if lines else "")
     return f"something the safe reader does not take ({reason.split('WeightsUnpickler error:')[-1].strip()})"
