@@ -221,13 +221,25 @@ def _sharded_planner(folder: Path, keys: Optional[Collection[str]]) -> Any:
     return _EmptyStateDictLoadPlanner(keys) if checkpoints_trusted() else _Planner(keys)
 
 
+def _check_global_metadata(folder: Path) -> None:
+    """A folder's ``.metadata`` must be there and safe: DCP swallows an error reading it and falls back to the
+    rank-local ``__N.metadata`` files, which Lightning's resume would unpickle as they are."""
+    if checkpoints_trusted():
+        return
+    if not (folder / ".metadata").is_file():
+        others = sorted(p.name for p in folder.iterdir() if p.name.endswith(".metadata")) if folder.is_dir() else []
+        if not others:
+            raise FileNotFoundError(f"{folder}: not a sharded checkpoint folder (no .metadata)")
+        raise UntrustedCheckpoint(folder, f"rank-local metadata only ({', '.join(others)}, no .metadata)")
+    read_dcp_metadata(folder / ".metadata")
+
+
 def _read_sharded(folder: Path, keys: Optional[Collection[str]] = None) -> Dict[str, Any]:
     """A folder of DCP shards as one dict of full CPU tensors (only ``keys`` when given), without running code."""
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    if (folder / ".metadata").is_file():
-        read_dcp_metadata(folder / ".metadata")  # first: DCP swallows a reader's error and tries other files
+    _check_global_metadata(folder)
     checkpoint: Dict[str, Any] = {}
     try:
         _load_state_dict(checkpoint, storage_reader=_sharded_reader(folder), planner=_sharded_planner(folder, keys), no_dist=True)
@@ -276,8 +288,8 @@ def verify_checkpoint(path: Union[str, Path]) -> None:
         return
     path = Path(path)
     if path.is_dir():
-        if (path / ".metadata").is_file():
-            _read_sharded(path, keys=_byte_items(path))
+        _check_global_metadata(path)
+        _read_sharded(path, keys=_byte_items(path))
         _meta_file(path)
     else:
         safe_load(path, mmap=True)

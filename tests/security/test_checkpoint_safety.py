@@ -161,3 +161,16 @@ def test_trust_checkpoint_runs_the_file_as_it_says_and_only_for_that_command(tmp
     # the converted copy is a model directory (safetensors): it opens without trust and without running anything
     assert main(["export", str(tmp_path / "safe"), "--out", str(tmp_path / "again")]) == 0
     assert not marker.exists()
+
+
+def test_a_sharded_checkpoint_with_only_rank_local_metadata_is_refused(tmp_path, marker):
+    """Without .metadata, DCP falls back to the rank-local __N.metadata files and unpickles them as they are."""
+    cfg, run, _ = run_with_checkpoint(tmp_path, None)
+    weights = {f"model.{k}": v for k, v in LlavaMini.from_config(cfg.model).state_dict().items()}
+    folder = sharded_checkpoint(run / "checkpoints" / "step=00000004.ckpt", weights)
+    (folder / ".metadata").unlink()
+    (folder / "__0.metadata").write_bytes(pickle.dumps(RunsCode(marker)))
+    for read in (lambda: ckpt.verified(folder), lambda: ckpt.read_checkpoint_weights(folder)):
+        with pytest.raises(UntrustedCheckpoint, match=r"rank-local metadata only \(__0\.metadata, no \.metadata\)"):
+            read()
+    assert not marker.exists()
