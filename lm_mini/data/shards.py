@@ -105,6 +105,10 @@ def check_record(record: Any, has_media: bool, sample_id: Optional[str] = None) 
     """
     if not isinstance(record, dict):
         raise SampleError("malformed_record", f"record is a {type(record).__name__}, not an object", sample_id)
+    if "question_id" in record and "conversations" not in record:  # LLaVA's benchmark question files are not training data
+        raise SampleError("malformed_record", "record has 'question_id' and no 'conversations': a LLaVA benchmark question file "
+                          "(not shard data); evaluate on it with `lm-mini eval SOURCE --benchmark NAME --questions FILE "
+                          "--image-folder DIR`", sample_id)
     if record.get("id") is None or str(record["id"]).strip() == "":
         raise SampleError("malformed_record", "record has no 'id'" if record.get("id") is None else "record has an empty 'id'", sample_id)
     sample_id = str(record["id"])
@@ -259,7 +263,7 @@ def _make_sample(key: str, source: str, record: Any, media_root: Path) -> dict:
     sample_id = str(record.get("id")) if isinstance(record, dict) and record.get("id") is not None else None
     kind, rel = media_path(record, sample_id) if isinstance(record, dict) else (None, None)
     sample_id = check_record(record, kind is not None, sample_id)
-    record = {**record, "id": sample_id, "source": record.get("source", Path(source).name)}
+    record = {**record, "source": record.get("source", Path(source).name)}  # "id" as the input has it (7 stays an int)
     try:
         encoded = json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8")
     except UnicodeEncodeError as e:  # JSON allows "\ud83d" alone; no tokenizer can take it

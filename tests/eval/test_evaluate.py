@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_score_uses_record_fields_and_breaks_down_by_type():
     preds = [
         {"id": "a", "prediction": "two", "gold": "2"},
-        {"id": "b", "prediction": "The answer is B", "gold": "B"},
+        {"id": "b", "prediction": "B", "gold": "B"},
         {"id": "c", "prediction": "yes", "gold": "no"},
     ]
     records = {
@@ -31,7 +31,7 @@ def test_score_uses_record_fields_and_breaks_down_by_type():
     s = score(preds, records, ["vqa_accuracy", "exact_match", "multiple_choice"])
     assert s["all/n"] == 3 and s["type/count/n"] == 2 and s["type/mc/n"] == 1
     assert s["type/count/vqa_accuracy"] == pytest.approx((0.6 + 0.0) / 2)  # 2 of 10 annotators said "2"
-    assert s["all/exact_match"] == pytest.approx(1 / 3)  # "two" is among the annotators' answers
+    assert s["all/exact_match"] == pytest.approx(2 / 3)  # "two" is among the annotators' answers; "B" is "B"
     assert s["type/mc/multiple_choice"] == 1.0
     pope = score([{"id": "x", "prediction": "No.", "gold": "no"}, {"id": "y", "prediction": "yes", "gold": "no"}], {}, ["pope"])
     assert pope["all/pope_accuracy"] == pytest.approx(0.5) and pope["all/pope_precision"] == 0.0
@@ -135,3 +135,69 @@ def test_eval_cli_errors_are_clear(tmp_path, capsys):
     assert "no such model directory, run directory or checkpoint" in capsys.readouterr().err
     assert cli_main(["eval", str(tmp_path), "--data", str(tmp_path / "missing")]) == 2
     assert "--data" in capsys.readouterr().err
+
+
+def _model_dir(tmp_path):
+    cfg = load_config(ROOT / "experiments" / "demo.yaml")
+    return save_pretrained(tmp_path / "model", build_model(cfg.model).state_dict(), cfg, ROOT / cfg.data.tokenizer, card="")
+
+
+def test_multi_set_eval_logs_each_set_to_mlflow_and_leaves_out_unanswered_questions(tmp_path, capsys, monkeypatch):
+    """Two shard sets, one with questions that have no reference answer: every set's score is printed and logged
+    (names MLflow accepts: "eval/A+B/..." was refused and lost the run), eval.max_samples is per set, and the
+    unanswered questions are reported, never scored (empty prediction == empty gold used to count as correct)."""
+    from mlflow import MlflowClient
+
+    from lm_mini.interop import export
+
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "red.png")
+    a = [{"id": f"a{i}", "image": "red.png", "conversations": _turns("<image>\nWhat colour is the square?", "red")} for i in range(3)]
+    b = [{"id": 7, "image": "red.png", "conversations": _turns("<image>\nWhat colour?", "")},  # empty answer: no reference
+         {"id": 8, "conversations": _turns("Name a colour.", " ")},
+         {"id": 9, "conversations": _turns("Name a colour.", "blue")}]
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    build_shards([tmp_path / "a.json"], tmp_path, tmp_path / "sets" / "alpha+1")  # a name MLflow refuses
+    build_shards([tmp_path / "b.json"], tmp_path, tmp_path / "sets" / "beta")
+    model = _model_dir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    resolve = export.resolve_source
+
+    def with_run(path):  # the model directory as if it came from a run with an MLflow run
+        found = resolve(path)
+        found.info.update(run_id=run_id, tracking_uri=uri, global_step=3)
+        return found
+
+    monkeypatch.setattr(export, "resolve_source", with_run)
+    args = ["eval", str(model), "--data", str(tmp_path / "sets" / "alpha+1"), str(tmp_path / "sets" / "beta"), "--metric",
+            "vqa_accuracy", "exact_match", "eval.max_samples=2", "eval.max_new_tokens=2", "--out", str(tmp_path / "p.jsonl")]
+    assert cli_main(args) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    preds = [json.loads(l) for l in (tmp_path / "p.jsonl").read_text().splitlines()]
+    # the first 2 of each set (not the first 2 of the first set); beta's two are unanswered
+    assert [p["record_id"] for p in preds] == ["a0", "a1", 7, 8]  # the record's own id, of its JSON type
+    assert "evaluated 2 samples (alpha+1: 2, beta: 0)" in out
+    assert "not scored: 2 samples without a reference answer (beta/000000000, beta/000000001)" in out
+    assert "set/alpha+1/exact_match" in out and "set/beta/n" in out
+    logged = client.get_run(run_id).data.metrics
+    assert {k for k in logged} == {"eval/alpha_1/vqa_accuracy", "eval/alpha_1/exact_match", "eval/all/vqa_accuracy",
+                                   "eval/all/exact_match"}
+    exact = sum(p["prediction"].strip().lower() == "red" for p in preds[:2]) / 2
+    assert logged["eval/alpha_1/exact_match"] == pytest.approx(exact) == pytest.approx(logged["eval/all/exact_match"])
+    # one set: eval/<set>/<metric>; the unanswered-only set scores nothing and says so
+    assert cli_main(["eval", str(model), "--data", str(tmp_path / "sets" / "beta"), "--metric", "exact_match",
+                     "eval.max_samples=2", "eval.max_new_tokens=1", "--json", "--out", str(tmp_path / "q.jsonl")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 0 and result["excluded"]["n"] == 2 and "all/exact_match" not in result["scores"]
+
+
+def test_shard_builder_points_llava_question_files_to_the_benchmark_runner(tmp_path, capsys):
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.jpg")
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"question_id": i, "image": "x.jpg", "text": "What?", "category": "d"}) + "\n"
+                                              for i in (1, 2)))  # llava_textvqa_val_v051_ocr.jsonl's layout
+    assert cli_main(["shards", "build", "--json", str(tmp_path / "q.jsonl"), "--media-root", str(tmp_path), "--out",
+                     str(tmp_path / "s")]) == 1
+    skipped = (tmp_path / "s" / "skipped.json").read_text()
+    assert "LLaVA benchmark question file" in skipped and "lm-mini eval SOURCE --benchmark NAME --questions FILE" in skipped
