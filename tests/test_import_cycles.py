@@ -1,0 +1,129 @@
+"""Imports inside ``lm_mini`` flow one way: no module imports itself back through others (DESIGN.md section 2).
+
+The graph is read from the source with ``ast`` (nothing is imported): an edge ``a -> b`` for every ``import b`` /
+``from b import x`` (``b.x`` when that is a module) in ``a``. Module-level imports run when a module loads; a
+cycle among them is an import-order bug waiting for a new entry point. Imports inside functions run later and
+cannot deadlock an import, but a cycle through them still means two layers know each other: they are checked
+separately, and evaluation in particular never reaches into training (training imports evaluation).
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Dict, List, Set, Tuple
+
+PACKAGE = Path(__file__).resolve().parents[1] / "lm_mini"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> Dict[str, Path]:
+    return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _imports(tree: ast.Module, module: str, is_package: bool) -> Tuple[List[Tuple[str, List[str]]], List[Tuple[str, List[str]]]]:
+    """(module-level, function-level) imports of one file: (imported module, names taken from it)."""
+    top: List[Tuple[str, List[str]]] = []
+    nested: List[Tuple[str, List[str]]] = []
+
+    def visit(node: ast.AST, level: List, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and _is_type_checking(child):
+                continue  # annotations only: never executed
+            inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            target = nested if inner else top
+            if isinstance(child, ast.Import):
+                target.extend((alias.name, []) for alias in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                base = child.module or ""
+                if child.level:  # relative: from the module's package
+                    package = module.split(".") if is_package else module.split(".")[:-1]
+                    package = package[: len(package) - (child.level - 1)]
+                    base = ".".join(package + ([base] if base else []))
+                target.append((base, [a.name for a in child.names]))
+            visit(child, level, inner)
+
+    visit(tree, [], False)
+    return top, nested
+
+
+def import_graph() -> Tuple[Dict[str, Set[str]], Dict[str, Set[str]]]:
+    """(module-level edges, function-level edges) between lm_mini modules."""
+    modules = _modules()
+    top_edges: Dict[str, Set[str]] = {m: set() for m in modules}
+    nested_edges: Dict[str, Set[str]] = {m: set() for m in modules}
+    for module, path in modules.items():
+        top, nested = _imports(ast.parse(path.read_text(), str(path)), module, path.name == "__init__.py")
+        for edges, found in ((top_edges, top), (nested_edges, nested)):
+            for base, names in found:
+                targets = [f"{base}.{n}" for n in names if f"{base}.{n}" in modules] or ([base] if base in modules else [])
+                edges[module].update(t for t in targets if t != module)
+    return top_edges, nested_edges
+
+
+def cycles(edges: Dict[str, Set[str]]) -> List[List[str]]:
+    """Strongly connected components of more than one module (Tarjan), each sorted."""
+    index: Dict[str, int] = {}
+    low: Dict[str, int] = {}
+    stack: List[str] = []
+    on_stack: Set[str] = set()
+    out: List[List[str]] = []
+
+    def strongconnect(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(edges.get(v, ())):
+            if w not in index:
+                strongconnect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(edges):
+        if v not in index:
+            strongconnect(v)
+    return out
+
+
+def test_the_graph_is_read_from_the_source():
+    top, nested = import_graph()
+    assert "lm_mini.registry" in top["lm_mini.eval.benchmarks.base"]  # from lm_mini.registry import Registry
+    assert "lm_mini.eval.generation" in top["lm_mini.training.module"]  # training imports evaluation ...
+    assert "lm_mini.eval.evaluate" in nested["lm_mini.training.run"]  # ... also inside functions
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the detector finds one
+
+
+def test_no_import_cycle_among_module_level_imports():
+    top, _ = import_graph()
+    assert cycles(top) == []
+
+
+def test_no_import_cycle_counting_imports_inside_functions():
+    top, nested = import_graph()
+    both = {m: top[m] | nested[m] for m in top}
+    assert cycles(both) == []
+
+
+def test_evaluation_never_imports_training():
+    top, nested = import_graph()
+    reached = {(m, t) for m in top if m.startswith("lm_mini.eval") for t in top[m] | nested[m] if t.startswith("lm_mini.training")}
+    assert reached == set()
