@@ -6,7 +6,8 @@ the predictions are then scored with the requested ``torchmetrics`` metrics agai
 sample, or against the record's own fields where the benchmark has them:
 
 - ``answers``: a list of annotator answers (VQAv2: 10) -> ``vqa_accuracy`` / ``exact_match`` use all;
-- ``options``: option texts of a multiple-choice question -> ``multiple_choice`` extracts the letter;
+- ``options``: option texts of a multiple-choice question -> ``multiple_choice`` (LLaVA's ScienceQA rule) or
+  ``multiple_choice_lenient`` reads the letter;
 - ``question_type``: scores are also broken down per type.
 
 A sample with no reference (no answer turn and no ``answers``) is left out of every score and reported
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from lm_mini.data.errors import describe_skips
-from lm_mini.eval.metrics import POPEMetrics, build_metric
+from lm_mini.eval.metrics import build_metric
 
 _OPTION_LINE = re.compile(r"^\s*\(?([A-Z])[.)]\s", re.MULTILINE)
 
@@ -87,18 +88,19 @@ def score(predictions: Sequence[Mapping[str, Any]], records: Mapping[str, Mappin
             texts = [p["prediction"] for p in preds]
             recs = [records.get(p["id"], {}) for p in preds]
             golds = [p["gold"] for p in preds]
-            if name in ("vqa_accuracy", "exact_match"):
+            kind = getattr(metric, "target_kind", "answers")  # what the metric scores against (lm_mini.eval.metrics)
+            if kind == "answers":
                 metric.update(texts, [r.get("answers") or [g] for r, g in zip(recs, golds)])
-            elif name == "multiple_choice":
+            elif kind == "choice":
                 metric.update(texts, golds, [_options(r) for r in recs])
-            else:  # pope: on the yes/no questions only (a mixed set still scores its other metrics)
+            else:  # yes/no (pope): on the yes/no questions only (a mixed set still scores its other metrics)
                 yes_no = [i for i, g in enumerate(golds) if g.strip().lower() in ("yes", "no")]
                 if not yes_no:
                     continue
                 metric.update([texts[i] for i in yes_no], [golds[i] for i in yes_no])
             value = metric.compute()
-            if isinstance(metric, POPEMetrics):
-                out.update({f"{group}/pope_{k}": float(v) for k, v in value.items()})
+            if isinstance(value, dict):  # pope -> pope_accuracy, pope_f1, ...
+                out.update({f"{group}/{name}_{k}": float(v) for k, v in value.items()})
             else:
                 out[f"{group}/{name}"] = float(value)
     return out

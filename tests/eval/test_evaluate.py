@@ -46,6 +46,16 @@ def test_score_uses_record_fields_and_breaks_down_by_type():
     assert mixed["all/pope_accuracy"] == 1.0 and mixed["all/exact_match"] == 1.0 and mixed["all/n"] == 2
 
 
+def test_score_dispatches_on_what_each_metric_scores():
+    # official parsers under the benchmark rule's name, lenient ones under *_lenient (lm_mini.eval.metrics)
+    records = {"b": {"conversations": [{"from": "human", "value": "Which?\nA. red\nB. blue"}]}}
+    mc = score([{"id": "b", "prediction": "The answer is B", "gold": "B"}], records,
+               ["multiple_choice", "multiple_choice_lenient"])
+    assert mc["all/multiple_choice"] == 0.0 and mc["all/multiple_choice_lenient"] == 1.0  # eval_science_qa.py wants "B."
+    pope = score([{"id": "x", "prediction": "NO", "gold": "no"}], {}, ["pope", "pope_lenient"])
+    assert pope["all/pope_accuracy"] == 0.0 and pope["all/pope_lenient_accuracy"] == 1.0  # eval_pope.py reads "NO" as yes
+
+
 def test_eval_cli_on_a_trained_run_writes_predictions_and_logs_scores(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
