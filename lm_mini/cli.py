@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", nargs="?", default=None, help="run directory, checkpoint (*.ckpt) or model directory")
     p.add_argument("--data", nargs="+", default=None, help="shard directories (with index.json) to evaluate on")
     p.add_argument("--metric", nargs="*", default=None,
-                   help="with --data: exact_match, vqa_accuracy, multiple_choice, pope (default: the config's eval.metrics)")
+                   help="with --data: exact_match, vqa_accuracy, multiple_choice, pope, or their lenient variants "
+                   "multiple_choice_lenient, pope_lenient (default: the config's eval.metrics)")
     p.add_argument("--out", default=None, help="with --data: predictions JSONL (default: <run>/eval/<data>.jsonl)")
     p.add_argument("--device", type=_device_or_auto, default="auto", help="auto (a GPU when there is one), cpu, cuda[:N]")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
