@@ -3,7 +3,8 @@
 Sources: ``scripts/llavamini/eval_image/mme.sh`` (ictnlp/LLaVA-Mini@47da1137f7b503be685ab5faa9f64a88b102e786)
 asks ``llava_mme.jsonl`` with ``model_vqa_loader.py``, then runs ``convert_answer_to_mme.py`` (shipped in
 LLaVA's ``playground/data/eval/MME`` bundle, haotian-liu/LLaVA ``docs/Evaluation.md``) and MME's
-``calculation.py`` (BradyFU/Awesome-Multimodal-Large-Language-Models, Evaluation branch, ``tools/eval_tool``).
+``calculation.py`` (BradyFU/Awesome-Multimodal-Large-Language-Models@dd2950902889cd614d4edf606827240166d29381, the
+Evaluation branch, ``tools/eval_tool.zip``: ``eval_tool/calculation.py``).
 """
 from __future__ import annotations
 
