@@ -33,6 +33,44 @@ def read_pope_labels(annotations: PathLike) -> Dict[str, List[Dict[str, Any]]]:
     return out
 
 
+def pair_with_labels(pairs, labels: Dict[str, List[Dict[str, Any]]]) -> Dict[int, Tuple[str, str]]:
+    """``id(answer) -> (split, label)`` for the answers of the splits that have a label file.
+
+    Each answer finds its label line by its question's image and text (the label's question starts LLaVA's).
+    Where that does not single out one line for every answer of a split, the split is paired as ``eval_pope.py``
+    does, by position (the k-th answer of the split, in file order, with the k-th label line), and every pair
+    must show the same image -- else an error, rather than answers scored against another image's labels."""
+    by_split: Dict[str, List[Tuple[Mapping[str, Any], Question]]] = defaultdict(list)
+    for a, q in pairs:
+        if q.category in labels:
+            by_split[q.category].append((a, q))
+    out: Dict[int, Tuple[str, str]] = {}
+    for split, members in by_split.items():
+        lines = labels[split]
+        index: Dict[str, List[Dict[str, Any]]] = defaultdict(list)
+        for line in lines:
+            index[line["image"]].append(line)
+        by_content = {}
+        for a, q in members:
+            hits = [line for line in index.get(q.media, []) if q.text.startswith(line["text"])]
+            if len(hits) != 1:
+                break
+            by_content[id(a)] = hits[0]
+        if len(by_content) == len(members) and len({id(line) for line in by_content.values()}) == len(members):
+            out.update({key: (split, line["label"]) for key, line in by_content.items()})
+            continue
+        if len(members) > len(lines):
+            raise ValueError(f"pope: {len(members)} answers of split {split!r} but coco_pope_{split}.json has "
+                             f"{len(lines)} lines")
+        for k, ((a, q), line) in enumerate(zip(members, lines)):
+            if line["image"] != q.media:
+                raise ValueError(f"pope: answer {k + 1} of split {split!r} (question {q.question_id!r}, {q.media}) "
+                                 f"pairs by position with line {k + 1} of coco_pope_{split}.json, which is about "
+                                 f"{line['image']}: the answers are not in the label file's order")
+            out[id(a)] = (split, line["label"])
+    return out
+
+
 @BENCHMARKS.register("pope")
 class POPE(Benchmark):
     """POPE per split (``adversarial``, ``popular``, ``random``: the question file's ``category``), as
@@ -41,10 +79,9 @@ class POPE(Benchmark):
     recall, F1 with "yes" positive, and the yes-ratio, as ``<split>/<metric>`` in percent. The plain
     ``<metric>`` keys average the splits (the paper's POPE number is the mean F1 of the three splits).
 
-    ``eval_pope.py`` pairs the answers of a split with the lines of ``coco_pope_<split>.json`` by position;
-    here each answer finds its label by its question's image and text (the label's question is the start of
-    LLaVA's), which gives the same pairs on LLaVA's files and refuses a file whose answers are out of order
-    instead of scoring them against the wrong labels. Where ``eval_pope.py`` divides by zero, 0.
+    ``eval_pope.py`` pairs the answers of a split with the lines of ``coco_pope_<split>.json`` by position
+    (:func:`pair_with_labels`: here by content where it can, so answers in any order score right, and
+    never against a label of another image). Where ``eval_pope.py`` divides by zero, 0.
 
     ``--annotations``: the folder of ``coco_pope_<split>.json`` files (``--annotation-dir``); without it, a
     ``label`` field on the question records is used. Needs the question file (the category of each answer)."""
@@ -59,19 +96,10 @@ class POPE(Benchmark):
         if annotations is not None:
             labels = read_pope_labels(annotations)
             source = str(annotations)
-            index: Dict[Tuple[str, str], List[Dict[str, Any]]] = defaultdict(list)
-            for split, lines in labels.items():
-                for line in lines:
-                    index[(split, line["image"])].append(line)
+            assigned = pair_with_labels(pairs, labels)
 
             def reference(a, q: Question) -> Optional[Tuple[str, str]]:
-                if q.category not in labels:
-                    return None  # eval_pope.py scores only the splits it has label files for
-                hits = [line for line in index.get((q.category, q.media), []) if q.text.startswith(line["text"])]
-                if len(hits) != 1:
-                    raise ValueError(f"pope: question {q.question_id!r} ({q.media}: {q.text.splitlines()[0]!r}) matches "
-                                     f"{len(hits)} lines of coco_pope_{q.category}.json (expected one)")
-                return q.category, hits[0]["label"]
+                return assigned.get(id(a))  # None: a split without a label file (eval_pope.py does not score it)
         else:
             source = "the question records' 'label' field (no --annotations)"
 

@@ -68,15 +68,18 @@ def test_pope_pairs_answers_with_labels_in_any_order(tmp_path):
     assert score_answers("pope", shuffled, qfile, labels).scores == score_answers("pope", answers, qfile, labels).scores
 
 
-def test_pope_needs_the_question_file_and_matching_labels(tmp_path):
+def test_pope_needs_the_question_file_and_pairs_by_position_where_texts_differ(tmp_path):
     labels, qfile, answers = _files(tmp_path)
     with pytest.raises(ValueError, match="question file"):
         score_answers("pope", answers, None, labels)
-    bad = qfile.read_text().replace("Is there a bus", "Is there a boat")
-    (tmp_path / "bad.jsonl").write_text(bad)
-    bad_answers = [dict(a, prompt=a["prompt"].replace("Is there a bus", "Is there a boat")) for a in answers]
-    with pytest.raises(ValueError, match="matches 0 lines of coco_pope_adversarial.json"):
-        score_answers("pope", bad_answers, tmp_path / "bad.jsonl", labels)
+    # a question worded unlike its label line: the split is paired by position, as eval_pope.py pairs it
+    (tmp_path / "reworded.jsonl").write_text(qfile.read_text().replace("Is there a bus", "Is there a boat"))
+    reworded = [dict(a, prompt=a["prompt"].replace("Is there a bus", "Is there a boat")) for a in answers]
+    assert score_answers("pope", reworded, tmp_path / "reworded.jsonl", labels).scores == \
+        score_answers("pope", answers, qfile, labels).scores
+    # ... and out of the label file's order, a pair would join another image's label: refused
+    with pytest.raises(ValueError, match="not in the label file's order"):
+        score_answers("pope", reworded[::-1], tmp_path / "reworded.jsonl", labels)
 
 
 def test_pope_labels_on_the_questions(tmp_path):
