@@ -93,6 +93,9 @@ class DataConfig:
     batch_size: int = 8
     num_workers: int = 0
     shuffle_buffer: int = 1000
+    # Length-grouped batches (LLaVA's group_by_modality_length): each loader worker sorts every window of this many
+    # batches by modality and length, then shuffles the batches; less padding, same samples per epoch. 0: off
+    group_by_length: int = 0
     # square: the CLIP processor's shortest-edge resize + centre crop (official default) | pad: padded to a square
     # with the mean colour (LLaVA-1.5) | squash: the whole image stretched to S x S (no official counterpart)
     aspect_mode: str = "square"
@@ -286,6 +289,7 @@ _MINIMUM = {
     "data.batch_size": 1,
     "data.max_length": 1,
     "data.num_workers": 0,
+    "data.group_by_length": 0,
     "train.accumulate_grad_batches": 1,
     "train.keep_last_k": 1,  # 0 would keep no checkpoint: nothing to evaluate, export or init_from
     "train.lr": 0.0,  # a negative rate would train backwards (gradient ascent) without a word

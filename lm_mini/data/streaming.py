@@ -21,6 +21,10 @@ next one. Workers must not be persistent: they copy the dataset (and its epoch) 
 Sample ids are ``"<set name>/<shard key>"`` (the set's directory name, with parent folders where two
 sets' folders share a name: :func:`shard_set_names`): unique across a loader's sets, so a ledger over a
 mixed epoch counts each sample's repeats exactly.
+
+Length-grouped batches (``data.group_by_length = k``): each worker regroups its emitted samples in windows
+of ``k`` batches by modality and length (:mod:`lm_mini.data.grouping`); windows start at batch edges, so
+the guarantees above hold, and a resume regroups the window it stopped in.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lm_mini.data.errors import SampleError, SkipCounter
+from lm_mini.data.grouping import group_by_length, window_start
 from lm_mini.data.plan import PAD, EpochPlan, SetSpec, Slot, fingerprint
 from lm_mini.data.samples import SKIPPED, Collator, SampleProcessor
 from lm_mini.data.shards import count_tar_samples, find_shards, read_shard
@@ -127,18 +132,25 @@ class _WorkerStream:
         self._samples: Optional[Iterator[Dict[str, Any]]] = None
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"epoch": self.epoch, "delivered": self.delivered,
-                "plan": fingerprint(self.dataset.plan(self.epoch), self.worker)}
+        return {"epoch": self.epoch, "delivered": self.delivered, "plan": self._fingerprint()}
+
+    def _fingerprint(self) -> dict:
+        """What a saved position needs to mean the same samples: the plan's, and the grouping when on
+        (left out when off, so positions saved before grouping existed stay valid)."""
+        fp = fingerprint(self.dataset.plan(self.epoch), self.worker)
+        if self.dataset.group_by_length:
+            fp["group_by_length"] = self.dataset.group_by_length
+        return fp
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if self._samples is not None:
             raise RuntimeError("cannot load a state into a stream that has started")
         self.epoch, self.delivered = int(state["epoch"]), int(state["delivered"])
-        expected = fingerprint(self.dataset.plan(self.epoch), self.worker)
+        expected = self._fingerprint()
         if state["plan"] != expected:
             raise ValueError(f"the saved data position was made with {state['plan']}, this run has {expected}: "
-                             "resuming needs the same seed, world size, workers, batch size, shuffle buffer "
-                             "and shard sets")
+                             "resuming needs the same seed, world size, workers, batch size, shuffle buffer, "
+                             "length grouping and shard sets")
 
     def __iter__(self) -> "_WorkerStream":
         return self
@@ -151,9 +163,21 @@ class _WorkerStream:
         return sample
 
     def _generate(self) -> Iterator[Dict[str, Any]]:
+        """The samples still to deliver this epoch. Grouped: from the start of the window the stream
+        stopped in (regrouped as before), skipping what was delivered."""
+        d, k = self.dataset, self.dataset.group_by_length
+        start = window_start(self.delivered, d.batch_size, k)
+        samples = self._emitted(start)
+        if k:
+            samples = group_by_length(samples, d.batch_size, k, (d.seed, self.epoch, d.rank, self.worker),
+                                      first_window=start // (d.batch_size * k))
+        return itertools.islice(samples, self.delivered - start, None)
+
+    def _emitted(self, start: int) -> Iterator[Dict[str, Any]]:
+        """Processed samples in the order the shuffle buffer emits them, from emit position ``start``."""
         plan = self.dataset.plan(self.epoch)
         slots = plan.worker_slots(self.worker)
-        order = plan.emit_order(len(slots), self.worker)[self.delivered:].tolist()
+        order = plan.emit_order(len(slots), self.worker)[start:].tolist()
         wanted = set(order)  # read indices still to emit; the others were delivered before a resume
         cursors: Dict[int, _SetCursor] = {}
         held: Dict[int, Any] = {}  # read, waiting in the shuffle buffer (at most shuffle_buffer of them)
@@ -187,15 +211,19 @@ class _WorkerStream:
 
 # ------------------------------------------------------------------------------------- dataset, loader
 class StreamingDataset(IterableDataset):
-    """The shard sets' samples for one rank; ``len()`` counts padding too and is equal on every rank."""
+    """The shard sets' samples for one rank; ``len()`` counts padding too and is equal on every rank.
+    ``group_by_length``: batches per length-grouping window (0: off; see :mod:`lm_mini.data.grouping`)."""
 
     def __init__(self, sets: Sequence[ShardSet], processor: SampleProcessor, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, batch_size: int = 1, num_workers: int = 0, shuffle: bool = True,
-                 shuffle_buffer: int = 1000):
+                 shuffle_buffer: int = 1000, group_by_length: int = 0):
         self.sets, self.processor = list(sets), processor
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.batch_size, self.num_workers = batch_size, num_workers
         self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
+        if group_by_length < 0:
+            raise ValueError(f"group_by_length must be >= 0 (0: off), got {group_by_length}")
+        self.group_by_length = group_by_length
         self.epoch = 0
 
     def plan(self, epoch: int) -> EpochPlan:
@@ -311,5 +339,6 @@ def build_loader(cfg: Any, train: bool, rank: int = 0, world_size: int = 1, star
     processor = processor if train else processor.for_inference()  # held-out videos: inference's frames
     dataset = StreamingDataset(sets, processor, seed=cfg.seed, rank=rank,
                                world_size=world_size, batch_size=batch_size or d.batch_size, num_workers=d.num_workers,
-                               shuffle=train, shuffle_buffer=d.shuffle_buffer)
+                               shuffle=train, shuffle_buffer=d.shuffle_buffer,
+                               group_by_length=d.group_by_length if train else 0)
     return StreamingLoader(dataset, start_epoch=start_epoch)

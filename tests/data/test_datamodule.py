@@ -205,14 +205,19 @@ def set_of(sample_id):
 
 
 # ----------------------------------------------------------------------------- partition
+GROUPING = pytest.mark.parametrize("group", [0, 2], ids=["plain", "grouped"])  # data.group_by_length: windows of 2 batches
+
+
+@GROUPING
 @pytest.mark.parametrize("workers", [0, 2])
-def test_every_sample_once_per_epoch_for_world_sizes(corpus, workers):
+def test_every_sample_once_per_epoch_for_world_sizes(corpus, workers, group):
     expected = Counter(i for n in ("img", "cap", "text") for i in set_ids(corpus[n]))
     assert len(expected) == 17 + 8 + 3
     for world in (1, 2, 4):
         ledger, lengths = Counter(), set()
         for rank in range(world):
-            dm = build_datamodule(make_cfg(corpus, MIX, **{"data.num_workers": workers}), rank=rank, world_size=world)
+            cfg = make_cfg(corpus, MIX, **{"data.num_workers": workers, "data.group_by_length": group})
+            dm = build_datamodule(cfg, rank=rank, world_size=world)
             loader = dm.train_dataloader()
             batches = list(loader)
             assert len(batches) == len(loader)  # every rank delivers exactly its announced length
@@ -249,10 +254,12 @@ RESUME_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_resume_in_new_process_continues_the_same_sequence(corpus, tmp_path):
+@GROUPING
+def test_resume_in_new_process_continues_the_same_sequence(corpus, tmp_path, group):
     jobs, expected = [], {}
-    for workers, k in ((0, 4), (2, 4), (2, 10)):  # k = 10: saved after the epoch's last batch (a spent epoch)
-        cfg = make_cfg(corpus, MIX, **{"data.num_workers": workers})
+    # k = 10: saved after the epoch's last batch (a spent epoch); grouped, k = 3 stops inside a window of 2 batches
+    for workers, k in ((0, 4), (0, 3), (2, 4), (2, 10)):
+        cfg = make_cfg(corpus, MIX, **{"data.num_workers": workers, "data.group_by_length": group})
         full = build_datamodule(cfg).train_dataloader()
         expected[workers, k] = [b["sample_ids"] for b in full] + [b["sample_ids"] for b in full]
 
@@ -263,6 +270,10 @@ def test_resume_in_new_process_continues_the_same_sequence(corpus, tmp_path):
         OmegaConf.save(cfg, cfg_path)
         torch.save(loader.state_dict(), state_path)
         jobs.append((str(cfg_path), str(state_path), str(tmp_path / f"out{workers}-{k}.json"), 20 - k))
+    if group:  # grouping changes the order, not the samples
+        plain = [b["sample_ids"] for b in build_datamodule(make_cfg(corpus, MIX, **{"data.num_workers": 2})).train_dataloader()]
+        grouped = expected[2, 4][:10]
+        assert plain != grouped and Counter(i for b in plain for i in b) == Counter(i for b in grouped for i in b)
     subprocess.run([sys.executable, "-c", RESUME_SCRIPT, json.dumps(jobs)], check=True, timeout=300)
     for (workers, k), (_, _, out, _) in zip(expected, jobs):
         rest = json.load(open(out))["ids"]
@@ -277,6 +288,10 @@ def test_resume_refuses_a_different_layout(corpus):
     other.load_state_dict(state)
     with pytest.raises(ValueError, match="batch_size"):
         next(iter(other))
+    grouped = build_datamodule(make_cfg(corpus, MIX, **{"data.group_by_length": 2})).train_dataloader()
+    grouped.load_state_dict(state)
+    with pytest.raises(ValueError, match="length grouping"):
+        next(iter(grouped))
 
 
 class Recorder(L.LightningModule):
@@ -314,9 +329,10 @@ def _trainer(**kw):
                      num_sanity_val_steps=0, **kw)
 
 
-@pytest.mark.parametrize("workers,step", [(0, 13), (2, 13), (2, 10)])  # 10: at the first epoch's last batch
-def test_lightning_fit_interrupted_and_resumed_sees_the_same_ledger(corpus, tmp_path, workers, step):
-    cfg = make_cfg(corpus, MIX, **{"data.num_workers": workers})
+# 10: at the first epoch's last batch; grouped (windows of 2 batches), 13 stops inside a window
+@pytest.mark.parametrize("workers,step,group", [(0, 13, 0), (2, 13, 0), (2, 10, 0), (0, 13, 2), (2, 13, 2)])
+def test_lightning_fit_interrupted_and_resumed_sees_the_same_ledger(corpus, tmp_path, workers, step, group):
+    cfg = make_cfg(corpus, MIX, **{"data.num_workers": workers, "data.group_by_length": group})
     whole = Recorder()
     _trainer().fit(whole, datamodule=build_datamodule(cfg))
     assert len(whole.seen) == 20  # 2 epochs x 10 batches
