@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=_at_least(1), default=1, help="questions per generate() call (LLaVA's scripts: 1)")
     b.add_argument("--num-workers", type=_at_least(0), default=0, help="processes decoding media")
     b.add_argument("--progress-every", type=_at_least(1), default=100, help="print progress every N answers")
+    b.add_argument("--judge", default=None, help="GPT-judged benchmarks: the judge command (see lm-mini score --help)")
     g = p.add_argument_group("generation (default: the config's eval.*; greedy, as the paper's eval)")
     g.add_argument("--temperature", type=_at_least(0, float), default=None, help="0: greedy; > 0 samples")
     g.add_argument("--top-p", type=_at_least(0, float, inclusive=False), default=None, help="nucleus sampling (temperature > 0)")
@@ -204,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "markdown", "csv", "json"], default="table")
     p.add_argument("--plot", default=None, help="write plots to this PNG")
     p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    p.add_argument("--table", choices=["paper", "paper_video", "benchmarks"], default=None,
+                   help="benchmark scores (eval/<benchmark>/...), one column per benchmark: paper = the paper's Table 1 "
+                   "(image benchmarks), paper_video = its video benchmarks, benchmarks = every benchmark scored")
     p.set_defaults(func=_handler("lm_mini.sweeps.compare:cli_compare"))
 
     # efficiency

@@ -359,25 +359,21 @@ def generate_benchmark_answers(loaded: LoadedModel, benchmark: Benchmark, questi
 
 
 # --------------------------------------------------------------------------- scoring
-def score_answers(benchmark: Benchmark, answers: Sequence[Mapping[str, Any]], questions: Optional[Sequence[Question]],
-                  annotations: Optional[PathLike], out_dir: PathLike, judge: Optional[str] = None) -> Optional[BenchmarkResult]:
-    """The official score where the benchmark can compute one here (its annotations given, or in its question file),
-    plus its submission file where it has one; None when neither (a GPT-judged benchmark without ``judge``)."""
-    result: Optional[BenchmarkResult] = None
-    can_score = not (benchmark.needs_annotations and annotations is None) and not (benchmark.judged and not judge) \
-        and not (benchmark.needs_questions and questions is None)
-    if can_score:
-        try:
-            kwargs = {"judge": judge} if judge else {}
-            result = benchmark.score(answers, questions, annotations, **kwargs)
-        except NotImplementedError:
-            result = None
-    submission = benchmark.write_submission(answers, out_dir, questions)
-    if submission is not None:
-        if result is None:
-            result = BenchmarkResult(benchmark.name, 0, notes=["no local score: submit the file to the benchmark's server"])
-        result.files.setdefault("submission", str(submission))
-    return result
+def score_run(benchmark: Benchmark, answers: Sequence[Mapping[str, Any]], questions: Sequence[Question],
+              annotations: Optional[PathLike], out_dir: Path, judge: Optional[str] = None) -> Optional[BenchmarkResult]:
+    """:func:`lm_mini.eval.benchmarks.scoring.score_answers` (the official score, submission / judge input file), as
+    ``lm-mini score`` runs it; a GPT-judged benchmark without a ``judge`` command gets its judge input only (None)."""
+    from lm_mini.eval.benchmarks.scoring import score_answers
+
+    if benchmark.judged and not judge:
+        benchmark.write_submission(answers, out_dir, questions, annotations)
+        return None
+    return score_answers(benchmark, answers, questions, annotations, out_dir, judge)
+
+
+def upload_dir(answers_file: Path) -> Path:
+    """Where a benchmark's submission / judge input goes: ``<answers stem>_upload/`` beside the answers (as ``lm-mini score``)."""
+    return answers_file.with_name(answers_file.stem + "_upload")
 
 
 def mlflow_metrics(label: str, result: BenchmarkResult) -> Dict[str, float]:
@@ -450,7 +446,7 @@ def run_benchmark(loaded: Optional[LoadedModel], spec: BenchmarkSpec, answers_fi
         if num_chunks > 1:
             return run  # one piece of the benchmark: scored after --merge
     answers = read_answers(answers_file)
-    run.result = score_answers(benchmark, answers, questions, spec.annotations, answers_file.parent, judge)
+    run.result = score_run(benchmark, answers, questions, spec.annotations, upload_dir(answers_file), judge)
     if run.result is not None and log_mlflow and loaded is not None and run.result.scores:
         run.mlflow_run_id = log_scores(loaded.info, mlflow_metrics(spec.key, run.result),
                                        [answers_file] + [Path(p) for p in run.result.files.values() if Path(p).is_file()],
@@ -485,30 +481,18 @@ def _options(args: Any, loaded: LoadedModel, benchmark_default: int, spec: Bench
 
 
 def _print_run(run: BenchmarkRun) -> None:
-    r, label = run.result, run.spec.key
+    from lm_mini.eval.benchmarks.scoring import format_result
+
+    label = run.spec.key
     what = f"{run.generated} generated now" if run.generated else "nothing generated (answers file complete)"
     print(f"{label}: {run.n_questions} questions, {what}; answers: {run.answers_file}")
     if run.chunk:
-        print(f"{label}: chunk {run.chunk[1]} of {run.chunk[0]}; merge the chunks with --merge, which scores them")
-        return
-    if r is None:
-        bench = BENCHMARKS.get(run.spec.name)
-        why = ("GPT-judged: score with `lm-mini score --judge CMD`" if bench.judged else
-               "give --annotations to score" if bench.needs_annotations else "no local scorer")
-        print(f"{label}: not scored ({why})")
-        return
-    if r.scores:
-        width = max(len(k) for k in r.scores)
-        print(f"{label}: scores on {r.n} questions")
-        for key, value in r.scores.items():
-            print(f"  {key.ljust(width)}  {value:.2f}")
-    for what, ids in (("excluded (no reference answer)", r.excluded), ("unanswered (not in the answers file)", r.unanswered)):
-        if ids:
-            print(f"{label}: {len(ids)} questions {what}: " + ", ".join(map(repr, ids[:10])) + (" ..." if len(ids) > 10 else ""))
-    for name, path in r.files.items():
-        print(f"{label}: {name}: {path}")
-    for note in r.notes:
-        print(f"{label}: {note}")
+        print(f"{label}: chunk {run.chunk[1]} of {run.chunk[0]}; --merge concatenates the chunks, then scores them")
+    elif run.result is None:
+        print(f"{label}: GPT-judged: judge input in {upload_dir(run.answers_file)}; score with --judge CMD "
+              f"(here or in lm-mini score)")
+    else:
+        print(format_result(run.result))
     if run.mlflow_run_id:
         print(f"{label}: scores logged to MLflow run {run.mlflow_run_id}")
 

@@ -202,12 +202,83 @@ def plot(rows: Sequence[RunRow], metric: str, path: str) -> None:
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------- benchmark tables (the paper's layout)
+# Columns of the paper's tables: (header, benchmark registry name). Scores are read from eval/<benchmark>/<headline>,
+# the benchmark's headline score (``Benchmark.headline``), as ``lm-mini eval --benchmark/--suite`` logs them.
+PAPER_TABLES = {
+    # LLaVA-Mini (ICLR 2025) Table 1: image benchmarks
+    "paper": [("VQAv2", "vqav2"), ("GQA", "gqa"), ("VisWiz", "vizwiz"), ("SciQA", "scienceqa"), ("VQA-T", "textvqa"),
+              ("POPE", "pope"), ("MME", "mme"), ("MMB", "mmbench"), ("SEED", "seed_bench"), ("LLaVA-W", "llava_bench"),
+              ("MM-Vet", "mmvet")],
+    # the video tables: open-ended QA (GPT-judged accuracy) and multiple choice
+    "paper_video": [("MSVD-QA", "msvd_qa"), ("MSRVTT-QA", "msrvtt_qa"), ("ActivityNet-QA", "activitynet_qa"),
+                    ("MVBench", "mvbench"), ("MLVU", "mlvu"), ("EgoSchema", "egoschema")],
+}
+
+
+def headline(benchmark: str) -> str:
+    """The score key the paper reports for a registered benchmark (``accuracy`` for anything else)."""
+    from lm_mini.eval.benchmarks.base import BENCHMARKS
+
+    try:
+        return BENCHMARKS.get(benchmark).headline
+    except KeyError:
+        return "accuracy"
+
+
+def benchmark_columns(rows: Sequence[RunRow], layout: str) -> List[Tuple[str, str]]:
+    """(header, MLflow metric) per column: the paper's layout, or (``benchmarks``) every benchmark the runs have
+    scores for, in name order, each with its headline score."""
+    from lm_mini.eval.mlflow_scores import metric_name
+
+    if layout in PAPER_TABLES:
+        return [(header, metric_name("eval", name, headline(name))) for header, name in PAPER_TABLES[layout]]
+    if layout != "benchmarks":
+        raise ValueError(f"unknown table layout {layout!r}; expected {', '.join([*PAPER_TABLES, 'benchmarks'])}")
+    found = sorted({m.split("/")[1] for r in rows for m in r.metrics if m.startswith("eval/") and m.count("/") >= 2})
+    columns = []
+    for label in found:
+        wanted = metric_name("eval", label, headline(label))
+        have = sorted(m for r in rows for m in r.metrics if m.startswith(f"eval/{label}/"))
+        columns.append((label, wanted if any(wanted in r.metrics for r in rows) else have[0]))
+    return columns
+
+
+def benchmark_table(rows: Sequence[RunRow], layout: str = "paper") -> List[Dict[str, Any]]:
+    """One record per run: its name, its grid values (C with its C² vision tokens, pre-fusion depth, ...), then
+    one column per benchmark (the paper's units; None where the run has no score)."""
+    columns = benchmark_columns(rows, layout)
+    table = []
+    for r in rows:
+        rec: Dict[str, Any] = {"run": r.name}
+        for key, value in r.values.items():
+            rec[_short(key)] = value
+            if key == C_KEY and isinstance(value, int):
+                rec["#vision tokens"] = value * value
+        for header, metric in columns:
+            value = r.metrics.get(metric)
+            rec[header] = round(value, 1) if isinstance(value, (int, float)) and not math.isnan(value) else None
+        table.append(rec)
+    return table
+
+
 def cli_compare(args: argparse.Namespace) -> int:
     try:
         rows = read_runs(args.experiment, args.sweep, args.tracking_uri)
     except LookupError as e:
         print(f"lm-mini compare: {e}")
         return 1
+    if getattr(args, "table", None):
+        try:
+            table, headers = benchmark_table(rows, args.table), [h for h, _ in benchmark_columns(rows, args.table)]
+        except ValueError as e:
+            print(f"lm-mini compare: {e}")
+            return 1
+        if not any(rec[h] is not None for rec in table for h in headers):
+            print(f"lm-mini compare: no run of '{args.experiment}' has benchmark scores (eval/<benchmark>/...); "
+                  "log them with lm-mini eval RUN --benchmark NAME ... or --suite FILE")
+        print(render(table, "markdown" if args.format == "table" else args.format))
+        return 0
     metrics = _metric_names(rows, args.metric or [])
     known = sorted({m for r in rows for m in r.metrics})
     unknown = [m for m in metrics if m not in known]

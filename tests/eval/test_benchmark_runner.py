@@ -209,3 +209,12 @@ benchmarks:
     err = capsys.readouterr().err
     assert "2 suite path(s) not found" in err and "toy_vqa.image_folder" in err and "toy_short.questions" in err
     assert not (tmp_path / "ans2").exists()
+
+
+@pytest.mark.parametrize("suite", sorted((Path(__file__).resolve().parents[2] / "experiments" / "benchmarks").glob("*.yaml")))
+def test_shipped_suites_name_registered_benchmarks(suite, monkeypatch):
+    monkeypatch.setenv("LLAVA_EVAL_ROOT", "/data/eval")
+    loaded = runner.load_suite(suite)
+    assert loaded.benchmarks and all(BENCHMARKS.get(b.name) for b in loaded.benchmarks)
+    if "video" not in suite.name:
+        assert loaded.root == "/data/eval" and all(b.questions.startswith("/data/eval/") for b in loaded.benchmarks)
