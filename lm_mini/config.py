@@ -78,9 +78,23 @@ class ModelConfig:
 # --------------------------------------------------------------------------- data
 @dataclass
 class ShardSetConfig:
-    path: str = ""  # directory holding index.json and *.tar (or a glob / brace pattern of .tar files)
+    # directory holding index.json and *.tar (or a glob / brace pattern of .tar files); or the same at an
+    # http(s):// or other fsspec URL (s3://bucket/set, gs://...) or a pipe: command, read through its index.json.
+    # Credentials come from the store's environment (AWS_*, ~/.netrc, ...): a URL holding one is refused.
+    path: str = ""
     weight: float = 1.0  # mixing weight among training shard sets
     template: Optional[str] = None  # overrides data.template for this set (e.g. plain for captions)
+
+
+@dataclass
+class RemoteConfig:
+    """How shards at URLs are fetched (lm_mini.data.remote). Changing it never changes which samples a run sees."""
+
+    retries: int = 3  # after a failure (reset, 5xx, cut off), per shard; then its unread samples are shard_unavailable
+    backoff_s: float = 1.0  # wait before the first retry, doubled for each next one (at most 60 s, with jitter)
+    timeout_s: float = 60.0  # connecting, and waiting for the next bytes of a shard
+    cache_dir: Optional[str] = None  # keep whole shards here for later epochs (None: stream every read)
+    cache_max_gb: float = 100.0  # size bound of cache_dir: least recently used shards are deleted
 
 
 @dataclass
@@ -101,6 +115,7 @@ class DataConfig:
     aspect_mode: str = "square"
     video_fps: float = 1.0  # frames a second sampled from a video (official inference: 1), at most max_frames
     max_frames: int = 64
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
     # Training videos: this many frames, the middle of as many equal segments (official LLaVA-Mini training: 8,
     # get_seq_frames); None: video_fps / max_frames as for held-out data and generation
     train_video_frames: Optional[int] = None
@@ -289,6 +304,8 @@ _MINIMUM = {
     "data.batch_size": 1,
     "data.max_length": 1,
     "data.num_workers": 0,
+    "data.remote.retries": 0,
+    "data.remote.backoff_s": 0.0,
     "data.group_by_length": 0,
     "train.accumulate_grad_batches": 1,
     "train.keep_last_k": 1,  # 0 would keep no checkpoint: nothing to evaluate, export or init_from
@@ -308,7 +325,7 @@ _MINIMUM = {
     "eval.num_beams": 1,
 }
 _MAXIMUM = {"train.warmup_ratio": 1.0, "eval.top_p": 1.0}  # fractions
-_POSITIVE = ("eval.top_p", "data.video_fps",)
+_POSITIVE = ("eval.top_p", "data.video_fps", "data.remote.timeout_s", "data.remote.cache_max_gb")
 
 
 def validate(cfg: DictConfig, source: str = "config") -> DictConfig:
@@ -346,6 +363,7 @@ def validate(cfg: DictConfig, source: str = "config") -> DictConfig:
         for i, item in enumerate(OmegaConf.select(cfg, f"data.{kind}") or []):
             if item.weight < 0:
                 raise ConfigError(f"{source}: bad value for config key 'data.{kind}.{i}.weight': {item.weight}; expected >= 0")
+            _check_no_credentials(str(item.path), f"data.{kind}.{i}.path", source)
     _validate_components(cfg, source)
     return cfg
 
@@ -362,6 +380,17 @@ def _validate_attention(cfg: DictConfig, source: str) -> None:
             if OmegaConf.select(cfg, key) in CUDA_ONLY_ATTENTION:
                 raise ConfigError(f"{source}: bad value for config key '{key}': {OmegaConf.select(cfg, key)} runs on CUDA "
                                   "GPUs only and train.accelerator is cpu; use sdpa (or eager) on CPU")
+
+
+def _check_no_credentials(path: str, key: str, source: str) -> None:
+    """A shard set URL must not carry a credential: config.yaml and the MLflow params would keep it."""
+    from lm_mini.data.remote import redact, secrets_in
+
+    found = secrets_in(path)
+    if found:
+        raise ConfigError(f"{source}: bad value for config key '{key}': {redact(path)} holds {', '.join(found)}; the "
+                          "config is saved with the run and logged to MLflow, so credentials come from the store's "
+                          "environment instead (AWS_* variables or profiles for S3, ~/.netrc for HTTP, ...)")
 
 
 def _validate_components(cfg: DictConfig, source: str) -> None:
@@ -443,7 +472,8 @@ def to_yaml(cfg: DictConfig) -> str:
 
 
 def flatten(cfg: Any, prefix: str = "") -> Dict[str, Any]:
-    """{'model.compressor.grid': 1, ...} for MLflow params and sweep names."""
+    """{'model.compressor.grid': 1, ...} for MLflow params and sweep names. A password or signature in a URL
+    value (a tracking URI, say; shard set paths refuse them) is shown as ``***``."""
     container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
     out: Dict[str, Any] = {}
 
@@ -455,7 +485,9 @@ def flatten(cfg: Any, prefix: str = "") -> Dict[str, Any]:
             for i, v in enumerate(node):
                 walk(v, f"{key}.{i}")
         else:
-            out[key] = node
+            out[key] = redact(node) if isinstance(node, str) and "://" in node else node
+
+    from lm_mini.data.remote import redact
 
     walk(container, prefix)
     return out

@@ -68,16 +68,20 @@ class LmMiniDataModule(L.LightningDataModule):
 def check_data_paths(cfg: Any) -> None:
     """Raise ``FileNotFoundError`` naming the config key when a shard set or the tokenizer is not where
     ``cfg.data`` says, or a set's index says it is empty, before a run directory or MLflow run exists
-    (relative paths are relative to the working directory, as in ``experiments/demo.yaml``)."""
+    (relative paths are relative to the working directory, as in ``experiments/demo.yaml``). A remote set
+    (URL, ``pipe:``) must have its ``index.json`` readable, with the environment's credentials, now."""
+    from lm_mini.data.remote import RemoteOptions, is_remote
     from lm_mini.data.shards import find_shards
 
+    remote = RemoteOptions.from_config(getattr(cfg.data, "remote", None))
     where = f"(relative paths are relative to the working directory, {Path.cwd()})"
     for key in ("train", "val"):
         for i, shard_set in enumerate(cfg.data[key]):
             try:
-                counts = find_shards(shard_set.path)[1]
+                counts = find_shards(shard_set.path, remote)[1]
             except (OSError, ValueError) as e:
-                raise FileNotFoundError(f"data.{key}[{i}].path: {e} {where}") from e
+                hint = "" if is_remote(shard_set.path) else f" {where}"
+                raise FileNotFoundError(f"data.{key}[{i}].path: {e}{hint}") from e
             if counts is not None and sum(counts) == 0:  # its index.json says so (every record was skipped)
                 raise FileNotFoundError(f"data.{key}[{i}].path: {shard_set.path} holds no samples (see its skipped.json)")
     if not Path(cfg.data.tokenizer).is_dir():

@@ -12,6 +12,7 @@ SKIP_REASONS = (
     "malformed_record",  # JSON not of the LLaVA form (id, conversations [{from, value}])
     "placeholder_mismatch",  # number of <image>/<video> tags != number of media
     "truncated_tar",  # shard ends mid-record
+    "shard_unavailable",  # a remote shard's unread samples, after its retries failed (unreachable, 5xx, cut off)
     "unsafe_member_name",  # tar member named with an absolute path or '..' (never read, nothing extracted)
     "media_past_max_length",  # the media slot lies beyond data.max_length: truncating would cut it off
     "unaligned_mask",  # kept (ALTERED), but every label masked (answer spans could not be aligned)

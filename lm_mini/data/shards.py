@@ -21,12 +21,21 @@ A built shard set is a directory::
 Building is deterministic: shard i depends only on its range of input records, so the same input
 gives byte-identical shards with any number of worker processes. Shards are written under temporary
 names and renamed; ``index.json`` is written last, so a directory with an ``index.json`` is complete.
-An interrupted build keeps its state in ``.build/`` and ``resume=True`` finishes it.
+An interrupted build keeps its state in ``.build/`` and ``resume=True`` finishes it. A build whose
+``out_dir`` is a URL (``s3://bucket/set``, any fsspec URL) is made in a local staging folder and uploaded:
+the shards, ``skipped.json``, then ``index.json``.
+
+A shard set is read from a local path or pattern, an ``http(s)://`` or other fsspec URL (``s3://``,
+``gs://``, ...) or a ``pipe:`` command (:mod:`lm_mini.data.remote`); a remote set is read through its
+``index.json``, fetched from the same place as its shards, and a remote shard that fails mid-read is
+retried from the record where it failed.
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
+import fnmatch
 import glob
 import hashlib
 import io
@@ -38,11 +47,13 @@ import shutil
 import signal
 import sys
 import tarfile
+import tempfile
+import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import webdataset as wds
 from PIL import Image
@@ -52,6 +63,8 @@ from lm_mini.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, VIDEO_PLACEHOLDER
 from lm_mini.data.conversation import ASSISTANT, normalize_turns
 from lm_mini.data.errors import SampleError, SkipCounter
 from lm_mini.data.media import decode_image, probe_video
+from lm_mini.data.remote import (TAR_SUFFIXES, RemoteOptions, describe, is_remote, join, local_path, open_shard,
+                                 read_bytes, redact, scheme, sibling, split, upload)
 
 FORMAT = "lm_mini.shards/1"
 IMAGE_EXTS = ("jpg", "png", "webp")
@@ -329,6 +342,9 @@ class BuildReport:
     shards_written: int  # shards written by this call (fewer than num_shards on resume)
     skipped_records: List[dict] = field(default_factory=list, repr=False)
 
+    def _replace_out(self, out_dir: str) -> "BuildReport":
+        return dataclasses.replace(self, out_dir=redact(out_dir))
+
     def summary(self) -> str:
         media = ", ".join(f"{k} {self.media.get(k, 0)}" for k in ("image", "video", "text"))  # also as read back from index.json
         skipped = ", ".join(f"{k} {v}" for k, v in self.skipped.items()) or "none"
@@ -421,13 +437,20 @@ def _exit_with_parent() -> None:
 
 
 def build_shards(json_files: Sequence[Union[str, Path]], media_root: Union[str, Path], out_dir: Union[str, Path],
-                 shard_size: int = 1000, workers: int = 1, resume: bool = False) -> BuildReport:
+                 shard_size: int = 1000, workers: int = 1, resume: bool = False, staging: Optional[Union[str, Path]] = None,
+                 remote: Optional[RemoteOptions] = None) -> BuildReport:
     """LLaVA JSON/JSONL files + media -> WebDataset shards in ``out_dir`` with ``index.json``.
 
     Every record is checked (conversation form, placeholders, media present and decodable); bad
     records are skipped and listed by reason in ``skipped.json``. Refuses an ``out_dir`` that holds
     anything but an interrupted build of the same inputs (``resume=True`` finishes that one).
+    ``out_dir`` may be an fsspec URL (``s3://bucket/set``): see :func:`_build_and_upload` (``staging``,
+    ``remote``).
     """
+    if is_remote(str(out_dir)):
+        return _build_and_upload(json_files, media_root, str(out_dir), shard_size, workers, resume, staging,
+                                 remote or RemoteOptions())
+    out_dir = local_path(out_dir)
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if workers < 1:
@@ -474,6 +497,44 @@ def build_shards(json_files: Sequence[Union[str, Path]], media_root: Union[str, 
     return _report(out, index, skipped_records, shards_written=len(tasks))
 
 
+def _build_and_upload(json_files: Sequence[Union[str, Path]], media_root: Union[str, Path], url: str, shard_size: int,
+                      workers: int, resume: bool, staging: Optional[Union[str, Path]], remote: RemoteOptions) -> BuildReport:
+    """Build in a local staging folder (``staging``, else a temporary one), then upload the shards,
+    ``skipped.json`` and, last, ``index.json``: a reader never finds an index whose shards are not all
+    there. A URL that already holds an index is refused (with ``resume``: the same build is reported
+    done). If the upload fails, the built set stays in the staging folder for ``--staging DIR --resume``."""
+    if scheme(url) == "pipe":
+        raise ShardBuildError("--out cannot be a pipe: command; give a directory or an fsspec URL (s3://bucket/set)")
+    url = url.rstrip("/")
+    try:  # also checks, before any work, that the store is reachable with the environment's credentials
+        existing = read_index(url, remote)
+    except FileNotFoundError:
+        existing = None
+    except (OSError, ValueError) as e:
+        raise ShardBuildError(f"cannot write the shard set to {redact(url)}: {e}") from e
+    if existing is not None:
+        if not resume:
+            raise ShardBuildError(f"{redact(url)} already holds a finished shard set (index.json); choose another --out "
+                                  "or delete it (nothing was written)")
+        diff = _same_build({"shard_size": existing.get("build", {}).get("shard_size"), "sources": existing.get("sources", [])},
+                           _build_params([_read_source(p) for p in json_files], shard_size))
+        if diff:
+            raise ShardBuildError(f"{redact(url)} holds a finished build of other inputs ({diff}); refusing to overwrite it")
+        return _report(Path(), existing, [], shards_written=0)._replace_out(url)
+    stage = Path(staging) if staging is not None else Path(tempfile.mkdtemp(prefix="lm_mini-shards-"))
+    report = build_shards(json_files, media_root, stage, shard_size=shard_size, workers=workers, resume=resume)
+    if report.num_samples == 0:  # nothing to train on: not published (the caller reports why)
+        return report._replace_out(url)
+    names = [s["name"] for s in read_index(stage)["shards"]] + [SKIPPED_FILE, INDEX_FILE]
+    try:
+        upload(stage, names, url, remote)
+    except OSError as e:
+        raise ShardBuildError(f"{e}; the built set stays in {stage}: upload it with --staging {stage} --resume") from e
+    if staging is None:
+        shutil.rmtree(stage, ignore_errors=True)
+    return report._replace_out(url)
+
+
 def _check_media_root(sources: Sequence[_Source], media_root: Path, probe: int = 100) -> None:
     """Refuse a media root under which none of the first ``probe`` media paths exists: a wrong
     ``--media-root`` would otherwise skip every media record as ``missing_media`` and still succeed."""
@@ -503,33 +564,71 @@ def _report(out: Path, index: dict, skipped_records: List[dict], shards_written:
                        dict(index["skipped"]), shards_written, skipped_records)
 
 
-def read_index(path: Union[str, Path]) -> dict:
-    """The parsed ``index.json`` of a shard directory (raises ``FileNotFoundError`` when unfinished/absent)."""
+def read_index(path: Union[str, Path], remote: Optional[RemoteOptions] = None) -> dict:
+    """The parsed ``index.json`` of a shard directory or URL (raises ``FileNotFoundError`` when unfinished/absent)."""
+    if is_remote(str(path)):
+        return _read_remote_index(join(str(path), INDEX_FILE), remote or RemoteOptions())
+    path = local_path(path)
     index_path = Path(path) / INDEX_FILE
     if not index_path.is_file():
         hint = " (an unfinished build: run it again with --resume)" if (Path(path) / STATE_DIR).is_dir() else ""
         raise FileNotFoundError(f"no {INDEX_FILE} in {path}{hint}")
-    index = json.loads(index_path.read_text(encoding="utf-8"))
-    if index.get("format") != FORMAT:
-        raise ValueError(f"{index_path}: unknown shard format {index.get('format')!r}, expected {FORMAT!r}")
+    return _parse_index(index_path.read_text(encoding="utf-8"), str(index_path))
+
+
+def _read_remote_index(url: str, remote: RemoteOptions) -> dict:
+    try:
+        raw = read_bytes(url, remote)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"no {INDEX_FILE} at {redact(url)} ({e}): a remote shard set is read through its "
+                                f"{INDEX_FILE} (shard names and sample counts), beside its shards; lm-mini shards "
+                                "build writes it (--out may be a URL)") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{redact(url)}: not a shard set index (not UTF-8 text)") from e
+    return _parse_index(text, redact(url))
+
+
+def _parse_index(text: str, where: str) -> dict:
+    try:
+        index = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{where}: not JSON ({e}); expected a shard set index") from e
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        found = index.get("format") if isinstance(index, dict) else type(index).__name__
+        raise ValueError(f"{where}: unknown shard format {found!r}, expected {FORMAT!r}")
     return index
 
 
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+class Shard(NamedTuple):
+    """One shard of a set: where it is, and what the set's ``index.json`` says of it (None without an index)."""
+
+    url: str
+    samples: Optional[int] = None
+    bytes: Optional[int] = None
+    sha256: Optional[str] = None
 
 
-def find_shards(path: Union[str, Path]) -> Tuple[List[str], Optional[List[int]]]:
-    """The shards a path names, in order, with their sample counts when an ``index.json`` gives them.
+def _indexed(url: str, entry: dict) -> Shard:
+    return Shard(url, int(entry["samples"]), entry.get("bytes"), entry.get("sha256"))
+
+
+def list_shards(path: Union[str, Path], remote: Optional[RemoteOptions] = None) -> List[Shard]:
+    """The shards a path names, in order, with their sample counts, sizes and checksums when an ``index.json``
+    gives them.
 
     ``path``: a shard directory with ``index.json`` (counts from it); a directory of tars without one
     (e.g. img2dataset output); a tar file; or a glob/brace pattern (``cc/{00000..00009}.tar``,
     ``cc/*.tar``). Files a directory or pattern holds besides tars (img2dataset's ``.parquet`` and
-    ``_stats.json``) are passed over; a path that names no tar is an error.
+    ``_stats.json``) are passed over; a path that names no tar is an error. A remote path (URL or
+    ``pipe:``) is read through the ``index.json`` beside its shards (see :func:`_remote_shards`).
     """
-    path = Path(str(path))
+    if is_remote(str(path)):
+        return _remote_shards(str(path), remote or RemoteOptions())
+    path = Path(local_path(path))
     if (path / INDEX_FILE).is_file() or (path / STATE_DIR).is_dir():  # an unfinished build: read_index says so
-        shards = read_index(path)["shards"]
-        return [str(path / s["name"]) for s in shards], [int(s["samples"]) for s in shards]
+        return [_indexed(str(path / s["name"]), s) for s in read_index(path)["shards"]]
     if path.is_file() and not path.name.endswith(TAR_SUFFIXES):
         raise ValueError(f"{path} is not a tar file ({', '.join(TAR_SUFFIXES)}); expected a shard directory with "
                          f"{INDEX_FILE}, a directory of tars, a tar file or a glob/brace pattern of them")
@@ -539,7 +638,52 @@ def find_shards(path: Union[str, Path]) -> Tuple[List[str], Optional[List[int]]]
     if not urls:
         found = f"; it matches {len(matches)} other files, e.g. {matches[0]}" if matches else ""
         raise FileNotFoundError(f"{path}: no {INDEX_FILE} and no tar files ({', '.join(TAR_SUFFIXES)}){found}")
-    return urls, None
+    return [Shard(u) for u in urls]
+
+
+def _remote_shards(path: str, remote: RemoteOptions) -> List[Shard]:
+    """A remote set's shards from its ``index.json``: a folder URL (``s3://bucket/mix665k``) lists every shard
+    of its index; a shard URL or pattern (``https://host/set/shard-{000000..000099}.tar``, ``.../*.tar``, a
+    ``pipe:`` command reading ``shard-{...}.tar``) names some of them, and their counts come from the index
+    in the same folder (for ``pipe:``, fetched by the same command). Remote tars are not counted from their
+    headers: that would download the whole set before training starts."""
+    if not names_shards(path):
+        return [_indexed(join(path, s["name"]), s) for s in read_index(path, remote)["shards"]]
+    indexes: Dict[str, Dict[str, dict]] = {}
+    shards: List[Shard] = []
+    for url in wds.shardlists.expand_urls(path):
+        index_url = sibling(url, INDEX_FILE)
+        if index_url not in indexes:
+            indexes[index_url] = {s["name"]: s for s in _read_remote_index(index_url, remote)["shards"]}
+        entries, name = indexes[index_url], split(url)[1]
+        names = [n for n in entries if fnmatch.fnmatchcase(n, name)] if glob.has_magic(name) else [name]
+        if not names or names[0] not in entries:
+            listed = ", ".join(list(entries)[:3]) + (", ..." if len(entries) > 3 else "")
+            raise FileNotFoundError(f"{redact(url)}: no such shard in {redact(index_url)} (it lists {len(entries)}: "
+                                    f"{listed or 'none'})")
+        shards += [_indexed(sibling(url, n), entries[n]) for n in names]
+    return shards
+
+
+def _is_pattern(name: str) -> bool:
+    return glob.has_magic(name) or "{" in name
+
+
+def names_shards(path: Union[str, Path]) -> bool:
+    """Does ``path`` name shards (a tar, a glob/brace pattern of them, a ``pipe:`` command) rather than the
+    folder of a set?"""
+    path = str(path)
+    if not is_remote(path):
+        return not Path(local_path(path)).is_dir()
+    return scheme(path) == "pipe" or path.rstrip("/").endswith(TAR_SUFFIXES) or _is_pattern(split(path)[1])
+
+
+def find_shards(path: Union[str, Path], remote: Optional[RemoteOptions] = None) -> Tuple[List[str], Optional[List[int]]]:
+    """The shard URLs a path names (see :func:`list_shards`), in order, with their sample counts when an
+    ``index.json`` gives them (None: tars without an index, to be counted from their headers)."""
+    shards = list_shards(path, remote)
+    counts = [s.samples for s in shards]
+    return [s.url for s in shards], None if None in counts else counts
 
 
 def count_tar_samples(url: str) -> int:
@@ -561,8 +705,10 @@ def count_tar_samples(url: str) -> int:
 
 
 def shard_paths(path: Union[str, Path]) -> List[str]:
-    """Paths of the shards listed in a directory's ``index.json``, in order."""
-    return [str(Path(path) / s["name"]) for s in read_index(path)["shards"]]
+    """Paths (URLs) of the shards listed in a directory's ``index.json``, in order."""
+    if is_remote(str(path)):
+        return [join(str(path), s["name"]) for s in read_index(path)["shards"]]
+    return [str(Path(local_path(path)) / s["name"]) for s in read_index(path)["shards"]]
 
 
 # ------------------------------------------------------------------------------------- reading
@@ -639,9 +785,9 @@ def _complete_tar(url: str) -> bool:
 
     Needed because a tar cut exactly at a member boundary reads without any error.
     """
-    path = Path(url)
+    path = Path(local_path(url))
     if not url.endswith(".tar") or not path.is_file():
-        return True  # remote or compressed: truncation shows up as a read error instead
+        return True  # compressed: truncation shows up as a read error instead
     size = path.stat().st_size
     if size < 1024:
         return False
@@ -650,32 +796,51 @@ def _complete_tar(url: str) -> bool:
         return f.read(1024) == bytes(1024)
 
 
-def read_shard(url: str) -> Iterator[Union[RawSample, SampleError]]:
+Item = Union[RawSample, SampleError]
+# Errors that say the bytes are not a whole tar (as opposed to a transfer that failed): a remote shard that
+# still ends this way after its retries is stored cut short (truncated_tar), not unreachable.
+_DATA_ERRORS = (tarfile.TarError, EOFError, zlib.error)
+
+
+def _tar_items(stream: Any, url: str, errors: List[Exception], skip: int = 0) -> Iterator[Item]:
+    """The records of an open tar stream in order from record ``skip`` on (the earlier ones are stepped over
+    undecoded), each a ``RawSample`` or the ``SampleError`` that rules it out. A read error ends them and is
+    appended to ``errors``; the last record before it may be incomplete."""
+    def stop(exn: Exception) -> bool:  # a read error ends the shard: nothing after it is trustworthy
+        errors.append(exn)
+        return False
+
+    files = tar_file_expander([{"url": url, "stream": stream}], handler=stop, eof_value=None)
+    for i, sample in enumerate(group_by_keys(files, keys=member_key, handler=stop)):
+        if i >= skip:
+            try:
+                yield to_raw_sample(sample, url)
+            except SampleError as e:
+                yield e
+
+
+def read_shard(shard: Union[str, Shard], remote: Optional[RemoteOptions] = None) -> Iterator[Item]:
     """Every record of one shard in order: a ``RawSample``, or the ``SampleError`` that rules it out.
 
     A bad record keeps its place, so positions within the shard stay those the streaming plan counts
     on (a dropped record would shift every later position). A shard cut short (a read error, or no
     end-of-archive marker) ends with one ``SampleError("truncated_tar")``, in place of its last sample
     when that one is incomplete (e.g. its image member lost); a last sample complete in itself is kept.
+    A remote shard (URL or ``pipe:``) is read as :func:`_read_remote_shard` says.
     """
-    errors: List[Exception] = []
-
-    def stop(exn: Exception) -> bool:  # a read error ends the shard: nothing after it is trustworthy
-        errors.append(exn)
-        return False
-
-    pending: Optional[Union[RawSample, SampleError]] = None
+    shard = shard if isinstance(shard, Shard) else Shard(str(shard))
+    if is_remote(shard.url):
+        yield from _read_remote_shard(shard, remote or RemoteOptions())
+        return
+    url, errors = shard.url, []
+    pending: Optional[Item] = None
     n = 0
     with wds.gopen(url) as stream:  # opened here, not by the handler: a missing shard is an error, not a skip
-        files = tar_file_expander([{"url": url, "stream": stream}], handler=stop, eof_value=None)
-        for sample in group_by_keys(files, keys=member_key, handler=stop):
+        for item in _tar_items(stream, url, errors):
             if pending is not None:  # held back one sample: in a truncated shard the last one may be partial
                 yield pending
                 n += 1
-            try:
-                pending = to_raw_sample(sample, url)
-            except SampleError as e:
-                pending = e
+            pending = item
     if errors or not _complete_tar(url):
         if isinstance(pending, RawSample):
             yield pending
@@ -686,23 +851,68 @@ def read_shard(url: str) -> Iterator[Union[RawSample, SampleError]]:
         yield pending
 
 
-def _shard_samples(url: str, counter: SkipCounter) -> Iterator[RawSample]:
-    for item in read_shard(url):
+def _read_remote_shard(shard: Shard, remote: RemoteOptions) -> Iterator[Item]:
+    """A remote shard's records, read again after a failure (connection reset, 5xx, a stream cut short, or
+    fewer records than its index counts) from the first record not yet yielded: the shard is opened anew
+    and the records before it stepped over, so every record is yielded once, in order, whatever the retries.
+    ``remote.retries`` failures in a row (a try that yields a record starts the count again) end the
+    shard: one ``SampleError`` stands for the record where it stopped (``shard_unavailable``, or
+    ``truncated_tar`` when the bytes themselves end short), its later records are missing, and a warning
+    names the URL. Records held back until the next one starts (the last one may be cut) are yielded only
+    from a read that ended cleanly."""
+    url, done, failures = shard.url, 0, 0
+    while True:
+        errors: List[Exception] = []
+        pending: Optional[Item] = None
+        progress = False
+        try:
+            with open_shard(url, remote, shard.bytes, shard.sha256) as stream:
+                for item in _tar_items(stream, url, errors, skip=done):
+                    if pending is not None:
+                        yield pending
+                        done, progress = done + 1, True
+                    pending = item
+        except Exception as e:  # noqa: BLE001 - opening it, or closing it (a pipe's exit status): retried
+            errors.append(e)
+        read = done + (pending is not None)
+        if not errors and (shard.samples is None or read >= shard.samples):
+            if pending is not None:
+                yield pending
+            return
+        error = errors[0] if errors else EOFError(f"the shard ended after {read} of its {shard.samples} samples")
+        failures = 1 if progress else failures + 1
+        if failures > remote.retries:
+            reason = "truncated_tar" if isinstance(error, _DATA_ERRORS) else "shard_unavailable"
+            message = (f"{redact(url)}: unreadable after {failures} tries in a row ({describe(error)}); its samples "
+                       f"from {done} on are skipped and counted as {reason}")
+            log.warning("data: %s", message)
+            yield SampleError(reason, message)
+            return
+        delay = remote.backoff(failures)
+        log.warning("data: %s failed after %d samples (%s); retry %d of %d in %.1f s", redact(url), done,
+                    describe(error), failures, remote.retries, delay)
+        time.sleep(delay)
+
+
+def _shard_samples(shard: Union[str, Shard], counter: SkipCounter, remote: Optional[RemoteOptions]) -> Iterator[RawSample]:
+    for item in read_shard(shard, remote):
         if isinstance(item, SampleError):
             counter.add(item.reason)
         else:
             yield item
 
 
-def iter_raw_samples(urls: Iterable[Union[str, dict]], counter: SkipCounter) -> Iterator[RawSample]:
+def iter_raw_samples(urls: Iterable[Union[str, dict, Shard]], counter: SkipCounter,
+                     remote: Optional[RemoteOptions] = None) -> Iterator[RawSample]:
     """Samples of the given shards in order; bad ones are skipped and counted in ``counter``.
 
-    ``urls`` are paths / webdataset URLs, or ``{"url": ...}`` dicts as yielded by webdataset's
-    shard lists and node/worker splitters. A shard cut short (``truncated_tar``) yields the complete
-    samples before the cut.
+    ``urls`` are paths / URLs, :class:`Shard`s (:func:`list_shards`), or ``{"url": ...}`` dicts as yielded by
+    webdataset's shard lists and node/worker splitters. A shard cut short (``truncated_tar``) yields the
+    complete samples before the cut.
     """
     for url in urls:
-        yield from _shard_samples(url["url"] if isinstance(url, dict) else str(url), counter)
+        yield from _shard_samples(url if isinstance(url, Shard) else url["url"] if isinstance(url, dict) else str(url),
+                                  counter, remote)
 
 
 # ------------------------------------------------------------------------------------- CLI
@@ -712,13 +922,14 @@ def cli_build(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # one progress line per shard
     try:
         report = build_shards(args.json, args.media_root, args.out, shard_size=args.shard_size,
-                              workers=args.workers, resume=args.resume)
+                              workers=args.workers, resume=args.resume, staging=getattr(args, "staging", None))
     except (ShardBuildError, ValueError) as e:
         print(f"lm-mini shards build: {e}")
         return 1
     print(report.summary())
     if report.skipped:
-        print(f"skipped records are listed in {Path(args.out) / SKIPPED_FILE}")
+        listed = join(report.out_dir, SKIPPED_FILE) if is_remote(args.out) else Path(args.out) / SKIPPED_FILE
+        print(f"skipped records are listed in {listed}")
     if report.num_samples == 0:  # every record skipped: the input's layout or the media root is almost surely wrong
         print(f"lm-mini shards build: no usable record: all {sum(report.skipped.values())} were skipped; see the reasons above")
         return 1
@@ -772,30 +983,33 @@ def _token_layout(s: RawSample, tokenizer: Any, template: str) -> List[str]:
 def cli_inspect(args: argparse.Namespace) -> int:
     try:
         return _inspect(args)
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError) as e:  # OSError: also a remote set that cannot be read (RemoteError)
         print(f"lm-mini shards inspect: {e.args[0] if isinstance(e, KeyError) and e.args else e}")
         return 1
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    path = Path(args.path)
-    if not path.exists() and not glob.has_magic(str(path)) and "{" not in str(path):
+    path = args.path if is_remote(args.path) else Path(local_path(args.path))
+    if not is_remote(path) and not path.exists() and not glob.has_magic(str(path)) and "{" not in str(path):
         raise FileNotFoundError(f"{path} does not exist (expected a shard directory with index.json, a directory "
                                 "of tars, a .tar file or a pattern of them)")
     if args.template:
         from lm_mini.registry import TEMPLATES
 
         TEMPLATES.get(args.template)  # an unknown name fails now, listing the known templates
-    urls, counts = find_shards(path)
-    if counts is not None:  # from index.json
+    shards = list_shards(path)
+    counts = None if any(s.samples is None for s in shards) else [s.samples for s in shards]
+    if counts is not None and names_shards(path):
+        print(f"{redact(str(path))}: {sum(counts)} samples in {len(shards)} shards (counts from their {INDEX_FILE})")
+    elif counts is not None:  # from index.json
         index = read_index(path)
-        print(f"{path}: {index['num_samples']} samples in {len(index['shards'])} shards; media "
+        print(f"{redact(str(path))}: {index['num_samples']} samples in {len(index['shards'])} shards; media "
               + ", ".join(f"{k} {v}" for k, v in index["media"].items())
               + f"; skipped at build: {index['skipped'] or 'none'}")
         for s in index["shards"]:
             print(f"  {s['name']}: {s['samples']} samples ({', '.join(f'{k} {v}' for k, v in s['media'].items())})")
     else:
-        print(f"{path}: {len(urls)} tar files without {INDEX_FILE} (read as they are, e.g. img2dataset output)")
+        print(f"{path}: {len(shards)} tar files without {INDEX_FILE} (read as they are, e.g. img2dataset output)")
     tokenizer = None
     if args.tokenizer:
         from lm_mini.data.tokenizer import load_tokenizer
@@ -804,7 +1018,7 @@ def _inspect(args: argparse.Namespace) -> int:
     counter, shown = SkipCounter(), 0
     # (position in its shard, samples index.json gives the shard or None, item)
     items = ((k, None if counts is None else counts[i], item)
-             for i, url in enumerate(urls) for k, item in enumerate(read_shard(url)))
+             for i, shard in enumerate(shards) for k, item in enumerate(read_shard(shard)))
     for position, expected, item in items:
         if shown == args.num_samples:
             break

@@ -7,6 +7,10 @@
   replaced by a padding sample (``sample_id`` None, labels IGNORE) and counted, so every rank still
   yields its planned number of batches. The iterator's state is just ``(epoch, samples delivered)``:
   on resume the plan is rebuilt and the delivered prefix stepped over without decoding anything.
+  Shards may be remote (``http(s)://``, ``s3://`` and other fsspec URLs, ``pipe:``): positions are
+  the same, and a shard that fails mid-read is re-opened and read on from the record where it failed
+  (``shards.read_shard``), so retries neither repeat nor skip a sample; one that stays unreachable
+  gives ``shard_unavailable`` padding for each of its samples this worker had still to read.
 - :class:`StreamingLoader` — a torchdata ``StatefulDataLoader`` whose ``__len__`` comes from the
   index counts (so Lightning does not fetch a batch ahead, see STACK_NOTES). It numbers epochs and
   keeps the running skip tally: it pops each batch's ``skipped`` entry (made in the worker that
@@ -44,42 +48,53 @@ from lm_mini.data.errors import SampleError, SkipCounter
 from lm_mini.data.grouping import group_by_length, window_start
 from lm_mini.data.plan import PAD, EpochPlan, SetSpec, Slot, fingerprint
 from lm_mini.data.samples import SKIPPED, Collator, SampleProcessor
-from lm_mini.data.shards import count_tar_samples, find_shards, read_shard
+from lm_mini.data.remote import RemoteOptions, is_remote, local_path, redact, split
+from lm_mini.data.shards import Shard, count_tar_samples, list_shards, names_shards, read_shard
 
 
 # ------------------------------------------------------------------------------------- shard sets
 @dataclass(frozen=True)
 class ShardSet:
-    """Shard files (in ``index.json`` order) with their sample counts, plus mixing weight and template."""
+    """Shard files or URLs (in ``index.json`` order) with their sample counts, plus mixing weight and template;
+    ``sizes`` / ``checksums``: bytes and sha256 per shard from the index (empty without one)."""
 
     name: str
     urls: tuple
     counts: tuple
     weight: float = 1.0
     template: Optional[str] = None  # None: the record's own, else data.template
+    sizes: tuple = ()
+    checksums: tuple = ()
 
     @classmethod
-    def from_config(cls, cfg: Any, name: Optional[str] = None) -> "ShardSet":
+    def from_config(cls, cfg: Any, name: Optional[str] = None, remote: Optional[RemoteOptions] = None) -> "ShardSet":
         """From a ``ShardSetConfig``: a directory with ``index.json``, or tars without one (a directory of
-        them, e.g. img2dataset output, a tar, a glob/brace pattern), counted once from their headers.
+        them, e.g. img2dataset output, a tar, a glob/brace pattern), counted once from their headers; or a
+        remote set (URL, ``pipe:``), read through its ``index.json`` (``remote``: how it is fetched).
         ``name``: from :func:`shard_set_names` over all the loader's sets (default: this set alone)."""
-        path = Path(str(cfg.path))
-        urls, counts = find_shards(path)
-        if counts is None:
-            counts = [count_tar_samples(u) for u in urls]
+        path = str(cfg.path)
+        shards = list_shards(path, remote)
+        counts = [s.samples if s.samples is not None else count_tar_samples(s.url) for s in shards]
+        indexed = all(s.samples is not None for s in shards)
         name = name or shard_set_names([path])[0]
-        return cls(name, tuple(urls), tuple(int(c) for c in counts), float(cfg.weight), cfg.template)
+        return cls(name, tuple(s.url for s in shards), tuple(int(c) for c in counts), float(cfg.weight), cfg.template,
+                   tuple(s.bytes for s in shards) if indexed else (), tuple(s.sha256 for s in shards) if indexed else ())
 
     @property
     def spec(self) -> SetSpec:
         return SetSpec(self.counts, self.weight)
+
+    def shard(self, i: int) -> Shard:
+        """Shard ``i`` with what the index says of it (its count is the one the plan uses)."""
+        return Shard(self.urls[i], self.counts[i], self.sizes[i] if self.sizes else None,
+                     self.checksums[i] if self.checksums else None)
 
 
 def shard_set_names(paths: Sequence[Any]) -> List[str]:
     """The sets' names in their sample ids (``<name>/<key>``): each set's directory name (for a tar or a
     pattern, the folder holding it), with as many parent folders as it takes to tell apart sets whose
     folders share a name (``coco/val``, ``gqa/val``); the same folder again is ``<name>#2``, ``#3``, ..."""
-    dirs = [Path(os.path.abspath(p if Path(str(p)).is_dir() else Path(str(p)).parent)).parts for p in paths]
+    dirs = [_folder_parts(str(p)) for p in paths]
     distinct = list(dict.fromkeys(dirs))
     depth = {d: 1 for d in distinct}
     while True:  # lengthen the names that two different folders share
@@ -99,28 +114,48 @@ def shard_set_names(paths: Sequence[Any]) -> List[str]:
     return names
 
 
+def _folder_parts(path: str) -> tuple:
+    """The folder a set's path names, as parts: a directory or folder URL itself, else the folder of its tars."""
+    if not is_remote(path):
+        local = local_path(path)
+        return Path(os.path.abspath(local if Path(local).is_dir() else Path(local).parent)).parts
+    folder = split(path)[0] if names_shards(path) else path
+    return tuple(part for part in folder.split("/") if part)
+
+
 # ------------------------------------------------------------------------------------- one worker
 class _SetCursor:
     """Reads one set's epoch stream forward: ``read(p)`` gives the record at stream position ``p``."""
 
-    def __init__(self, shard_set: ShardSet, stream: Any):
-        self.set, self.stream = shard_set, stream
+    def __init__(self, shard_set: ShardSet, stream: Any, remote: Optional[RemoteOptions] = None):
+        self.set, self.stream, self.remote = shard_set, stream, remote
         self._open: Optional[tuple] = None  # (pass, shard) being read
         self._records: Iterator[Any] = iter(())
         self._next = 0  # offset of the next record in the open shard
+        self._ended: Optional[SampleError] = None  # why the open shard stopped early, once it has
 
     def read(self, position: int) -> Any:  # RawSample | SampleError
         shard, offset = self.stream.locate(position)
         where = (position // self.stream.spec.size, shard)
         if where != self._open or offset < self._next:
-            self._open, self._records, self._next = where, read_shard(self.set.urls[shard]), 0
+            self._open, self._next, self._ended = where, 0, None
+            self._records = self._watch(read_shard(self.set.shard(shard), self.remote))
         # Records before ``offset`` belong to other workers or were delivered before a resume:
         # step over them undecoded.
         record = next(itertools.islice(self._records, offset - self._next, None), None)
         self._next = offset + 1
-        if record is None:
-            return SampleError("truncated_tar", f"{self.set.urls[shard]} ends before its sample {offset}")
+        if record is None:  # every later sample of a shard that stopped early counts under the same reason
+            ended = self._ended
+            return SampleError(ended.reason if ended else "truncated_tar",
+                               f"{redact(self.set.urls[shard])} ends before its sample {offset}"
+                               + (f" ({ended})" if ended else ""))
         return record
+
+    def _watch(self, records: Iterator[Any]) -> Iterator[Any]:
+        for record in records:
+            if isinstance(record, SampleError) and record.reason in ("truncated_tar", "shard_unavailable"):
+                self._ended = record
+            yield record
 
 
 class _WorkerStream:
@@ -193,7 +228,8 @@ class _WorkerStream:
         if slot.set_index == PAD:
             return None
         if slot.set_index not in cursors:
-            cursors[slot.set_index] = _SetCursor(self.dataset.sets[slot.set_index], plan.stream(slot.set_index))
+            cursors[slot.set_index] = _SetCursor(self.dataset.sets[slot.set_index], plan.stream(slot.set_index),
+                                                 self.dataset.remote)
         return cursors[slot.set_index].read(slot.position)
 
     def _process(self, raw: Any, slot: Slot) -> Dict[str, Any]:
@@ -212,12 +248,13 @@ class _WorkerStream:
 # ------------------------------------------------------------------------------------- dataset, loader
 class StreamingDataset(IterableDataset):
     """The shard sets' samples for one rank; ``len()`` counts padding too and is equal on every rank.
-    ``group_by_length``: batches per length-grouping window (0: off; see :mod:`lm_mini.data.grouping`)."""
+    ``group_by_length``: batches per length-grouping window (0: off; see :mod:`lm_mini.data.grouping`).
+    ``remote``: retries, timeouts and cache for shards read from URLs."""
 
     def __init__(self, sets: Sequence[ShardSet], processor: SampleProcessor, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, batch_size: int = 1, num_workers: int = 0, shuffle: bool = True,
-                 shuffle_buffer: int = 1000, group_by_length: int = 0):
-        self.sets, self.processor = list(sets), processor
+                 shuffle_buffer: int = 1000, group_by_length: int = 0, remote: Optional[RemoteOptions] = None):
+        self.sets, self.processor, self.remote = list(sets), processor, remote or RemoteOptions()
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.batch_size, self.num_workers = batch_size, num_workers
         self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
@@ -331,7 +368,8 @@ def build_loader(cfg: Any, train: bool, rank: int = 0, world_size: int = 1, star
     """
     d = cfg.data
     configs = d.train if train else d.val
-    sets = [ShardSet.from_config(s, name) for s, name in zip(configs, shard_set_names([s.path for s in configs]))]
+    remote = RemoteOptions.from_config(getattr(d, "remote", None))
+    sets = [ShardSet.from_config(s, name, remote) for s, name in zip(configs, shard_set_names([s.path for s in configs]))]
     if not train:  # a weight shapes the training mix only
         sets = [dataclasses.replace(s, weight=1.0 if max_samples_per_set is None or s.spec.size == 0
                                     else min(1.0, max_samples_per_set / s.spec.size)) for s in sets]
@@ -339,6 +377,6 @@ def build_loader(cfg: Any, train: bool, rank: int = 0, world_size: int = 1, star
     processor = processor if train else processor.for_inference()  # held-out videos: inference's frames
     dataset = StreamingDataset(sets, processor, seed=cfg.seed, rank=rank,
                                world_size=world_size, batch_size=batch_size or d.batch_size, num_workers=d.num_workers,
-                               shuffle=train, shuffle_buffer=d.shuffle_buffer,
+                               shuffle=train, shuffle_buffer=d.shuffle_buffer, remote=remote,
                                group_by_length=d.group_by_length if train else 0)
     return StreamingLoader(dataset, start_epoch=start_epoch)
