@@ -8,6 +8,7 @@ not used) and stop at the conversation's separator.
 """
 from __future__ import annotations
 
+import csv
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -164,7 +165,8 @@ class EgoSchema(Benchmark):
     first of .mp4/.avi/.mov/.mkv that exists in ``--image-folder``. Prompt: the script's fixed template
     (options ``A: ...``, "Answer with one letter."), 128 new tokens. ``accuracy``: the first character of A-E in
     the answer (:func:`egoschema_choice`) is the answer's option, in percent; questions without ``answer``
-    (the hidden part of the full set) are excluded."""
+    (the hidden part of the full set) are excluded. Writes ``egoschema_submission.csv`` (``q_uid,answer``) for
+    the full set's Kaggle evaluation."""
 
     name = "egoschema"
     modality = "video"
@@ -189,6 +191,10 @@ class EgoSchema(Benchmark):
 
     def score(self, answers, questions=None, annotations=None, judge=None) -> BenchmarkResult:
         pairs, unanswered = pair_answers(self, answers, require(questions, self, "the question file (--questions)"))
+        if not any(q.record.get("answer") is not None for _, q in pairs):
+            return BenchmarkResult(self.name, n=0, unanswered=unanswered, notes=[
+                "the question file has no answers (the full set's are hidden): not scored here; upload the "
+                "submission CSV to EgoSchema's Kaggle competition"])
 
         def reference(a, q) -> Optional[int]:
             gold = q.record.get("answer")
@@ -201,6 +207,17 @@ class EgoSchema(Benchmark):
         ref = Referenced(self, pairs, reference, "the question file's 'answer' fields")
         hits = [float(egoschema_choice(a["text"]) == gold) for a, _, gold in ref.scored]
         return ref.result(self, {"accuracy": percent(mean(hits))}, unanswered)
+
+
+    def write_submission(self, answers, out_dir, questions=None, annotations=None) -> Optional[Path]:
+        """EgoSchema's Kaggle file: ``q_uid,answer`` rows, the answer read as :func:`egoschema_choice` (-1: none)."""
+        path = Path(out_dir) / "egoschema_submission.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["q_uid", "answer"])
+            writer.writerows([a["question_id"], egoschema_choice(a["text"])] for a in answers)
+        return path
 
 
 def find_video(folder: Path, stem: str) -> Path:

@@ -84,6 +84,9 @@ def test_egoschema_first_letter_and_video_extensions(tmp_path):
     result = score_answers(bench, answers, tmp_path / "mc.json")
     assert result.scores == {"accuracy": pytest.approx(200 / 3)} and result.excluded == ["u4"]
     assert bench.max_new_tokens == 128
+    hidden = score_answers(bench, answers[3:], tmp_path / "mc.json", out_dir=tmp_path / "up")  # the full set: no answers
+    assert hidden.n == 0 and not hidden.scores and "Kaggle" in hidden.notes[0]
+    assert (tmp_path / "up" / "egoschema_submission.csv").read_text().splitlines() == ["q_uid,answer", "u4,0"]
 
 
 JUDGE = """
