@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lm_mini.data.errors import SKIP_REASONS, sum_over_ranks
+from lm_mini.data.grouping import padding_fraction
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -120,7 +121,9 @@ def requeue_slurm_job() -> bool:
 class ThroughputLogger(Callback):
     """Live samples/s, tokens/s (LLM input tokens: text + visual) and visual tokens per sample.
 
-    Built on Lightning's ``Throughput`` (windowed rates); shown in the progress bar and logged.
+    Built on Lightning's ``Throughput`` (windowed rates); shown in the progress bar and logged. Also
+    ``data/padding_fraction``: the share of this rank's LLM input ``[B, longest]`` that is padding, each
+    sample's length being its text plus visual tokens (what ``data.group_by_length`` lowers).
     """
 
     def __init__(self, window: int = 10):
@@ -148,11 +151,30 @@ class ThroughputLogger(Callback):
             metrics["perf/tokens_per_sec"] = rates["device/items_per_sec" if per_device else "items_per_sec"]
         for name, value in metrics.items():
             pl_module.log(name, float(value), prog_bar=True, on_step=True, on_epoch=False, batch_size=max(1, samples))
+        lengths = llm_lengths(batch, _tokens_per_frame(pl_module)).tolist()
+        pl_module.log("data/padding_fraction", padding_fraction(lengths), on_step=True, on_epoch=False, batch_size=len(lengths))
 
 
 def _tokens_per_frame(pl_module: L.LightningModule) -> int:
-    compressor = getattr(getattr(pl_module, "model", None), "compressor", None)
-    return int(getattr(compressor, "num_tokens", 0) or 0)
+    """LLM tokens per image / frame: the compressor's C², or for the identity compressor (LLaVA-1.5) the
+    encoder's patch grid (plus a kept CLS token)."""
+    model = getattr(pl_module, "model", None)
+    compressor, encoder = getattr(model, "compressor", None), getattr(model, "encoder", None)
+    tokens = getattr(compressor, "num_tokens", None)
+    if tokens is None and compressor is not None and hasattr(encoder, "grid"):
+        tokens = encoder.grid**2 + int(getattr(encoder, "num_prefix_tokens", 0))
+    return int(tokens or 0)
+
+
+def llm_lengths(batch: Dict[str, Any], tokens_per_frame: int) -> torch.Tensor:
+    """[B] LLM sequence length of each sample: its text tokens, the media placeholder replaced by
+    ``frames x tokens_per_frame`` visual tokens (padding samples included: the GPU computes them too)."""
+    text = batch["attention_mask"].sum(dim=1).long()
+    frames = batch.get("frames_per_sample")
+    if frames is None:
+        return text
+    frames = frames.to(text.device).long()
+    return text - (frames > 0).long() + frames * tokens_per_frame
 
 
 def batch_counts(batch: Dict[str, Any], tokens_per_frame: int):
