@@ -114,7 +114,8 @@ class ResumeMismatch(ValueError):
 # schedule win, so config.yaml and MLflow would record a config the run does not follow) or crash.
 RESUME_MAY_CHANGE = ("train.max_steps", "train.max_epochs", "train.checkpoint_every_n_steps", "train.keep_last_k",
                      "train.eval_at_end", "train.val_every_n_steps", "train.log_every_n_steps", "train.init_from",
-                     "data.val", "data.remote", "eval", "logging", "experiment", "run_name")
+                     "data.val", "data.remote", "eval", "logging", "experiment", "run_name",
+                     "model.attn_implementation", "model.llm.attn_implementation")  # another kernel, the same function
 
 
 def check_resumable(saved_config: Path, cfg: DictConfig) -> None:
@@ -291,6 +292,9 @@ def train(cfg: DictConfig, resume: Optional[str] = None, model_factory: Optional
         if not cfg.data.train:
             raise FileNotFoundError("data.train is empty: no shard set to train on")
         check_data_paths(cfg)  # a wrong path (or working directory) leaves no run behind
+    from lm_mini.models.attention import check_model_backends
+
+    check_model_backends(cfg.model, cfg.train.accelerator)  # an attention backend this machine cannot run, likewise
     # Checked before the run directory and MLflow run exist: a bad init_from leaves nothing behind.
     init_from = str(resolve_init_from(cfg.train.init_from, cfg.logging.runs_dir)) if cfg.train.init_from and run.resume_from is None else None
     if rank_zero_only.rank == 0:

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import create_causal_mask
@@ -381,3 +382,22 @@ def test_gpu_xformers_function_matches_sdpa_with_padding_and_gqa():
     causal = torch.ones(S, S, dtype=torch.bool, device="cuda").tril()
     assert torch.allclose(out.float(), reference_attention(q, k, v, causal, D**-0.5).float(), atol=2e-2)
     assert math.isfinite(out.float().sum().item())
+
+
+def test_train_refuses_a_backend_this_machine_cannot_run_before_the_run_exists(tmp_path, monkeypatch):
+    from lm_mini.training.run import check_resumable, train
+
+    repo = TINY.parents[2]
+    monkeypatch.chdir(repo)  # the demo config's data paths are relative to the repository
+    cfg = load_config(repo / "experiments" / "demo.yaml", [f"logging.runs_dir={tmp_path / 'runs'}", "train.accelerator=auto",
+                                                            f"logging.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                                                            "model.attn_implementation=flash_attention_2"])
+    if attention.backend_problem("flash_attention_2") is None:
+        pytest.skip("flash_attention_2 runs on this machine")
+    with pytest.raises(attention.AttentionBackendError, match="model.attn_implementation=flash_attention_2"):
+        train(cfg)
+    assert not (tmp_path / "runs").exists()
+    # a resumed run may change the backend (the same function, another kernel)
+    saved = tmp_path / "config.yaml"
+    saved.write_text(OmegaConf.to_yaml(load_config(repo / "experiments" / "demo.yaml")))
+    check_resumable(saved, load_config(repo / "experiments" / "demo.yaml", ["model.attn_implementation=eager"]))
