@@ -58,6 +58,13 @@ def pair_answers(bench: Benchmark, answers: Sequence[Mapping[str, Any]], questio
     (:meth:`Benchmark.answer_key`), or, where its prompt differs, to the only question with its ``question_id``.
     An answer to no question, or a second answer to one question, is an error naming it."""
     if questions is None:
+        first: Dict[Tuple[Hashable, str], int] = {}
+        for number, a in enumerate(answers, 1):
+            key = (_hashable(a["question_id"]), a.get("prompt", ""))
+            if key in first:
+                raise ValueError(f"{bench.name}: answers {first[key]} and {number} both answer question "
+                                 f"{a['question_id']!r} with the same prompt (chunks merged twice?)")
+            first[key] = number
         return [(a, None) for a in answers], []
     by_key: Dict[Tuple[Hashable, str], Question] = {}
     by_id: Dict[Hashable, List[Question]] = {}

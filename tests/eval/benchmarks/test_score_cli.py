@@ -38,6 +38,9 @@ def test_score_errors_name_the_problem(tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"question_id": 0, "text": "x"}\nnot json\n')
     assert cli_main(["score", "--benchmark", "vqav2", "--answers", str(tmp_path / "bad.jsonl")]) == 2
     assert "bad.jsonl:2: not a JSON answer" in capsys.readouterr().err
+    (tmp_path / "twice.jsonl").write_text((tmp_path / "a.jsonl").read_text() * 2)
+    assert cli_main(["score", "--benchmark", "vqav2", "--answers", str(tmp_path / "twice.jsonl")]) == 2
+    assert "answers 1 and 3 both answer question 0" in capsys.readouterr().err
 
 
 def test_score_does_not_import_torch(tmp_path):
