@@ -58,13 +58,7 @@ def pair_answers(bench: Benchmark, answers: Sequence[Mapping[str, Any]], questio
     (:meth:`Benchmark.answer_key`), or, where its prompt differs, to the only question with its ``question_id``.
     An answer to no question, or a second answer to one question, is an error naming it."""
     if questions is None:
-        first: Dict[Tuple[Hashable, str], int] = {}
-        for number, a in enumerate(answers, 1):
-            key = (_hashable(a["question_id"]), a.get("prompt", ""))
-            if key in first:
-                raise ValueError(f"{bench.name}: answers {first[key]} and {number} both answer question "
-                                 f"{a['question_id']!r} with the same prompt (chunks merged twice?)")
-            first[key] = number
+        check_unique_answers(bench, answers)
         return [(a, None) for a in answers], []
     by_key: Dict[Tuple[Hashable, str], Question] = {}
     by_id: Dict[Hashable, List[Question]] = {}
@@ -91,6 +85,17 @@ def pair_answers(bench: Benchmark, answers: Sequence[Mapping[str, Any]], questio
         pairs.append((a, q))
     unanswered = [q.question_id for q in questions if id(q) not in seen]
     return pairs, unanswered
+
+
+def check_unique_answers(bench: Benchmark, answers: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse an answers file with two lines of one ``(question_id, prompt)`` (chunks merged twice?)."""
+    first: Dict[Tuple[Hashable, str], int] = {}
+    for number, a in enumerate(answers, 1):
+        key = (_hashable(a["question_id"]), a.get("prompt", ""))
+        if key in first:
+            raise ValueError(f"{bench.name}: answers {first[key]} and {number} both answer question "
+                             f"{a['question_id']!r} with the same prompt (chunks merged twice?)")
+        first[key] = number
 
 
 def _hashable(value: Any) -> Hashable:

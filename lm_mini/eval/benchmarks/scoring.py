@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from lm_mini.eval.benchmarks.base import BENCHMARKS, Benchmark, BenchmarkResult, PathLike, Question, read_answers
+from lm_mini.eval.benchmarks.common import check_unique_answers
 
 Answers = Union[PathLike, Sequence[Mapping[str, Any]]]
 Questions = Union[PathLike, Sequence[Question], None]
@@ -42,6 +43,7 @@ def score_answers(benchmark: Union[str, Benchmark], answers: Answers, questions:
         questions = bench.read_questions(questions)
     if bench.needs_questions and questions is None:
         raise ValueError(f"{bench.name}: scoring needs the question file (--questions)")
+    check_unique_answers(bench, answer_lines)
     files = {}
     if out_dir is not None:
         written = bench.write_submission(answer_lines, out_dir, questions, annotations)
