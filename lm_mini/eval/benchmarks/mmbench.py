@@ -119,13 +119,18 @@ class MMBench(Benchmark):
         for column in ("index", "question", "image"):
             if column not in table.columns:
                 raise ValueError(f"{path}: MMBench TSV has no {column!r} column (columns: {', '.join(table.columns)})")
+        records = [OrderedDict((str(k), _native(v)) for k, v in row.items()) for _, row in table.iterrows()]
+        # Newer TSVs (VLMEvalKit's MMBench_DEV_EN.tsv) give a circular copy's image as its main row's index
+        full = {str(r["index"]): r["image"] for r in records if isinstance(r["image"], str) and len(r["image"]) > 64}
         out = []
-        for number, (_, row) in enumerate(table.iterrows(), 2):
-            record = OrderedDict((str(k), _native(v)) for k, v in row.items())
+        for number, record in enumerate(records, 2):
+            cell = record["image"]
+            cell = full.get(str(cell).split(".")[0], cell) if not (isinstance(cell, str) and len(cell) > 64) else cell
             try:
-                image = base64.b64decode(record["image"], validate=False)
-            except (binascii.Error, TypeError) as e:
-                raise ValueError(f"{path}:{number}: the 'image' cell is not base64 ({e})") from None
+                image = base64.b64decode(cell, validate=False)
+            except (binascii.Error, TypeError, ValueError) as e:
+                raise ValueError(f"{path}:{number}: the 'image' cell is neither base64 nor the index of a row with "
+                                 f"an image ({e})") from None
             options = []
             for letter in ALL_OPTIONS:  # get_options: up to the first empty option
                 if letter not in record or is_none(record[letter]):

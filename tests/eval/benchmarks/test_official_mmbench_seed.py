@@ -23,7 +23,7 @@ def _mmbench_tsv(tmp_path, with_answers=True):
               "l2-category", "comment", "split"]
     rows = [  # index 1e6 + i is a circular shift of question i (VLMEvalKit's convention)
         [0, "What color?", "A hint", "red", "blue", "", "", "B", "color", _png_b64(), "s", "l2", "", "dev"],
-        [1000000, "What color?", "A hint", "blue", "red", "", "", "A", "color", _png_b64(), "s", "l2", "", "dev"],
+        [1000000, "What color?", "A hint", "blue", "red", "", "", "A", "color", "0", "s", "l2", "", "dev"],  # row 0's
         [1, "How many?", "", "one", "two", "three", "four", "C", "count", _png_b64(), "s", "l2", "", "dev"],
         [1000001, "How many?", "", "two", "three", "four", "one", "B", "count", _png_b64(), "s", "l2", "", "dev"],
         [2, "Which animal?", "None", "cat", "dog", "", "", "A", "animal", _png_b64(), "s", "l2", "", "dev"],
@@ -49,6 +49,7 @@ def test_mmbench_prompt_is_model_vqa_mmbench(tmp_path):
     assert bench.prompt(questions[4]).startswith("Which animal?\nA. cat\nB. dog\n")  # hint "None": no hint
     assert bench.answer_prompt(questions[2]) == "How many?\nA. one\nB. two\nC. three\nD. four"
     assert Image.open(io.BytesIO(questions[0].media)).size == (4, 4)
+    assert questions[1].media == questions[0].media  # an image cell holding another row's index (VLMEvalKit TSVs)
     assert BENCHMARKS.create("mmbench_cn_llava15").prompt(questions[0]).endswith("\n请直接回答选项字母。")
     assert BENCHMARKS.create("mmbench_cn").prompt(questions[0]) == bench.prompt(questions[0])  # LLaVA-Mini's script
 
