@@ -388,7 +388,7 @@ def _check_no_credentials(path: str, key: str, source: str) -> None:
 
     found = secrets_in(path)
     if found:
-        raise ConfigError(f"{source}: bad value for config key '{key}': {redact(path)} holds {', '.join(found)}; the "
+        raise ConfigError(f"{redact(source)}: bad value for config key '{key}': {redact(path)} holds {', '.join(found)}; the "
                           "config is saved with the run and logged to MLflow, so credentials come from the store's "
                           "environment instead (AWS_* variables or profiles for S3, ~/.netrc for HTTP, ...)")
 

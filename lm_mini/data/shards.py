@@ -580,9 +580,9 @@ def _read_remote_index(url: str, remote: RemoteOptions) -> dict:
     try:
         raw = read_bytes(url, remote)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"no {INDEX_FILE} at {redact(url)} ({e}): a remote shard set is read through its "
-                                f"{INDEX_FILE} (shard names and sample counts), beside its shards; lm-mini shards "
-                                "build writes it (--out may be a URL)") from e
+        raise FileNotFoundError(f"no {INDEX_FILE} at {redact(url)} ({describe(e.__cause__ or e)}): a remote shard set "
+                                f"is read through its {INDEX_FILE} (shard names and sample counts), beside its shards; "
+                                "lm-mini shards build writes it (--out may be a URL)") from e
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -879,7 +879,9 @@ def _read_remote_shard(shard: Shard, remote: RemoteOptions) -> Iterator[Item]:
             if pending is not None:
                 yield pending
             return
-        error = errors[0] if errors else EOFError(f"the shard ended after {read} of its {shard.samples} samples")
+        # A transfer error (a pipe's exit status comes last, at close) explains a tar error that came with it.
+        error = next((e for e in errors if not isinstance(e, _DATA_ERRORS)), errors[0] if errors else
+                     EOFError(f"the shard ended after {read} of its {shard.samples} samples"))
         failures = 1 if progress else failures + 1
         if failures > remote.retries:
             reason = "truncated_tar" if isinstance(error, _DATA_ERRORS) else "shard_unavailable"
