@@ -9,20 +9,32 @@ A model directory is laid out like a Hugging Face checkpoint::
     tokenizer.json, tokenizer_config.json, ...
     README.md                        model card
 
-Weights are written with ``huggingface_hub.save_torch_state_dict`` (tied tensors stored once) and read
-with ``safetensors.torch.load_file``. Every load checks the tensors against the model built from the
-config: missing, unexpected and wrongly shaped tensors are all named in one error.
+Weights are written with ``huggingface_hub.save_torch_state_dict`` (tied tensors stored once: straight from
+the tensors' memory, no serialised copy) and read with ``safetensors.torch.load_file``, which maps the file
+instead of reading it. Every load checks the tensors against the model built from the config: missing,
+unexpected and wrongly shaped tensors are all named in one error.
+
+Memory: a model is loaded by building its parameters on the ``meta`` device (no memory, no initialisation),
+then assigning the mapped tensors shard by shard (``load_state_dict(assign=True)``): the weights live once, in
+the mapped file pages, and a 16 GB release needs about 16 GB, not twice that. The model takes the precision
+most of the checkpoint's weights are stored in (:func:`floating_dtype`); only tensors stored otherwise (a
+release's float32 norms next to bfloat16 weights) are converted, and so copied.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
 CONFIG_YAML, CONFIG_JSON, CARD = "config.yaml", "config.json", "README.md"
@@ -75,8 +87,16 @@ def read_safetensors(path: PathLike) -> Dict[str, torch.Tensor]:
     return state
 
 
+# safetensors' header names of dtypes (the format's spec)
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
 def tensor_shapes(path: PathLike) -> Dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint as an empty meta tensor of its shape: file headers only, no data read."""
+    """Every tensor of a checkpoint as an empty meta tensor of its shape and dtype: file headers only, no data read."""
     from safetensors import safe_open
 
     shapes: Dict[str, torch.Tensor] = {}
@@ -85,7 +105,9 @@ def tensor_shapes(path: PathLike) -> Dict[str, torch.Tensor]:
             for key in handle.keys():
                 if key in shapes:
                     raise ValueError(f"{f.name}: tensor {key} is also stored in another shard")
-                shapes[key] = torch.empty(handle.get_slice(key).get_shape(), device="meta")
+                header = handle.get_slice(key)
+                dtype = _SAFETENSORS_DTYPES.get(header.get_dtype(), torch.uint8)  # an exotic dtype: not a float
+                shapes[key] = torch.empty(header.get_shape(), dtype=dtype, device="meta")
     return shapes
 
 
@@ -131,11 +153,30 @@ def check_weights(state: Mapping[str, torch.Tensor], expected: Mapping[str, torc
 
 
 # --------------------------------------------------------------------------- building
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Modules built inside get their parameters on the ``meta`` device (no memory), their buffers where they are
+    made (rotary frequencies, position ids: values no checkpoint holds, computed as in a normal build)."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module: torch.nn.Module, name: str, param: Optional[torch.nn.Parameter]) -> None:
+        if param is not None and not param.is_meta:
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
 def build_model(model_cfg: DictConfig, meta: bool = False, for_loading: bool = False) -> torch.nn.Module:
     """``LlavaMini.from_config``; on the meta device (shapes and names only, no memory) when ``meta``.
 
-    ``for_loading``: every weight is about to be overwritten, so skip the random initialisation
-    (transformers' ``no_init_weights``; minutes at 8B on a CPU) and allocate in ``model.dtype`` directly.
+    ``for_loading``: every weight is about to be replaced (:func:`load_weights`, :func:`load_pretrained`), so
+    the parameters are made on ``meta`` in ``model.dtype`` (no memory, no random initialisation: transformers'
+    ``no_init_weights``), the buffers for real.
     """
     from lm_mini.models.llava_mini import LlavaMini
 
@@ -149,7 +190,7 @@ def build_model(model_cfg: DictConfig, meta: bool = False, for_loading: bool = F
     previous = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, model_cfg.dtype))
     try:
-        with no_init_weights():
+        with no_init_weights(), parameters_on_meta():
             model = LlavaMini.from_config(model_cfg)
     finally:
         torch.set_default_dtype(previous)
@@ -157,19 +198,59 @@ def build_model(model_cfg: DictConfig, meta: bool = False, for_loading: bool = F
     return model
 
 
-def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], where: str,
-                 source_name: Callable[[str], str] = str) -> torch.nn.Module:
-    """Check ``state`` against ``model`` (names and shapes, every tensor) and copy it in."""
-    expected = model.state_dict()
-    check_weights(state, expected, where, source_name, tied_aliases(model))
-    model.load_state_dict(state, strict=False)  # strictness checked above (tied aliases may be absent)
+def assign_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
+                   aliases: Optional[Mapping[str, Iterable[str]]] = None) -> None:
+    """Make ``state``'s tensors the model's own (``load_state_dict(assign=True)``: no copy, a mapped file stays
+    mapped). A floating tensor stored in another precision than its parameter is converted (copied) to it.
+    ``aliases`` (:func:`tied_aliases`, taken before the first assignment unties them): a tied tensor stored
+    under one name is given to its other names too (:func:`finish_loading` ties them again)."""
+    expected = model.state_dict(keep_vars=True)
+    state = dict(state)
+    for key in list(state):
+        for alias in (aliases or {}).get(key, ()):
+            state.setdefault(alias, state[key])
+    for key, tensor in state.items():
+        want = expected.get(key)
+        if want is not None and tensor.is_floating_point() and want.is_floating_point() and tensor.dtype != want.dtype:
+            state[key] = tensor.to(want.dtype)
+    model.load_state_dict(state, strict=False, assign=True)  # strictness is the caller's check_weights
+
+
+def finish_loading(model: torch.nn.Module, where: str) -> torch.nn.Module:
+    """Re-tie tied embeddings (assigning replaced one side) and make sure no parameter was left on ``meta``."""
+    model.llm.tie_weights()
+    left = sorted({name for name, t in [*model.named_parameters(remove_duplicate=False),
+                                        *model.named_buffers(remove_duplicate=False)] if t.is_meta})
+    if left:
+        raise WeightsMismatch(where, left, [], [])
     return model
 
 
+def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], where: str,
+                 source_name: Callable[[str], str] = str) -> torch.nn.Module:
+    """Check ``state`` against ``model`` (names and shapes, every tensor) and make its tensors the model's."""
+    aliases = tied_aliases(model)
+    check_weights(state, model.state_dict(), where, source_name, aliases)
+    assign_weights(model, state, aliases)
+    return finish_loading(model, where)
+
+
 def floating_dtype(state: Mapping[str, torch.Tensor]) -> Optional[str]:
-    """The one floating dtype of a state dict's weights ('float32', 'bfloat16', ...), None if mixed."""
-    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
-    return str(dtypes.pop()).replace("torch.", "") if len(dtypes) == 1 else None
+    """The floating dtype most of a state dict's weight elements are stored in ('bfloat16', ...); None when it has
+    no floating tensor. Meta tensors (:func:`tensor_shapes`) count too.
+
+    The rule a checkpoint's precision is kept by: a model is built and loaded in this dtype; the few tensors stored
+    otherwise (float32 norms in a bfloat16 release) are converted to it, never the other way round (a mixed
+    checkpoint used to load entirely as float32, twice its size). A tie in element count goes to the wider dtype.
+    """
+    counts: Counter = Counter()
+    for t in state.values():
+        if t.is_floating_point():
+            counts[t.dtype] += t.numel()
+    if not counts:
+        return None
+    dtype = max(counts, key=lambda d: (counts[d], torch.finfo(d).bits))
+    return str(dtype).replace("torch.", "")
 
 
 # --------------------------------------------------------------------------- the model directory
@@ -243,12 +324,24 @@ def read_config(path: PathLike) -> DictConfig:
 
 
 def load_pretrained(path: PathLike, device: Union[str, torch.device, None] = None) -> torch.nn.Module:
-    """The ``LlavaMini`` stored in a model directory, in eval mode (every tensor checked on the way)."""
+    """The ``LlavaMini`` stored in a model directory, in eval mode (every tensor checked on the way).
+
+    Built with its parameters on ``meta``, then given the shards' memory-mapped tensors one shard at a time: the
+    weights are held once (see the module docstring). Its dtype is the one most weights are stored in
+    (:func:`floating_dtype`), whatever ``model.dtype`` the directory's config.yaml names.
+    """
     from safetensors.torch import load_file
 
     cfg = read_config(path)
+    shapes = tensor_shapes(path)
+    stored = floating_dtype(shapes)
+    if stored in ("float32", "bfloat16", "float16") and stored != cfg.model.dtype:
+        log.info("%s: weights stored in %s, config.yaml says model.dtype=%s: loading in %s", path, stored, cfg.model.dtype, stored)
+        cfg.model.dtype = stored
     model = build_model(cfg.model, for_loading=True)
-    check_weights(tensor_shapes(path), model.state_dict(), str(path), aliases=tied_aliases(model))
-    for f in weight_files(path):  # one shard in memory at a time, next to the model
-        model.load_state_dict(load_file(str(f)), strict=False)  # strictness checked above
+    aliases = tied_aliases(model)
+    check_weights(shapes, model.state_dict(), str(path), aliases=aliases)
+    for f in weight_files(path):
+        assign_weights(model, load_file(str(f)), aliases)  # mapped, not read: the file's pages become the weights
+    finish_loading(model, str(path))
     return model.to(device).eval() if device is not None else model.eval()
