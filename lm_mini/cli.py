@@ -247,11 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_interop_commands(sub: Any) -> None:
     """import / export / generate / chat (lm_mini.interop)."""
-    p = sub.add_parser("import", help="released checkpoint (LLaVA-Mini, LLaVA-1.5 in transformers layout) -> model directory")
-    p.add_argument("layout", choices=["llava-mini", "llava-hf"], help="llava-mini: official LLaVA-Mini; llava-hf: LlavaForConditionalGeneration")
+    p = sub.add_parser("import", help="released checkpoint (LLaVA-Mini, LLaVA-1.5 original or transformers layout) -> model directory")
+    p.add_argument("layout", choices=["llava-mini", "llava", "llava-hf"],
+                   help="llava-mini: official LLaVA-Mini; llava: original LLaVA-1.5 (LlavaLlamaForCausalLM); "
+                        "llava-hf: LlavaForConditionalGeneration")
     p.add_argument("dir", help="local checkpoint directory (config.json, safetensors, tokenizer)")
     p.add_argument("--out", default=None, help="output model directory (default: DIR-lm_mini)")
-    p.add_argument("--vision-tower", default=None, help="llava-mini: local CLIP directory (config, and weights if DIR has none)")
+    p.add_argument("--vision-tower", default=None, help="llava-mini, llava: local CLIP directory (config, and weights if DIR has none)")
     p.add_argument("--template", default=None, help="conversation template (default: llama3 for a Llama-3 tokenizer, else vicuna_v1)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
     p.set_defaults(func=_handler("lm_mini.interop.importers:cli_import"))

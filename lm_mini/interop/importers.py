@@ -1,13 +1,21 @@
-"""``lm-mini import llava-mini|llava-hf DIR``: released checkpoints -> an lm_mini model directory.
+"""``lm-mini import llava-mini|llava|llava-hf DIR``: released checkpoints -> an lm_mini model directory.
 
-Two release layouts are read (local directories: ``config.json``, safetensors sharded with
+Three release layouts are read (local directories: ``config.json``, safetensors sharded with
 ``model.safetensors.index.json`` or in one file, tokenizer files):
 
 - ``llava-mini``: the official LLaVA-Mini code (``LlavaMiniLlamaForCausalLM``). The config is a Llama
   config plus ``compressor_size``, ``prefusion_layer_num``, ``resolution_ratio``, ``mm_*`` fields; the
   vision tower's weights may be absent, then they come from a local CLIP directory (``--vision-tower``).
+  The imported config trains as the release did (text-only samples fused with a blank image, 8 frames a
+  training video, R²+1 views a frame at R > 1).
+- ``llava``: the original LLaVA-1.5 code (haotian-liu/LLaVA ``LlavaLlamaForCausalLM``, e.g.
+  ``liuhaotian/llava-v1.5-7b``): a Llama under ``model.*`` / ``lm_head.*``, the projector under
+  ``model.mm_projector.*``, the CLIP tower under ``model.vision_tower.vision_tower.*`` when it was saved
+  (its released checkpoints leave it out and name a hub CLIP in ``mm_vision_tower``: ``--vision-tower DIR``).
 - ``llava-hf``: LLaVA-1.5 as ``transformers.LlavaForConditionalGeneration`` (file names of transformers
-  4 and 5 alike). It becomes an ``identity`` compressor with pre-fusion off: exactly LLaVA-1.5.
+  4 and 5 alike).
+
+Both LLaVA-1.5 layouts become an ``identity`` compressor with pre-fusion off: exactly LLaVA-1.5.
 
 Tensor names are translated by one table per layout (:class:`KeyMap`, data) and one function
 (:func:`rename`). Every tensor is accounted for: a key no rule matches, a tensor the model lacks or
@@ -58,6 +66,15 @@ LLAVA_MINI = KeyMap("llava-mini", (
     ("model.compressor.", "compressor."),
     ("model.prefusion_layers.", "prefusion.layers."),
     ("model.", "llm.model."),  # the Llama itself: layers, embed_tokens, norm
+    ("lm_head.", "llm.lm_head."),
+))
+
+# The original LLaVA-1.5 code (haotian-liu/LLaVA): LlavaLlamaForCausalLM = LlavaLlamaModel (a LlamaModel with
+# .vision_tower: CLIPVisionTower wrapping a CLIPVisionModel as .vision_tower, and .mm_projector) + lm_head.
+LLAVA_15 = KeyMap("llava", (
+    ("model.vision_tower.vision_tower.vision_model.", "encoder.model."),
+    ("model.mm_projector.", "projector."),
+    ("model.", "llm.model."),
     ("lm_head.", "llm.lm_head."),
 ))
 
@@ -173,10 +190,33 @@ def _refuse(src: Path, field: str, value: Any, why: str) -> None:
 
 def llava_mini_config(src: Path, raw: Dict[str, Any], vision: Any, template: str) -> DictConfig:
     """The lm_mini config of an official LLaVA-Mini checkpoint's ``config.json``."""
-    from transformers import LlamaConfig
-
     from lm_mini.config import load_config
 
+    aspect = _check_llava_fields(src, raw, vision, ("patch",))  # the compressor reads patch tokens only
+    if raw.get("model_type", "llava_mini") not in LLAVA_MINI_MODEL_TYPES:
+        _refuse(src, "model_type", raw.get("model_type"), "LLaVA-Mini's pre-fusion layers are Llama layers")
+    model = {
+        "encoder": {"name": "hf_clip", "config": hf_config_dict(vision, keep_model_type=False), "path": None,
+                    "select_layer": raw.get("mm_vision_select_layer", -2), "select_feature": "patch"},
+        "projector": {"name": raw.get("mm_projector_type", "linear")},
+        "compressor": {"name": "query_attention", "grid": raw["compressor_size"]},
+        # official training (llavamini/train/train.py): text-only samples get a blank image, frames R²+1 views
+        "prefusion": {"depth": raw.get("prefusion_layer_num", 4), "init": "random", "text_only_blank_image": True},
+        "llm": {"name": "hf_causal_lm", "config": _llama_fields(raw), "path": None},
+        "resolution_ratio": raw.get("resolution_ratio", 1),
+        "video_hires": True,
+    }
+    # official training samples 8 frames a video (load_video_org(num_frm=8)); inference 1 fps (data.video_fps)
+    data = {"template": template, "aspect_mode": aspect, "train_video_frames": 8}
+    if raw.get("tokenizer_model_max_length"):
+        data["max_length"] = raw["tokenizer_model_max_length"]
+    return OmegaConf.merge(load_config(), {"experiment": "imported", "model": model, "data": data})
+
+
+def _check_llava_fields(src: Path, raw: Dict[str, Any], vision: Any, select_features: Tuple[str, ...]) -> str:
+    """The ``mm_*`` fields LLaVA-1.5 and LLaVA-Mini configs share, refused unless lm_mini computes what they say.
+    Returns ``data.aspect_mode``: ``pad`` for ``pad``, else ``square`` (official ``process_images`` gives every
+    other ``image_aspect_ratio`` the CLIP processor's shortest-edge resize and centre crop)."""
     if raw.get("mm_use_im_start_end"):
         _refuse(src, "mm_use_im_start_end", True, "no <im_start>/<im_end> tokens around the image here")
     if "unpad" in str(raw.get("mm_patch_merge_type", "flat")):
@@ -190,23 +230,39 @@ def llava_mini_config(src: Path, raw: Dict[str, Any], vision: Any, template: str
     if aspect not in ("pad", "square", "resize"):
         _refuse(src, "image_aspect_ratio", aspect, "pad or square")
     select = raw.get("mm_vision_select_feature", "patch")
-    if select != "patch":
-        _refuse(src, "mm_vision_select_feature", select, "the compressor reads patch tokens only")
-    if raw.get("model_type", "llava_mini") not in LLAVA_MINI_MODEL_TYPES:
-        _refuse(src, "model_type", raw.get("model_type"), "LLaVA-Mini's pre-fusion layers are Llama layers")
+    if select not in select_features:
+        _refuse(src, "mm_vision_select_feature", select, " or ".join(select_features))
+    return "pad" if aspect == "pad" else "square"
+
+
+def _llama_fields(raw: Dict[str, Any]) -> Dict[str, Any]:
+    """The Llama config inside a LLaVA(-Mini) ``config.json`` (its ``mm_*`` and other extra fields dropped)."""
+    from transformers import LlamaConfig
+
     llm_fields = {k: v for k, v in raw.items() if not k.startswith("mm_") and k != "model_type"}
     llm = hf_config_dict(LlamaConfig(**llm_fields), keep_model_type=True)
-    llm = {k: v for k, v in llm.items() if k in LlamaConfig().to_dict()}  # drop the LLaVA-Mini fields kept as attributes
+    return {k: v for k, v in llm.items() if k in LlamaConfig().to_dict()}
+
+
+def llava_15_config(src: Path, raw: Dict[str, Any], vision: Any, template: str) -> DictConfig:
+    """The lm_mini config of an original LLaVA-1.5 checkpoint's ``config.json`` (``LlavaLlamaForCausalLM``):
+    all patch tokens (identity compressor), no pre-fusion, ``cls_patch`` kept when the checkpoint selects it."""
+    from lm_mini.config import load_config
+
+    if raw.get("model_type", "llava") not in ("llava", "llava_llama", "llama"):
+        _refuse(src, "model_type", raw.get("model_type"), "LLaVA-1.5's LlavaLlamaForCausalLM wraps a Llama")
+    aspect = _check_llava_fields(src, raw, vision, ("patch", "cls_patch"))
     model = {
         "encoder": {"name": "hf_clip", "config": hf_config_dict(vision, keep_model_type=False), "path": None,
-                    "select_layer": raw.get("mm_vision_select_layer", -2), "select_feature": select},
+                    "select_layer": raw.get("mm_vision_select_layer", -2),
+                    "select_feature": raw.get("mm_vision_select_feature", "patch")},
         "projector": {"name": raw.get("mm_projector_type", "linear")},
-        "compressor": {"name": "query_attention", "grid": raw["compressor_size"]},
-        "prefusion": {"depth": raw.get("prefusion_layer_num", 4), "init": "random"},
-        "llm": {"name": "hf_causal_lm", "config": llm, "path": None},
-        "resolution_ratio": raw.get("resolution_ratio", 1),
+        "compressor": {"name": "identity", "grid": vision.image_size // vision.patch_size},
+        "prefusion": {"depth": 0},
+        "llm": {"name": "hf_causal_lm", "config": _llama_fields(raw), "path": None},
+        "resolution_ratio": 1,
     }
-    data = {"template": template, "aspect_mode": "pad" if aspect == "pad" else "square"}
+    data = {"template": template, "aspect_mode": aspect}
     if raw.get("tokenizer_model_max_length"):
         data["max_length"] = raw["tokenizer_model_max_length"]
     return OmegaConf.merge(load_config(), {"experiment": "imported", "model": model, "data": data})
@@ -285,27 +341,65 @@ def import_llava_mini(src: PathLike, out: PathLike, vision_tower: Optional[PathL
     raw = read_config_json(src)
     _refuse_lm_mini_dir(src, raw)
     if "compressor_size" not in raw:
-        raise ValueError(f"{src}/config.json has no compressor_size: not a LLaVA-Mini checkpoint (try llava-hf)")
-    name = raw.get("mm_vision_tower")
+        raise ValueError(f"{src}/config.json has no compressor_size: not a LLaVA-Mini checkpoint "
+                         "(an original LLaVA-1.5: lm-mini import llava; transformers' LLaVA: llava-hf)")
+    tower = _tower_dir(vision_tower, raw.get("mm_vision_tower"))
+    cfg = llava_mini_config(src, raw, _vision_config(tower, raw.get("mm_vision_tower")), _template(src, template, "vicuna_v1"))
+    return _finish(LLAVA_MINI, src, Path(out), cfg, _with_tower(rename(read_safetensors(src), LLAVA_MINI), LLAVA_MINI, src, tower),
+                   max_shard_size)
+
+
+def import_llava(src: PathLike, out: PathLike, vision_tower: Optional[PathLike] = None,
+                 template: Optional[str] = None, max_shard_size: Any = "5GB") -> Path:
+    """An original LLaVA-1.5 checkpoint directory (haotian-liu/LLaVA ``LlavaLlamaForCausalLM``) -> ``out``.
+
+    The CLIP tower as for :func:`import_llava_mini`: its config from ``vision_tower`` or ``mm_vision_tower``
+    (a local directory or a known hub name), its weights from the checkpoint (``model.vision_tower.*``) or
+    from ``vision_tower``. Released LLaVA-1.5 weights are pickled ``.bin`` files: convert them to
+    safetensors first (the message says so).
+    """
+    src = Path(src)
+    raw = read_config_json(src)
+    _refuse_lm_mini_dir(src, raw)
+    if "compressor_size" in raw:
+        raise ValueError(f"{src}/config.json has compressor_size: a LLaVA-Mini checkpoint (lm-mini import llava-mini)")
+    if "text_config" in raw or "LlavaForConditionalGeneration" in (raw.get("architectures") or []):
+        raise ValueError(f"{src} is transformers' LlavaForConditionalGeneration (lm-mini import llava-hf)")
+    if "mm_vision_tower" not in raw and "mm_hidden_size" not in raw:
+        raise ValueError(f"{src}/config.json has no mm_vision_tower / mm_hidden_size: not a LLaVA checkpoint")
+    tower = _tower_dir(vision_tower, raw.get("mm_vision_tower"))
+    cfg = llava_15_config(src, raw, _vision_config(tower, raw.get("mm_vision_tower")), _template(src, template, "vicuna_v1"))
+    return _finish(LLAVA_15, src, Path(out), cfg, _with_tower(rename(read_safetensors(src), LLAVA_15), LLAVA_15, src, tower),
+                   max_shard_size)
+
+
+def _tower_dir(vision_tower: Optional[PathLike], name: Optional[str]) -> Optional[Path]:
+    """``--vision-tower``, else ``mm_vision_tower`` when it is a local directory."""
     tower = Path(vision_tower) if vision_tower else (Path(name) if name and Path(name).is_dir() else None)
     if tower is not None and not tower.is_dir():
         raise FileNotFoundError(f"--vision-tower {tower}: no such directory")
-    cfg = llava_mini_config(src, raw, _vision_config(tower, name), _template(src, template, "vicuna_v1"))
-    renamed = rename(read_safetensors(src), LLAVA_MINI)
-    if not any(k.startswith("encoder.") for k in renamed.state):
-        if tower is None:
-            raise ValueError(f"{src} holds no vision tower weights ({LLAVA_MINI.rules[0][0]}*); "
-                             "pass --vision-tower DIR, a local CLIP checkpoint")
-        clip = rename(read_safetensors(tower), CLIP_VISION, where=f"{tower}:")
-        renamed = Renamed({**renamed.state, **clip.state}, {**renamed.origin, **clip.origin},
-                          renamed.unmatched + clip.unmatched, renamed.dropped + clip.dropped)
-    return _finish(LLAVA_MINI, src, Path(out), cfg, renamed, max_shard_size)
+    return tower
+
+
+def _with_tower(renamed: Renamed, keymap: KeyMap, src: Path, tower: Optional[Path]) -> Renamed:
+    """The checkpoint's tensors plus, when it holds no vision tower, the CLIP weights of ``tower``."""
+    if any(k.startswith("encoder.") for k in renamed.state):
+        return renamed
+    if tower is None:
+        raise ValueError(f"{src} holds no vision tower weights ({keymap.rules[0][0]}*); "
+                         "pass --vision-tower DIR, a local CLIP checkpoint")
+    clip = rename(read_safetensors(tower), CLIP_VISION, where=f"{tower}:")
+    return Renamed({**renamed.state, **clip.state}, {**renamed.origin, **clip.origin},
+                   renamed.unmatched + clip.unmatched, renamed.dropped + clip.dropped)
 
 
 def import_llava_hf(src: PathLike, out: PathLike, template: Optional[str] = None, max_shard_size: Any = "5GB") -> Path:
     """A ``LlavaForConditionalGeneration`` checkpoint directory (LLaVA-1.5) -> lm_mini model directory ``out``."""
     src = Path(src)
-    _refuse_lm_mini_dir(src, read_config_json(src))
+    raw = read_config_json(src)
+    _refuse_lm_mini_dir(src, raw)
+    if "mm_vision_tower" in raw and "text_config" not in raw and "compressor_size" not in raw:
+        raise ValueError(f"{src}/config.json has mm_vision_tower: the original LLaVA layout (lm-mini import llava)")
     cfg = llava_hf_config(src, _template(src, template, "vicuna_v1"))
     return _finish(LLAVA_HF, src, Path(out), cfg, rename(read_safetensors(src), LLAVA_HF), max_shard_size)
 
@@ -316,6 +410,8 @@ def cli_import(args: Any) -> int:
     try:
         if args.layout == "llava-mini":
             path = import_llava_mini(src, out, args.vision_tower, args.template, args.max_shard_size)
+        elif args.layout == "llava":
+            path = import_llava(src, out, args.vision_tower, args.template, args.max_shard_size)
         else:
             path = import_llava_hf(src, out, args.template, args.max_shard_size)
     except (FileNotFoundError, FileExistsError, ValueError) as e:  # WeightsMismatch is a ValueError

@@ -123,6 +123,8 @@ def test_llava_mini_import_matches_direct_construction(official, tokenizer_dir, 
     cfg = read_config(out)
     assert (cfg.model.compressor.grid, cfg.model.prefusion.depth, cfg.model.encoder.select_layer) == (2, 2, -2)
     assert (cfg.data.template, cfg.data.aspect_mode, cfg.data.max_length) == ("llama3", "pad", 512)
+    # trains as the release did: blank image for text-only samples, 8 frames a video, R²+1 views a frame
+    assert (cfg.model.prefusion.text_only_blank_image, cfg.model.video_hires, cfg.data.train_video_frames) == (True, True, 8)
     imported, reference = load_pretrained(out), reference_model(parts)
     batch = image_batch()
     with torch.no_grad():
