@@ -96,7 +96,8 @@ def synthetic_batch(model_cfg: Any, text_tokens: int, frames: int = 0, device: s
 
     size = image_preprocessing(model_cfg.encoder)[0]
     ratio = int(model_cfg.resolution_ratio)
-    views = frames if frames else (1 + ratio * ratio if ratio > 1 else 1)
+    per_image = 1 + ratio * ratio if ratio > 1 else 1
+    views = frames * (per_image if getattr(model_cfg, "video_hires", False) else 1) if frames else per_image
     slot = max(1, text_tokens // 4)  # system prompt before the image, the question after it
     ids = torch.randint(3, vocab, (1, text_tokens + 1), device="cpu")
     ids[0, slot] = IMAGE_TOKEN_INDEX
