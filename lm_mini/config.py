@@ -161,6 +161,9 @@ class TrainConfig:
     val_every_n_steps: Optional[int] = None
     sharded_checkpoint: bool = True  # fsdp: one shard per rank (False: gather one full file on rank 0)
     eval_at_end: bool = True  # greedy-generation exact match on data.val after training (rank 0)
+    # Seconds a collective (and the start of a torchrun/srun job) waits for the other ranks: a rank that died or
+    # hangs fails the job after this long. Longer than the slowest checkpoint save or end-of-training evaluation.
+    dist_timeout_s: float = 600.0
 
 
 @dataclass
@@ -325,7 +328,7 @@ _MINIMUM = {
     "eval.num_beams": 1,
 }
 _MAXIMUM = {"train.warmup_ratio": 1.0, "eval.top_p": 1.0}  # fractions
-_POSITIVE = ("eval.top_p", "data.video_fps", "data.remote.timeout_s", "data.remote.cache_max_gb")
+_POSITIVE = ("eval.top_p", "data.video_fps", "train.dist_timeout_s", "data.remote.timeout_s", "data.remote.cache_max_gb")
 
 
 def validate(cfg: DictConfig, source: str = "config") -> DictConfig:

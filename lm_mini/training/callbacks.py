@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lm_mini.data.errors import SKIP_REASONS, sum_over_ranks
 from lm_mini.data.grouping import padding_fraction
+from lm_mini.training.distributed import gather_from_ranks, own_share
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -116,6 +117,31 @@ def requeue_slurm_job() -> bool:
     if result.returncode != 0:
         rank_zero_warn(f"scontrol requeue {job} failed: {result.stderr.strip()}")
     return result.returncode == 0
+
+
+class PerRankLoaderState(Callback):
+    """Every checkpoint carries each rank's train-loader position; a resumed rank takes its own.
+
+    Lightning saves the loop state, with the loader's ``state_dict``, of the rank that writes the checkpoint:
+    rank 0 under DDP, and rank 0's ``meta.pt`` under FSDP. Each rank reads its own part of the data, so the
+    other ranks would resume from rank 0's position (refused by the loader: it was planned for rank 0).
+    """
+
+    KEY = "lm_mini_loader_state_per_rank"
+
+    @staticmethod
+    def _loop_state(checkpoint: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        return checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict")
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: Dict[str, Any]) -> None:
+        loop = self._loop_state(checkpoint)
+        if loop is not None and "combined_loader" in loop:  # all ranks dump a checkpoint together
+            checkpoint[self.KEY] = gather_from_ranks(loop["combined_loader"], trainer.world_size)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: Dict[str, Any]) -> None:
+        loop = self._loop_state(checkpoint)  # callbacks are restored before the loops read it
+        if loop is not None and self.KEY in checkpoint:
+            loop["combined_loader"] = own_share(checkpoint[self.KEY], trainer.global_rank, "data-loader positions")
 
 
 class ThroughputLogger(Callback):

@@ -24,6 +24,7 @@ from torch import nn
 from lm_mini.eval.generation import GenerationEval, split_prompt_answer  # noqa: F401  (split_prompt_answer: re-exported)
 from lm_mini.training import strategy as strategies
 from lm_mini.training.checkpoint import read_checkpoint_weights
+from lm_mini.training.distributed import gather_from_ranks, own_share
 
 PARTS = ("encoder", "projector", "compressor", "prefusion", "llm")
 
@@ -191,13 +192,15 @@ class LmMiniModule(GenerationEval, L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoint extras
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        # Lightning saves model, optimizer, scheduler, loops and data-loader state, but not the RNGs.
-        checkpoint["rng_states"] = _rng_state()
+        # Lightning saves model, optimizer, scheduler, loops and data-loader state, but not the RNGs: every
+        # rank's (one rank writes the checkpoint; the ranks' generators need not stay in step).
+        checkpoint["rng_states"] = gather_from_ranks(_rng_state(), self.trainer.world_size)
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         # Applied in on_train_start: restoring now would be undone by the draws Lightning makes while
         # it rebuilds the data-loader iterator, which the uninterrupted run made at epoch start instead.
-        self._pending_rng = checkpoint.get("rng_states")
+        saved = checkpoint.get("rng_states")
+        self._pending_rng = own_share(saved, self.trainer.global_rank, "random generators") if saved is not None else None
 
     def on_train_start(self) -> None:
         if self._pending_rng is not None:

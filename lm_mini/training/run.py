@@ -21,9 +21,10 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import lightning as L
+import torch.distributed as dist
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig
@@ -31,11 +32,14 @@ from omegaconf import DictConfig
 from lm_mini.config import flatten, load_config, to_yaml, tracking_uri
 from lm_mini.data.errors import describe_skips
 from lm_mini.training import checkpoint as ckpt
-from lm_mini.training.callbacks import (PreemptionHandler, SkippedSamplesLogger, StepCheckpoint, ThroughputLogger,
+from lm_mini.training.distributed import (Heartbeat, LaunchError, StartFailed, check_launch, detect_launch, from_rank_zero,
+                                          join_process_group, lost_rank_message)
+from lm_mini.training.callbacks import (PerRankLoaderState, PreemptionHandler, SkippedSamplesLogger, StepCheckpoint, ThroughputLogger,
                                        requeue_slurm_job, skip_counts_over_ranks)
 from lm_mini.training.module import LmMiniModule
 from lm_mini.training.strategy import build_strategy, cluster_plugins
-from lm_mini.training.tracking import BufferedMLFlowLogger, CheckpointedMetrics, TrackingUnavailable, check_tracking_server
+from lm_mini.training.tracking import (BufferedMLFlowLogger, CheckpointedMetrics, OtherRankLogger, TrackingUnavailable,
+                                      check_tracking_server)
 
 RUN_NAME_ENV = "LM_MINI_RUN_NAME"  # processes Lightning launches (DDP/FSDP children) inherit the run's name
 
@@ -113,7 +117,7 @@ class ResumeMismatch(ValueError):
 # holds or the loader's saved position depends on: a change would be ignored (the restored optimiser and
 # schedule win, so config.yaml and MLflow would record a config the run does not follow) or crash.
 RESUME_MAY_CHANGE = ("train.max_steps", "train.max_epochs", "train.checkpoint_every_n_steps", "train.keep_last_k",
-                     "train.eval_at_end", "train.val_every_n_steps", "train.log_every_n_steps", "train.init_from",
+                     "train.eval_at_end", "train.val_every_n_steps", "train.log_every_n_steps", "train.init_from", "train.dist_timeout_s",
                      "data.val", "data.remote", "eval", "logging", "experiment", "run_name",
                      "model.attn_implementation", "model.llm.attn_implementation")  # another kernel, the same function
 
@@ -201,13 +205,11 @@ def replace_abandoned_attempt(uri: str, run_id: str, run: Run) -> None:
 
 
 def setup_tracking(cfg: DictConfig, run: Run) -> BufferedMLFlowLogger:
-    """The run's MLflow logger. Rank 0 opens the MLflow run (params, tags and the config artifact) or,
-    when resuming, reopens it and reads the steps it already has (logged once only)."""
+    """Rank 0's MLflow logger: it opens the MLflow run (params, tags and the config artifact) or, when resuming,
+    reopens it and reads the steps it already has (logged once only). No other rank touches the store."""
     uri = tracking_uri(cfg)
     previous = json.loads(run.mlflow_file.read_text()) if run.mlflow_file.is_file() else {}
     run_id = previous.get("run_id")  # the MLflow run of an earlier session of this run
-    if rank_zero_only.rank != 0:
-        return BufferedMLFlowLogger(experiment_name=cfg.experiment, tracking_uri=uri, run_id=run_id)
     stored: Dict[str, int] = {}
     if run_id is not None and run.resume_from is None:
         replace_abandoned_attempt(uri, run_id, run)
@@ -257,7 +259,7 @@ def build_trainer(cfg: DictConfig, run: Run, logger: Any) -> tuple:
         # The preemption save comes after every callback that logs the step (Lightning puts checkpoint
         # callbacks last), so the checkpoint carries all of its step's metrics.
         callbacks=[checkpoints, LearningRateMonitor(logging_interval="step"), ThroughputLogger(), SkippedSamplesLogger(),
-                   preemption, CheckpointedMetrics()],
+                   preemption, CheckpointedMetrics(), PerRankLoaderState()],
         plugins=[ckpt.AtomicCheckpointIO(), *cluster_plugins()],
     )
     return trainer, preemption
@@ -276,17 +278,15 @@ class TrainResult:
     skipped: Optional[Dict[str, int]] = None  # training samples skipped/altered per reason, all ranks (None: no batch ran)
 
 
-def train(cfg: DictConfig, resume: Optional[str] = None, model_factory: Optional[Callable] = None,
-          datamodule: Optional[L.LightningDataModule] = None) -> TrainResult:
-    """Train one stage as ``cfg`` says; evaluate on ``data.val`` at the end (``train.eval_at_end``)."""
-    if rank_zero_only.rank == 0:  # an unreachable tracking server is an error before any work
-        check_tracking_server(tracking_uri(cfg), cfg.logging.connect_timeout_s)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+def prepare_run(cfg: DictConfig, resume: Optional[str], check_data: bool) -> Tuple[Run, Optional[str]]:
+    """Rank 0's set-up, before any training: every check that can refuse the run, then the run directory and its
+    ``config.yaml``. Returns the run and the resolved ``train.init_from`` checkpoint (None: none, or resuming)."""
+    check_tracking_server(tracking_uri(cfg), cfg.logging.connect_timeout_s)  # an unreachable server: an error before any work
     run = resolve_run(cfg, resume)
     if run.resume_from is not None:
         check_resumable(run.dir / "config.yaml", cfg)  # before anything of the run is touched
         check_same_tracking_store(run, tracking_uri(cfg))
-    if datamodule is None:
+    if check_data:
         from lm_mini.data.datamodule import check_data_paths
 
         if not cfg.data.train:
@@ -297,11 +297,65 @@ def train(cfg: DictConfig, resume: Optional[str] = None, model_factory: Optional
     check_model_backends(cfg.model, cfg.train.accelerator)  # an attention backend this machine cannot run, likewise
     # Checked before the run directory and MLflow run exist: a bad init_from leaves nothing behind.
     init_from = str(resolve_init_from(cfg.train.init_from, cfg.logging.runs_dir)) if cfg.train.init_from and run.resume_from is None else None
-    if rank_zero_only.rank == 0:
-        run.dir.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_incomplete(run.checkpoints)  # leftovers of a save that was killed
-        (run.dir / "config.yaml").write_text(to_yaml(cfg))
-    logger = setup_tracking(cfg, run)
+    run.dir.mkdir(parents=True, exist_ok=True)
+    ckpt.remove_incomplete(run.checkpoints)  # leftovers of a save that was killed
+    (run.dir / "config.yaml").write_text(to_yaml(cfg))
+    return run, init_from
+
+
+# Errors that are the user's to fix (exit code 2, no traceback); anything else is a crash (1).
+USER_ERRORS = (TrackingUnavailable, FileExistsError, FileNotFoundError, ResumeMismatch, LaunchError)
+
+
+def _exit_code(error: BaseException) -> int:
+    return 2 if isinstance(error, USER_ERRORS) else 1
+
+
+def train(cfg: DictConfig, resume: Optional[str] = None, model_factory: Optional[Callable] = None,
+          datamodule: Optional[L.LightningDataModule] = None) -> TrainResult:
+    """Train one stage as ``cfg`` says; evaluate on ``data.val`` at the end (``train.eval_at_end``).
+
+    Only rank 0 touches the tracking store and writes the run directory; under torchrun/srun the other ranks
+    wait for its decisions (``training/distributed.py``). A rank lost mid-run raises :class:`LostRank`."""
+    launch = detect_launch()
+    check_launch(launch, cfg.train.num_nodes)
+    heartbeat = None
+    if launch.started_together:
+        join_process_group(launch, cfg.train.accelerator, cfg.train.dist_timeout_s)
+        heartbeat = Heartbeat(launch).start()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    loggers: Dict[str, Any] = {}
+
+    def set_up() -> Tuple[Run, Optional[str]]:  # rank 0
+        run, init_from = prepare_run(cfg, resume, check_data=datamodule is None)
+        loggers["rank0"] = setup_tracking(cfg, run)
+        return run, init_from
+
+    if launch.started_by_lightning:  # rank 0 set the run up before starting this process: find it as rank 0 did
+        run = resolve_run(cfg, resume)
+        init_from = str(resolve_init_from(cfg.train.init_from, cfg.logging.runs_dir)) if cfg.train.init_from and run.resume_from is None else None
+    else:
+        run, init_from = from_rank_zero(launch, set_up, _exit_code)
+    logger = loggers.get("rank0") or OtherRankLogger(cfg.experiment)
+    try:
+        return _fit(cfg, run, init_from, logger, model_factory, datamodule)
+    except BaseException as e:
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else launch.world_size
+        lost = lost_rank_message(launch, heartbeat, e, cfg.train.dist_timeout_s) if world > 1 else None
+        if lost is not None:
+            raise LostRank(lost) from e
+        raise
+    finally:
+        if heartbeat is not None:
+            heartbeat.stop()
+
+
+class LostRank(RuntimeError):
+    """A collective operation failed mid-run: another rank died or stopped answering."""
+
+
+def _fit(cfg: DictConfig, run: Run, init_from: Optional[str], logger: Any, model_factory: Optional[Callable],
+         datamodule: Optional[L.LightningDataModule]) -> TrainResult:
     previous_name = os.environ.get(RUN_NAME_ENV)
     try:  # from here on a failure (a precision Lightning refuses, a crash in fit) closes the MLflow run as FAILED
         module = LmMiniModule(cfg, model_factory=model_factory, init_from=init_from)
@@ -328,71 +382,18 @@ def train(cfg: DictConfig, resume: Optional[str] = None, model_factory: Optional
         logger.close("KILLED")
         return result
     if cfg.train.eval_at_end and len(cfg.data.val) > 0:
-        from lm_mini.eval.evaluate import records_by_id
+        from lm_mini.eval.evaluate import evaluate, records_by_id, score_other_metrics
 
         records = records_by_id([v.path for v in cfg.data.val])  # read once: for the baseline and the scores
         result.eval = evaluate(trainer, module, datamodule, cfg, records)
         if trainer.is_global_zero:
-            _score_other_metrics(result.eval, cfg, logger, trainer.global_step, records)
+            score_other_metrics(result.eval, cfg, logger, trainer.global_step, records)
             (run.dir / "eval.json").write_text(json.dumps(result.eval, indent=2))
     if trainer.is_global_zero:
         final = ckpt.latest_checkpoint(run.checkpoints)
         run.finished_file.write_text(json.dumps({"checkpoint": final.name if final else None, "global_step": trainer.global_step}))
     logger.close("FINISHED")
     return result
-
-
-def evaluate(trainer: L.Trainer, module: LmMiniModule, datamodule: Any, cfg: DictConfig,
-             records: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
-    """Greedy generation on ``data.val`` (Lightning's test loop, every rank its share); exact match
-    against the gold answers, next to the majority-answer baseline of the same samples.
-    ``records``: ``data.val``'s records by sample id (``lm_mini.eval.evaluate.records_by_id``)."""
-    from lm_mini.data.conversation import TEMPLATES
-
-    tokenizer = datamodule.processor.tokenizer
-    template = TEMPLATES.get(cfg.data.val[0].template or cfg.data.template)
-    module.start_generation_eval(tokenizer, template.stop_token_ids(tokenizer), cfg.eval.max_new_tokens, cfg.eval.max_samples)
-    from lm_mini.data.datamodule import LmMiniDataModule
-
-    loader = (datamodule.val_dataloader(batch_size=cfg.eval.batch_size) if isinstance(datamodule, LmMiniDataModule)
-              else datamodule.val_dataloader())  # a caller's own data module batches as it likes
-    trainer.test(module, dataloaders=loader, verbose=False)
-    skips = getattr(loader, "skips", None)  # ours counts what it skipped; the evaluated samples are the rest
-    skipped = skip_counts_over_ranks(trainer, dict(skips or {}), module.device)
-    evaluated = dict(module.gathered_answers())  # sample id -> gold answer
-    top, hits = Counter(evaluated.values()).most_common(1)[0] if evaluated else ("", 0)
-    result = {"accuracy": float(trainer.callback_metrics["eval/exact_match"]), "n": len(evaluated),
-              "majority_baseline": hits / max(1, len(evaluated)), "majority_answer": top,
-              "skipped": skipped, "predictions": module.eval_examples}
-    per_type = majority_per_question_type(records, set(evaluated))
-    if per_type is not None:  # records that say their question type: the stronger, per-type majority guess
-        result["majority_baseline"] = max(result["majority_baseline"], per_type)
-    return result
-
-
-def _score_other_metrics(result: Dict[str, Any], cfg: DictConfig, logger: Any, step: int,
-                         records: Mapping[str, Mapping[str, Any]]) -> None:
-    """``eval.metrics`` besides exact match (logged by the test loop) on the predictions, into ``result["scores"]``
-    and MLflow as ``eval/<metric>`` and ``eval/type/<question type>/<metric>``."""
-    from lm_mini.eval.evaluate import score
-
-    others = [m for m in cfg.eval.metrics if m != "exact_match"]
-    if not others or not result["predictions"]:
-        return
-    scores = score(result["predictions"], records, others)
-    result["scores"] = scores
-    logger.log_metrics({f"eval/{k.removeprefix('all/')}": v for k, v in scores.items() if not k.endswith("/n")}, step=step)
-
-
-def majority_per_question_type(records: Mapping[str, Mapping[str, Any]], sample_ids: set) -> Optional[float]:
-    """Accuracy, on the evaluated samples, of always giving the most frequent answer of each
-    ``question_type`` (None when the records do not say their type)."""
-    from lm_mini.data.synthetic import majority_baseline
-
-    evaluated = [r for sid, r in records.items() if sid in sample_ids]
-    if not evaluated or not all("question_type" in r for r in evaluated):
-        return None
-    return float(majority_baseline(evaluated)["overall"]["accuracy"])
 
 
 def _report(result: TrainResult) -> None:
@@ -416,9 +417,15 @@ def cli_train(args: Any) -> int:
     cfg = load_config(args.config, args.overrides)
     try:
         result = train(cfg, resume=args.resume)
-    except (TrackingUnavailable, FileExistsError, FileNotFoundError, ResumeMismatch) as e:
+    except USER_ERRORS as e:
         print(f"lm-mini: {e}", file=sys.stderr)
         return 2
+    except StartFailed as e:  # another rank's copy of rank 0's error, which rank 0 prints in full
+        print(f"lm-mini: rank {rank_zero_only.rank}: {e}", file=sys.stderr)
+        return e.exit_code
+    except LostRank as e:
+        print(f"lm-mini: {e}", file=sys.stderr, flush=True)
+        return 1
     if rank_zero_only.rank == 0:
         if result.preempted:
             print(f"lm-mini: stopped by a signal at step {result.global_step}; continue with --resume auto "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, List, Optional, Union
 
@@ -46,6 +47,12 @@ class FSDP2Strategy(ModelParallelStrategy):
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
 
+    def optimizer_state(self, optimizer: Any) -> dict:
+        state = super().optimizer_state(optimizer)
+        if self._save_distributed_checkpoint:
+            add_missing_parameter_states(state, self.model)
+        return state
+
     def save_checkpoint(self, checkpoint: dict, filepath: Union[str, Path], storage_options: Optional[Any] = None) -> None:
         if not self._save_distributed_checkpoint:  # one full file, written by the (atomic) CheckpointIO
             return super().save_checkpoint(checkpoint, filepath, storage_options)
@@ -64,15 +71,42 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.barrier()
 
 
+def add_missing_parameter_states(state: dict, model: nn.Module) -> None:
+    """Give every trainable parameter an entry in a sharded optimizer state dict (``get_optimizer_state_dict``).
+
+    Adam keeps no state for a parameter that has not had a gradient yet (the vision tower's layers after the
+    feature layer never get one), but resuming a sharded checkpoint first gives every trainable parameter a state
+    and then asks the checkpoint for all of them ("Missing key in checkpoint state_dict"). The missing entries are
+    zeros with step 0: exactly what the optimizer would create at the parameter's first gradient, so a resumed
+    run stays bit-identical. The live optimizer is not touched.
+    """
+    from torch.distributed.checkpoint.state_dict import _get_fqns  # the names get_optimizer_state_dict uses
+
+    per_param, groups = state.get("state", {}), state.get("param_groups", [])
+    template = next(iter(per_param.values()), None)
+    if template is None:
+        return
+    params = {fqn: p for name, p in model.named_parameters() for fqn in _get_fqns(model, name)}
+    for group in groups:
+        for fqn in group.get("params", []):
+            if fqn not in per_param and fqn in params:
+                param = params[fqn]
+                # moment estimates are shaped (and sharded) like the parameter; the step count is a scalar
+                per_param[fqn] = {k: (torch.zeros_like(v) if v.dim() == 0 else torch.zeros_like(param)) if torch.is_tensor(v)
+                                  else type(v)() for k, v in template.items()}
+
+
 def build_strategy(train_cfg: Any) -> Union[str, Strategy]:
     name = train_cfg.strategy
     if name == "auto":
         return "auto"
+    # A rank that dies or hangs fails the others' next collective after this long (not Lightning's 30 minutes).
+    timeout = timedelta(seconds=train_cfg.dist_timeout_s)
     if name == "ddp":
         # Some trainable parts sit idle for some batches (the compressor on text-only batches).
-        return DDPStrategy(find_unused_parameters=True)
+        return DDPStrategy(find_unused_parameters=True, timeout=timeout)
     if name == "fsdp":
-        return FSDP2Strategy(sharded_checkpoint=train_cfg.sharded_checkpoint)
+        return FSDP2Strategy(sharded_checkpoint=train_cfg.sharded_checkpoint, timeout=timeout)
     raise ValueError(f"unknown train.strategy '{name}': expected auto | ddp | fsdp")
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.loggers import Logger, MLFlowLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
 
@@ -243,6 +243,34 @@ class BufferedMLFlowLogger(MLFlowLogger):
         thread = threading.Thread(target=terminate, daemon=True)
         thread.start()
         thread.join(self.flush_timeout)
+
+
+class OtherRankLogger(Logger):
+    """The logger of every rank but 0: Lightning logs from rank 0 only, so the others need a logger that never
+    opens the tracking store (an ``MLFlowLogger`` creates its client, and a fresh store's tables, when built)."""
+
+    def __init__(self, experiment_name: str):
+        super().__init__()
+        self._name = experiment_name
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def version(self) -> str:
+        return ""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
+        pass
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self, status: str = "FINISHED") -> None:
+        pass
+
+    run_id = None
 
 
 class CheckpointedMetrics(Callback):

@@ -1,0 +1,135 @@
+"""torchrun starts every rank at once, each running ``lm-mini train``, against a fresh MLflow store.
+
+Only rank 0 creates the store, the MLflow run and the run directory; the others take its decisions. A rank
+that dies (SIGKILL) or hangs (SIGSTOP) makes the others exit within ``train.dist_timeout_s``, naming it, and
+``--resume auto`` continues the run: bit-identical to an uninterrupted one, every step once in one MLflow run.
+"""
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import List
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from training_helpers import PYTHON, ROOT, subprocess_env
+from lm_mini.training import checkpoint as ckpt
+
+SCRIPT = Path(__file__).with_name("cluster_train.py")
+STEPS = 8
+SETTINGS = [  # the demo config with a smaller model and short batches
+    "experiments/demo.yaml", "model.encoder.config.num_hidden_layers=2", "model.llm.config.num_hidden_layers=2",
+    "data.batch_size=4", f"train.max_steps={STEPS}", "train.checkpoint_every_n_steps=2", "train.keep_last_k=10",
+    "train.log_every_n_steps=1", "train.eval_at_end=false", "run_name=job",
+]
+pytestmark = pytest.mark.timeout(600)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(tmp: Path, launch: List[str], overrides: List[str], log: str, fault: str = "") -> subprocess.Popen:
+    cmd = [PYTHON, "-m", "torch.distributed.run", *launch, str(SCRIPT), "train", *SETTINGS,
+           f"logging.runs_dir={tmp / 'runs'}", f"logging.tracking_uri=sqlite:///{tmp / 'mlflow.db'}", *overrides]
+    env = subprocess_env(**({"LM_MINI_TEST_FAULT": fault} if fault else {}))
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(tmp / log, "a"), stderr=subprocess.STDOUT)
+
+
+def _one_node(tmp: Path, overrides: List[str], log: str, fault: str = "") -> subprocess.Popen:
+    launch = ["--standalone", "--nproc_per_node=2"]
+    return _torchrun(tmp, launch, ["train.strategy=ddp", "train.devices=2", *overrides], log, fault)
+
+
+def _two_nodes(tmp: Path, overrides: List[str], log: str, fault: str = "") -> List[subprocess.Popen]:
+    port = _free_port()
+    return [_torchrun(tmp, ["--nnodes=2", f"--node_rank={n}", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+                            f"--master_port={port}"], ["train.strategy=fsdp", "train.num_nodes=2", *overrides], f"{log}{n}", fault)
+            for n in (0, 1)]
+
+
+def _run_dir(tmp: Path) -> Path:
+    return tmp / "runs" / "demo" / "job"
+
+
+def _weights(path: Path):
+    return ckpt.model_state_dict(ckpt.load_checkpoint(path))
+
+
+def _check_one_mlflow_run_with_every_step_once(tmp: Path) -> None:
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("demo").experiment_id])
+    assert len(runs) == 1
+    run_id = json.loads((_run_dir(tmp) / "mlflow.json").read_text())["run_id"]
+    assert runs[0].info.run_id == run_id and runs[0].info.status == "FINISHED"
+    for name in ("train/loss", "lr-AdamW/llm"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, name)) == list(range(STEPS)), name
+
+
+def test_torchrun_ddp_on_a_fresh_store_a_lost_rank_stops_the_job_and_resume_matches_an_uninterrupted_run(tmp_path):
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    reference.mkdir(), interrupted.mkdir()
+    straight = _one_node(reference, [], "log")
+    # rank 1 dies after step 3 (the checkpoint of step 2 is complete); torchrun stops rank 0
+    job = _one_node(interrupted, [], "log", fault="1:3:kill")
+    assert job.wait(timeout=300) != 0
+    log = (interrupted / "log").read_text()
+    assert "table runs already exists" not in log and "duplicate column" not in log
+    assert ckpt.latest_checkpoint(_run_dir(interrupted) / "checkpoints") is not None
+
+    resumed = _one_node(interrupted, ["--resume", "auto"], "log")
+    assert resumed.wait(timeout=300) == 0, (interrupted / "log").read_text()[-3000:]
+    assert straight.wait(timeout=300) == 0, (reference / "log").read_text()[-3000:]
+    assert "resuming step=" in (interrupted / "log").read_text()
+    final = _weights(_run_dir(interrupted) / "checkpoints" / ckpt.checkpoint_name(STEPS))
+    expected = _weights(_run_dir(reference) / "checkpoints" / ckpt.checkpoint_name(STEPS))
+    assert set(final) == set(expected) and all(torch.equal(final[k], expected[k]) for k in expected)
+    for tmp in (reference, interrupted):
+        _check_one_mlflow_run_with_every_step_once(tmp)
+
+
+def test_torchrun_two_nodes_fsdp_a_hung_rank_fails_the_other_within_the_timeout_and_resume_finishes(tmp_path):
+    timeout = 15
+    nodes = _two_nodes(tmp_path, [f"train.dist_timeout_s={timeout}"], "node", fault="1:3:hang")
+    checkpoints = _run_dir(tmp_path) / "checkpoints"
+    deadline = time.monotonic() + 300
+    while ckpt.latest_checkpoint(checkpoints) is None or ckpt.latest_checkpoint(checkpoints).name < ckpt.checkpoint_name(2):
+        assert nodes[0].poll() is None and time.monotonic() < deadline, (tmp_path / "node0").read_text()[-3000:]
+        time.sleep(0.2)
+    # rank 1 stops itself right after step 3; rank 0's next collective waits at most `timeout` seconds
+    try:
+        started = time.monotonic()
+        assert nodes[0].wait(timeout=timeout + 60) != 0
+        waited = time.monotonic() - started
+    finally:
+        subprocess.run(["pkill", "-KILL", "-f", f"logging.runs_dir={tmp_path / 'runs'}"])
+        nodes[1].wait(timeout=60)
+    log = (tmp_path / "node0").read_text()
+    assert "rank 0 of 2: a collective operation failed: rank 1 stopped responding" in log, log[-3000:]
+    assert f"train.dist_timeout_s={timeout}" in log and "--resume auto" in log
+    assert waited < timeout + 45  # the timeout, the check for silent ranks, and the process's exit
+
+    # the same job, resumed on the store it created: it finishes from its last checkpoint
+    nodes = _two_nodes(tmp_path, [f"train.dist_timeout_s={timeout}", "--resume", "auto"], "resumed")
+    for n, node in enumerate(nodes):
+        assert node.wait(timeout=300) == 0, (tmp_path / f"resumed{n}").read_text()[-3000:]
+    assert "resuming step=" in (tmp_path / "resumed0").read_text()
+    final = ckpt.latest_checkpoint(checkpoints)
+    assert final.name == ckpt.checkpoint_name(STEPS) and final.is_dir()  # sharded: a folder
+    _check_one_mlflow_run_with_every_step_once(tmp_path)
+
+
+def test_a_failure_of_rank_0_at_start_stops_every_rank_with_its_reason(tmp_path):
+    """A bad init_from on a fresh two-node job: rank 0's error reaches rank 1, nobody hangs, nothing is created."""
+    nodes = _two_nodes(tmp_path, ["train.init_from=no-such-run", "train.dist_timeout_s=120"], "node")
+    assert [node.wait(timeout=100) for node in nodes] == [1, 1]  # torchrun's exit code for any failed worker
+    assert "lm-mini: train.init_from=no-such-run: not a checkpoint path" in (tmp_path / "node0").read_text()
+    assert "lm-mini: rank 1: rank 0 could not start the run (FileNotFoundError: train.init_from=no-such-run" in (
+        tmp_path / "node1").read_text()
+    assert not _run_dir(tmp_path).exists() and not (tmp_path / "mlflow.db").exists()
