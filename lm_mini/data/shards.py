@@ -856,10 +856,10 @@ def _read_remote_shard(shard: Shard, remote: RemoteOptions) -> Iterator[Item]:
     fewer records than its index counts) from the first record not yet yielded: the shard is opened anew
     and the records before it stepped over, so every record is yielded once, in order, whatever the retries.
     ``remote.retries`` failures in a row (a try that yields a record starts the count again) end the
-    shard: one ``SampleError`` stands for the record where it stopped (``shard_unavailable``, or
-    ``truncated_tar`` when the bytes themselves end short), its later records are missing, and a warning
-    names the URL. Records held back until the next one starts (the last one may be cut) are yielded only
-    from a read that ended cleanly."""
+    shard: the last record read is kept if it is complete in itself (as for a local shard cut short), one
+    ``SampleError`` stands for the next (``shard_unavailable``, or ``truncated_tar`` when the bytes
+    themselves end short), its later records are missing, and a warning names the URL. Before that, the
+    record held back until the next one starts (it may be cut) is read again by the retry."""
     url, done, failures = shard.url, 0, 0
     while True:
         errors: List[Exception] = []
@@ -884,6 +884,9 @@ def _read_remote_shard(shard: Shard, remote: RemoteOptions) -> Iterator[Item]:
                      EOFError(f"the shard ended after {read} of its {shard.samples} samples"))
         failures = 1 if progress else failures + 1
         if failures > remote.retries:
+            if isinstance(pending, RawSample):  # complete in itself (a cut member would have failed its checks)
+                yield pending
+                done += 1
             reason = "truncated_tar" if isinstance(error, _DATA_ERRORS) else "shard_unavailable"
             message = (f"{redact(url)}: unreadable after {failures} tries in a row ({describe(error)}); its samples "
                        f"from {done} on are skipped and counted as {reason}")

@@ -8,6 +8,7 @@ import http.server
 import logging
 import socket
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Dict, Iterator, List
@@ -33,12 +34,16 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         if action in ("503", "down"):
             self.send_error(503, "Service Unavailable")
             return
-        if action == "cut":  # the whole file announced, 60% of it sent, then the connection closes
+        if action in ("cut", "short"):
             data = Path(self.translate_path(path)).read_bytes()
+            sent = data[: len(data) * 3 // 5]
             self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Content-Length", str(len(data if action == "cut" else sent)))
             self.end_headers()
-            self.wfile.write(data[: len(data) * 3 // 5])
+            self.wfile.write(sent)
+            self.wfile.flush()
+            if action == "cut":
+                time.sleep(0.3)  # let the client read what came before the connection drops
             self.close_connection = True
             return
         super().do_GET()
@@ -48,8 +53,9 @@ class ShardServer:
     """``http.server`` on 127.0.0.1 (in a thread) serving ``root``.
 
     ``faults[path]`` lists what the next GETs of ``path`` (e.g. ``/img/shard-000000.tar``) get, in order:
-    ``"503"``; ``"cut"`` (headers for the whole file, 60% of its bytes, then the connection closes); ``"down"``
-    (503 for this and every later request). ``requests[path]`` counts the GETs.
+    ``"503"``; ``"cut"`` (headers for the whole file, 60% of its bytes, then the connection drops); ``"short"``
+    (60% of the file, sent as a complete response: only the index's sample count tells it is cut short);
+    ``"down"`` (503 for this and every later request). ``requests[path]`` counts the GETs.
     """
 
     def __init__(self, root: Path):

@@ -5,6 +5,7 @@ and its size bound, clear errors at start, and ``shards build --out s3://...``."
 import json
 import logging
 import re
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from lm_mini.cli import main as cli_main
 from lm_mini.config import ConfigError, ShardSetConfig, flatten, load_config
 from lm_mini.data.datamodule import build_datamodule, check_data_paths
 from lm_mini.data.remote import RemoteOptions, redact, secrets_in, sibling, split
-from lm_mini.data.shards import build_shards, list_shards, read_index
+from lm_mini.data.shards import Shard, build_shards, list_shards, read_index, read_shard
 from lm_mini.data.streaming import ShardSet
 from remote_servers import S3_ISOLATION, ShardServer, clear_s3_clients, closed_port, put_tree, s3_server
 from test_datamodule import MIX, Preempt, Recorder, _trainer, corpus, ids_of, make_cfg  # noqa: F401 (corpus: fixture)
@@ -96,8 +97,8 @@ def _epoch(cfg):
 def test_dropped_connections_and_503s_cost_retries_not_samples(corpus, http, caplog):
     local, _ = _epoch(make_cfg(corpus, MIX))
     http.faults = {
-        "/img/shard-000000.tar": ["cut", "503"],  # dropped mid-shard, then one 503, then served
-        "/img/shard-000002.tar": ["503", "503", "cut", "cut"],  # retries = 3 failures in a row at most, then a read
+        "/img/shard-000000.tar": ["cut", "503"],  # the connection drops mid-shard, then one 503, then served
+        "/img/shard-000002.tar": ["503", "503", "short", "short"],  # 3 failures in a row at most (retries), then a read
         "/cap/index.json": ["503"],  # at start too
     }
     cfg = make_cfg(located(corpus, "http", http), MIX, **FAST, **{"data.remote.retries": 3})
@@ -105,10 +106,13 @@ def test_dropped_connections_and_503s_cost_retries_not_samples(corpus, http, cap
         ids, skips = _epoch(cfg)
     assert ids == local and skips == {}
     assert http.requests["/img/shard-000000.tar"] == 3 and http.requests["/img/shard-000002.tar"] == 5
-    url = http.url("img/shard-000000.tar")
-    # the drop came after samples had been read: the retry went on from there, neither repeating nor losing one
-    assert re.search(rf"{re.escape(url)} failed after [1-9]\d* samples \(.*ClientPayloadError", caplog.text)
-    assert "Service Unavailable" in caplog.text or "503" in caplog.text
+    assert http.requests["/cap/index.json"] == 2
+    assert re.search(rf"{re.escape(http.url('img/shard-000000.tar'))} failed after \d+ samples \(ClientPayloadError",
+                     caplog.text)
+    # a shard cut short after samples had been read: the retry went on from there, neither repeating nor losing one
+    assert re.search(rf"{re.escape(http.url('img/shard-000002.tar'))} failed after [1-9]\d* samples \(ReadError",
+                     caplog.text)
+    assert "503, message='Service Unavailable'" in caplog.text
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -135,6 +139,19 @@ def test_pipe_command_that_fails_is_retried_then_counted(corpus, tmp_path):
                    **{"data.remote.retries": 1})
     ids, skips = _epoch(cfg)  # cat exits 1 (no such file): the pipe's exit status is the error
     assert [i for i in ids if i is not None] == [] and skips == {"shard_unavailable": 3}
+
+
+def test_a_remote_shard_that_ends_short_of_its_index_count_is_retried_then_counted(corpus, caplog):
+    """A stream that ends cleanly at a record boundary has no read error: only the index's count tells."""
+    src = Path(corpus["img"]) / "shard-000002.tar"  # 10 samples of 2 members (jpg, json)
+    with tarfile.open(src) as tar:
+        boundary = tar.getmembers()[6].offset  # where the 4th sample begins
+    shard = Shard(f"pipe:head -c {boundary} {src}", samples=10)
+    with caplog.at_level(logging.WARNING, logger="lm_mini"):
+        items = list(read_shard(shard, RemoteOptions(retries=1, backoff_s=0.01)))
+    assert [i.key for i in items[:3]] == ["000000020", "000000021", "000000022"] and len(items) == 4
+    assert items[3].reason == "truncated_tar" and "the shard ended after 3 of its 10 samples" in str(items[3])
+    assert "unreadable after 2 tries in a row" in str(items[3]) and "retry 1 of 1" in caplog.text
 
 
 # ----------------------------------------------------------------------------- cache
