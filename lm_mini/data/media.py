@@ -2,7 +2,8 @@
 
 ``decode_image`` / ``decode_video`` turn stored bytes into PIL images (or raise ``SampleError``, so a bad
 sample is skipped and counted, never a crash). ``ImageProcessor`` turns PIL images into the encoder's
-normalised pixel views: one view per image (plus R*R crops at high resolution), one per video frame.
+uint8 pixel views: one view per image (plus R*R crops at high resolution), one per video frame (or 1 + R*R),
+as official LLaVA-Mini preprocesses them (``llavamini/mm_utils.py``, ``llavamini/train/train.py``).
 """
 from __future__ import annotations
 
@@ -282,9 +283,34 @@ def clip_view(pixels: torch.Tensor, size: int) -> torch.Tensor:
         new_h, new_w = size, int(size * w / h)
     else:
         new_h, new_w = int(size * h / w), size
+    if new_h * new_w * 3 > MAX_RESIZED_BYTES:
+        return _clip_view_of_window(pixels, size, new_h, new_w)
     resized = _resize(pixels, new_h, new_w)
     top, left = (new_h - size) // 2, (new_w - size) // 2
     return resized[:, top:top + size, left:left + size]
+
+
+# A banner of extreme aspect ratio (over ~200:1 at S = 336) would be resized to a strip of this many bytes or more
+# before its centre is cut out (100000x10 -> 3.4 GB): such an image is resized around its centre only.
+MAX_RESIZED_BYTES = 64 * 2**20
+
+
+def _clip_view_of_window(pixels: torch.Tensor, size: int, new_h: int, new_w: int) -> torch.Tensor:
+    """:func:`clip_view` of an extreme banner: the source window behind the centre crop (plus the bicubic filter's
+    reach) resized at the same scale, then cropped. Within a sub-pixel shift of the full resize."""
+    h, w = pixels.shape[-2:]
+    wide = new_w > new_h
+    long, new_long = (w, new_w) if wide else (h, new_h)
+    scale = long / new_long  # source pixels per output pixel along the long side
+    margin = 2 * max(1.0, scale) + 2  # bicubic reaches 2 output pixels (2 * scale source pixels when shrinking)
+    start = max(0, int((new_long - size) // 2 * scale - margin))
+    stop = min(long, int(((new_long - size) // 2 + size) * scale + margin) + 1)
+    window = pixels[..., start:stop] if wide else pixels[..., start:stop, :]
+    out_len = max(size, round((stop - start) / scale))
+    resized = _resize(window, size, out_len) if wide else _resize(window, out_len, size)
+    offset = round(((new_long - size) // 2) - start / scale)  # the crop's first output pixel, in the window
+    offset = min(max(0, offset), out_len - size)
+    return resized[..., offset:offset + size] if wide else resized[..., offset:offset + size, :]
 
 
 def split_blocks(pixels: torch.Tensor, r: int) -> List[torch.Tensor]:

@@ -320,6 +320,25 @@ def test_pad_mode_shrinks_a_huge_image_before_padding_it():
     assert (processor.image(image)[0].int() - reference.int()).abs().float().mean() < 1.0
 
 
+def test_square_view_of_an_extreme_banner_resizes_only_its_centre(monkeypatch):
+    """A 100000x10 banner's shortest-edge resize would be a 3.4 GB strip at S = 336; only the window behind the centre
+    crop is resized (the same scale, within a sub-pixel shift of the full resize)."""
+    from lm_mini.data import media
+
+    sizes, resize = [], media._resize
+    monkeypatch.setattr(media, "_resize", lambda px, h, w: sizes.append(3 * h * w) or resize(px, h, w))
+    views = ImageProcessor(336, MEAN, STD).image(photo_like(100000, 10, seed=4))
+    assert views.shape == (1, 3, 336, 336) and 0 < max(sizes) < 2e6  # not 3.4 GB
+    monkeypatch.undo()
+    for source in [(2000, 20), (20, 2000)]:
+        pixels = torch.from_numpy(np.asarray(photo_like(*source, seed=5)).copy()).permute(2, 0, 1)
+        exact = media.clip_view(pixels, 64)
+        monkeypatch.setattr(media, "MAX_RESIZED_BYTES", 1)  # every view through the window
+        windowed = media.clip_view(pixels, 64)
+        monkeypatch.undo()
+        assert (exact.float() - windowed.float()).abs().mean() < 1.0
+
+
 def test_pad_colour_is_the_official_truncated_mean():
     # Official LLaVA expand2square fill: tuple(int(x * 255) for x in image_mean) -> (122, 116, 104) for CLIP.
     clip_mean = (0.48145466, 0.4578275, 0.40821073)
