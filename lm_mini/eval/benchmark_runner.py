@@ -528,7 +528,12 @@ def _cli_benchmark(args: Any) -> int:
     from lm_mini.eval.mlflow_scores import metric_name  # noqa: F401  (fail fast on a broken install)
 
     loaded = None
-    if args.source:
+    if args.source and args.merge:  # no generation: the source names where the scores go (its MLflow run), no weights
+        from lm_mini.interop.export import resolve_source
+
+        found = resolve_source(args.source)
+        loaded = LoadedModel(None, found.cfg, None, None, args.model_id or "", dict(found.info), found.run_dir, Path(found.path))
+    elif args.source:
         device = None if args.device == "auto" else args.device
         loaded = load_for_benchmarks(args.source, device, args.model_id)
 
