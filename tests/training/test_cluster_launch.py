@@ -133,3 +133,24 @@ def test_a_failure_of_rank_0_at_start_stops_every_rank_with_its_reason(tmp_path)
     assert "lm-mini: rank 1: rank 0 could not start the run (FileNotFoundError: train.init_from=no-such-run" in (
         tmp_path / "node1").read_text()
     assert not _run_dir(tmp_path).exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_srun_tasks_of_a_slurm_job_share_one_run_named_after_the_job(tmp_path):
+    """What tools/slurm/train.sbatch does: srun starts one `lm-mini train` per GPU, each with SLURM's variables
+    (here two tasks on this machine, SLURM's environment faked) on a fresh store."""
+    settings = [s for s in SETTINGS if not s.startswith("run_name=")]
+    cmd = [PYTHON, "-m", "lm_mini.cli", "train", *settings, "train.strategy=ddp", "train.devices=2",
+           f"logging.runs_dir={tmp_path / 'runs'}", f"logging.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "--resume", "auto"]
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "lm-mini", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2",
+             "SLURM_NNODES": "1", "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0", "SLURM_NODELIST": "127.0.0.1",
+             "MASTER_PORT": str(_free_port())}
+    tasks = [subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(**slurm, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)),
+                              stdout=open(tmp_path / f"task{r}", "w"), stderr=subprocess.STDOUT) for r in (0, 1)]
+    for r, task in enumerate(tasks):
+        assert task.wait(timeout=300) == 0, (tmp_path / f"task{r}").read_text()[-3000:]
+    run_dir = tmp_path / "runs" / "demo" / "finetune-slurm4242"
+    assert ckpt.latest_checkpoint(run_dir / "checkpoints").name == ckpt.checkpoint_name(STEPS)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("demo").experiment_id])
+    assert [r.info.run_name for r in runs] == ["finetune-slurm4242"]
+    assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")) == list(range(STEPS))
