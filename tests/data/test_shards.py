@@ -82,7 +82,7 @@ def test_round_trip_image_video_text(dataset):
 
     samples, counter = read_all(out)
     assert not counter
-    assert [s.record["id"] for s in samples] == ["img-1", "vid-1", "txt-1", "7", "img-2", "l-1", "l-2"]
+    assert [s.record["id"] for s in samples] == ["img-1", "vid-1", "txt-1", 7, "img-2", "l-1", "l-2"]
     assert len({s.key for s in samples}) == 7
     for sample, original in zip(samples, dataset["records"]):
         assert sample.record["conversations"] == original["conversations"]
@@ -331,7 +331,7 @@ def test_truncated_tar_keeps_the_complete_records_before_the_cut(dataset, tmp_pa
         "between the last sample's members": (png.offset, ["img-1", "vid-1", "txt-1"]),
         "between samples": (last_json.offset, ["img-1", "vid-1", "txt-1"]),
         "inside a header": (last_json.offset + 100, ["img-1", "vid-1", "txt-1"]),
-        "after the last member, before the end marker": (png.offset_data + 512, ["img-1", "vid-1", "txt-1", "7"]),
+        "after the last member, before the end marker": (png.offset_data + 512, ["img-1", "vid-1", "txt-1", 7]),
         "inside an earlier sample": (txt_json.offset_data + 3, ["img-1", "vid-1"]),
     }
     data = Path(first).read_bytes()
