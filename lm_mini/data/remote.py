@@ -40,6 +40,9 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
 # Query parameters that carry a credential (S3/GCS presigned URLs, Azure SAS, API keys, tokens).
 _SECRET_PARAM = re.compile(r"(?i)signature|sig$|token|secret|passw|credential|^key$|api[-_]?key|auth")
+# What gives a credential to the command of a pipe: URL (curl -H 'Authorization: ...', --password, ...).
+_SECRET_IN_COMMAND = re.compile(r"(?i)authorization\s*:|x-api-key\s*:|bearer\s|--password|--pass\b|--token|"
+                                r"aws_secret_access_key|aws_session_token")
 MAX_BACKOFF_S = 60.0  # one wait between tries never exceeds this, however many tries
 
 
@@ -99,7 +102,8 @@ def join(folder: str, name: str) -> str:
 
 
 def redact(text: str) -> str:
-    """``text`` with every URL's password and credential-like query values replaced by ``***``."""
+    """``text`` with every URL's password and credential-like query values, and a command's credential
+    header or option values, replaced by ``***``."""
     def one(m: "re.Match[str]") -> str:
         parts = urlsplit(m.group(0))
         netloc = parts.netloc
@@ -110,13 +114,17 @@ def redact(text: str) -> str:
                          for k, v in parse_qsl(parts.query, keep_blank_values=True))
         return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
-    return _URL_IN_TEXT.sub(one, str(text))
+    text = _URL_IN_TEXT.sub(one, str(text))
+    text = re.sub(r"(?i)((?:authorization|x-api-key)\s*:\s*)[^'\"]+", r"\1***", text)
+    return re.sub(r"(?i)(--(?:password|pass|token)(?:\s+|=))(\S+)", r"\1***", text)
 
 
 def secrets_in(path: str) -> List[str]:
     """What in ``path`` (a URL, or the URLs of a ``pipe:`` command) is a credential: a password, a signature,
     a token. Such a path would be written to ``config.yaml`` and MLflow; credentials belong in the environment."""
     found = []
+    if scheme(str(path)) == "pipe" and _SECRET_IN_COMMAND.search(str(path)):
+        found.append(f"a credential in the command ({_SECRET_IN_COMMAND.search(str(path)).group(0).strip()!r})")
     for url in _URL_IN_TEXT.findall(str(path)):
         parts = urlsplit(url)
         if parts.password is not None:
