@@ -16,7 +16,7 @@ from lm_mini.data.datamodule import build_datamodule, check_data_paths
 from lm_mini.data.remote import RemoteOptions, redact, secrets_in, sibling, split
 from lm_mini.data.shards import Shard, build_shards, list_shards, read_index, read_shard
 from lm_mini.data.streaming import ShardSet
-from remote_servers import S3_ISOLATION, ShardServer, clear_s3_clients, closed_port, put_tree, s3_server
+from remote_servers import ShardServer, clear_s3_clients, closed_port, put_tree, s3_server
 from test_datamodule import MIX, Preempt, Recorder, _trainer, corpus, ids_of, make_cfg  # noqa: F401 (corpus: fixture)
 
 SETS = ("img", "cap", "text")
