@@ -76,30 +76,37 @@ def same_weights(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.timeout(240)
-def test_demo_trains_over_http_like_from_local_files_across_a_preemption(reference, tmp_path, store):
-    seen, weights = reference
+@pytest.fixture(scope="module")
+def http():
     with ShardServer(DEMO) as server:
-        cfg = config(tmp_path, store, "http", server.url())
-        first, seen_first, _ = fit(cfg, preempt_at=2)  # SIGTERM during step 2: checkpoint after it, stop
-        assert first.preempted and first.global_step == 2
-        second, seen_second, final = fit(cfg, resume="auto")
-        assert server.requests["/instruct/index.json"] >= 2 and any(p.endswith(".tar") for p in server.requests)
-    assert second.global_step == STEPS
-    assert seen_first + seen_second == seen  # the same samples in the same order: none repeated, none skipped
-    assert same_weights(final, weights)
-
-    client = MlflowClient(store)
-    run_id = json.loads((tmp_path / "demo" / "http" / "mlflow.json").read_text())["run_id"]
-    lost = client.get_metric_history(run_id, "data/skipped/shard_unavailable")  # logged like every skip reason
-    assert sorted(m.step for m in lost) == list(range(STEPS)) and all(m.value == 0 for m in lost)
+        yield server
 
 
-@pytest.mark.timeout(240)
-def test_demo_trains_from_s3_like_from_local_files(reference, tmp_path, store):
-    seen, weights = reference
+@pytest.fixture(scope="module")
+def s3():
     with s3_server() as bucket:
         for name, _, _ in SETS:
             put_tree(DEMO / name, f"{bucket}/demo/{name}")
-        result, seen_s3, final = fit(config(tmp_path, store, "s3", f"{bucket}/demo"))
-    assert result.global_step == STEPS and seen_s3 == seen and same_weights(final, weights)
+        yield bucket
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("where", ["http", "s3"])
+def test_demo_trains_from_a_server_like_from_local_files_across_a_preemption(reference, tmp_path, store, where, request):
+    seen, weights = reference
+    base = request.getfixturevalue("http").url() if where == "http" else f"{request.getfixturevalue('s3')}/demo"
+    cfg = config(tmp_path, store, where, base)
+    first, seen_first, _ = fit(cfg, preempt_at=2)  # SIGTERM during step 2: checkpoint after it, stop
+    assert first.preempted and first.global_step == 2
+    second, seen_second, final = fit(cfg, resume="auto")
+    assert second.global_step == STEPS
+    assert seen_first + seen_second == seen  # the same samples in the same order: none repeated, none skipped
+    assert same_weights(final, weights)
+    if where == "http":  # the shards came from the server
+        requests = request.getfixturevalue("http").requests
+        assert requests["/instruct/index.json"] >= 2 and any(p.endswith(".tar") for p in requests)
+
+    client = MlflowClient(store)
+    run_id = json.loads((tmp_path / "demo" / where / "mlflow.json").read_text())["run_id"]
+    lost = client.get_metric_history(run_id, "data/skipped/shard_unavailable")  # logged like every skip reason
+    assert sorted(m.step for m in lost) == list(range(STEPS)) and all(m.value == 0 for m in lost)
