@@ -924,7 +924,8 @@ def iter_raw_samples(urls: Iterable[Union[str, dict, Shard]], counter: SkipCount
 
 
 def cli_build(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")  # one progress line per shard
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("lm_mini").setLevel(logging.INFO)  # one progress line per shard (and upload); not the libraries' info
     try:
         report = build_shards(args.json, args.media_root, args.out, shard_size=args.shard_size,
                               workers=args.workers, resume=args.resume, staging=getattr(args, "staging", None))
