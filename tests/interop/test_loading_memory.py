@@ -89,13 +89,13 @@ print("REPORT " + json.dumps(report))
 
 def _run(script: str, *args: str) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=240, env=env)
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=280, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [line for line in out.stdout.splitlines() if line.startswith("REPORT ")]
     return json.loads(lines[-1][len("REPORT "):]) if lines else {}
 
 
-@pytest.mark.timeout(280)
+@pytest.mark.timeout(600)  # ~70 s on 2 busy cores: 1.35 GB written, imported, loaded
 def test_import_and_load_of_a_large_bf16_checkpoint_hold_the_weights_once(tmp_path, tokenizer_dir):
     src, out = tmp_path / "release", tmp_path / "imported"
     src.mkdir()
