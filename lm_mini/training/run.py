@@ -32,6 +32,7 @@ from omegaconf import DictConfig
 from lm_mini.config import flatten, load_config, to_yaml, tracking_uri
 from lm_mini.data.errors import describe_skips
 from lm_mini.training import checkpoint as ckpt
+from lm_mini.trust import UntrustedCheckpoint
 from lm_mini.training.distributed import (Heartbeat, LaunchError, StartFailed, check_launch, detect_launch, from_rank_zero,
                                           join_process_group, lost_rank_message)
 from lm_mini.training.callbacks import (PerRankLoaderState, PreemptionHandler, SkippedSamplesLogger, StepCheckpoint, ThroughputLogger,
@@ -283,9 +284,10 @@ def prepare_run(cfg: DictConfig, resume: Optional[str], check_data: bool) -> Tup
     ``config.yaml``. Returns the run and the resolved ``train.init_from`` checkpoint (None: none, or resuming)."""
     check_tracking_server(tracking_uri(cfg), cfg.logging.connect_timeout_s)  # an unreachable server: an error before any work
     run = resolve_run(cfg, resume)
-    if run.resume_from is not None:
-        check_resumable(run.dir / "config.yaml", cfg)  # before anything of the run is touched
+    if run.resume_from is not None:  # before anything of the run is touched
+        check_resumable(run.dir / "config.yaml", cfg)
         check_same_tracking_store(run, tracking_uri(cfg))
+        ckpt.verify_checkpoint(run.resume_from)  # a checkpoint that would run code is refused now, not at fit
     if check_data:
         from lm_mini.data.datamodule import check_data_paths
 
@@ -297,6 +299,8 @@ def prepare_run(cfg: DictConfig, resume: Optional[str], check_data: bool) -> Tup
     check_model_backends(cfg.model, cfg.train.accelerator)  # an attention backend this machine cannot run, likewise
     # Checked before the run directory and MLflow run exist: a bad init_from leaves nothing behind.
     init_from = str(resolve_init_from(cfg.train.init_from, cfg.logging.runs_dir)) if cfg.train.init_from and run.resume_from is None else None
+    if init_from is not None:
+        ckpt.verify_checkpoint(init_from)
     run.dir.mkdir(parents=True, exist_ok=True)
     ckpt.remove_incomplete(run.checkpoints)  # leftovers of a save that was killed
     (run.dir / "config.yaml").write_text(to_yaml(cfg))
@@ -304,7 +308,7 @@ def prepare_run(cfg: DictConfig, resume: Optional[str], check_data: bool) -> Tup
 
 
 # Errors that are the user's to fix (exit code 2, no traceback); anything else is a crash (1).
-USER_ERRORS = (TrackingUnavailable, FileExistsError, FileNotFoundError, ResumeMismatch, LaunchError)
+USER_ERRORS = (TrackingUnavailable, FileExistsError, FileNotFoundError, ResumeMismatch, LaunchError, UntrustedCheckpoint)
 
 
 def _exit_code(error: BaseException) -> int:

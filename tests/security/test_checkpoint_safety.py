@@ -12,6 +12,7 @@ import os
 import pickle
 
 import pytest
+from mlflow import MlflowClient
 import torch
 from PIL import Image
 
@@ -78,9 +79,13 @@ def test_resume_refuses_a_checkpoint_that_runs_code_and_still_resumes_our_own(tm
     planted = first.run.checkpoints / "step=00000004.ckpt"
     torch.save({**torch.load(own, weights_only=True), "global_step": 4, "extra": RunsCode(marker)}, planted)
     cfg.train.max_steps = 6
+    config_before = (first.run.dir / "config.yaml").read_text()
     with pytest.raises(UntrustedCheckpoint) as info:
         train(cfg, resume="auto", datamodule=TinyData(32))
     _assert_refused(str(info.value), planted, marker)
+    # refused before the run is touched: its config and its MLflow run are as the first session left them
+    assert (first.run.dir / "config.yaml").read_text() == config_before
+    assert MlflowClient(first.tracking_uri).get_run(first.mlflow_run_id).info.status == "FINISHED"
 
     planted.unlink()  # an FSDP folder in its place: code in the .metadata that torch's reader unpickles as is
     weights = {f"model.{k}": v for k, v in LlavaMini.from_config(cfg.model).state_dict().items()}
