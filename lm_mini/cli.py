@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="data_shards/demo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale", type=float, default=1.0, help="multiply the number of samples")
-    p.set_defaults(func=_handler("lm_mini.data.synthetic:cli_demo"))
+    p.set_defaults(func=_handler("lm_mini.recipes.demo:cli_demo"))
 
     # train
     p = sub.add_parser("train", help="train a stage")

@@ -176,7 +176,7 @@ def score_other_metrics(result: Dict[str, Any], cfg: Any, logger: Any, step: int
 def majority_per_question_type(records: Mapping[str, Mapping[str, Any]], sample_ids: set) -> Optional[float]:
     """Accuracy, on the evaluated samples, of always giving the most frequent answer of each
     ``question_type`` (None when the records do not say their type)."""
-    from lm_mini.data.synthetic import majority_baseline
+    from lm_mini.eval.baseline import majority_baseline
 
     evaluated = [r for sid, r in records.items() if sid in sample_ids]
     if not evaluated or not all("question_type" in r for r in evaluated):

@@ -11,7 +11,7 @@ from training_helpers import ROOT
 from lm_mini.cli import main as cli_main
 from lm_mini.data.errors import SKIP_REASONS, SkipCounter, describe_skips
 from lm_mini.data.shards import iter_raw_samples, shard_paths
-from lm_mini.data.synthetic import majority_baseline
+from lm_mini.eval.baseline import majority_baseline
 from lm_mini.eval.metrics import ExactMatch
 
 # Shortened demo: image QA only (the eval's first 320 samples are all image questions; video and

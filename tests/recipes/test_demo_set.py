@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from lm_mini.constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
-from lm_mini.data import synthetic as syn
+from lm_mini.recipes import demo as syn
 from lm_mini.data.conversation import normalize_turns
 
 SCALE = 0.05  # ~250 records: a fraction of a second
