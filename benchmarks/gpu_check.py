@@ -166,9 +166,16 @@ def stage_tests(args: argparse.Namespace) -> Dict[str, Any]:
 
 # --------------------------------------------------------------------------- demo
 def _missing(*modules: str) -> List[str]:
+    """The modules of ``modules`` that cannot be found (or whose lookup fails: a broken install)."""
     import importlib.util
 
-    return [m for m in modules if importlib.util.find_spec(m) is None]
+    def absent(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is None
+        except (ImportError, ValueError):
+            return True
+
+    return [m for m in modules if absent(m)]
 
 
 def demo_overrides(args: argparse.Namespace, work: Path) -> List[str]:
