@@ -218,3 +218,37 @@ def test_shipped_suites_name_registered_benchmarks(suite, monkeypatch):
     assert loaded.benchmarks and all(BENCHMARKS.get(b.name) for b in loaded.benchmarks)
     if "video" not in suite.name:
         assert loaded.root == "/data/eval" and all(b.questions.startswith("/data/eval/") for b in loaded.benchmarks)
+
+
+def test_a_registered_benchmark_runs_end_to_end(tiny_model_dir, tmp_path):
+    """POPE in its official files (LLaVA question file with splits as categories, coco_pope_<split>.json labels): the
+    runner's scores are those `lm-mini score` computes from the answers file, logged per split to MLflow."""
+    from mlflow import MlflowClient
+
+    from lm_mini.eval.benchmarks.scoring import score_answers
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "coco").mkdir()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "img" / "a.jpg")
+    questions, labels = [], {"adversarial": [], "random": []}
+    for i, (split, colour, label) in enumerate([("adversarial", "red", "yes"), ("adversarial", "blue", "no"),
+                                                ("random", "red", "yes"), ("random", "green", "no")]):
+        text = f"Is there a {colour} square in the image?"
+        questions.append({"question_id": i, "image": "a.jpg", "text": text + "\nAnswer the question using a single word or phrase.",
+                          "category": split})
+        labels[split].append({"question_id": i, "image": "a.jpg", "text": text, "label": label})
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    for split, lines in labels.items():
+        (tmp_path / "coco" / f"coco_pope_{split}.json").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("pope")).info.run_id
+    loaded = runner.load_for_benchmarks(tiny_model_dir, "cpu")
+    loaded.info = {"run_id": run_id, "tracking_uri": uri}
+    spec = runner.BenchmarkSpec("pope", str(tmp_path / "q.jsonl"), str(tmp_path / "img"), str(tmp_path / "coco"))
+    run = runner.run_benchmark(loaded, spec, tmp_path / "answers.jsonl")
+    again = score_answers("pope", tmp_path / "answers.jsonl", tmp_path / "q.jsonl", tmp_path / "coco")
+    assert run.result.scores == again.scores and run.result.n == 4
+    assert {"adversarial/f1", "random/accuracy", "f1"} <= set(run.result.scores)
+    logged = client.get_run(run_id).data.metrics
+    assert logged == {f"eval/pope/{k}": pytest.approx(v) for k, v in again.scores.items()}
