@@ -157,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--num-chunks", type=_at_least(1), default=1, help="split the questions into N chunks (LLaVA's get_chunk)")
     b.add_argument("--chunk-idx", type=_at_least(0), default=0, help="the chunk this job answers (into <answers dir>/<stem>/N_K.jsonl)")
     b.add_argument("--merge", action="store_true", help="concatenate the N chunk files into --answers-file, then score")
+    b.add_argument("--devices", default=None, help="split the benchmark over these local devices itself (cuda:0,cuda:1, "
+                   "or all): one process per device, then merge and score")
     b.add_argument("--suite", default=None, help="YAML of benchmarks and their paths (experiments/benchmarks/*.yaml)")
     b.add_argument("--only", nargs="+", default=None, help="with --suite: only these benchmarks (names or labels)")
     b.add_argument("--answers-dir", default=None, help="with --suite: where the answers files go (default: <run>/eval)")

@@ -497,6 +497,31 @@ def _print_run(run: BenchmarkRun) -> None:
         print(f"{label}: scores logged to MLflow run {run.mlflow_run_id}")
 
 
+def run_chunks_on_devices(args: Any, devices: Sequence[str], answers_file: Path) -> None:
+    """``--devices cuda:0,cuda:1``: one ``lm-mini eval`` process per device, each answering its chunk (as LLaVA's
+    scripts start one job per GPU), waited for; the caller then merges and scores. A failed chunk is an error
+    naming it (its finished answers stay: a re-run continues it)."""
+    import subprocess
+
+    flags = {"--image-folder": args.image_folder, "--label": args.label, "--model-id": args.model_id,
+             "--batch-size": args.batch_size, "--num-workers": args.num_workers, "--temperature": args.temperature,
+             "--top-p": args.top_p, "--num-beams": args.num_beams, "--max-new-tokens": args.max_new_tokens}
+    base = [sys.executable, "-m", "lm_mini.cli", "eval", str(args.source), "--benchmark", args.benchmark, "--questions",
+            args.questions, "--answers-file", str(answers_file), "--num-chunks", str(len(devices)), "--no-mlflow"]
+    base += [x for k, v in flags.items() if v is not None for x in (k, str(v))]
+    if getattr(args, "trust_checkpoint", False):
+        base.append("--trust-checkpoint")
+    procs = [subprocess.Popen(base + ["--chunk-idx", str(k), "--device", dev, "--json"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for k, dev in enumerate(devices)]
+    failed = []
+    for k, (proc, dev) in enumerate(zip(procs, devices)):
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            failed.append(f"chunk {k} on {dev} (exit {proc.returncode}): {err.strip().splitlines()[-1] if err.strip() else out[-300:]}")
+    if failed:
+        raise ValueError("--devices: " + "; ".join(failed))
+
+
 def cli_benchmark(args: Any) -> int:
     """``lm-mini eval SOURCE --benchmark NAME ...`` / ``--suite FILE`` / ``--merge``."""
     try:
@@ -527,12 +552,26 @@ def _cli_benchmark(args: Any) -> int:
         suite = load_suite(args.suite)
     from lm_mini.eval.mlflow_scores import metric_name  # noqa: F401  (fail fast on a broken install)
 
+    devices = [d.strip() for d in (getattr(args, "devices", None) or "").split(",") if d.strip()]
+    if devices == ["all"]:  # every local GPU
+        import torch
+
+        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        if not devices:
+            raise ValueError("--devices all: this machine has no CUDA device")
+    if devices and (args.suite or args.merge or args.num_chunks > 1):
+        raise ValueError("--devices splits one benchmark over local devices itself: no --suite, --merge or --num-chunks with it")
     loaded = None
-    if args.source and args.merge:  # no generation: the source names where the scores go (its MLflow run), no weights
+    if args.source and (args.merge or devices):  # no generation here: the source names the MLflow run; no weights
         from lm_mini.interop.export import resolve_source
 
         found = resolve_source(args.source)
         loaded = LoadedModel(None, found.cfg, None, None, args.model_id or "", dict(found.info), found.run_dir, Path(found.path))
+        if devices:
+            spec = BenchmarkSpec(args.benchmark, args.questions, args.image_folder, args.annotations, args.label)
+            answers_file = Path(args.answers_file) if args.answers_file else default_answers_file(loaded, spec.key)
+            run_chunks_on_devices(args, devices, answers_file)
+            args.answers_file, args.num_chunks, args.merge = str(answers_file), len(devices), True
     elif args.source:
         device = None if args.device == "auto" else args.device
         loaded = load_for_benchmarks(args.source, device, args.model_id)

@@ -3,6 +3,7 @@ type, chunks, merge, resume), prompts as LLaVA-Mini's model_vqa_loader.py builds
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -252,3 +253,19 @@ def test_a_registered_benchmark_runs_end_to_end(tiny_model_dir, tmp_path):
     assert {"adversarial/f1", "random/accuracy", "f1"} <= set(run.result.scores)
     logged = client.get_run(run_id).data.metrics
     assert logged == {f"eval/pope/{k}": pytest.approx(v) for k, v in again.scores.items()}
+
+
+def test_devices_split_the_benchmark_by_itself(tiny_model_dir, bench_files, tmp_path, capsys, monkeypatch):
+    """--devices d0,d1: one process per device answers its chunk, then the chunks are merged and scored (here two
+    CPU processes stand in for two GPUs): the same answers file as one run."""
+    whole, split = tmp_path / "whole.jsonl", tmp_path / "split.jsonl"
+    assert main(_eval(tiny_model_dir, bench_files, whole, "--no-mlflow")) == 0
+    capsys.readouterr()
+    # the worker processes find the test's benchmark by module:Class (it is not registered in a fresh process)
+    monkeypatch.setenv("PYTHONPATH", f"{Path(__file__).parent}:{os.environ.get('PYTHONPATH', '')}")
+    args = _eval(tiny_model_dir, bench_files, split, "--no-mlflow", "--devices", "cpu,cpu", "--json")
+    args[args.index("toy_vqa")] = "toy_benchmark:ToyVQA"
+    assert main(args) == 0, capsys.readouterr().err
+    result = json.loads(capsys.readouterr().out)
+    assert _strip(read_answers(split)) == _strip(read_answers(whole))
+    assert [len(read_answers(tmp_path / "split" / f"2_{k}.jsonl")) for k in (0, 1)] == [3, 2] and result["n"] == 4
