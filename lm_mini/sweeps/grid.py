@@ -1,5 +1,6 @@
-"""Grid sweeps: a YAML names a base config and a grid over any config keys; the Cartesian product
-becomes runs with deterministic names, launched locally (in sequence or N at a time) or as a SLURM array.
+"""Grid sweeps: a YAML names a base config and the grid points to run (a Cartesian grid over any config keys,
+listed points, or both), each repeated over seeds; the runs get deterministic names and are launched locally (in
+sequence or N at a time) or as a SLURM array.
 
 Sweep file::
 
@@ -7,13 +8,19 @@ Sweep file::
     sweep_id: demo_c_depth             # default: the file's stem
     experiment: demo_sweep             # default: the base config's experiment
     overrides: [train.max_steps=200]   # applied to every run
-    grid:
+    grid:                              # the Cartesian product of these values
       model.compressor.grid: [1, 2, 4]
       model.prefusion.depth: [0, 2]
+    points:                            # and/or: points listed one by one (combined with every grid combination)
+      - {model.compressor.name: identity, model.prefusion.depth: 0}
+    seeds: [0, 1, 2]                   # every point once per seed (config key `seed`; also allowed as a grid key)
     slurm: {partition: gpu, time: "04:00:00", gpus_per_node: 1, cpus_per_task: 8, mem: 64G}
 
-Re-running a sweep skips finished runs (their final checkpoint exists) and resumes the others with
-``--resume auto``. Every grid key is validated against the config schema before any run starts.
+Re-running a sweep skips the runs that finished with the settings the sweep gives them now (their final
+checkpoint exists, and they ended under the same ``train.max_steps`` / ``train.max_epochs``) and resumes the
+others with ``--resume auto``; a run that finished past the sweep's end is reported, not skipped. Every run's
+config is validated against the schema before any run starts. ``lm-mini compare`` aggregates the runs of a point
+over its seeds (mean, std, 95% CI).
 """
 from __future__ import annotations
 
@@ -34,11 +41,14 @@ from omegaconf import OmegaConf
 from lm_mini.config import ConfigError, load_config, tracking_uri
 
 
+SEED_KEY = "seed"  # the config key a sweep's `seeds` list sets
+
+
 @dataclass
 class SweepRun:
     name: str
-    values: Dict[str, Any]  # grid key -> value
-    overrides: List[str]  # every override this run is launched with (sweep-wide + grid + naming)
+    values: Dict[str, Any]  # sweep key -> value (the point's keys, the grid's, and the seed)
+    overrides: List[str]  # every override this run is launched with (sweep-wide + point + naming)
 
 
 @dataclass
@@ -48,9 +58,16 @@ class Sweep:
     base: Path
     experiment: str
     overrides: List[str]
-    grid: Dict[str, List[Any]]
+    grid: Dict[str, List[Any]]  # Cartesian axes (the seed axis last, when the sweep has `seeds`)
+    points: List[Dict[str, Any]] = field(default_factory=lambda: [{}])  # listed points, each combined with the grid
     slurm: Dict[str, Any] = field(default_factory=dict)
     runs: List[SweepRun] = field(default_factory=list)
+
+    @property
+    def keys(self) -> List[str]:
+        """Every key a run's values may have: the points' keys (in order of appearance), then the grid's (seed last)."""
+        keys = [k for p in self.points for k in p] + list(self.grid)
+        return list(dict.fromkeys(keys))
 
 
 def _format_value(value: Any) -> str:
@@ -76,8 +93,37 @@ def _override_value(value: Any) -> str:
     return str(value)
 
 
+def _read_points(path: Path, raw: Dict[str, Any]) -> List[Dict[str, Any]]:
+    points = raw.get("points")
+    if points is None:
+        return [{}]
+    if not isinstance(points, list) or not points or not all(isinstance(p, dict) and p for p in points):
+        raise ConfigError(f"{path}: 'points' must be a non-empty list of mappings of config keys to one value each, "
+                          f"got {points!r:.80}")
+    for i, point in enumerate(points):
+        listed = [k for k, v in point.items() if isinstance(v, list)]
+        if listed:
+            raise ConfigError(f"{path}: points[{i}] gives a list for {', '.join(map(str, listed))}; a point has one value per "
+                              "key (put lists of values under 'grid', or list each point)")
+    return [{str(k): v for k, v in p.items()} for p in points]
+
+
+def _read_seeds(path: Path, raw: Dict[str, Any], grid: Dict[str, List[Any]], points: List[Dict[str, Any]]) -> None:
+    """``seeds: [0, 1, 2]`` becomes the grid's last axis, ``seed``; a seed given twice is refused."""
+    seeds = raw.get("seeds")
+    if seeds is None:
+        return
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+        raise ConfigError(f"{path}: 'seeds' must be a non-empty list of integers, got {seeds!r:.80}")
+    if SEED_KEY in grid or any(SEED_KEY in p for p in points):
+        raise ConfigError(f"{path}: the seed is given twice ('seeds' and a '{SEED_KEY}' key in grid/points); keep one")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{path}: 'seeds' lists a seed twice: {seeds}")
+    grid[SEED_KEY] = list(seeds)
+
+
 def load_sweep(path: str | os.PathLike) -> Sweep:
-    """Read a sweep file, expand its grid and validate every run's config (no run starts on an error)."""
+    """Read a sweep file, expand its points x grid x seeds and validate every run's config (no run starts on an error)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
@@ -87,16 +133,21 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
         raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping (base, grid, overrides, ...) at the top level")
-    allowed = {"base", "sweep_id", "experiment", "overrides", "grid", "slurm"}
+    allowed = {"base", "sweep_id", "experiment", "overrides", "grid", "points", "seeds", "slurm"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise ConfigError(f"{path}: unknown sweep key(s) {unknown}. Valid keys: {', '.join(sorted(allowed))}")
-    if "base" not in raw or not raw.get("grid"):
-        raise ConfigError(f"{path}: a sweep needs 'base' (a config file) and a non-empty 'grid'")
+    if "base" not in raw or not (raw.get("grid") or raw.get("points")):
+        raise ConfigError(f"{path}: a sweep needs 'base' (a config file) and a non-empty 'grid' or 'points'")
     base = (path.parent / raw["base"]).resolve()
-    if not isinstance(raw["grid"], dict):
+    if not isinstance(raw.get("grid") or {}, dict):
         raise ConfigError(f"{path}: 'grid' must map config keys to lists of values")
-    grid = {str(k): (v if isinstance(v, list) else [v]) for k, v in raw["grid"].items()}
+    grid = {str(k): (v if isinstance(v, list) else [v]) for k, v in (raw.get("grid") or {}).items()}
+    points = _read_points(path, raw)
+    _read_seeds(path, raw, grid, points)
+    both = sorted({k for p in points for k in p} & set(grid))
+    if both:
+        raise ConfigError(f"{path}: {', '.join(both)} given both in 'points' and in 'grid'; give each key in one of them")
     if not isinstance(raw.get("overrides", []), list):
         raise ConfigError(f"{path}: 'overrides' must be a list of key=value strings, got {raw['overrides']!r:.80}")
     overrides = [str(o) for o in raw.get("overrides", [])]
@@ -108,26 +159,28 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
         experiment=str(raw.get("experiment", base_cfg.experiment)),
         overrides=overrides,
         grid=grid,
+        points=points,
         slurm=dict(raw.get("slurm", {})),
     )
-    keys = list(grid)
+    keys = sweep.keys
     short = _short_names(keys)
-    for combo in itertools.product(*(grid[k] for k in keys)):
-        values = dict(zip(keys, combo))
-        name = "__".join(f"{short[k]}={_format_value(v)}" for k, v in values.items())
-        run_overrides = overrides + [f"{k}={_override_value(v)}" for k, v in values.items()] + [
-            f"experiment={sweep.experiment}",
-            f"run_name={name}",
-            f"logging.tags.sweep_id={sweep.sweep_id}",
-            f"logging.tags.sweep_keys={','.join(keys)}",  # compare reads the values back from the params
-        ]
-        try:
-            load_config(base, run_overrides)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: grid run '{name}' is invalid: {e}") from None
-        if any(r.name == name for r in sweep.runs):  # e.g. 0.001 and 1.0e-3: one run directory for two points
-            raise ConfigError(f"{path}: two grid points have the same run name '{name}'; list each value once")
-        sweep.runs.append(SweepRun(name=name, values=values, overrides=run_overrides))
+    for point in points:
+        for combo in itertools.product(*grid.values()):
+            values = {**point, **dict(zip(grid, combo))}  # named in the point's own order, then the grid's
+            name = "__".join(f"{short[k]}={_format_value(v)}" for k, v in values.items())
+            run_overrides = overrides + [f"{k}={_override_value(v)}" for k, v in values.items()] + [
+                f"experiment={sweep.experiment}",
+                f"run_name={name}",
+                f"logging.tags.sweep_id={sweep.sweep_id}",
+                f"logging.tags.sweep_keys={','.join(keys)}",  # compare reads the values back from the params
+            ]
+            try:
+                load_config(base, run_overrides)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: grid run '{name}' is invalid: {e}") from None
+            if any(r.name == name or r.values == values for r in sweep.runs):  # e.g. 0.001 and 1.0e-3: one run directory
+                raise ConfigError(f"{path}: two grid points have the same run name '{name}'; list each value once")
+            sweep.runs.append(SweepRun(name=name, values=values, overrides=run_overrides))
     return sweep
 
 
@@ -143,6 +196,34 @@ def is_finished(run_directory: Path) -> bool:
     return run_is_finished(run_directory)
 
 
+# Keys whose value does not change what a run computes or reports: a run that differs from the sweep only in these
+# is still the sweep's run.
+LOGISTICS = ("train.checkpoint_every_n_steps", "train.keep_last_k", "train.log_every_n_steps", "train.dist_timeout_s",
+             "train.val_every_n_steps", "data.remote", "logging", "experiment", "run_name",
+             "model.attn_implementation", "model.llm.attn_implementation")
+LENGTH = ("train.max_steps", "train.max_epochs")
+
+
+def settings_mismatch(sweep: Sweep, run: SweepRun) -> List[str]:
+    """How the run's recorded configuration (``config.yaml``, rewritten by every session) differs from what the sweep
+    gives it now: every key outside :data:`LOGISTICS` for a finished run (its result would not be the sweep's), the
+    length (:data:`LENGTH`) for a run with checkpoints (resuming it under another length changes its schedule; the
+    training command itself refuses other changes). Empty: the run is the sweep's."""
+    from lm_mini.config import flatten
+    from lm_mini.training import checkpoint as ckpt
+
+    directory = run_dir(sweep, run)
+    saved = directory / "config.yaml"
+    if not saved.is_file() or (not is_finished(directory) and ckpt.latest_checkpoint(directory / "checkpoints") is None):
+        return []
+    keys = None if is_finished(directory) else LENGTH
+    was, now = flatten(load_config(saved)), flatten(load_config(sweep.base, run.overrides))
+    differ = [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)
+              and not any(k == p or k.startswith(p + ".") for p in LOGISTICS)
+              and (keys is None or any(k == p or k.startswith(p + ".") for p in keys))]
+    return [f"{k}={was.get(k)!r} (sweep: {now.get(k)!r})" for k in differ]
+
+
 def train_command(sweep: Sweep, run: SweepRun) -> List[str]:
     return [sys.executable, "-m", "lm_mini.cli", "train", str(sweep.base), *run.overrides, "--resume", "auto"]
 
@@ -154,12 +235,24 @@ def sweep_runs_dir(sweep: Sweep) -> Path:
 
 
 def launch_local(sweep: Sweep, max_parallel: int = 1, log=print) -> Dict[str, str]:
-    """Run the unfinished runs, ``max_parallel`` at a time. Returns run name -> finished|skipped|stopped|failed
-    (stopped: exited cleanly before its end, e.g. on SIGTERM; running the sweep again resumes it)."""
+    """Run the unfinished runs, ``max_parallel`` at a time. Returns run name -> finished|skipped|stopped|failed|mismatch
+    (stopped: ended by a signal after a checkpoint, e.g. preempted; running the sweep again resumes it. mismatch: the
+    run's recorded settings are not the ones the sweep gives it now (:func:`settings_mismatch`); it is neither
+    counted as the sweep's run nor launched)."""
+    from lm_mini.training.run import STOPPED_EXIT_CODES
+
     status: Dict[str, str] = {}
     pending = []
     for run in sweep.runs:
-        if is_finished(run_dir(sweep, run)):
+        directory = run_dir(sweep, run)
+        differ = settings_mismatch(sweep, run)
+        if differ:
+            status[run.name] = "mismatch"
+            done = "finished" if is_finished(directory) else "has checkpoints"
+            log(f"[sweep {sweep.sweep_id}] {run.name}: {done} with other settings than this sweep gives it: {'; '.join(differ)}. "
+                f"Not counted and not launched: delete {directory} to run it afresh with the sweep's settings, or set the "
+                "sweep file back to the settings it ran with")
+        elif is_finished(directory):
             status[run.name] = "skipped"
             log(f"[sweep {sweep.sweep_id}] {run.name}: finished before, skipped")
         else:
@@ -179,8 +272,10 @@ def launch_local(sweep: Sweep, max_parallel: int = 1, log=print) -> Dict[str, st
                 continue
             del running[name]
             run = next(r for r in sweep.runs if r.name == name)
-            # exit 0 is also a run stopped by a signal after its checkpoint (preemption): it is not done
-            status[name] = "failed" if rc != 0 else "finished" if is_finished(run_dir(sweep, run)) else "stopped"
+            finished = is_finished(run_dir(sweep, run))
+            # lm-mini train exits 128 + the signal's number when a signal stopped the run after its checkpoint
+            status[name] = ("finished" if rc == 0 and finished else "stopped" if rc in STOPPED_EXIT_CODES and not finished
+                            else "failed")
             log(f"[sweep {sweep.sweep_id}] {name}: {status[name]} (exit {rc})"
                 + (": stopped before its end; run the sweep again to resume it" if status[name] == "stopped" else ""))
             if status[name] == "failed":
@@ -274,5 +369,5 @@ def cli_sweep(args: argparse.Namespace) -> int:
         return 2
     status = launch_local(sweep, max_parallel=args.max_parallel)
     print(f"sweep {sweep.sweep_id}: " + ", ".join(f"{s}={sum(v == s for v in status.values())}"
-                                                 for s in ("finished", "skipped", "stopped", "failed")))
-    return 1 if any(s in ("failed", "stopped") for s in status.values()) else 0
+                                                 for s in ("finished", "skipped", "stopped", "failed", "mismatch")))
+    return 1 if any(s in ("failed", "stopped", "mismatch") for s in status.values()) else 0

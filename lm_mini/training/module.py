@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 import lightning as L
@@ -87,20 +88,70 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmu
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def init_weights_from(model: nn.Module, path: str) -> List[str]:
-    """Load a previous stage's weights (checkpoint file or sharded folder) into ``model``.
+@dataclass
+class InitReport:
+    """What ``train.init_from`` loaded: from where, and which of the model's tensors it did and did not fill."""
 
-    Parts absent from the checkpoint keep their fresh initialisation (e.g. a pretrain run with a different
-    pre-fusion depth); mismatched shapes are an error. Returns the names of the keys that were missing.
-    """
+    source: str  # the checkpoint file / sharded folder / model directory read
+    kind: str  # "checkpoint" or "model directory"
+    step: Optional[int]  # the checkpoint's global step (None for a model directory)
+    loaded: Dict[str, int]  # part -> tensors loaded
+    total: Dict[str, int]  # part -> tensors the model has
+    missing: List[str]  # the model's tensors the source has no weights for (kept freshly initialised)
+
+    def lines(self, requested: Optional[str] = None) -> List[str]:
+        """The report as printed at the start of training."""
+        asked = f"train.init_from={requested}: " if requested else "init_from: "
+        step = f", step {self.step}" if self.step is not None else ""
+        n_loaded, n_total = sum(self.loaded.values()), sum(self.total.values())
+        out = [f"{asked}loaded {n_loaded} of the model's {n_total} weight tensors from {self.kind} {self.source}{step}"]
+        whole = [p for p in self.total if self.loaded.get(p, 0) == self.total[p]]
+        partly = [f"{p} ({self.loaded[p]} of {self.total[p]})" for p in self.total if 0 < self.loaded.get(p, 0) < self.total[p]]
+        if whole or partly:
+            out.append("  loaded: " + ", ".join([f"{p} (all {self.total[p]})" for p in whole] + partly))
+        if self.missing:
+            none = [f"{p} ({self.total[p]})" for p in self.total if not self.loaded.get(p)]
+            example = ", ".join(self.missing[:3]) + (" ..." if len(self.missing) > 3 else "")
+            out.append(f"  not in it, kept freshly initialised: {', '.join(none) if none else 'parts of the above'} "
+                       f"({len(self.missing)} tensors, e.g. {example})")
+        return out
+
+
+def _part(key: str) -> str:
+    return key.split(".", 1)[0]
+
+
+def load_initial_weights(model: nn.Module, path: str) -> InitReport:
+    """Load a previous stage's weights (checkpoint file, sharded folder, or model directory) into ``model``.
+
+    Parts absent from the source keep their fresh initialisation (e.g. a pretrain run with a different pre-fusion
+    depth); mismatched shapes, and weights that do not belong to this model, are errors."""
     from lm_mini.interop.pretrained import is_model_dir, read_safetensors
 
     # a model directory (lm-mini import of a release, or lm-mini export) starts a fine-tune too
-    state = read_safetensors(path) if is_model_dir(path) else read_checkpoint_weights(path)[0]  # no optimizer states
+    if is_model_dir(path):
+        state, info, kind = read_safetensors(path), {}, "model directory"
+    else:
+        state, info = read_checkpoint_weights(path)  # no optimizer states
+        kind = "checkpoint"
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise ValueError(f"{path}: {len(result.unexpected_keys)} weights do not belong to this model, e.g. {result.unexpected_keys[:3]}")
-    return list(result.missing_keys)
+    total: Dict[str, int] = {}
+    for key in model.state_dict():
+        total[_part(key)] = total.get(_part(key), 0) + 1
+    missing = set(result.missing_keys)
+    loaded: Dict[str, int] = {}
+    for key in model.state_dict():
+        if key not in missing:
+            loaded[_part(key)] = loaded.get(_part(key), 0) + 1
+    step = info.get("global_step")
+    return InitReport(str(path), kind, int(step) if step is not None else None, loaded, total, list(result.missing_keys))
+
+
+def init_weights_from(model: nn.Module, path: str) -> List[str]:
+    """:func:`load_initial_weights`; returns the names of the model's tensors that were missing from ``path``."""
+    return load_initial_weights(model, path).missing
 
 
 def _rng_state() -> Dict[str, Any]:
@@ -134,6 +185,7 @@ class LmMiniModule(GenerationEval, L.LightningModule):
         self.cfg = cfg
         self.model_factory = model_factory or default_model_factory
         self.init_from = init_from  # resolved path of train.init_from (run.py resolves run names)
+        self.init_report: Optional[InitReport] = None  # what init_from loaded (set in configure_model)
         self.model: Optional[nn.Module] = None
         self._pending_rng: Optional[Dict[str, Any]] = None
         self._generation: Optional[Dict[str, Any]] = None  # set by start_generation_eval
@@ -144,10 +196,10 @@ class LmMiniModule(GenerationEval, L.LightningModule):
             return
         model = self.model_factory(self.cfg.model)
         if self.init_from:
-            missing = init_weights_from(model, self.init_from)
-            if missing:
-                parts = sorted({k.split(".")[0] for k in missing})
-                print(f"init_from {self.init_from}: no weights for {', '.join(parts)} (kept freshly initialised)")
+            self.init_report = load_initial_weights(model, self.init_from)
+            if self.global_rank == 0:  # every rank loads; one says so
+                for line in self.init_report.lines(self.cfg.train.init_from):
+                    print(f"lm-mini: {line}", flush=True)
         apply_stage(model, self.cfg.train.parts)
         if self.cfg.train.activation_checkpointing:
             strategies.apply_activation_checkpointing(model)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -138,6 +139,28 @@ def check_resumable(saved_config: Path, cfg: DictConfig) -> None:
                              + "; ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
                              + "); a resumed run may change only " + ", ".join(RESUME_MAY_CHANGE)
                              + ". Use a new run_name, or train.init_from to start from its weights")
+
+
+def length_change(saved_config: Path, cfg: DictConfig, resume_from: Path) -> Optional[str]:
+    """What a resume changes about how long the run goes on (``train.max_steps`` / ``train.max_epochs``), said so
+    that a run does not silently end earlier or later than it last ran to; None when nothing changes."""
+    from lm_mini.config import load_config
+
+    if not saved_config.is_file():
+        return None
+    saved = load_config(saved_config).train
+    changed = [f"train.{k} {saved[k]} -> {cfg.train[k]}" for k in ("max_steps", "max_epochs") if saved[k] != cfg.train[k]]
+    if not changed:
+        return None
+    match = re.match(r"step=(\d+)", Path(resume_from).name)
+    at = int(match.group(1)) if match else None
+    steps, epochs = cfg.train.max_steps, cfg.train.max_epochs
+    ends = " or ".join(([f"at step {steps}"] if steps and steps > 0 else []) + ([f"after epoch {epochs}"] if epochs and epochs > 0 else []))
+    past = at is not None and steps is not None and 0 < steps <= at
+    return (f"resuming {Path(resume_from).parent.parent} with {', '.join(changed)} (it last ran with max_steps "
+            f"{saved.max_steps}, max_epochs {saved.max_epochs}): it now ends {ends or 'never'}"
+            + (f"; its checkpoint is at step {at}, so training stops at once" if past else "")
+            + "; the learning-rate schedule follows the new length from here on (unlike a run started with it)")
 
 
 def check_same_tracking_store(run: Run, uri: str) -> None:
@@ -277,6 +300,7 @@ class TrainResult:
     tracking_uri: str = ""
     trainer: Optional[L.Trainer] = None  # for programmatic use: trainer.lightning_module.model is the trained model
     skipped: Optional[Dict[str, int]] = None  # training samples skipped/altered per reason, all ranks (None: no batch ran)
+    stopped_by: Optional[int] = None  # the signal that stopped a preempted run (as this rank received it)
 
 
 def prepare_run(cfg: DictConfig, resume: Optional[str], check_data: bool) -> Tuple[Run, Optional[str]]:
@@ -288,6 +312,7 @@ def prepare_run(cfg: DictConfig, resume: Optional[str], check_data: bool) -> Tup
         check_resumable(run.dir / "config.yaml", cfg)
         check_same_tracking_store(run, tracking_uri(cfg))
         ckpt.verify_checkpoint(run.resume_from)  # a checkpoint that would run code is refused now, not at fit
+    change = length_change(run.dir / "config.yaml", cfg, run.resume_from) if run.resume_from is not None else None
     if check_data:
         from lm_mini.data.datamodule import check_data_paths
 
@@ -301,11 +326,18 @@ def prepare_run(cfg: DictConfig, resume: Optional[str], check_data: bool) -> Tup
     init_from = str(resolve_init_from(cfg.train.init_from, cfg.logging.runs_dir)) if cfg.train.init_from and run.resume_from is None else None
     if init_from is not None:
         ckpt.verify_checkpoint(init_from)
+    if change:
+        print(f"lm-mini: {change}", flush=True)
     run.dir.mkdir(parents=True, exist_ok=True)
     ckpt.remove_incomplete(run.checkpoints)  # leftovers of a save that was killed
     (run.dir / "config.yaml").write_text(to_yaml(cfg))
     return run, init_from
 
+
+# A run stopped by a signal (preemption, Ctrl-C) after its checkpoint exits 128 + the signal's number, the shell's
+# convention for "ended by that signal": non-zero, so `lm-mini train ... && lm-mini eval ...` does not evaluate an
+# unfinished run, and a sweep tells it from a crash (1) or a user error (2).
+STOPPED_EXIT_CODES = tuple(128 + int(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1))
 
 # Errors that are the user's to fix (exit code 2, no traceback); anything else is a crash (1).
 USER_ERRORS = (TrackingUnavailable, FileExistsError, FileNotFoundError, ResumeMismatch, LaunchError, UntrustedCheckpoint)
@@ -379,11 +411,16 @@ def _fit(cfg: DictConfig, run: Run, init_from: Optional[str], logger: Any, model
         os.environ.pop(RUN_NAME_ENV, None) if previous_name is None else os.environ.update({RUN_NAME_ENV: previous_name})
     skipped = next(c.totals for c in trainer.callbacks if isinstance(c, SkippedSamplesLogger))
     result = TrainResult(run, preemption.preempted, trainer.global_step, tracking_uri=tracking_uri(cfg),
-                         mlflow_run_id=logger.run_id if trainer.is_global_zero else None, trainer=trainer, skipped=skipped)
+                         mlflow_run_id=logger.run_id if trainer.is_global_zero else None, trainer=trainer, skipped=skipped,
+                         stopped_by=preemption.received)
     if preemption.preempted:
         if trainer.is_global_zero and preemption.received != signal.SIGINT and requeue_slurm_job():  # not a Ctrl-C
             print("lm-mini: SLURM job requeued", flush=True)
         logger.close("KILLED")
+        # Every rank now exits non-zero, and srun --kill-on-bad-exit stops the job at the first: no rank may leave
+        # before rank 0 has requeued the job and closed the MLflow run.
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
         return result
     if cfg.train.eval_at_end and len(cfg.data.val) > 0:
         from lm_mini.eval.evaluate import evaluate, records_by_id, score_other_metrics
@@ -391,11 +428,14 @@ def _fit(cfg: DictConfig, run: Run, init_from: Optional[str], logger: Any, model
         records = records_by_id([v.path for v in cfg.data.val])  # read once: for the baseline and the scores
         result.eval = evaluate(trainer, module, datamodule, cfg, records)
         if trainer.is_global_zero:
+            # next to eval/exact_match, so that lm-mini compare can draw the line a model must clear
+            logger.log_metrics({"eval/majority_baseline": result.eval["majority_baseline"]}, step=trainer.global_step)
             score_other_metrics(result.eval, cfg, logger, trainer.global_step, records)
             (run.dir / "eval.json").write_text(json.dumps(result.eval, indent=2))
     if trainer.is_global_zero:
         final = ckpt.latest_checkpoint(run.checkpoints)
-        run.finished_file.write_text(json.dumps({"checkpoint": final.name if final else None, "global_step": trainer.global_step}))
+        run.finished_file.write_text(json.dumps({"checkpoint": final.name if final else None, "global_step": trainer.global_step,
+                                                 "max_steps": cfg.train.max_steps, "max_epochs": cfg.train.max_epochs}))
     logger.close("FINISHED")
     return result
 
@@ -430,10 +470,13 @@ def cli_train(args: Any) -> int:
     except LostRank as e:
         print(f"lm-mini: {e}", file=sys.stderr, flush=True)
         return 1
+    if result.preempted:
+        signum = result.stopped_by or signal.SIGTERM  # a rank the signal did not reach stopped with the others
+        if rank_zero_only.rank == 0:
+            print(f"lm-mini: stopped by a signal ({signal.Signals(signum).name}) at step {result.global_step}, before the "
+                  f"run's end; continue with --resume auto (checkpoints in {result.run.checkpoints}); exit status "
+                  f"{128 + int(signum)}", flush=True)
+        return 128 + int(signum)
     if rank_zero_only.rank == 0:
-        if result.preempted:
-            print(f"lm-mini: stopped by a signal at step {result.global_step}; continue with --resume auto "
-                  f"(checkpoints in {result.run.checkpoints})")
-        else:
-            _report(result)
+        _report(result)
     return 0

@@ -90,8 +90,8 @@ def test_slurm_script_and_its_log_folder_live_under_logging_runs_dir(tmp_path, m
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_run_that_exits_cleanly_before_its_end_is_reported_stopped_not_finished(tmp_path, monkeypatch, capsys):
-    """A SIGTERM-ed run checkpoints and exits 0; the sweep used to call it finished (and exit 0)."""
+def test_a_run_stopped_by_a_signal_is_reported_stopped_not_finished(tmp_path, monkeypatch, capsys):
+    """A SIGTERM-ed run checkpoints and exits 143 (128 + SIGTERM): the sweep reports it stopped, not failed or finished."""
     import json
     import sys
 
@@ -100,7 +100,7 @@ def test_a_run_that_exits_cleanly_before_its_end_is_reported_stopped_not_finishe
 
     runs = tmp_path / "runs"
     fake = {  # what each run's training does: exit code, and whether it writes the finished marker
-        "grid=1": "import sys; sys.exit(0)",  # preempted: checkpointed, exit 0, not finished
+        "grid=1": "import sys; sys.exit(143)",  # preempted: checkpointed, exit 128 + SIGTERM, not finished
         "grid=2": "import sys; sys.exit(3)",  # crashed
         "grid=3": (f"import json, pathlib; d = pathlib.Path({str(runs / 'base_exp' / 'grid=3')!r}); (d / 'checkpoints').mkdir(parents=True); "
                    "(d / 'checkpoints' / 'step=00000004.ckpt').touch(); "
@@ -113,8 +113,8 @@ def test_a_run_that_exits_cleanly_before_its_end_is_reported_stopped_not_finishe
     monkeypatch.chdir(tmp_path)
     assert main(["sweep", str(_sweep_in(tmp_path, runs))]) == 1
     out = capsys.readouterr().out
-    assert "grid=1: stopped (exit 0): stopped before its end; run the sweep again to resume it" in out
-    assert "finished=1, skipped=0, stopped=1, failed=1" in out
+    assert "grid=1: stopped (exit 143): stopped before its end; run the sweep again to resume it" in out
+    assert "finished=1, skipped=0, stopped=1, failed=1, mismatch=0" in out
     assert marked == ["grid=2"] and measured == ["grid=3"]  # figures only for a finished run, once
 
 
@@ -135,3 +135,100 @@ def test_a_dead_tracking_server_is_one_clear_error_for_sweep_and_compare(tmp_pat
     assert main(["compare", "--experiment", "base_exp"]) == 1
     assert "is not reachable" in capsys.readouterr().out
     assert time.monotonic() - start < 30
+
+
+# --------------------------------------------------------------------------- points and seeds
+def _points_sweep(tmp_path, body):
+    (tmp_path / "base.yaml").write_text("experiment: base_exp\ntrain:\n  max_steps: 3\n")
+    path = tmp_path / "pts.yaml"
+    path.write_text("base: base.yaml\nsweep_id: abl\n" + body)
+    return path
+
+
+def test_points_times_seeds_give_one_run_per_point_and_seed(tmp_path):
+    sweep = load_sweep(_points_sweep(tmp_path, """
+points:
+  - {model.compressor.name: identity, model.prefusion.depth: 0}
+  - {model.compressor.grid: 1, model.prefusion.depth: 0}
+  - {model.compressor.grid: 1, model.prefusion.depth: 1}
+seeds: [0, 1]
+"""))
+    assert [r.name for r in sweep.runs] == [
+        "name=identity__depth=0__seed=0", "name=identity__depth=0__seed=1",
+        "grid=1__depth=0__seed=0", "grid=1__depth=0__seed=1", "grid=1__depth=1__seed=0", "grid=1__depth=1__seed=1"]
+    assert sweep.keys == ["model.compressor.name", "model.prefusion.depth", "model.compressor.grid", "seed"]
+    cfg = load_config(sweep.base, sweep.runs[1].overrides)
+    assert (cfg.model.compressor.name, cfg.model.prefusion.depth, cfg.seed) == ("identity", 0, 1)
+    assert cfg.logging.tags.sweep_keys == "model.compressor.name,model.prefusion.depth,model.compressor.grid,seed"
+    cfg = load_config(sweep.base, sweep.runs[5].overrides)
+    assert (cfg.model.compressor.name, cfg.model.compressor.grid, cfg.model.prefusion.depth, cfg.seed) == ("query_attention", 1, 1, 1)
+    # points combine with a grid; a seed grid key is the same as `seeds`
+    sweep = load_sweep(_points_sweep(tmp_path, "points: [{model.prefusion.depth: 0}, {model.prefusion.depth: 1}]\n"
+                                                "grid: {train.lr: [0.1, 0.2], seed: [7]}\n"))
+    assert [r.name for r in sweep.runs] == ["depth=0__lr=0.1__seed=7", "depth=0__lr=0.2__seed=7",
+                                            "depth=1__lr=0.1__seed=7", "depth=1__lr=0.2__seed=7"]
+    assert load_config(sweep.base, sweep.runs[3].overrides).seed == 7
+
+
+def test_bad_points_and_seeds_are_refused_naming_the_problem(tmp_path):
+    cases = {
+        "points: [{model.prefusion.depth: [0, 1]}]\n": "points\\[0\\] gives a list for model.prefusion.depth",
+        "points: {model.prefusion.depth: 0}\n": "'points' must be a non-empty list of mappings",
+        "grid: {model.prefusion.depth: [0]}\nseeds: [0, '1']\n": "'seeds' must be a non-empty list of integers",
+        "grid: {seed: [0, 1]}\nseeds: [0, 1]\n": "the seed is given twice",
+        "grid: {model.prefusion.depth: [0]}\nseeds: [0, 0]\n": "'seeds' lists a seed twice",
+        "points: [{model.prefusion.depth: 0}]\ngrid: {model.prefusion.depth: [1]}\n": "given both in 'points' and in 'grid'",
+        "seeds: [0, 1]\n": "a non-empty 'grid' or 'points'",
+        "points: [{model.prefusion.depth: 0}, {model.prefusion.depth: 0}]\n": "two grid points have the same run name 'depth=0'",
+    }
+    for body, message in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            load_sweep(_points_sweep(tmp_path, body))
+
+
+def test_a_run_that_ran_with_other_settings_is_neither_skipped_nor_launched(tmp_path, monkeypatch, capsys):
+    """A run finished under train.max_steps=2 (e.g. resumed by hand shortened) is not the sweep's max_steps=3 run:
+    a re-run of the sweep must not count it finished; a run with checkpoints and another length is not resumed
+    under the sweep's (its schedule would change mid-run); a run whose settings match is skipped / resumed."""
+    import json
+    import sys
+
+    from lm_mini.cli import main
+    from lm_mini.config import to_yaml
+    from lm_mini.sweeps import grid
+
+    runs = tmp_path / "runs"
+    path = _sweep_in(tmp_path, runs)
+    sweep = load_sweep(path)
+
+    def fake_run(run, max_steps, finished):
+        directory = runs / "base_exp" / run.name
+        (directory / "checkpoints").mkdir(parents=True)
+        (directory / "checkpoints" / "step=00000002.ckpt").touch()
+        cfg = load_config(sweep.base, run.overrides + [f"train.max_steps={max_steps}"])
+        (directory / "config.yaml").write_text(to_yaml(cfg))
+        if finished:
+            (directory / "finished.json").write_text(json.dumps({"checkpoint": "step=00000002.ckpt"}))
+
+    by_name = {r.name: r for r in sweep.runs}
+    fake_run(by_name["grid=1"], 2, finished=True)   # shortened and finished: not the sweep's run
+    fake_run(by_name["grid=2"], 2, finished=False)  # shortened, stopped: resuming would change its length
+    fake_run(by_name["grid=3"], -1, finished=True)  # the sweep's own settings (base.yaml has no max_steps): skipped
+    assert grid.settings_mismatch(sweep, by_name["grid=1"]) == ["train.max_steps=2 (sweep: -1)"]
+    assert grid.settings_mismatch(sweep, by_name["grid=3"]) == []
+    launched = []
+    monkeypatch.setattr(grid, "train_command", lambda sweep, run: launched.append(run.name) or [sys.executable, "-c", "pass"])
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert launched == []
+    assert ("grid=1: finished with other settings than this sweep gives it: train.max_steps=2 (sweep: -1). Not counted and "
+            f"not launched: delete {runs / 'base_exp' / 'grid=1'}") in out
+    assert "grid=2: has checkpoints with other settings than this sweep gives it: train.max_steps=2 (sweep: -1)" in out
+    assert "grid=3: finished before, skipped" in out
+    assert "finished=0, skipped=1, stopped=0, failed=0, mismatch=2" in out
+    # a finished run whose evaluation the sweep now sets differently is not the sweep's result either
+    (tmp_path / "sw.yaml").write_text("base: base.yaml\nsweep_id: cd\noverrides: [eval.max_samples=5]\n"
+                                       "grid:\n  model.compressor.grid: [1, 2, 3]\n")
+    assert grid.settings_mismatch(load_sweep(tmp_path / "sw.yaml"), load_sweep(tmp_path / "sw.yaml").runs[2]) == \
+        ["eval.max_samples=None (sweep: 5)"]

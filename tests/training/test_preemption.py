@@ -1,4 +1,5 @@
-"""Preemption through the real CLI on the demo shards: SIGTERM checkpoints and exits cleanly, a SIGKILL
+"""Preemption through the real CLI on the demo shards: SIGTERM checkpoints and exits with status 143 (128 + SIGTERM,
+Ctrl-C: 130), so that `train && eval` does not evaluate an unfinished run; a SIGKILL
 at a random step plus ``--resume auto`` ends bit-identical to an uninterrupted run, with every step
 once in the same MLflow run; a SIGKILL right after a checkpoint, with the tracking store lagging, loses
 no metric; a kill in the middle of a checkpoint write leaves the previous one usable."""
@@ -54,13 +55,14 @@ def test_sigterm_then_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path)
     reference = _start(tmp_path, "reference")  # runs alongside the interrupted one
     checkpoints = tmp_path / "runs" / "demo" / "job" / "checkpoints"
 
-    # 1. SIGTERM (preemption): checkpoint at the next optimizer step, clean exit
+    # 1. SIGTERM (preemption): checkpoint at the next optimizer step, exit 128 + SIGTERM (not finished: not 0)
     job = _start(tmp_path, "job")
     _wait_for(checkpoints / ckpt.checkpoint_name(3), job)
     job.send_signal(signal.SIGTERM)
-    assert job.wait(timeout=120) == 0
+    assert job.wait(timeout=120) == 128 + signal.SIGTERM == 143
     log = (tmp_path / "job.log").read_text()
-    assert "received SIGTERM" in log and "stopped by a signal" in log
+    assert "received SIGTERM" in log and "stopped by a signal (SIGTERM)" in log and "exit status 143" in log
+    assert not (checkpoints.parent / "finished.json").exists()
     stopped = ckpt.latest_checkpoint(checkpoints)
     step = ckpt.load_checkpoint(stopped)["global_step"]
     assert stopped.name == ckpt.checkpoint_name(step) and 3 < step < STEPS
@@ -101,7 +103,7 @@ def test_ctrl_c_checkpoints_at_the_next_step_with_loader_workers_and_the_run_res
     job.send_signal(signal.SIGINT)
     for worker in _children(job.pid):  # a terminal's Ctrl-C reaches the whole process group
         os.kill(worker, signal.SIGINT)
-    assert job.wait(timeout=120) == 0
+    assert job.wait(timeout=120) == 128 + signal.SIGINT == 130
     log = (tmp_path / "job.log").read_text()
     assert "received SIGINT" in log and "Ctrl-C again to stop now" in log and "stopped by a signal" in log
     step = ckpt.load_checkpoint(ckpt.latest_checkpoint(checkpoints))["global_step"]
