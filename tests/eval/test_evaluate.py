@@ -211,3 +211,13 @@ def test_shard_builder_points_llava_question_files_to_the_benchmark_runner(tmp_p
                      str(tmp_path / "s")]) == 1
     skipped = (tmp_path / "s" / "skipped.json").read_text()
     assert "LLaVA benchmark question file" in skipped and "lm-mini eval SOURCE --benchmark NAME --questions FILE" in skipped
+
+
+def test_score_dispatches_on_each_metrics_target_kind():
+    """Registered metrics say what they take (target_kind): the lenient variants and POPE's are fed accordingly."""
+    preds = [{"id": "a", "prediction": "(b)", "gold": "B"}, {"id": "b", "prediction": "NO", "gold": "no"}]
+    records = {"a": {"options": ["red", "blue"]}}
+    s = score(preds[:1], records, ["multiple_choice", "multiple_choice_lenient"])
+    assert (s["all/multiple_choice"], s["all/multiple_choice_lenient"]) == (0.0, 1.0)  # "(b)": official parser says no
+    p = score(preds[1:], {}, ["pope", "pope_lenient"])
+    assert p["all/pope_accuracy"] == 0.0 and p["all/pope_lenient_accuracy"] == 1.0  # eval_pope.py reads "NO" as yes
