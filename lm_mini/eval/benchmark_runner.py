@@ -162,10 +162,17 @@ class QuestionDataset:
         from lm_mini.constants import IMAGE_PLACEHOLDER
         from lm_mini.data.conversation import build_prompt
 
+        from lm_mini.data.errors import SampleError
+
         has_media = q.media is not None
-        text = (IMAGE_PLACEHOLDER + "\n" if has_media else "") + self.benchmark.prompt(q)  # model_vqa_loader.py
-        return build_prompt([{"from": "human", "value": text}], self.tokenizer, self.template, has_media=has_media,
-                            sample_id=str(q.question_id))
+        text = self.benchmark.prompt(q)
+        if has_media and IMAGE_PLACEHOLDER not in text:  # model_vqa_loader.py; the video scripts keep a placed one
+            text = IMAGE_PLACEHOLDER + "\n" + text
+        try:
+            return build_prompt([{"from": "human", "value": text}], self.tokenizer, self.template, has_media=has_media,
+                                sample_id=str(q.question_id))
+        except SampleError as e:
+            raise ValueError(f"{self.benchmark.name}: question {q.question_id!r}: {e}") from e
 
     def media_path(self, q: Question) -> Path:
         if self.folder is None:
