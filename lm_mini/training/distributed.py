@@ -238,7 +238,7 @@ def lost_rank_message(launch: Launch, heartbeat: Optional[Heartbeat], error: Bas
     if silent is None:
         who = "rank 0 (it hosts the job's rendezvous store) is gone" if launch.rank != 0 else "another rank is gone"
     elif silent:
-        who = f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} stopped responding"
+        who = f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} died or stopped responding"
     else:
         who = "another rank died or stopped responding"
     first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__

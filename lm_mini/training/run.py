@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
@@ -377,7 +377,8 @@ def train(cfg: DictConfig, resume: Optional[str] = None, model_factory: Optional
         return _fit(cfg, run, init_from, logger, model_factory, datamodule)
     except BaseException as e:
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else launch.world_size
-        lost = lost_rank_message(launch, heartbeat, e, cfg.train.dist_timeout_s) if world > 1 else None
+        # Lightning's launcher starts the other ranks inside fit: only now is the job's size known
+        lost = lost_rank_message(replace(launch, world_size=world), heartbeat, e, cfg.train.dist_timeout_s) if world > 1 else None
         if lost is not None:
             raise LostRank(lost) from e
         raise

@@ -111,7 +111,7 @@ def test_torchrun_two_nodes_fsdp_a_hung_rank_fails_the_other_within_the_timeout_
         subprocess.run(["pkill", "-KILL", "-f", f"logging.runs_dir={tmp_path / 'runs'}"])
         nodes[1].wait(timeout=60)
     log = (tmp_path / "node0").read_text()
-    assert "rank 0 of 2: a collective operation failed: rank 1 stopped responding" in log, log[-3000:]
+    assert "rank 0 of 2: a collective operation failed: rank 1 died or stopped responding" in log, log[-3000:]
     assert f"train.dist_timeout_s={timeout}" in log and "--resume auto" in log
     assert waited < timeout + 45  # the timeout, the check for silent ranks, and the process's exit
 
@@ -154,3 +154,29 @@ def test_srun_tasks_of_a_slurm_job_share_one_run_named_after_the_job(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("demo").experiment_id])
     assert [r.info.run_name for r in runs] == ["finetune-slurm4242"]
     assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")) == list(range(STEPS))
+
+
+class _Heartbeat:
+    def __init__(self, silent):
+        self._silent = silent
+
+    def silent_ranks(self):
+        return self._silent
+
+
+@pytest.mark.timeout(60)
+def test_the_lost_rank_message_names_the_silent_rank_or_says_it_is_this_ranks_own_failure():
+    from lm_mini.training.distributed import Launch, lost_rank_message
+
+    launch = Launch("torchrun", 0, 4, 0)
+    error = RuntimeError("Application timeout caused pair closure\nmore")
+    message = lost_rank_message(launch, _Heartbeat([2, 3]), error, 30)
+    assert message.startswith("rank 0 of 4: a collective operation failed: ranks 2, 3 died or stopped responding")
+    assert "train.dist_timeout_s=30" in message and "RuntimeError: Application timeout" in message and "more" not in message
+    assert "rendezvous store" in lost_rank_message(Launch("srun", 1, 2, 1), _Heartbeat(None), error, 30)
+    assert lost_rank_message(launch, _Heartbeat([]), error, 30) is None  # every other rank alive: this rank's own failure
+    assert lost_rank_message(launch, _Heartbeat([1]), KeyboardInterrupt(), 30) is None
+    # Lightning's launcher (no heartbeats): only errors a lost peer causes count
+    lightning = Launch("lightning", 0, 2, 0)
+    assert "another rank died" in lost_rank_message(lightning, None, RuntimeError("Connection closed by peer [127.0.0.1]:1"), 30)
+    assert lost_rank_message(lightning, None, ValueError("shapes do not match"), 30) is None
