@@ -206,7 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", nargs="*", default=None, help="metrics to show (default: all)")
     p.add_argument("--format", choices=["table", "markdown", "csv", "json"], default="table")
     p.add_argument("--plot", default=None, help="write plots to this PNG")
-    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else the store the experiment's "
+                   "runs name in runs/<experiment>/*/mlflow.json, else ./mlflow.db (also searched in parent directories)")
+    p.add_argument("--runs-dir", default=None, help="where the runs live (their logging.runs_dir), to find their MLflow store")
+    p.add_argument("--group-by", nargs="+", default=None, metavar="KEY",
+                   help="config keys that make a grid point; runs with equal values are aggregated (mean, std, CI, n). "
+                        "Default: the sweep's keys except the seed")
+    p.add_argument("--alpha", type=_at_least(0.0, float, inclusive=False), default=0.05,
+                   help="confidence intervals at 1 - alpha, significance at alpha (default 0.05)")
+    p.add_argument("--baseline", type=float, default=None,
+                   help="plot: the majority-answer line (default: the runs' eval/majority_baseline)")
+    p.add_argument("--upper-bound", nargs="+", default=None, metavar="KEY=VALUE",
+                   help="plot: the grid point drawn as the upper bound (default: identity compressor at depth 0)")
     p.add_argument("--table", choices=["paper", "paper_video", "benchmarks"], default=None,
                    help="benchmark scores (eval/<benchmark>/...), one column per benchmark: paper = the paper's Table 1 "
                    "(image benchmarks), paper_video = its video benchmarks, benchmarks = every benchmark scored")

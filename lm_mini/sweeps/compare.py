@@ -8,8 +8,11 @@ import csv
 import io
 import json
 import math
+import os
+import sys
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from lm_mini.config import tracking_uri as resolve_tracking_uri
 
@@ -36,8 +39,56 @@ def _parse(value: Optional[str]) -> Any:
         return value
 
 
-def read_runs(experiment: str, sweep: Optional[str] = None, tracking_uri: Optional[str] = None) -> List[RunRow]:
-    """Runs of an experiment (optionally one sweep), oldest first. Raises LookupError with a clear message."""
+def _sqlite_file(uri: str) -> Optional[Path]:
+    """The database file of a ``sqlite:///`` URI (None for any other store)."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def find_tracking_store(experiment: str, tracking_uri: Optional[str] = None, runs_dir: Optional[str] = None,
+                        cwd: Optional[Path] = None) -> Tuple[str, str]:
+    """``(uri, how it was found)`` of the MLflow store that holds ``experiment``'s runs.
+
+    An explicit URI (``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``) is taken as given. Otherwise, in order: the
+    stores the experiment's runs name in ``<runs_dir>/<experiment>/*/mlflow.json`` (``runs_dir``, else ``./runs``),
+    ``./mlflow.db``, and the same two in each parent directory. A ``sqlite:`` store whose file does not exist is
+    never opened (MLflow would create an empty one). Raises LookupError saying where it looked."""
+    cwd = Path(cwd or Path.cwd())
+    explicit = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if explicit:
+        db = _sqlite_file(explicit)
+        if db is not None and not db.is_file():
+            source = "--tracking-uri" if tracking_uri else "$MLFLOW_TRACKING_URI"
+            raise LookupError(f"no MLflow store at {db} ({source}={explicit}): the file does not exist")
+        return explicit, "--tracking-uri" if tracking_uri else "$MLFLOW_TRACKING_URI"
+    looked: List[str] = []
+    places = [(Path(runs_dir), cwd)] if runs_dir else []
+    places += [(d / "runs", d) for d in (cwd, *cwd.parents)]
+    for runs, folder in places:
+        pattern = runs / experiment / "*" / "mlflow.json"
+        looked.append(str(pattern))
+        named = sorted({json.loads(f.read_text()).get("tracking_uri", "") for f in runs.glob(f"{experiment}/*/mlflow.json")} - {""})
+        named = [u for u in named if _sqlite_file(u) is None or _sqlite_file(u).is_file()]
+        if len(named) > 1:
+            raise LookupError(f"the runs of '{experiment}' in {runs} logged to {len(named)} MLflow stores ({', '.join(named)}); "
+                              "pick one with --tracking-uri")
+        if named:
+            return named[0], f"named by the runs in {runs / experiment}"
+        if runs_dir and runs == Path(runs_dir):
+            continue
+        db = folder / "mlflow.db"
+        looked.append(str(db))
+        if db.is_file():
+            return f"sqlite:///{db.resolve()}", ("./mlflow.db" if folder == cwd else f"found in {folder}")
+    raise LookupError(f"no MLflow store found for experiment '{experiment}'; looked for " + ", ".join(looked[:6])
+                      + (f" and {len(looked) - 6} more up to {places[-1][1]}" if len(looked) > 6 else "")
+                      + ". Run compare from the directory you trained in, or pass --tracking-uri (e.g. "
+                      "sqlite:////path/to/mlflow.db) or --runs-dir DIR (logging.runs_dir of the runs)")
+
+
+def read_runs(experiment: str, sweep: Optional[str] = None, tracking_uri: Optional[str] = None,
+              keys: Sequence[str] = ()) -> List[RunRow]:
+    """Runs of an experiment (optionally one sweep), oldest first, with the values of their sweep's keys (and of
+    ``keys``, any config keys, e.g. ``--group-by``). Raises LookupError with a clear message."""
     from mlflow.tracking import MlflowClient
 
     from lm_mini.training.tracking import TrackingUnavailable, check_tracking_server
@@ -47,6 +98,9 @@ def read_runs(experiment: str, sweep: Optional[str] = None, tracking_uri: Option
         check_tracking_server(uri)
     except TrackingUnavailable as e:
         raise LookupError(str(e)) from None
+    db = _sqlite_file(uri)
+    if db is not None and not db.is_file():  # opening it would create an empty store there
+        raise LookupError(f"no MLflow store at {db}: the file does not exist")
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -63,6 +117,7 @@ def read_runs(experiment: str, sweep: Optional[str] = None, tracking_uri: Option
                 grid_keys.append(k)
     if not grid_keys:
         grid_keys = [k for k in (C_KEY, DEPTH_KEY) if any(k in r.data.params for r in runs)]
+    grid_keys += [k for k in keys if k not in grid_keys]
     return [
         RunRow(
             run_id=r.info.run_id,
@@ -162,44 +217,402 @@ def series(rows: Sequence[RunRow], metric: str) -> Dict[str, List[Tuple[Any, flo
             for others, pts in sorted(lines.items(), key=lambda kv: [_sort_key(v) for v in kv[0]])}
 
 
-def plot(rows: Sequence[RunRow], metric: str, path: str) -> None:
-    """Left: metric vs the first grid key, one line per value of the others (:func:`series`).
-    Right: metric vs FLOPs per sample (when logged)."""
+def plot(rows: Sequence[RunRow], metric: str, path: str, group_by: Optional[Sequence[str]] = None, alpha: float = 0.05,
+         baseline: Optional[float] = None, upper_bound: Optional[Mapping[str, Any]] = None) -> None:
+    """Left: metric vs the first grid key (vision tokens per image when the compressors differ), one line per value
+    of the others; right: metric vs FLOPs per sample (when logged). Runs of one grid point that differ by seed are
+    one point with its (1 - alpha) interval as error bar (:func:`plot_groups`)."""
+    if should_aggregate(rows, group_by):
+        groups, _ = aggregate(rows, [metric, FLOPS_METRIC, VISUAL_TOKENS_METRIC, BASELINE_METRIC], group_by, alpha)
+    else:  # one point per run, whatever its status (as the table lists them)
+        groups = [Group(dict(r.values) or {"run": r.name}, [r], {m: summarize([r.metrics[m]], alpha) for m in
+                  (metric, FLOPS_METRIC, VISUAL_TOKENS_METRIC, BASELINE_METRIC) if m in r.metrics}) for r in rows]
+    plot_groups(groups, metric, path, baseline=baseline, upper_bound=upper_bound)
+
+
+# --------------------------------------------------------------------------- seeds: aggregation and significance
+SEED_KEY = "seed"  # sweeps repeat a point over seeds through this config key
+COMPRESSOR_KEY = "model.compressor.name"
+BASELINE_METRIC = "eval/majority_baseline"  # logged by the end-of-training evaluation next to eval/exact_match
+
+
+@dataclass
+class Summary:
+    """One metric over the runs of a group: mean, sample standard deviation, two-sided t-interval of the mean."""
+
+    n: int
+    mean: float
+    std: float  # ddof=1; nan for n = 1
+    ci_low: float  # mean -/+ t(1 - alpha/2, n-1) * std / sqrt(n); nan for n = 1
+    ci_high: float
+    values: List[float]
+
+
+def summarize(values: Sequence[float], alpha: float = 0.05) -> Summary:
+    """:class:`Summary` of ``values`` with a (1 - alpha) confidence interval from Student's t distribution."""
+    from scipy import stats
+
+    values = [float(v) for v in values]
+    n = len(values)
+    if n == 0:
+        raise ValueError("no values to summarize")
+    mean = math.fsum(values) / n
+    if n == 1:
+        return Summary(1, mean, float("nan"), float("nan"), float("nan"), values)
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    half = float(stats.t.ppf(1 - alpha / 2, n - 1)) * std / math.sqrt(n)
+    return Summary(n, mean, std, mean - half, mean + half, values)
+
+
+@dataclass
+class Group:
+    """The runs of one grid point (equal values of the group-by keys), with a :class:`Summary` per metric."""
+
+    values: Dict[str, Any]  # group-by key -> value
+    runs: List[RunRow]
+    stats: Dict[str, Summary]  # metric -> summary over the runs that have it
+
+    @property
+    def label(self) -> str:
+        return group_label(self.values)
+
+
+def group_label(values: Mapping[str, Any]) -> str:
+    """'C=1, depth=0', 'identity, depth=0', 'avg_pool, C=2, depth=0': the compressor named unless it is the paper's
+    (the default), C left out for the identity compressor (it keeps every token: its C means nothing)."""
+    from lm_mini.config import CompressorConfig
+
+    parts = []
+    identity = values.get(COMPRESSOR_KEY) == "identity"
+    for key, value in sorted(values.items(), key=lambda kv: (kv[0] != COMPRESSOR_KEY, kv[0] != C_KEY, kv[0] != DEPTH_KEY)):
+        if key == COMPRESSOR_KEY:
+            if value != CompressorConfig.name:
+                parts.append(str(value))
+        elif not (identity and key == C_KEY):
+            parts.append(f"{_short(key)}={value}")
+    return ", ".join(parts) or "all runs"
+
+
+def group_keys(rows: Sequence[RunRow], group_by: Optional[Sequence[str]] = None) -> List[str]:
+    """The keys that make a grid point: ``group_by``, else every sweep key but the seed."""
+    if group_by:
+        return list(group_by)
+    return [k for k in grid_axes(rows) if k != SEED_KEY]
+
+
+def should_aggregate(rows: Sequence[RunRow], group_by: Optional[Sequence[str]] = None) -> bool:
+    """Aggregate when asked to (``group_by``), when the runs sweep seeds, or when two runs are the same grid point."""
+    if group_by or any(SEED_KEY in r.values for r in rows):
+        return True
+    keys = group_keys(rows)
+    points = [tuple(json.dumps(r.values.get(k), sort_keys=True) for k in keys) for r in rows]
+    return bool(keys) and len(set(points)) < len(points)
+
+
+def aggregate(rows: Sequence[RunRow], metrics: Sequence[str], group_by: Optional[Sequence[str]] = None,
+              alpha: float = 0.05) -> Tuple[List[Group], List[RunRow]]:
+    """Groups of FINISHED runs by the values of :func:`group_keys` (sorted by those values), each metric summarised
+    over the runs that have it; and the runs left out (not FINISHED: stopped, failed or still running)."""
+    keys = group_keys(rows, group_by)
+    done = [r for r in rows if r.status == "FINISHED"]
+    left_out = [r for r in rows if r.status != "FINISHED"]
+    found: Dict[str, Group] = {}
+    for r in done:
+        values = {k: r.values.get(k) for k in keys}
+        found.setdefault(json.dumps(values, sort_keys=True, default=str), Group(values, [], {})).runs.append(r)
+    groups = sorted(found.values(), key=lambda g: [_sort_key(v) for v in g.values.values()])
+    for g in groups:
+        for m in metrics:
+            have = [r.metrics[m] for r in g.runs if m in r.metrics and not math.isnan(r.metrics[m])]
+            if have:
+                g.stats[m] = summarize(have, alpha)
+    return groups, left_out
+
+
+@dataclass
+class Difference:
+    """``a`` minus ``b`` in one metric: Welch's t-test (unequal variances) and its (1 - alpha) interval; ``p_holm``
+    is the p-value adjusted (Holm) over every pair compared at once."""
+
+    a: str
+    b: str
+    diff: float
+    ci_low: float
+    ci_high: float
+    p: float
+    p_holm: float = float("nan")
+    significant: bool = False  # p_holm < alpha
+    intervals_overlap: bool = True  # the groups' own confidence intervals overlap
+
+
+def welch(a: Summary, b: Summary, alpha: float = 0.05) -> Tuple[float, float, float]:
+    """(p, interval low, high) of mean(a) - mean(b) by Welch's t-test; nan where a group has fewer than 2 runs."""
+    from scipy import stats
+
+    diff = a.mean - b.mean
+    if a.n < 2 or b.n < 2:
+        return float("nan"), float("nan"), float("nan")
+    va, vb = a.std ** 2 / a.n, b.std ** 2 / b.n
+    se = math.sqrt(va + vb)
+    if se == 0.0:  # every run of both groups scored the same: the difference is what it is
+        return (0.0 if diff else 1.0), diff, diff
+    df = (va + vb) ** 2 / (va ** 2 / (a.n - 1) + vb ** 2 / (b.n - 1))  # Welch-Satterthwaite
+    p = float(2 * stats.t.sf(abs(diff) / se, df))
+    half = float(stats.t.ppf(1 - alpha / 2, df)) * se
+    return p, diff - half, diff + half
+
+
+def holm(p_values: Sequence[float]) -> List[float]:
+    """Holm's step-down adjustment (controls the family-wise error rate); nan p-values are left out and stay nan."""
+    order = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    adjusted = [float("nan")] * len(p_values)
+    running, m = 0.0, len(order)
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def differences(groups: Sequence[Group], metric: str, alpha: float = 0.05) -> List[Difference]:
+    """Every pair of groups that have ``metric``, the better one first (by mean), tested at once (Holm)."""
+    have = sorted((g for g in groups if metric in g.stats), key=lambda g: -g.stats[metric].mean)
+    out = []
+    for i, a in enumerate(have):
+        for b in have[i + 1:]:
+            sa, sb = a.stats[metric], b.stats[metric]
+            p, low, high = welch(sa, sb, alpha)
+            overlap = not (sa.n > 1 and sb.n > 1 and (sa.ci_low > sb.ci_high or sb.ci_low > sa.ci_high))
+            out.append(Difference(a.label, b.label, sa.mean - sb.mean, low, high, p, intervals_overlap=overlap))
+    for d, adjusted in zip(out, holm([d.p for d in out])):
+        d.p_holm = adjusted
+        d.significant = not math.isnan(adjusted) and adjusted < alpha
+    return out
+
+
+def ordering(groups: Sequence[Group], metric: str, diffs: Sequence[Difference]) -> str:
+    """'A > B ~ C': the groups by mean, '>' between neighbours whose difference is significant, '~' where not."""
+    have = sorted((g for g in groups if metric in g.stats), key=lambda g: -g.stats[metric].mean)
+    if not have:
+        return ""
+    by_pair = {(d.a, d.b): d for d in diffs}
+    text = have[0].label
+    for a, b in zip(have, have[1:]):
+        d = by_pair.get((a.label, b.label))
+        text += (" > " if d is not None and d.significant else " ~ ") + b.label
+    return text
+
+
+def group_records(groups: Sequence[Group], metrics: Sequence[str]) -> List[Dict[str, Any]]:
+    """One record per group: its keys (short names), n, and per metric mean / std / CI bounds."""
+    out = []
+    for g in groups:
+        rec: Dict[str, Any] = {"group": g.label, **{_short(k): v for k, v in g.values.items()}, "n": len(g.runs)}
+        for m in metrics:
+            s = g.stats.get(m)
+            rec.update({f"{m} mean": s.mean if s else None, f"{m} std": s.std if s else None,
+                        f"{m} ci95 low": s.ci_low if s else None, f"{m} ci95 high": s.ci_high if s else None})
+            if s and s.n != len(g.runs):
+                rec[f"{m} n"] = s.n
+        out.append(rec)
+    return out
+
+
+def difference_records(diffs: Sequence[Difference]) -> List[Dict[str, Any]]:
+    return [{"a": d.a, "b": d.b, "a - b": d.diff, "ci95 low": d.ci_low, "ci95 high": d.ci_high, "p (Welch)": d.p,
+             "p (Holm)": d.p_holm, "significant": d.significant, "intervals overlap": d.intervals_overlap} for d in diffs]
+
+
+def _fmt_summary(s: Optional[Summary]) -> str:
+    if s is None:
+        return "-"
+    if s.n == 1:
+        return f"{s.mean:.4g} (n=1)"
+    return f"{s.mean:.3f} ± {s.std:.3f} [{s.ci_low:.3f}, {s.ci_high:.3f}]"
+
+
+def summary_table(groups: Sequence[Group], metrics: Sequence[str]) -> List[Dict[str, Any]]:
+    """For terminal / Markdown: one row per group, each metric as 'mean ± std [95% CI]'."""
+    rows = []
+    for g in groups:
+        rec: Dict[str, Any] = {"grid point": g.label, "n": len(g.runs)}
+        for m in metrics:
+            rec[m + " (mean ± std [95% CI])"] = _fmt_summary(g.stats.get(m))
+        rows.append(rec)
+    return rows
+
+
+def _fmt_p(p: float) -> str:
+    return "-" if math.isnan(p) else "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def difference_table(diffs: Sequence[Difference]) -> List[Dict[str, Any]]:
+    return [{"a": d.a, "b": d.b, "a - b [95% CI]": f"{d.diff:+.3f} [{d.ci_low:+.3f}, {d.ci_high:+.3f}]" if not math.isnan(d.ci_low)
+             else f"{d.diff:+.3f}", "p (Welch)": _fmt_p(d.p), "p (Holm)": _fmt_p(d.p_holm),
+             "significant": "yes" if d.significant else "no", "95% CIs overlap": "yes" if d.intervals_overlap else "no"}
+            for d in diffs]
+
+
+# --------------------------------------------------------------------------- plots with error bars
+VISUAL_TOKENS_METRIC = "visual_tokens"  # vision tokens per image, logged by sweeps (lm_mini.eval.efficiency)
+
+
+def upper_bound_group(groups: Sequence[Group], wanted: Optional[Mapping[str, Any]] = None) -> Optional[Group]:
+    """The group a plot draws as the upper bound: the one matching ``wanted`` (key -> value), else LLaVA-1.5's
+    place in the paper's ablation (the identity compressor without pre-fusion) when the runs have it."""
+    if wanted:
+        hits = [g for g in groups if all(str(g.values.get(k)) == str(v) for k, v in wanted.items())]
+        if len(hits) != 1:
+            raise ValueError(f"--upper-bound {wanted}: {len(hits)} grid points match (expected one): "
+                             + "; ".join(g.label for g in (hits or groups)))
+        return hits[0]
+    hits = [g for g in groups if g.values.get(COMPRESSOR_KEY) == "identity" and str(g.values.get(DEPTH_KEY, 0)) == "0"]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _x_of(groups: Sequence[Group]) -> Tuple[str, Dict[int, Any], List[str]]:
+    """(axis title, group index -> x value, the keys that make the lines): the first grid key across, or the vision
+    tokens per image when the groups differ in compressor (the identity compressor's C is not its token count)."""
+    keys = list(dict.fromkeys(k for g in groups for k in g.values))
+    keys = sorted(keys, key=lambda k: (k != C_KEY, k != DEPTH_KEY))
+    compressors = {g.values.get(COMPRESSOR_KEY) for g in groups}
+    if len(compressors) > 1 and all(VISUAL_TOKENS_METRIC in g.stats for g in groups):
+        return ("vision tokens per image", {i: int(round(g.stats[VISUAL_TOKENS_METRIC].mean)) for i, g in enumerate(groups)},
+                [k for k in keys if k not in (C_KEY, COMPRESSOR_KEY)])
+    if not keys:
+        return "run", {i: g.label for i, g in enumerate(groups)}, []
+    title = "C (compressor grid; C² vision tokens)" if keys[0] == C_KEY else keys[0]
+    return title, {i: g.values.get(keys[0]) for i, g in enumerate(groups)}, keys[1:]
+
+
+def place_labels(ax: Any, points: Sequence[Tuple[float, float]], labels: Sequence[str], fontsize: float = 7.5) -> List[Any]:
+    """Write each label next to its point (data coordinates) where it overlaps no label placed before it and no
+    point: a few offsets around the point are tried in turn, the least-overlapping one is kept when none is free.
+    Returns the text artists."""
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    to_px = ax.transData.transform
+    marker = [to_px(p) for p in points]
+    frame = ax.get_window_extent(renderer)
+    boxes: List[Any] = []
+    placed = []
+    offsets = [(6, 5), (6, -12), (-6, 5), (-6, -12), (0, 11), (0, -17), (10, -3), (-10, -3),
+               (14, 16), (14, -24), (-14, 16), (-14, -24), (0, 26), (0, -32), (22, -3), (-22, -3)]
+    for (x, y), label in zip(points, labels):
+        best, best_overlap = None, None
+        for dx, dy in offsets:
+            text = ax.annotate(label, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
+                               ha="left" if dx > 0 else "right" if dx < 0 else "center",
+                               arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5"} if abs(dx) + abs(dy) > 20 else None)
+            box = text.get_window_extent(renderer).expanded(1.04, 1.1)
+            outside = box.width * box.height - _area(box, frame)  # cut off by the axes' edge
+            overlap = sum(_area(box, b) for b in boxes) + sum(_area(box, _marker_box(m)) for m in marker) + outside
+            if best is None or overlap < best_overlap:
+                if best is not None:
+                    best[0].remove()
+                best, best_overlap = (text, box), overlap
+            else:
+                text.remove()
+            if overlap == 0:
+                break
+        placed.append(best[0])
+        boxes.append(best[1])
+    return placed
+
+
+def _marker_box(center: Any) -> Any:
+    from matplotlib.transforms import Bbox
+
+    return Bbox.from_extents(center[0] - 4, center[1] - 4, center[0] + 4, center[1] + 4)
+
+
+def _area(a: Any, b: Any) -> float:
+    w = min(a.x1, b.x1) - max(a.x0, b.x0)
+    h = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+def _reference_lines(ax: Any, baseline: Optional[float], upper: Optional[Tuple[str, float]]) -> None:
+    if baseline is not None:
+        ax.axhline(baseline, color="0.45", ls="--", lw=1, label=f"majority-answer baseline ({baseline:.3f})")
+    if upper is not None:
+        ax.axhline(upper[1], color="tab:green", ls=":", lw=1.2, label=f"upper bound: {upper[0]} ({upper[1]:.3f})")
+
+
+def plot_groups(groups: Sequence[Group], metric: str, path: str, baseline: Optional[float] = None,
+                upper_bound: Optional[Mapping[str, Any]] = None) -> None:
+    """Each grid point's mean of ``metric`` with its confidence interval as error bar (none for a single run) and its
+    runs as dots; horizontal lines at the majority-answer baseline (``baseline``, else the mean of the runs'
+    ``eval/majority_baseline`` when ``metric`` is an eval score) and at the upper-bound group's mean
+    (:func:`upper_bound_group`); every point labelled, labels placed apart (:func:`place_labels`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    has_flops = any(FLOPS_METRIC in r.metrics for r in rows)
-    fig, axes = plt.subplots(1, 2 if has_flops else 1, figsize=(11 if has_flops else 6, 4), squeeze=False)
+    groups = [g for g in groups if metric in g.stats]
+    if not groups:
+        raise ValueError(f"no grid point has {metric}")
+    if baseline is None and metric.startswith("eval/"):
+        seen = [v for g in groups if BASELINE_METRIC in g.stats for v in g.stats[BASELINE_METRIC].values]
+        baseline = math.fsum(seen) / len(seen) if seen else None
+    top = upper_bound_group(groups, upper_bound)
+    upper = (top.label, top.stats[metric].mean) if top is not None else None
+    has_flops = all(FLOPS_METRIC in g.stats for g in groups)
+    fig, axes = plt.subplots(1, 2 if has_flops else 1, figsize=(12 if has_flops else 6.5, 4.6), squeeze=False)
     ax = axes[0][0]
-    grid = grid_axes(rows)
-    for label, pts in series(rows, metric).items():
-        ax.plot([str(p[0]) for p in pts], [p[1] for p in pts], marker="o", label=label or None)
-    across = "C (compressor grid; C² vision tokens)" if grid and grid[0] == C_KEY else grid[0] if grid else "run"
-    ax.set_xlabel(across)
+    title, xs, line_keys = _x_of(groups)
+    positions = {x: i for i, x in enumerate(sorted(set(xs.values()), key=_sort_key))}  # categorical, evenly spaced
+    lines: Dict[str, List[int]] = {}
+    for i, g in enumerate(groups):
+        lines.setdefault(", ".join(f"{_short(k)}={g.values.get(k)}" for k in line_keys), []).append(i)
+    points, labels = [], []
+    for n, (name, members) in enumerate(sorted(lines.items())):
+        members = sorted(members, key=lambda i: positions[xs[i]])
+        color = f"C{n % 10}"
+        _errorbar(ax, [positions[xs[i]] for i in members], [groups[i].stats[metric] for i in members], color, name or None)
+        for i in members:
+            points.append((positions[xs[i]], groups[i].stats[metric].mean))
+            labels.append(groups[i].label)
+    ax.set_xticks(list(positions.values()), [str(x) for x in positions])
+    ax.set_xlim(-0.6, len(positions) - 0.4)
+    _reference_lines(ax, baseline, upper)
+    ax.set_xlabel(title)
     ax.set_ylabel(metric)
-    ax.set_title(f"{metric} vs {_short(grid[0]) if grid else 'run'}")
-    if len(grid) > 1:
-        ax.legend()
+    ax.set_title(f"{metric} vs {title.split(' (')[0]}" + (f" (mean, {_interval_note(groups, metric)})" if _interval_note(groups, metric) else ""))
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7.5, loc="best")
+    fig.tight_layout()
+    place_labels(ax, points, labels)
     if has_flops:
         ax = axes[0][1]
-        top = max(r.metrics.get(FLOPS_METRIC, 0.0) for r in rows)
-        scale, unit = next(((s, u) for s, u in ((1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs")) if top >= s), (1.0, "FLOPs"))
-        for r in rows:
-            if FLOPS_METRIC in r.metrics and metric in r.metrics:
-                x = r.metrics[FLOPS_METRIC] / scale
-                ax.scatter(x, r.metrics[metric])
-                ax.annotate(r.name, (x, r.metrics[metric]), fontsize=7)
-        ax.margins(x=0.25)  # room for the run names written right of their points
+        peak = max(g.stats[FLOPS_METRIC].mean for g in groups)
+        scale, unit = next(((s, u) for s, u in ((1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs")) if peak >= s), (1.0, "FLOPs"))
+        for n, g in enumerate(groups):
+            _errorbar(ax, [g.stats[FLOPS_METRIC].mean / scale], [g.stats[metric]], f"C{n % 10}", None)
+        _reference_lines(ax, baseline, upper)
+        ax.margins(x=0.2)
         ax.set_xlabel(f"{unit} per sample")
         ax.set_ylabel(metric)
         ax.set_title(f"{metric} vs FLOPs")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
+        fig.tight_layout()
+        place_labels(ax, [(g.stats[FLOPS_METRIC].mean / scale, g.stats[metric].mean) for g in groups], [g.label for g in groups])
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _interval_note(groups: Sequence[Group], metric: str) -> str:
+    return "95% CI over seeds" if any(g.stats[metric].n > 1 for g in groups) else ""
+
+
+def _errorbar(ax: Any, xs: Sequence[float], stats: Sequence[Summary], color: str, label: Optional[str]) -> None:
+    """Means joined by a line, the interval as error bar where there is one, each run as a small dot."""
+    means = [s.mean for s in stats]
+    err = [[s.mean - s.ci_low if s.n > 1 else 0.0 for s in stats], [s.ci_high - s.mean if s.n > 1 else 0.0 for s in stats]]
+    ax.errorbar(xs, means, yerr=err, color=color, marker="o", ms=5, capsize=4, lw=1.2, label=label)
+    for x, s in zip(xs, stats):
+        if s.n > 1:
+            ax.scatter([x] * s.n, s.values, color=color, s=9, alpha=0.45, zorder=3)
 
 
 # --------------------------------------------------------------------------- benchmark tables (the paper's layout)
@@ -264,7 +677,10 @@ def benchmark_table(rows: Sequence[RunRow], layout: str = "paper") -> List[Dict[
 
 def cli_compare(args: argparse.Namespace) -> int:
     try:
-        rows = read_runs(args.experiment, args.sweep, args.tracking_uri)
+        uri, found = find_tracking_store(args.experiment, args.tracking_uri, getattr(args, "runs_dir", None))
+        if found not in ("--tracking-uri", "$MLFLOW_TRACKING_URI", "./mlflow.db"):
+            print(f"lm-mini compare: reading {uri} ({found})", file=sys.stderr)
+        rows = read_runs(args.experiment, args.sweep, uri, keys=getattr(args, "group_by", None) or ())
     except LookupError as e:
         print(f"lm-mini compare: {e}")
         return 1
@@ -285,22 +701,86 @@ def cli_compare(args: argparse.Namespace) -> int:
     if unknown:  # a typo would print a table of '-' and an empty plot
         print(f"lm-mini compare: no run has metric(s) {', '.join(unknown)}; they have: {', '.join(known) or 'none'}")
         return 1
+    return _print_comparison(args, rows, metrics)
+
+
+def _print_comparison(args: argparse.Namespace, rows: Sequence[RunRow], metrics: Sequence[str]) -> int:
+    """The runs; when they repeat grid points over seeds, each point's mean / std / CI / n and the pairwise
+    differences of the first metric with their significance; the pivot; the plot."""
+    group_by, alpha = getattr(args, "group_by", None), getattr(args, "alpha", 0.05)
+    fmt = args.format
+    text = "markdown" if fmt == "markdown" else "table"
+    upper = _parse_assignments(getattr(args, "upper_bound", None))
     records = to_records(rows, metrics)
-    if args.format == "json":
-        print(render(records, "json"))
+    out: Dict[str, Any] = {"runs": records}
+    main_metric = metrics[0] if metrics else None
+    groups: List[Group] = []
+    if should_aggregate(rows, group_by):
+        groups, left_out = aggregate(rows, metrics, group_by, alpha)
+        if group_by and not all(k in r.values and r.values[k] is not None for r in rows for k in group_by):
+            missing = sorted({k for r in rows for k in group_by if r.values.get(k) is None})
+            print(f"lm-mini compare: some runs have no value for --group-by {', '.join(missing)}; they form their own group")
+        diffs = differences(groups, main_metric, alpha) if main_metric else []
+        out.update({"group_by": group_keys(rows, group_by), "alpha": alpha, "groups": group_records(groups, metrics),
+                    "differences": {"metric": main_metric, "test": "Welch's t-test, Holm-adjusted over all pairs",
+                                    "pairs": difference_records(diffs)},
+                    "ordering": ordering(groups, main_metric, diffs) if main_metric else "",
+                    "left_out": [{"run": r.name, "status": r.status} for r in left_out]})
+    if fmt == "json":
+        print(json.dumps(out, indent=2, default=_json_default))
+    elif fmt == "csv":  # one table: the grid points when aggregating (a row each), else the runs
+        print(render(group_records(groups, metrics) if groups else records, "csv"), end="")
     else:
-        print(render(records, args.format))
-        main_metric = metrics[0] if metrics else None
-        table = pivot(rows, main_metric) if main_metric else None
+        print(render(records, text))
+        if groups:
+            level = f"{100 * (1 - alpha):g}%"
+            print(f"\nover seeds, per grid point ({', '.join(_short(k) for k in out['group_by']) or 'all runs'}): "
+                  f"mean ± std [{level} t-interval], n runs:")
+            print(render(summary_table(groups, metrics), text))
+            if out["left_out"]:
+                print("left out (not FINISHED): " + ", ".join(f"{r['run']} ({r['status']})" for r in out["left_out"]))
+            if out["differences"]["pairs"]:
+                print(f"\n{main_metric}: differences between grid points (Welch's t-test, Holm-adjusted over "
+                      f"{len(out['differences']['pairs'])} pairs; significant: p (Holm) < {alpha:g}):")
+                print(render(difference_table(differences(groups, main_metric, alpha)), text))
+                print(f"\nordering ('>' significant, '~' not): {out['ordering']}")
+        table = pivot(_mean_rows(groups) if groups else rows, main_metric) if main_metric else None
         if table:
-            axes = grid_axes(rows)
-            print(f"\n{main_metric} over {_short(axes[0])} x {_short(axes[1])}:")
-            print(render(table, "markdown" if args.format == "markdown" else "table" if args.format == "table" else "csv"))
+            axes = grid_axes(_mean_rows(groups) if groups else rows)
+            print(f"\n{main_metric}{' (mean over seeds)' if groups else ''} over {_short(axes[0])} x {_short(axes[1])}:")
+            print(render(table, text))
     if args.plot:
         if not metrics:
             print("lm-mini compare: no metric to plot")
             return 1
-        plot(rows, metrics[0], args.plot)
-        if args.format != "json":
+        try:
+            plot(rows, metrics[0], args.plot, group_by=group_by, alpha=alpha, baseline=getattr(args, "baseline", None),
+                 upper_bound=upper)
+        except ValueError as e:
+            print(f"lm-mini compare: {e}")
+            return 1
+        if fmt not in ("json", "csv"):
             print(f"\nplot written to {args.plot}")
     return 0
+
+
+def _mean_rows(groups: Sequence[Group]) -> List[RunRow]:
+    """Each group as one row of its means (for the pivot)."""
+    return [RunRow("", g.label, "FINISHED", dict(g.values), {m: s.mean for m, s in g.stats.items()}) for g in groups]
+
+
+def _parse_assignments(items: Optional[Sequence[str]]) -> Optional[Dict[str, Any]]:
+    """``["model.compressor.name=identity", "model.prefusion.depth=0"]`` -> {key: value}."""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"lm-mini compare: --upper-bound takes KEY=VALUE, got {item!r}")
+        out[key] = _parse(value)
+    return out
+
+
+def _json_default(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else str(value)
