@@ -61,7 +61,7 @@ def test_sweep_runs_skips_resumes_and_compares(tmp_path, monkeypatch, capsys):
 
     assert cli_main(["compare", "--experiment", "sweep_test", "--sweep", "tiny_cd", "--format", "json",
                      "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 0
-    records = json.loads(capsys.readouterr().out)
+    records = json.loads(capsys.readouterr().out)["runs"]
     assert sorted(r["run"] for r in records) == names  # the resumed run is one MLflow run, not two
     for r in records:
         c, d = (int(x.split("=")[1]) for x in r["run"].split("__"))
