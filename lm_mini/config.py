@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -494,6 +494,17 @@ def flatten(cfg: Any, prefix: str = "") -> Dict[str, Any]:
 
     walk(container, prefix)
     return out
+
+
+def differences(before: Any, after: Any, ignore: Sequence[str] = (), only: Optional[Sequence[str]] = None) -> List[Tuple[str, Any, Any]]:
+    """``(key, value before, value after)`` for every flattened key whose value differs between two configs, sorted;
+    keys under an ``ignore`` prefix are left out and, with ``only``, keys outside its prefixes too."""
+    def under(key: str, prefixes: Sequence[str]) -> bool:
+        return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+    was, now = flatten(before), flatten(after)
+    return [(k, was.get(k), now.get(k)) for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)
+            and not under(k, ignore) and (only is None or under(k, only))]
 
 
 def tracking_uri(cfg: Optional[DictConfig] = None) -> str:

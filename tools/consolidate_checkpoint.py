@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lm_mini.training.checkpoint import AtomicCheckpointIO, load_checkpoint  # noqa: E402
+from lm_mini.interop.checkpoint import load_checkpoint  # noqa: E402
+from lm_mini.training.checkpoint_io import AtomicCheckpointIO  # noqa: E402
 
 
 def consolidate(folder: Path, out: Path) -> Path:

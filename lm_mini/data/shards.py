@@ -924,14 +924,17 @@ def iter_raw_samples(urls: Iterable[Union[str, dict, Shard]], counter: SkipCount
 
 
 def cli_build(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("lm_mini").setLevel(logging.INFO)  # one progress line per shard (and upload); not the libraries' info
+    data_log = logging.getLogger("lm_mini.data")
+    level = data_log.level
+    data_log.setLevel(logging.INFO)  # one progress line per shard (and upload); not the libraries' info
     try:
         report = build_shards(args.json, args.media_root, args.out, shard_size=args.shard_size,
                               workers=args.workers, resume=args.resume, staging=getattr(args, "staging", None))
     except (ShardBuildError, ValueError) as e:
         print(f"lm-mini shards build: {e}")
         return 1
+    finally:
+        data_log.setLevel(level)
     print(report.summary())
     if report.skipped:
         listed = join(report.out_dir, SKIPPED_FILE) if is_remote(args.out) else Path(args.out) / SKIPPED_FILE

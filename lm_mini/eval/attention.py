@@ -318,19 +318,20 @@ def plot_result(result: Dict[str, Any], path: str, title: str = "") -> None:
 # --------------------------------------------------------------------------- CLI
 def load_model(target: str, overrides: List[str]) -> tuple:
     """(model, cfg) from a model directory (``lm-mini export`` / ``import``), a run directory or name
-    (``runs/*/<name>``), a checkpoint, or a YAML config (random weights, or the weights its model paths name)."""
+    (``<logging.runs_dir>/*/<name>``), a checkpoint, or a YAML config (random weights, or the weights its model paths name)."""
     from omegaconf import OmegaConf
 
     from lm_mini.config import apply_overrides, load_config, schema
     from lm_mini.eval.efficiency import build_model
     from lm_mini.interop.export import load_model as load_source
+    from lm_mini.runs import runs_named
 
     path = Path(target)
     if path.suffix in (".yaml", ".yml"):
         cfg = load_config(path, overrides)
         return build_model(cfg.model, "cpu"), cfg
-    if not path.exists():  # a run name: runs/<experiment>/<name>
-        named = list(Path("runs").glob(f"*/{target}"))
+    if not path.exists():  # a run name: <logging.runs_dir>/<experiment>/<name> (runs_dir: default, or an override)
+        named = runs_named(target, load_config(None, overrides).logging.runs_dir)
         path = named[0] if len(named) == 1 else path
     model, cfg = load_source(path)
     return model, apply_overrides(OmegaConf.merge(schema(), cfg), overrides)

@@ -313,7 +313,8 @@ def load_for_benchmarks(source: PathLike, device: Optional[str] = None, model_id
     import torch
 
     from lm_mini.data.streaming import build_processor
-    from lm_mini.interop.export import load_model, resolve_source
+    from lm_mini.interop.export import load_model
+    from lm_mini.runs import resolve_source
 
     found = resolve_source(source)
     device = device if device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -570,7 +571,7 @@ def _cli_benchmark(args: Any) -> int:
         raise ValueError("--devices splits one benchmark over local devices itself: no --suite, --merge or --num-chunks with it")
     loaded = None
     if args.source and (args.merge or devices):  # no generation here: the source names the MLflow run; no weights
-        from lm_mini.interop.export import resolve_source
+        from lm_mini.runs import resolve_source
 
         found = resolve_source(args.source)
         loaded = LoadedModel(None, found.cfg, None, None, args.model_id or "", dict(found.info), found.run_dir, Path(found.path))

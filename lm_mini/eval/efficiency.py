@@ -352,6 +352,7 @@ def log_to_mlflow(report: Mapping[str, Any], run_id: str, tracking_uri: str) -> 
 def cli_efficiency(args: Any) -> int:
     """``lm-mini efficiency CONFIG [key=value ...]``: print (or ``--json``) the model vs LLaVA-1.5 report."""
     from lm_mini.config import load_config, tracking_uri
+    from lm_mini.runs import Run
 
     cfg = load_config(args.config, args.overrides)
     report = efficiency_report(cfg.model, args.text_tokens, args.frames, args.budget_gb, args.dtype, args.chunk_frames)
@@ -361,9 +362,8 @@ def cli_efficiency(args: Any) -> int:
         report["setup"]["latency_device"] = args.device
     if args.mlflow_run:
         run_id, uri = args.mlflow_run, tracking_uri(cfg)
-        run_file = Path(args.mlflow_run) / "mlflow.json"  # a training run's directory names its MLflow run
-        if run_file.is_file():
-            info = json.loads(run_file.read_text())
+        info = Run.at(args.mlflow_run).mlflow_info()  # a training run's directory names its MLflow run
+        if info:
             run_id, uri = info["run_id"], info["tracking_uri"]
         try:
             log_to_mlflow(report, run_id, uri)

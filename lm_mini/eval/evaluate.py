@@ -215,7 +215,8 @@ def evaluate_source(source_path: str, data: Sequence[str], metrics: Optional[Seq
     from lm_mini.data.streaming import shard_set_names
     from lm_mini.eval.generation import GenerationModule
     from lm_mini.eval.mlflow_scores import log_scores
-    from lm_mini.interop.export import load_model, resolve_source
+    from lm_mini.interop.export import load_model
+    from lm_mini.runs import resolve_source
 
     for d in data:
         if not Path(d).exists():

@@ -1,16 +1,11 @@
 """``lm-mini export (RUN|CHECKPOINT) --out DIR``, and loading any trained model by path.
 
-Three kinds of path name a model:
-
-- a **model directory** (``config.yaml`` + ``model.safetensors`` / index: what import and export write);
-- a **run directory** ``runs/<experiment>/<run>/`` (``config.yaml`` + ``checkpoints/``): its newest
-  complete checkpoint;
-- a **checkpoint** ``runs/<experiment>/<run>/checkpoints/step=N.ckpt``: a Lightning file, or a folder of
-  FSDP shards whose model weights are gathered into full tensors on the way (also the one file
-  ``tools/consolidate_checkpoint.py`` makes of such a folder, ``step=N.ckpt.consolidated``).
+Three kinds of path name a model (``lm_mini.runs.resolve_source``): a **model directory** (what import and export
+write), a **run directory** (its newest complete checkpoint) or a **checkpoint** (a Lightning file, or a folder
+of FSDP shards whose model weights are gathered into full tensors on the way).
 
 Nothing found this way runs code unless the user allows it (``lm_mini.trust``): checkpoints are read
-``weights_only`` (``lm_mini.training.checkpoint``), and a run's or model directory's config may not name
+``weights_only`` (``lm_mini.interop.checkpoint``), and a run's or model directory's config may not name
 ``package.module:Class`` components.
 
 Export pins the config first: parts built from a local path (``model.llm.path``, ``model.encoder.path``)
@@ -18,72 +13,23 @@ get that path's config written out and the path removed, since every weight now 
 """
 from __future__ import annotations
 
-import json
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Tuple, Union
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lm_mini.interop.pretrained import (PathLike, build_model, check_weights, floating_dtype, is_model_dir, load_weights,
-                                        model_summary, read_config, read_safetensors, save_pretrained, tied_aliases)
-
-
-@dataclass
-class Source:
-    """Where a model's config and weights come from."""
-
-    kind: str  # model_dir | run | checkpoint
-    path: Path
-    cfg: DictConfig
-    checkpoint: Optional[Path] = None  # the Lightning checkpoint (run, checkpoint)
-    run_dir: Optional[Path] = None
-    info: Dict[str, Any] = field(default_factory=dict)  # MLflow run, step: for the model card
-
-
-def _run_config(run_dir: Path, what: str) -> DictConfig:
-    from lm_mini.config import load_config
-    from lm_mini.registry import config_from_directory
-
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{what}: its run's config.yaml is not in {run_dir}")
-    with config_from_directory(run_dir / "config.yaml"):  # maybe someone else's run: it imports no code unasked
-        return load_config(run_dir / "config.yaml")
-
-
-def resolve_source(path: PathLike) -> Source:
-    """Recognise a model directory, a run directory or a checkpoint; clear errors for anything else."""
-    from lm_mini.training.checkpoint import latest_checkpoint
-
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such model directory, run directory or checkpoint")
-    if is_model_dir(p):
-        return Source("model_dir", p, read_config(p))
-    if p.is_dir() and (p / "checkpoints").is_dir():
-        ckpt = latest_checkpoint(p / "checkpoints")
-        if ckpt is None:
-            raise FileNotFoundError(f"run {p} has no complete checkpoint in {p / 'checkpoints'}")
-        kind, run_dir = "run", p
-    elif p.name.endswith((".ckpt", ".ckpt.consolidated")):  # the latter: tools/consolidate_checkpoint.py
-        ckpt, kind = p, "checkpoint"
-        run_dir = p.parent.parent if p.parent.name == "checkpoints" else p.parent
-    else:
-        raise ValueError(f"{p} is not a model directory (config.yaml + model.safetensors), a run directory "
-                         "(config.yaml + checkpoints/) or a checkpoint (*.ckpt, *.ckpt.consolidated)")
-    info: Dict[str, Any] = {"run_dir": str(run_dir), "checkpoint": ckpt.name}
-    if (run_dir / "mlflow.json").is_file():
-        info.update(json.loads((run_dir / "mlflow.json").read_text()))
-    return Source(kind, p, _run_config(run_dir, str(p)), ckpt, run_dir, info)
+from lm_mini.interop.pretrained import (PathLike, build_model, check_weights, floating_dtype, load_weights, model_summary,
+                                        read_safetensors, save_pretrained, tied_aliases)
+from lm_mini.runs import Source, resolve_source
 
 
 def source_weights(source: Source) -> Dict[str, torch.Tensor]:
     """The model's tensors under lm_mini's names (sharded checkpoints gathered into full tensors)."""
     if source.kind == "model_dir":
         return read_safetensors(source.path)
-    from lm_mini.training.checkpoint import read_checkpoint_weights
+    from lm_mini.interop.checkpoint import read_checkpoint_weights
 
     state, info = read_checkpoint_weights(source.checkpoint)
     source.info.update(info)

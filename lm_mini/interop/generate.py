@@ -123,7 +123,8 @@ class StreamTo(TextStreamer):
 def open_conversation(source: str, image: Optional[str], video: Optional[str], device: Optional[str] = None) -> Conversation:
     """Load the model named by ``source`` and the media item (exactly one of ``image`` / ``video``)."""
     from lm_mini.data.tokenizer import load_tokenizer
-    from lm_mini.interop.export import load_model, resolve_source
+    from lm_mini.interop.export import load_model
+    from lm_mini.runs import resolve_source
 
     if (image is None) == (video is None):
         raise ValueError("give exactly one of --image FILE or --video FILE")

@@ -34,11 +34,13 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lm_mini.runs import CONFIG_FILE, WEIGHTS, WEIGHTS_INDEX, is_model_dir
+from lm_mini.runs import model_dir_config as read_config
+
 log = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
-CONFIG_YAML, CONFIG_JSON, CARD = "config.yaml", "config.json", "README.md"
-WEIGHTS, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
+CONFIG_YAML, CONFIG_JSON, CARD = CONFIG_FILE, "config.json", "README.md"
 # Files a tokenizer directory may hold (SentencePiece, byte-level BPE, tokenizers JSON, chat template).
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -254,11 +256,6 @@ def floating_dtype(state: Mapping[str, torch.Tensor]) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------- the model directory
-def is_model_dir(path: PathLike) -> bool:
-    p = Path(path)
-    return (p / CONFIG_YAML).is_file() and ((p / WEIGHTS).is_file() or (p / WEIGHTS_INDEX).is_file())
-
-
 def copy_tokenizer(src: PathLike, out: PathLike) -> List[str]:
     """Copy a tokenizer directory's files into ``out``; refuse a directory without any."""
     src = Path(src)
@@ -308,19 +305,6 @@ def save_pretrained(out: PathLike, state: Mapping[str, torch.Tensor], cfg: DictC
     (out / CONFIG_JSON).write_text(json.dumps(summary, indent=2) + "\n")
     (out / CARD).write_text(card)
     return out
-
-
-def read_config(path: PathLike) -> DictConfig:
-    """A model directory's config, with ``data.tokenizer`` resolved against the directory."""
-    from lm_mini.config import load_config
-    from lm_mini.registry import config_from_directory
-
-    path = Path(path)
-    if not is_model_dir(path):
-        raise FileNotFoundError(f"{path} is not an lm_mini model directory (needs {CONFIG_YAML} and {WEIGHTS} or {WEIGHTS_INDEX})")
-    with config_from_directory(path / CONFIG_YAML):  # a downloaded model imports no code unless the user allows it
-        cfg = load_config(path / CONFIG_YAML)
-    return OmegaConf.merge(cfg, {"data": {"tokenizer": str((path / cfg.data.tokenizer).resolve())}})
 
 
 def load_pretrained(path: PathLike, device: Union[str, torch.device, None] = None) -> torch.nn.Module:

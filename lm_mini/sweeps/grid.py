@@ -38,7 +38,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from lm_mini.config import ConfigError, load_config, tracking_uri
+from lm_mini.config import ConfigError, differences, load_config, tracking_uri
+from lm_mini.runs import Run, experiment_dir, latest_checkpoint, run_is_finished
 
 
 SEED_KEY = "seed"  # the config key a sweep's `seeds` list sets
@@ -185,14 +186,11 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
 
 
 def run_dir(sweep: Sweep, run: SweepRun) -> Path:
-    cfg = load_config(sweep.base, run.overrides)
-    return Path(cfg.logging.runs_dir) / sweep.experiment / run.name
+    return experiment_dir(load_config(sweep.base, run.overrides).logging.runs_dir, sweep.experiment) / run.name
 
 
 def is_finished(run_directory: Path) -> bool:
-    """A run is finished when training wrote its final checkpoint marker."""
-    from lm_mini.training.run import run_is_finished
-
+    """A run is finished when training wrote its final checkpoint marker (``lm_mini.runs``)."""
     return run_is_finished(run_directory)
 
 
@@ -209,19 +207,12 @@ def settings_mismatch(sweep: Sweep, run: SweepRun) -> List[str]:
     gives it now: every key outside :data:`LOGISTICS` for a finished run (its result would not be the sweep's), the
     length (:data:`LENGTH`) for a run with checkpoints (resuming it under another length changes its schedule; the
     training command itself refuses other changes). Empty: the run is the sweep's."""
-    from lm_mini.config import flatten
-    from lm_mini.training import checkpoint as ckpt
-
-    directory = run_dir(sweep, run)
-    saved = directory / "config.yaml"
-    if not saved.is_file() or (not is_finished(directory) and ckpt.latest_checkpoint(directory / "checkpoints") is None):
+    found = Run.at(run_dir(sweep, run))
+    if not found.config_file.is_file() or (not found.is_finished() and latest_checkpoint(found.checkpoints) is None):
         return []
-    keys = None if is_finished(directory) else LENGTH
-    was, now = flatten(load_config(saved)), flatten(load_config(sweep.base, run.overrides))
-    differ = [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)
-              and not any(k == p or k.startswith(p + ".") for p in LOGISTICS)
-              and (keys is None or any(k == p or k.startswith(p + ".") for p in keys))]
-    return [f"{k}={was.get(k)!r} (sweep: {now.get(k)!r})" for k in differ]
+    differ = differences(load_config(found.config_file), load_config(sweep.base, run.overrides), ignore=LOGISTICS,
+                         only=None if found.is_finished() else LENGTH)
+    return [f"{k}={was!r} (sweep: {now!r})" for k, was, now in differ]
 
 
 def train_command(sweep: Sweep, run: SweepRun) -> List[str]:
@@ -231,7 +222,7 @@ def train_command(sweep: Sweep, run: SweepRun) -> List[str]:
 # --------------------------------------------------------------------------- launchers
 def sweep_runs_dir(sweep: Sweep) -> Path:
     """``<logging.runs_dir>/<experiment>``: the sweep's runs, its logs and its SLURM script."""
-    return Path(load_config(sweep.base, sweep.overrides).logging.runs_dir) / sweep.experiment
+    return experiment_dir(load_config(sweep.base, sweep.overrides).logging.runs_dir, sweep.experiment)
 
 
 def launch_local(sweep: Sweep, max_parallel: int = 1, log=print) -> Dict[str, str]:
@@ -291,7 +282,7 @@ def _log_efficiency(sweep: Sweep, run: SweepRun) -> None:
     try:
         from lm_mini.eval.efficiency import efficiency_report, log_to_mlflow
 
-        info = json.loads((run_dir(sweep, run) / "mlflow.json").read_text())
+        info = Run.at(run_dir(sweep, run)).mlflow_info()
         log_to_mlflow(efficiency_report(load_config(sweep.base, run.overrides).model), info["run_id"], info["tracking_uri"])
     except Exception as e:  # figures are a bonus; the run itself is done
         print(f"[sweep {sweep.sweep_id}] could not log efficiency figures of {run.name}: {e}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Training callbacks: step checkpoints, preemption, throughput and skipped-sample counters."""
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -10,11 +11,13 @@ from typing import Any, Dict, Optional
 import lightning as L
 from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lm_mini.data.errors import SKIP_REASONS, sum_over_ranks
 from lm_mini.data.grouping import padding_fraction
 from lm_mini.training.distributed import gather_from_ranks, own_share
+
+log = logging.getLogger(__name__)
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -72,8 +75,7 @@ class PreemptionHandler(Callback):
             signal.signal(signal.SIGINT, self._previous.get(signal.SIGINT, signal.default_int_handler))
         if self.received is None:
             again = " (Ctrl-C again to stop now, without a checkpoint)" if signum == signal.SIGINT else ""
-            print(f"lm-mini: received {signal.Signals(signum).name}; checkpointing at the next optimizer step, then exiting{again}",
-                  flush=True)
+            log.info("received %s; checkpointing at the next optimizer step, then exiting%s", signal.Signals(signum).name, again)
         self.received = signum
         launcher = self._launcher
         # Processes Lightning started get the signal too; a terminal's Ctrl-C already reached them all.
@@ -98,7 +100,8 @@ class PreemptionHandler(Callback):
             self.checkpoint.save_now(trainer)
             self.preempted = True
             trainer.should_stop = True
-            rank_zero_info(f"lm-mini: preempted at step {trainer.global_step}; checkpoint saved in {self.checkpoint.dirpath}")
+            if trainer.is_global_zero:
+                log.info("preempted at step %d; checkpoint saved in %s", trainer.global_step, self.checkpoint.dirpath)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for sig, handler in self._previous.items():

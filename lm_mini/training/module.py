@@ -11,6 +11,7 @@ builds it on the right device, and so that under FSDP2 it is sharded before the 
 """
 from __future__ import annotations
 
+import logging
 import math
 import random
 from dataclasses import dataclass
@@ -24,8 +25,9 @@ from torch import nn
 
 from lm_mini.eval.generation import GenerationEval, split_prompt_answer  # noqa: F401  (split_prompt_answer: re-exported)
 from lm_mini.training import strategy as strategies
-from lm_mini.training.checkpoint import read_checkpoint_weights
 from lm_mini.training.distributed import gather_from_ranks, own_share
+
+log = logging.getLogger(__name__)
 
 PARTS = ("encoder", "projector", "compressor", "prefusion", "llm")
 
@@ -126,7 +128,9 @@ def load_initial_weights(model: nn.Module, path: str) -> InitReport:
 
     Parts absent from the source keep their fresh initialisation (e.g. a pretrain run with a different pre-fusion
     depth); mismatched shapes, and weights that do not belong to this model, are errors."""
-    from lm_mini.interop.pretrained import is_model_dir, read_safetensors
+    from lm_mini.interop.checkpoint import read_checkpoint_weights
+    from lm_mini.interop.pretrained import read_safetensors
+    from lm_mini.runs import is_model_dir
 
     # a model directory (lm-mini import of a release, or lm-mini export) starts a fine-tune too
     if is_model_dir(path):
@@ -199,7 +203,7 @@ class LmMiniModule(GenerationEval, L.LightningModule):
             self.init_report = load_initial_weights(model, self.init_from)
             if self.global_rank == 0:  # every rank loads; one says so
                 for line in self.init_report.lines(self.cfg.train.init_from):
-                    print(f"lm-mini: {line}", flush=True)
+                    log.info("%s", line)
         apply_stage(model, self.cfg.train.parts)
         if self.cfg.train.activation_checkpointing:
             strategies.apply_activation_checkpointing(model)

@@ -1,115 +1,47 @@
-"""``lm-mini train CONFIG [key=value ...] [--resume auto|PATH]``: one stage, end to end.
+"""Training one stage end to end (``lm-mini train CONFIG [key=value ...] [--resume auto|PATH]``): :func:`train`.
 
-A run lives in ``<logging.runs_dir>/<experiment>/<run_name>/``::
-
-    config.yaml              the resolved config
-    mlflow.json              tracking URI + MLflow run id (a resumed job logs into the same run)
-    checkpoints/step=*.ckpt  complete checkpoints only (files, or folders of shards under FSDP)
-    eval.json                held-out results of the final evaluation
-    mlflow_pending.jsonl     metrics that could not reach the tracking server (sent on resume)
-
-``--resume auto`` continues the newest complete checkpoint of the run (``run_name``, else the
-experiment's most recent run) and starts fresh when there is none, so a requeued job can always pass it.
+config -> run directory (``lm_mini.runs``: ``--resume``, ``train.init_from``) -> MLflow run (``tracking.py``) ->
+``LmMiniModule`` + data module -> :func:`build_trainer` (strategy, callbacks, atomic checkpoints) -> ``fit`` ->
+held-out evaluation (``lm_mini.eval.evaluate``) -> ``finished.json``. Under torchrun/srun rank 0 makes every
+decision and the other ranks follow it (``distributed.py``).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
-import re
 import signal
 import sys
-import time
-from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import lightning as L
 import torch.distributed as dist
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
-from lm_mini.config import flatten, load_config, to_yaml, tracking_uri
+from lm_mini.config import differences, load_config, to_yaml, tracking_uri
 from lm_mini.data.errors import describe_skips
-from lm_mini.training import checkpoint as ckpt
-from lm_mini.trust import UntrustedCheckpoint
+from lm_mini.interop import checkpoint as ckpt
+from lm_mini.runs import (RUN_NAME_ENV, Run, checkpoint_step, latest_checkpoint, remove_incomplete, resolve_init_from,
+                          resolve_run)
+from lm_mini.training.checkpoint_io import AtomicCheckpointIO
+from lm_mini.trust import UntrustedCheckpoint, checkpoints_trusted
 from lm_mini.training.distributed import (Heartbeat, LaunchError, StartFailed, check_launch, detect_launch, from_rank_zero,
                                           join_process_group, lost_rank_message)
 from lm_mini.training.callbacks import (PerRankLoaderState, PreemptionHandler, SkippedSamplesLogger, StepCheckpoint, ThroughputLogger,
                                        requeue_slurm_job, skip_counts_over_ranks)
 from lm_mini.training.module import LmMiniModule
 from lm_mini.training.strategy import build_strategy, cluster_plugins
-from lm_mini.training.tracking import (BufferedMLFlowLogger, CheckpointedMetrics, OtherRankLogger, TrackingUnavailable,
-                                      check_tracking_server)
+from lm_mini.training.tracking import (CheckpointedMetrics, OtherRankLogger, TrackingUnavailable, check_same_tracking_store,
+                                      check_tracking_server, setup_tracking)
 
-RUN_NAME_ENV = "LM_MINI_RUN_NAME"  # processes Lightning launches (DDP/FSDP children) inherit the run's name
-
-
-# --------------------------------------------------------------------------- run directory
-@dataclass
-class Run:
-    name: str
-    dir: Path
-    resume_from: Optional[Path] = None  # checkpoint to continue, None = fresh start
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.dir / "checkpoints"
-
-    @property
-    def mlflow_file(self) -> Path:
-        return self.dir / "mlflow.json"
-
-    @property
-    def finished_file(self) -> Path:
-        return self.dir / "finished.json"
-
-    @property
-    def pending_file(self) -> Path:  # metrics the tracking server did not take (sent on resume)
-        return self.dir / "mlflow_pending.jsonl"
+log = logging.getLogger(__name__)
 
 
-def run_is_finished(run_dir: Path) -> bool:
-    """A run finished when it wrote ``finished.json`` and the final checkpoint it names still exists
-    (sweeps skip finished runs; deleting the final checkpoint makes a re-run resume the run)."""
-    run = Run(Path(run_dir).name, Path(run_dir))
-    if not run.finished_file.is_file():
-        return False
-    final = json.loads(run.finished_file.read_text())["checkpoint"]
-    return final is None or (run.checkpoints / final).exists()
-
-
-def _default_run_name(cfg: DictConfig) -> str:
-    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
-    if job:  # every rank of the job (and its requeued restarts) agrees on this name
-        task = os.environ.get("SLURM_ARRAY_TASK_ID")
-        return f"{cfg.train.stage}-slurm{job}" + (f"_{task}" if task else "")
-    return f"{cfg.train.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def resolve_run(cfg: DictConfig, resume: Optional[str]) -> Run:
-    """Which run directory, and which checkpoint (if any) to continue from."""
-    experiment_dir = Path(cfg.logging.runs_dir) / cfg.experiment
-    if resume and resume != "auto":  # an explicit checkpoint: its run is <run>/checkpoints/<ckpt>
-        path = Path(resume)
-        if not path.exists():
-            raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
-        run_dir = path.resolve().parent.parent
-        return Run(run_dir.name, run_dir, path)
-    name = cfg.run_name or os.environ.get(RUN_NAME_ENV)
-    if resume == "auto" and not name:  # the experiment's run with the newest checkpoint
-        candidates = [(c.stat().st_mtime, d) for d in experiment_dir.glob("*") if (c := ckpt.latest_checkpoint(d / "checkpoints"))]
-        name = max(candidates)[1].name if candidates else None
-    name = name or _default_run_name(cfg)
-    run = Run(name, experiment_dir / name)
-    if resume == "auto":
-        run.resume_from = ckpt.latest_checkpoint(run.checkpoints)
-    elif ckpt.latest_checkpoint(run.checkpoints) is not None:
-        raise FileExistsError(f"run {run.dir} already has checkpoints: continue it with --resume auto, or pick another run_name")
-    return run
-
-
+# --------------------------------------------------------------------------- resuming
 class ResumeMismatch(ValueError):
     """``--resume`` with a configuration the run's checkpoint cannot continue."""
 
@@ -126,15 +58,11 @@ RESUME_MAY_CHANGE = ("train.max_steps", "train.max_epochs", "train.checkpoint_ev
 
 def check_resumable(saved_config: Path, cfg: DictConfig) -> None:
     """Refuse, naming the keys, a resume whose config differs from the run's outside ``RESUME_MAY_CHANGE``."""
-    from lm_mini.config import flatten, load_config
-
     if not saved_config.is_file():
         return
-    saved, now = flatten(load_config(saved_config)), flatten(cfg)
-    fixed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)
-             and not any(k == p or k.startswith(p + ".") for p in RESUME_MAY_CHANGE)]
+    fixed = differences(load_config(saved_config), cfg, ignore=RESUME_MAY_CHANGE)
     if fixed:
-        changed = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in fixed]
+        changed = [f"{k}: {was!r} -> {now!r}" for k, was, now in fixed]
         raise ResumeMismatch(f"cannot resume {saved_config.parent}: its checkpoint was trained with another configuration ("
                              + "; ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
                              + "); a resumed run may change only " + ", ".join(RESUME_MAY_CHANGE)
@@ -144,16 +72,13 @@ def check_resumable(saved_config: Path, cfg: DictConfig) -> None:
 def length_change(saved_config: Path, cfg: DictConfig, resume_from: Path) -> Optional[str]:
     """What a resume changes about how long the run goes on (``train.max_steps`` / ``train.max_epochs``), said so
     that a run does not silently end earlier or later than it last ran to; None when nothing changes."""
-    from lm_mini.config import load_config
-
     if not saved_config.is_file():
         return None
     saved = load_config(saved_config).train
     changed = [f"train.{k} {saved[k]} -> {cfg.train[k]}" for k in ("max_steps", "max_epochs") if saved[k] != cfg.train[k]]
     if not changed:
         return None
-    match = re.match(r"step=(\d+)", Path(resume_from).name)
-    at = int(match.group(1)) if match else None
+    at = checkpoint_step(resume_from)
     steps, epochs = cfg.train.max_steps, cfg.train.max_epochs
     ends = " or ".join(([f"at step {steps}"] if steps and steps > 0 else []) + ([f"after epoch {epochs}"] if epochs and epochs > 0 else []))
     past = at is not None and steps is not None and 0 < steps <= at
@@ -161,103 +86,6 @@ def length_change(saved_config: Path, cfg: DictConfig, resume_from: Path) -> Opt
             f"{saved.max_steps}, max_epochs {saved.max_epochs}): it now ends {ends or 'never'}"
             + (f"; its checkpoint is at step {at}, so training stops at once" if past else "")
             + "; the learning-rate schedule follows the new length from here on (unlike a run started with it)")
-
-
-def check_same_tracking_store(run: Run, uri: str) -> None:
-    """A resumed run continues its MLflow run, which lives in the store it was started with."""
-    started = json.loads(run.mlflow_file.read_text()).get("tracking_uri") if run.mlflow_file.is_file() else None
-    if started and started != uri:
-        raise TrackingUnavailable(
-            f"cannot resume {run.dir}: its MLflow run is in {started}, but this session logs to {uri} "
-            f"(logging.tracking_uri / MLFLOW_TRACKING_URI). Resume with logging.tracking_uri={started}, or delete "
-            f"{run.mlflow_file} to continue in a new MLflow run there")
-
-
-def resolve_init_from(value: str, runs_dir: str) -> Path:
-    """``train.init_from``: a checkpoint, a run directory, or a run name (under any experiment) -> checkpoint."""
-    path = Path(value)
-    if not path.exists():
-        matches = [d for d in Path(runs_dir).glob(f"*/{value}") if d.is_dir()]
-        if len(matches) != 1:
-            where = ", ".join(str(m) for m in matches) or "none"
-            raise FileNotFoundError(f"train.init_from={value}: not a checkpoint path, and runs named so in {runs_dir}: {where}")
-        path = matches[0]
-    if (path / "checkpoints").is_dir():
-        latest = ckpt.latest_checkpoint(path / "checkpoints")
-        if latest is None:
-            raise FileNotFoundError(f"train.init_from={value}: run {path} has no complete checkpoint")
-        return latest
-    if path.is_dir() and not (path / ".metadata").is_file():  # an FSDP checkpoint folder has one
-        raise FileNotFoundError(f"train.init_from={value}: {path} is a directory with no checkpoints/ (a run that "
-                                "saved none?) and not a sharded checkpoint folder")
-    return path
-
-
-# --------------------------------------------------------------------------- MLflow
-def run_tags(cfg: DictConfig) -> Dict[str, str]:
-    m = cfg.model
-    tags = {
-        "stage": cfg.train.stage,
-        "encoder": str(m.encoder.path or m.encoder.config.get("model_name") or m.encoder.name),
-        "compressor": m.compressor.name,
-        "C": str(m.compressor.grid),
-        "depth": str(m.prefusion.depth),
-        "llm": str(m.llm.path or m.llm.config.get("model_type") or m.llm.name),
-    }
-    tags.update({str(k): str(v) for k, v in cfg.logging.tags.items()})  # sweep_id and anything else the user adds
-    return tags
-
-
-def replace_abandoned_attempt(uri: str, run_id: str, run: Run) -> None:
-    """A run that starts from scratch although an earlier attempt opened an MLflow run (it died before its
-    first checkpoint, or its checkpoints were deleted) gets a new MLflow run: params are immutable, so the
-    old one would show the old config, and its steps would hide the new ones. The old run is marked
-    FAILED, tagged and soft-deleted (``mlflow runs restore --run-id ...`` brings it back)."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
-    try:
-        if client.get_run(run_id).info.status in ("RUNNING", "SCHEDULED"):
-            client.set_terminated(run_id, "FAILED")
-        client.set_tag(run_id, "lm_mini.abandoned", "restarted from scratch; replaced by a new MLflow run")
-        client.delete_run(run_id)
-    except Exception as e:  # e.g. not in this store (the tracking URI changed): nothing to replace there
-        rank_zero_warn(f"could not retire MLflow run {run_id} of an earlier attempt of {run.dir}: {e}")
-    run.mlflow_file.unlink(missing_ok=True)
-    run.pending_file.unlink(missing_ok=True)  # that attempt's unsent metrics
-    print(f"lm-mini: {run.dir} starts from scratch; its earlier attempt's MLflow run {run_id} is replaced", flush=True)
-
-
-def setup_tracking(cfg: DictConfig, run: Run) -> BufferedMLFlowLogger:
-    """Rank 0's MLflow logger: it opens the MLflow run (params, tags and the config artifact) or, when resuming,
-    reopens it and reads the steps it already has (logged once only). No other rank touches the store."""
-    uri = tracking_uri(cfg)
-    previous = json.loads(run.mlflow_file.read_text()) if run.mlflow_file.is_file() else {}
-    run_id = previous.get("run_id")  # the MLflow run of an earlier session of this run
-    stored: Dict[str, int] = {}
-    if run_id is not None and run.resume_from is None:
-        replace_abandoned_attempt(uri, run_id, run)
-        run_id = None
-    if run_id is not None:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(uri)
-        for name in client.get_run(run_id).data.metrics:  # each metric's last stored step
-            stored[name] = max((m.step for m in client.get_metric_history(run_id, name)), default=-1)
-        client.update_run(run_id, status="RUNNING")
-    logger = BufferedMLFlowLogger(
-        experiment_name=cfg.experiment, run_name=run.name, tracking_uri=uri, tags=run_tags(cfg), run_id=run_id,
-        stored_steps=stored, pending_file=run.pending_file, flush_timeout=cfg.logging.flush_timeout_s,
-    )
-    if run_id is None:
-        logger.log_hyperparams(flatten(cfg))
-        logger.experiment.log_artifact(logger.run_id, str(run.dir / "config.yaml"))
-        run.mlflow_file.write_text(json.dumps({"tracking_uri": uri, "run_id": logger.run_id, "experiment": cfg.experiment}))
-    else:
-        sent = logger.replay_pending()  # steps the run already has are skipped, like any re-logged step
-        if sent:
-            print(f"lm-mini: sent {sent} metric steps that an earlier session could not deliver")
-    return logger
 
 
 # --------------------------------------------------------------------------- trainer
@@ -284,7 +112,7 @@ def build_trainer(cfg: DictConfig, run: Run, logger: Any) -> tuple:
         # callbacks last), so the checkpoint carries all of its step's metrics.
         callbacks=[checkpoints, LearningRateMonitor(logging_interval="step"), ThroughputLogger(), SkippedSamplesLogger(),
                    preemption, CheckpointedMetrics(), PerRankLoaderState()],
-        plugins=[ckpt.AtomicCheckpointIO(), *cluster_plugins()],
+        plugins=[AtomicCheckpointIO(), *cluster_plugins()],
     )
     return trainer, preemption
 
@@ -309,10 +137,10 @@ def prepare_run(cfg: DictConfig, resume: Optional[str], check_data: bool) -> Tup
     check_tracking_server(tracking_uri(cfg), cfg.logging.connect_timeout_s)  # an unreachable server: an error before any work
     run = resolve_run(cfg, resume)
     if run.resume_from is not None:  # before anything of the run is touched
-        check_resumable(run.dir / "config.yaml", cfg)
+        check_resumable(run.config_file, cfg)
         check_same_tracking_store(run, tracking_uri(cfg))
         ckpt.verify_checkpoint(run.resume_from)  # a checkpoint that would run code is refused now, not at fit
-    change = length_change(run.dir / "config.yaml", cfg, run.resume_from) if run.resume_from is not None else None
+    change = length_change(run.config_file, cfg, run.resume_from) if run.resume_from is not None else None
     if check_data:
         from lm_mini.data.datamodule import check_data_paths
 
@@ -327,10 +155,10 @@ def prepare_run(cfg: DictConfig, resume: Optional[str], check_data: bool) -> Tup
     if init_from is not None:
         ckpt.verify_checkpoint(init_from)
     if change:
-        print(f"lm-mini: {change}", flush=True)
+        log.info("%s", change)
     run.dir.mkdir(parents=True, exist_ok=True)
-    ckpt.remove_incomplete(run.checkpoints)  # leftovers of a save that was killed
-    (run.dir / "config.yaml").write_text(to_yaml(cfg))
+    remove_incomplete(run.checkpoints)  # leftovers of a save that was killed
+    run.config_file.write_text(to_yaml(cfg))
     return run, init_from
 
 
@@ -402,9 +230,9 @@ def _fit(cfg: DictConfig, run: Run, init_from: Optional[str], logger: Any, model
             datamodule = build_datamodule(cfg)
         trainer, preemption = build_trainer(cfg, run, logger)
         if rank_zero_only.rank == 0:
-            print(f"lm-mini: run {run.dir}" + (f" (resuming {run.resume_from.name})" if run.resume_from else ""), flush=True)
+            log.info("run %s%s", run.dir, f" (resuming {run.resume_from.name})" if run.resume_from else "")
         os.environ[RUN_NAME_ENV] = run.name  # the processes Lightning starts for DDP/FSDP join this run
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt.verified(run.resume_from), weights_only=not ckpt.checkpoints_trusted())
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt.verified(run.resume_from), weights_only=not checkpoints_trusted())
     except BaseException:
         logger.close("FAILED")
         raise
@@ -416,7 +244,7 @@ def _fit(cfg: DictConfig, run: Run, init_from: Optional[str], logger: Any, model
                          stopped_by=preemption.received)
     if preemption.preempted:
         if trainer.is_global_zero and preemption.received != signal.SIGINT and requeue_slurm_job():  # not a Ctrl-C
-            print("lm-mini: SLURM job requeued", flush=True)
+            log.info("SLURM job requeued")
         logger.close("KILLED")
         # Every rank now exits non-zero, and srun --kill-on-bad-exit stops the job at the first: no rank may leave
         # before rank 0 has requeued the job and closed the MLflow run.
@@ -432,9 +260,9 @@ def _fit(cfg: DictConfig, run: Run, init_from: Optional[str], logger: Any, model
             # next to eval/exact_match, so that lm-mini compare can draw the line a model must clear
             logger.log_metrics({"eval/majority_baseline": result.eval["majority_baseline"]}, step=trainer.global_step)
             score_other_metrics(result.eval, cfg, logger, trainer.global_step, records)
-            (run.dir / "eval.json").write_text(json.dumps(result.eval, indent=2))
+            run.eval_file.write_text(json.dumps(result.eval, indent=2))
     if trainer.is_global_zero:
-        final = ckpt.latest_checkpoint(run.checkpoints)
+        final = latest_checkpoint(run.checkpoints)
         run.finished_file.write_text(json.dumps({"checkpoint": final.name if final else None, "global_step": trainer.global_step,
                                                  "max_steps": cfg.train.max_steps, "max_epochs": cfg.train.max_epochs}))
     logger.close("FINISHED")

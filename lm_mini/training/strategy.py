@@ -25,7 +25,8 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
 from torch import nn
 
-from lm_mini.training.checkpoint import fsync_dir, tmp_path
+from lm_mini.runs import tmp_path
+from lm_mini.training.checkpoint_io import fsync_dir
 
 # The parts whose repeated transformer blocks each become one FSDP unit.
 SHARDED_PARTS = ("encoder", "prefusion", "llm")

@@ -13,10 +13,13 @@
   since a job can die between the learning rate and the loss of one step). Steps before the checkpoint that the store had
   not confirmed when the job was killed travel in the checkpoint (:class:`CheckpointedMetrics`) and
   are sent on resume, so every step appears once in the history.
+- :func:`setup_tracking`: rank 0 opens the run's MLflow run (params = the flattened config, tags, the config
+  artifact) or reopens it on resume; the run directory's ``mlflow.json`` names it.
 """
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 import time
@@ -29,6 +32,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
+from lm_mini.runs import Run
+
+log = logging.getLogger(__name__)
 
 Item = Tuple[Dict[str, float], Optional[int], int]  # (metrics, step, timestamp in ms)
 _METRIC_NAME = re.compile("[^a-zA-Z0-9_/. -]+")  # characters MLflow refuses in metric names (as Lightning strips them)
@@ -313,4 +319,82 @@ class CheckpointedMetrics(Callback):
         if isinstance(logger, BufferedMLFlowLogger) and trainer.is_global_zero:
             sent = logger.resend([tuple(item) for item in checkpoint.get(self.KEY, [])])
             if sent:
-                print(f"lm-mini: sent {sent} metric steps that the interrupted session had not delivered", flush=True)
+                log.info("sent %d metric steps that the interrupted session had not delivered", sent)
+
+
+# --------------------------------------------------------------------------- the run's MLflow run
+def run_tags(cfg: Any) -> Dict[str, str]:
+    m = cfg.model
+    tags = {
+        "stage": cfg.train.stage,
+        "encoder": str(m.encoder.path or m.encoder.config.get("model_name") or m.encoder.name),
+        "compressor": m.compressor.name,
+        "C": str(m.compressor.grid),
+        "depth": str(m.prefusion.depth),
+        "llm": str(m.llm.path or m.llm.config.get("model_type") or m.llm.name),
+    }
+    tags.update({str(k): str(v) for k, v in cfg.logging.tags.items()})  # sweep_id and anything else the user adds
+    return tags
+
+
+def check_same_tracking_store(run: Run, uri: str) -> None:
+    """A resumed run continues its MLflow run, which lives in the store it was started with."""
+    started = run.mlflow_info().get("tracking_uri")
+    if started and started != uri:
+        raise TrackingUnavailable(
+            f"cannot resume {run.dir}: its MLflow run is in {started}, but this session logs to {uri} "
+            f"(logging.tracking_uri / MLFLOW_TRACKING_URI). Resume with logging.tracking_uri={started}, or delete "
+            f"{run.mlflow_file} to continue in a new MLflow run there")
+
+
+def replace_abandoned_attempt(uri: str, run_id: str, run: Run) -> None:
+    """A run that starts from scratch although an earlier attempt opened an MLflow run (it died before its
+    first checkpoint, or its checkpoints were deleted) gets a new MLflow run: params are immutable, so the
+    old one would show the old config, and its steps would hide the new ones. The old run is marked
+    FAILED, tagged and soft-deleted (``mlflow runs restore --run-id ...`` brings it back)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    try:
+        if client.get_run(run_id).info.status in ("RUNNING", "SCHEDULED"):
+            client.set_terminated(run_id, "FAILED")
+        client.set_tag(run_id, "lm_mini.abandoned", "restarted from scratch; replaced by a new MLflow run")
+        client.delete_run(run_id)
+    except Exception as e:  # e.g. not in this store (the tracking URI changed): nothing to replace there
+        rank_zero_warn(f"could not retire MLflow run {run_id} of an earlier attempt of {run.dir}: {e}")
+    run.mlflow_file.unlink(missing_ok=True)
+    run.pending_file.unlink(missing_ok=True)  # that attempt's unsent metrics
+    log.info("%s starts from scratch; its earlier attempt's MLflow run %s is replaced", run.dir, run_id)
+
+
+def setup_tracking(cfg: Any, run: Run) -> BufferedMLFlowLogger:
+    """Rank 0's MLflow logger: it opens the MLflow run (params, tags and the config artifact) or, when resuming,
+    reopens it and reads the steps it already has (logged once only). No other rank touches the store."""
+    from lm_mini.config import flatten, tracking_uri
+
+    uri = tracking_uri(cfg)
+    run_id = run.mlflow_info().get("run_id")  # the MLflow run of an earlier session of this run
+    stored: Dict[str, int] = {}
+    if run_id is not None and run.resume_from is None:
+        replace_abandoned_attempt(uri, run_id, run)
+        run_id = None
+    if run_id is not None:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(uri)
+        for name in client.get_run(run_id).data.metrics:  # each metric's last stored step
+            stored[name] = max((m.step for m in client.get_metric_history(run_id, name)), default=-1)
+        client.update_run(run_id, status="RUNNING")
+    logger = BufferedMLFlowLogger(
+        experiment_name=cfg.experiment, run_name=run.name, tracking_uri=uri, tags=run_tags(cfg), run_id=run_id,
+        stored_steps=stored, pending_file=run.pending_file, flush_timeout=cfg.logging.flush_timeout_s,
+    )
+    if run_id is None:
+        logger.log_hyperparams(flatten(cfg))
+        logger.experiment.log_artifact(logger.run_id, str(run.config_file))
+        run.mlflow_file.write_text(json.dumps({"tracking_uri": uri, "run_id": logger.run_id, "experiment": cfg.experiment}))
+    else:
+        sent = logger.replay_pending()  # steps the run already has are skipped, like any re-logged step
+        if sent:
+            log.info("sent %d metric steps that an earlier session could not deliver", sent)
+    return logger

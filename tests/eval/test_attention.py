@@ -123,7 +123,7 @@ def test_cli_analyses_a_run_checkpoint_on_shards_and_writes_csv_and_png(tmp_path
     from lm_mini.cli import main
     from lm_mini.config import to_yaml
     from lm_mini.eval.attention import load_model
-    from lm_mini.training.checkpoint import checkpoint_name
+    from lm_mini.runs import checkpoint_name
 
     cfg = load_config("experiments/demo.yaml", ["model.prefusion.depth=1"])
     cfg.data.tokenizer = str(Path(cfg.data.tokenizer).resolve())  # the test loads it from another directory

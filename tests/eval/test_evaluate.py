@@ -158,7 +158,7 @@ def test_multi_set_eval_logs_each_set_to_mlflow_and_leaves_out_unanswered_questi
     unanswered questions are reported, never scored (empty prediction == empty gold used to count as correct)."""
     from mlflow import MlflowClient
 
-    from lm_mini.interop import export
+    from lm_mini import runs
 
     Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "red.png")
     a = [{"id": f"a{i}", "image": "red.png", "conversations": _turns("<image>\nWhat colour is the square?", "red")} for i in range(3)]
@@ -173,14 +173,14 @@ def test_multi_set_eval_logs_each_set_to_mlflow_and_leaves_out_unanswered_questi
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("e")).info.run_id
-    resolve = export.resolve_source
+    resolve = runs.resolve_source
 
     def with_run(path):  # the model directory as if it came from a run with an MLflow run
         found = resolve(path)
         found.info.update(run_id=run_id, tracking_uri=uri, global_step=3)
         return found
 
-    monkeypatch.setattr(export, "resolve_source", with_run)
+    monkeypatch.setattr(runs, "resolve_source", with_run)
     args = ["eval", str(model), "--data", str(tmp_path / "sets" / "alpha+1"), str(tmp_path / "sets" / "beta"), "--metric",
             "vqa_accuracy", "exact_match", "eval.max_samples=2", "eval.max_new_tokens=2", "--out", str(tmp_path / "p.jsonl")]
     assert cli_main(args) == 0, capsys.readouterr().err

@@ -20,7 +20,8 @@ from security_helpers import TOKENIZER, RunsCode, run_with_checkpoint, sharded_c
 from training_helpers import ROOT, TinyData, tiny_config
 from lm_mini.cli import main
 from lm_mini.models.llava_mini import LlavaMini
-from lm_mini.training import checkpoint as ckpt
+from lm_mini import runs
+from lm_mini.interop import checkpoint as ckpt
 from lm_mini.training.module import LmMiniModule, init_weights_from
 from lm_mini.training.run import train
 from lm_mini.trust import TRUST_CHECKPOINTS_ENV, UntrustedCheckpoint
@@ -73,7 +74,7 @@ def test_resume_refuses_a_checkpoint_that_runs_code_and_still_resumes_our_own(tm
     reads it; with it gone, the run's own checkpoint resumes under the same reader."""
     cfg = tiny_config(tmp_path, f"data.tokenizer={TOKENIZER}", "train.max_steps=2")
     first = train(cfg, datamodule=TinyData(32))
-    own = ckpt.latest_checkpoint(first.run.checkpoints)
+    own = runs.latest_checkpoint(first.run.checkpoints)
     assert own.name == "step=00000002.ckpt"
 
     planted = first.run.checkpoints / "step=00000004.ckpt"
@@ -93,7 +94,7 @@ def test_resume_refuses_a_checkpoint_that_runs_code_and_still_resumes_our_own(tm
     with pytest.raises(UntrustedCheckpoint) as info:
         train(cfg, resume=str(folder), datamodule=TinyData(32))
     _assert_refused(str(info.value), folder / ".metadata", marker)
-    assert ckpt.list_checkpoints(first.run.checkpoints) == [own, folder]  # nothing saved by the refused attempts
+    assert runs.list_checkpoints(first.run.checkpoints) == [own, folder]  # nothing saved by the refused attempts
 
     import shutil
 

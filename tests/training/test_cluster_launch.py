@@ -17,7 +17,8 @@ import torch
 from mlflow import MlflowClient
 
 from training_helpers import PYTHON, ROOT, subprocess_env
-from lm_mini.training import checkpoint as ckpt
+from lm_mini.runs import checkpoint_name, latest_checkpoint
+from lm_mini.interop import checkpoint as ckpt
 
 SCRIPT = Path(__file__).with_name("cluster_train.py")
 STEPS = 8
@@ -81,14 +82,14 @@ def test_torchrun_ddp_on_a_fresh_store_a_lost_rank_stops_the_job_and_resume_matc
     assert job.wait(timeout=300) != 0
     log = (interrupted / "log").read_text()
     assert "table runs already exists" not in log and "duplicate column" not in log
-    assert ckpt.latest_checkpoint(_run_dir(interrupted) / "checkpoints") is not None
+    assert latest_checkpoint(_run_dir(interrupted) / "checkpoints") is not None
 
     resumed = _one_node(interrupted, ["--resume", "auto"], "log")
     assert resumed.wait(timeout=300) == 0, (interrupted / "log").read_text()[-3000:]
     assert straight.wait(timeout=300) == 0, (reference / "log").read_text()[-3000:]
     assert "resuming step=" in (interrupted / "log").read_text()
-    final = _weights(_run_dir(interrupted) / "checkpoints" / ckpt.checkpoint_name(STEPS))
-    expected = _weights(_run_dir(reference) / "checkpoints" / ckpt.checkpoint_name(STEPS))
+    final = _weights(_run_dir(interrupted) / "checkpoints" / checkpoint_name(STEPS))
+    expected = _weights(_run_dir(reference) / "checkpoints" / checkpoint_name(STEPS))
     assert set(final) == set(expected) and all(torch.equal(final[k], expected[k]) for k in expected)
     for tmp in (reference, interrupted):
         _check_one_mlflow_run_with_every_step_once(tmp)
@@ -99,7 +100,7 @@ def test_torchrun_two_nodes_fsdp_a_hung_rank_fails_the_other_within_the_timeout_
     nodes = _two_nodes(tmp_path, [f"train.dist_timeout_s={timeout}"], "node", fault="1:3:hang")
     checkpoints = _run_dir(tmp_path) / "checkpoints"
     deadline = time.monotonic() + 300
-    while ckpt.latest_checkpoint(checkpoints) is None or ckpt.latest_checkpoint(checkpoints).name < ckpt.checkpoint_name(2):
+    while latest_checkpoint(checkpoints) is None or latest_checkpoint(checkpoints).name < checkpoint_name(2):
         assert nodes[0].poll() is None and time.monotonic() < deadline, (tmp_path / "node0").read_text()[-3000:]
         time.sleep(0.2)
     # rank 1 stops itself right after step 3; rank 0's next collective waits at most `timeout` seconds
@@ -120,8 +121,8 @@ def test_torchrun_two_nodes_fsdp_a_hung_rank_fails_the_other_within_the_timeout_
     for n, node in enumerate(nodes):
         assert node.wait(timeout=300) == 0, (tmp_path / f"resumed{n}").read_text()[-3000:]
     assert "resuming step=" in (tmp_path / "resumed0").read_text()
-    final = ckpt.latest_checkpoint(checkpoints)
-    assert final.name == ckpt.checkpoint_name(STEPS) and final.is_dir()  # sharded: a folder
+    final = latest_checkpoint(checkpoints)
+    assert final.name == checkpoint_name(STEPS) and final.is_dir()  # sharded: a folder
     _check_one_mlflow_run_with_every_step_once(tmp_path)
 
 
@@ -149,7 +150,7 @@ def test_srun_tasks_of_a_slurm_job_share_one_run_named_after_the_job(tmp_path):
     for r, task in enumerate(tasks):
         assert task.wait(timeout=300) == 0, (tmp_path / f"task{r}").read_text()[-3000:]
     run_dir = tmp_path / "runs" / "demo" / "finetune-slurm4242"
-    assert ckpt.latest_checkpoint(run_dir / "checkpoints").name == ckpt.checkpoint_name(STEPS)
+    assert latest_checkpoint(run_dir / "checkpoints").name == checkpoint_name(STEPS)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("demo").experiment_id])
     assert [r.info.run_name for r in runs] == ["finetune-slurm4242"]

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from training_helpers import PYTHON, ROOT, subprocess_env
-from lm_mini.training import checkpoint as ckpt
+from lm_mini import runs
+from lm_mini.interop import checkpoint as ckpt
 
 SCRIPT = Path(__file__).with_name("dist_train.py")
 
@@ -37,7 +38,7 @@ def test_ddp_two_processes_keep_identical_replicas(tmp_path):
     assert not a["dtensor"] and a["local_numel"] == a["full_numel"]  # full replicas
     assert a["checksum"] == b["checksum"]
     # one full checkpoint file, written by rank 0, with the final weights
-    final = ckpt.latest_checkpoint(tmp_path / "runs" / "test" / "dist" / "checkpoints")
+    final = runs.latest_checkpoint(tmp_path / "runs" / "test" / "dist" / "checkpoints")
     assert final.name == "step=00000003.ckpt" and final.is_file()
     weights = torch.load(tmp_path / "first-weights.pt")
     saved = ckpt.model_state_dict(ckpt.load_checkpoint(final))
@@ -50,7 +51,7 @@ def test_fsdp2_shards_parameters_resumes_sharded_checkpoint_and_consolidates(tmp
     assert a["dtensor"] and b["dtensor"]
     assert a["local_numel"] < 0.6 * a["full_numel"] and a["local_numel"] + b["local_numel"] == a["full_numel"]
     checkpoints = tmp_path / "runs" / "test" / "dist" / "checkpoints"
-    step2, step4 = ckpt.list_checkpoints(checkpoints)
+    step2, step4 = runs.list_checkpoints(checkpoints)
     assert step2.is_dir() and sorted(p.name for p in step2.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
     # consolidated (one file, full tensors) == what the sharded run held at step 4

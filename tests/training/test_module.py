@@ -13,7 +13,7 @@ from lm_mini.data import samples
 from lm_mini.data.conversation import build_prompt, tokenize_conversation
 from lm_mini.data.tokenizer import load_tokenizer
 from lm_mini.models.llava_mini import LlavaMini
-from lm_mini.training import checkpoint as ckpt
+from lm_mini import runs
 from lm_mini.training.module import apply_stage, cosine_with_warmup, init_weights_from, param_groups, split_prompt_answer
 from lm_mini.training.run import train
 from lm_mini.training.strategy import apply_activation_checkpointing, model_blocks
@@ -87,7 +87,7 @@ def test_resume_from_a_checkpoint_is_bit_exact_and_init_from_loads_weights(tmp_p
     cfg = tiny_config(tmp_path, "train.max_steps=6")
     full = train(cfg, datamodule=TinyData(64))
     final = params_of(full.trainer.lightning_module.model)
-    names = [p.name for p in ckpt.list_checkpoints(full.run.checkpoints)]
+    names = [p.name for p in runs.list_checkpoints(full.run.checkpoints)]
     assert names == ["step=00000004.ckpt", "step=00000006.ckpt"]  # every 2 steps, the last 2 kept
 
     resumed = train(cfg, resume=str(full.run.checkpoints / "step=00000004.ckpt"), datamodule=TinyData(64))

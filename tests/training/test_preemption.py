@@ -16,7 +16,8 @@ import torch
 from mlflow import MlflowClient
 
 from training_helpers import PYTHON, ROOT, subprocess_env
-from lm_mini.training import checkpoint as ckpt
+from lm_mini import runs
+from lm_mini.interop import checkpoint as ckpt
 
 STEPS = 10
 MICRO_DEMO = [  # the demo config, with a smaller model and short batches
@@ -57,15 +58,15 @@ def test_sigterm_then_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path)
 
     # 1. SIGTERM (preemption): checkpoint at the next optimizer step, exit 128 + SIGTERM (not finished: not 0)
     job = _start(tmp_path, "job")
-    _wait_for(checkpoints / ckpt.checkpoint_name(3), job)
+    _wait_for(checkpoints / runs.checkpoint_name(3), job)
     job.send_signal(signal.SIGTERM)
     assert job.wait(timeout=120) == 128 + signal.SIGTERM == 143
     log = (tmp_path / "job.log").read_text()
     assert "received SIGTERM" in log and "stopped by a signal (SIGTERM)" in log and "exit status 143" in log
     assert not (checkpoints.parent / "finished.json").exists()
-    stopped = ckpt.latest_checkpoint(checkpoints)
+    stopped = runs.latest_checkpoint(checkpoints)
     step = ckpt.load_checkpoint(stopped)["global_step"]
-    assert stopped.name == ckpt.checkpoint_name(step) and 3 < step < STEPS
+    assert stopped.name == runs.checkpoint_name(step) and 3 < step < STEPS
     run_id = json.loads((checkpoints.parent / "mlflow.json").read_text())["run_id"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'job.db'}")
     assert client.get_run(run_id).info.status == "KILLED"
@@ -74,7 +75,7 @@ def test_sigterm_then_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path)
     job = _start(tmp_path, "job", "--resume", "auto")
     next_ckpt = 3 * (step // 3 + 1)
     if next_ckpt < STEPS:
-        _wait_for(checkpoints / ckpt.checkpoint_name(next_ckpt), job)
+        _wait_for(checkpoints / runs.checkpoint_name(next_ckpt), job)
         time.sleep(random.uniform(0.0, 1.0))
     job.kill()
     job.wait(timeout=60)
@@ -83,8 +84,8 @@ def test_sigterm_then_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path)
     assert subprocess.run(_cmd(tmp_path, "job", "--resume", "auto"), cwd=ROOT, env=subprocess_env(),
                           capture_output=True, timeout=400).returncode == 0
     assert reference.wait(timeout=400) == 0
-    final = _weights(checkpoints / ckpt.checkpoint_name(STEPS))
-    expected = _weights(tmp_path / "runs" / "demo" / "reference" / "checkpoints" / ckpt.checkpoint_name(STEPS))
+    final = _weights(checkpoints / runs.checkpoint_name(STEPS))
+    expected = _weights(tmp_path / "runs" / "demo" / "reference" / "checkpoints" / runs.checkpoint_name(STEPS))
     assert set(final) == set(expected) and all(torch.equal(final[k], expected[k]) for k in expected)
 
     # one MLflow run, every step's loss exactly once
@@ -99,14 +100,14 @@ def test_ctrl_c_checkpoints_at_the_next_step_with_loader_workers_and_the_run_res
     checkpoints = tmp_path / "runs" / "demo" / "job" / "checkpoints"
     # with gradient accumulation the step boundary needs batches after the Ctrl-C: the workers must live on
     job = _start(tmp_path, "job", "data.num_workers=2", "train.accumulate_grad_batches=2")
-    _wait_for(checkpoints / ckpt.checkpoint_name(3), job)
+    _wait_for(checkpoints / runs.checkpoint_name(3), job)
     job.send_signal(signal.SIGINT)
     for worker in _children(job.pid):  # a terminal's Ctrl-C reaches the whole process group
         os.kill(worker, signal.SIGINT)
     assert job.wait(timeout=120) == 128 + signal.SIGINT == 130
     log = (tmp_path / "job.log").read_text()
     assert "received SIGINT" in log and "Ctrl-C again to stop now" in log and "stopped by a signal" in log
-    step = ckpt.load_checkpoint(ckpt.latest_checkpoint(checkpoints))["global_step"]
+    step = ckpt.load_checkpoint(runs.latest_checkpoint(checkpoints))["global_step"]
     assert 3 < step < STEPS
     run_id = json.loads((checkpoints.parent / "mlflow.json").read_text())["run_id"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'job.db'}")
@@ -134,7 +135,7 @@ def _children(pid: int):
 _KILLED_AFTER_A_CHECKPOINT = """
 import os, signal, sys, threading
 from lm_mini.cli import main
-from lm_mini.training import checkpoint, tracking
+from lm_mini.training import checkpoint_io, tracking
 
 # The store stops confirming from step 3 on (a slow or hung server), and the job is SIGKILLed the
 # moment the checkpoint of step 6 is complete: before Lightning has logged step 5 itself.
@@ -146,12 +147,12 @@ def slow_send(self, items):
     if len(stored) < len(items):
         hang.wait()
 tracking.BufferedMLFlowLogger._send = slow_send
-save = checkpoint.AtomicCheckpointIO.save_checkpoint
+save = checkpoint_io.AtomicCheckpointIO.save_checkpoint
 def save_then_die(self, state, path, storage_options=None):
     save(self, state, path, storage_options)
     if state["global_step"] == 6:
         os.kill(os.getpid(), signal.SIGKILL)
-checkpoint.AtomicCheckpointIO.save_checkpoint = save_then_die
+checkpoint_io.AtomicCheckpointIO.save_checkpoint = save_then_die
 main(sys.argv[1:])
 """
 
@@ -161,7 +162,7 @@ def test_a_kill_right_after_a_checkpoint_loses_no_metric_the_store_had_not_confi
                             env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
     checkpoints = tmp_path / "runs" / "demo" / "job" / "checkpoints"
-    assert ckpt.latest_checkpoint(checkpoints).name == ckpt.checkpoint_name(6)
+    assert runs.latest_checkpoint(checkpoints).name == runs.checkpoint_name(6)
     run_id = json.loads((checkpoints.parent / "mlflow.json").read_text())["run_id"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'job.db'}")
     assert {m.step for m in client.get_metric_history(run_id, "train/loss")} == {0, 1, 2}  # what the store had
@@ -176,7 +177,7 @@ def test_a_kill_right_after_a_checkpoint_loses_no_metric_the_store_had_not_confi
 
 _WRITER = """
 import sys, torch
-from lm_mini.training.checkpoint import AtomicCheckpointIO
+from lm_mini.training.checkpoint_io import AtomicCheckpointIO
 io, folder = AtomicCheckpointIO(), sys.argv[1]
 io.save_checkpoint({"global_step": 1, "state_dict": {"w": torch.ones(3)}}, folder + "/step=00000001.ckpt")
 print("first saved", flush=True)
@@ -187,15 +188,15 @@ io.save_checkpoint({"global_step": 2, "state_dict": {"w": torch.zeros(100_000_00
 def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_usable(tmp_path):
     writer = subprocess.Popen([PYTHON, "-c", _WRITER, str(tmp_path)], env=subprocess_env(), stdout=subprocess.PIPE, text=True)
     assert writer.stdout.readline().strip() == "first saved"
-    partial = tmp_path / (ckpt.checkpoint_name(2) + ckpt.TMP_SUFFIX)
+    partial = tmp_path / (runs.checkpoint_name(2) + runs.TMP_SUFFIX)
     deadline = time.monotonic() + 120
     while not (partial.exists() and partial.stat().st_size > 1_000_000):  # killed while the big one is being written
         assert writer.poll() is None and time.monotonic() < deadline, "the write finished or never started"
         time.sleep(0.01)
     writer.kill()
     writer.wait()
-    assert partial.exists() and not (tmp_path / ckpt.checkpoint_name(2)).exists()
-    latest = ckpt.latest_checkpoint(tmp_path)
-    assert latest.name == ckpt.checkpoint_name(1)
+    assert partial.exists() and not (tmp_path / runs.checkpoint_name(2)).exists()
+    latest = runs.latest_checkpoint(tmp_path)
+    assert latest.name == runs.checkpoint_name(1)
     assert torch.equal(ckpt.load_checkpoint(latest)["state_dict"]["w"], torch.ones(3))
-    assert ckpt.remove_incomplete(tmp_path) == [partial] and not partial.exists()
+    assert runs.remove_incomplete(tmp_path) == [partial] and not partial.exists()

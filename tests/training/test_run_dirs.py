@@ -2,8 +2,7 @@
 import pytest
 
 from training_helpers import ROOT, tiny_config
-from lm_mini.training import checkpoint as ckpt
-from lm_mini.training.run import resolve_init_from, resolve_run
+from lm_mini.runs import TMP_SUFFIX, checkpoint_name, resolve_init_from, resolve_run
 
 
 def _touch(path):
@@ -16,23 +15,23 @@ def test_resume_auto_takes_the_newest_complete_checkpoint_and_a_fresh_start_neve
     cfg = tiny_config(tmp_path)
     checkpoints = tmp_path / "runs" / "test" / "r" / "checkpoints"
     assert resolve_run(cfg, "auto").resume_from is None  # nothing yet: a fresh start (requeue scripts always pass auto)
-    _touch(checkpoints / ckpt.checkpoint_name(20))
-    newest = _touch(checkpoints / ckpt.checkpoint_name(100))
-    _touch(checkpoints / (ckpt.checkpoint_name(120) + ckpt.TMP_SUFFIX))  # a save that was killed
+    _touch(checkpoints / checkpoint_name(20))
+    newest = _touch(checkpoints / checkpoint_name(100))
+    _touch(checkpoints / (checkpoint_name(120) + TMP_SUFFIX))  # a save that was killed
     run = resolve_run(cfg, "auto")
     assert (run.name, run.dir, run.resume_from) == ("r", checkpoints.parent, newest)
     with pytest.raises(FileExistsError, match="--resume auto"):
         resolve_run(cfg, None)
-    explicit = resolve_run(tiny_config(tmp_path, "run_name=other"), str(checkpoints / ckpt.checkpoint_name(20)))
-    assert explicit.name == "r" and explicit.resume_from.name == ckpt.checkpoint_name(20)
+    explicit = resolve_run(tiny_config(tmp_path, "run_name=other"), str(checkpoints / checkpoint_name(20)))
+    assert explicit.name == "r" and explicit.resume_from.name == checkpoint_name(20)
     # without a run name, --resume auto continues the experiment's run with the newest checkpoint
     assert resolve_run(tiny_config(tmp_path, "run_name=null"), "auto").name == "r"
 
 
 def test_init_from_accepts_a_checkpoint_a_run_directory_or_a_run_name(tmp_path):
     runs = tmp_path / "runs"
-    latest = _touch(runs / "pre" / "pretrain-1" / "checkpoints" / ckpt.checkpoint_name(500))
-    _touch(runs / "pre" / "pretrain-1" / "checkpoints" / ckpt.checkpoint_name(250))
+    latest = _touch(runs / "pre" / "pretrain-1" / "checkpoints" / checkpoint_name(500))
+    _touch(runs / "pre" / "pretrain-1" / "checkpoints" / checkpoint_name(250))
     assert resolve_init_from("pretrain-1", str(runs)) == latest
     assert resolve_init_from(str(runs / "pre" / "pretrain-1"), str(runs)) == latest
     assert resolve_init_from(str(latest), str(runs)) == latest
@@ -54,7 +53,7 @@ def test_resume_with_another_model_is_refused_before_the_run_is_touched(tmp_path
 
     cfg = tiny_config(tmp_path)
     run = tmp_path / "runs" / "test" / "r"
-    _touch(run / "checkpoints" / ckpt.checkpoint_name(4))
+    _touch(run / "checkpoints" / checkpoint_name(4))
     (run / "config.yaml").write_text(to_yaml(cfg))
     before = (run / "config.yaml").read_text()
     changed = tiny_config(tmp_path, "model.compressor.grid=2")
@@ -108,7 +107,7 @@ def test_resume_against_another_tracking_store_names_the_runs_own(tmp_path):
     from lm_mini.training.tracking import TrackingUnavailable
 
     run = tmp_path / "runs" / "test" / "r"
-    _touch(run / "checkpoints" / ckpt.checkpoint_name(4))
+    _touch(run / "checkpoints" / checkpoint_name(4))
     first = f"sqlite:///{tmp_path / 'first.db'}"
     (run / "mlflow.json").write_text(json.dumps({"tracking_uri": first, "run_id": "abc", "experiment": "test"}))
     with pytest.raises(TrackingUnavailable, match=rf"its MLflow run is in {first}.*logging.tracking_uri={first}"):

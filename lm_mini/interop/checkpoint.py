@@ -1,9 +1,9 @@
-"""Checkpoint files: atomic writes, finding the newest complete checkpoint, reading weights back.
+"""Reading Lightning checkpoints without running code from them: weights for export, ``train.init_from`` and
+evaluation, and the check before Lightning's own read of a resumed checkpoint.
 
-A checkpoint is ``<run>/checkpoints/step=00000040.ckpt``: a single file (single device, DDP) or a
-folder of per-rank shards plus ``meta.pt`` (FSDP2, torch distributed checkpoint). Either kind is
-first written under a ``.tmp`` name and renamed when complete, so whatever carries the final name
-is complete: a job killed mid-save leaves only a ``.tmp`` leftover, which resume ignores and removes.
+A checkpoint is a single file (single device, DDP) or a folder of per-rank shards plus ``meta.pt`` (FSDP2, torch
+distributed checkpoint); where they live in a run is ``lm_mini.runs``'s, how they are written
+``lm_mini.training.checkpoint_io``'s. Weights are under ``state_dict["model.<lm_mini name>"]``.
 
 Opening a checkpoint never runs code from it (unless the user trusts checkpoints, ``lm_mini.trust``):
 every read is ``torch.load(weights_only=True)``, a sharded folder's ``.metadata`` goes through a
@@ -14,96 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import pickle
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Collection, Dict, FrozenSet, Iterator, List, Optional, Tuple, Union
 
 import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lm_mini.trust import UntrustedCheckpoint, checkpoints_trusted
 
-TMP_SUFFIX = ".tmp"
-_STEP_RE = re.compile(r"^step=(\d+)\.ckpt$")
-
-
-def checkpoint_name(step: int) -> str:
-    """The file/folder name of the checkpoint taken after ``step`` optimizer steps."""
-    return f"step={step:08d}.ckpt"
-
-
-def tmp_path(path: Union[str, Path]) -> Path:
-    path = Path(path)
-    return path.with_name(path.name + TMP_SUFFIX)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename durable: flush the directory entry itself."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` into ``<name>.tmp`` in the same folder, fsync, then ``os.replace``.
-
-    Lightning's own ``_atomic_save`` goes through an fsspec transaction whose temporary file lives in
-    the system temp folder; committing it is a copy across file systems (not atomic) whenever that
-    folder is on another disk, which is the usual case on clusters (node-local /tmp).
-    """
-
-    def save_checkpoint(self, checkpoint: Dict[str, Any], path: Union[str, Path], storage_options: Optional[Any] = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_path(path)
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-
-    def load_checkpoint(self, path: Union[str, Path], map_location: Optional[Any] = None,
-                        weights_only: Optional[bool] = None) -> Dict[str, Any]:
-        """Lightning's read of a resumed checkpoint file: ``weights_only`` unless checkpoints are trusted
-        (or the caller says ``weights_only=False`` itself). FSDP folders do not come here: see :func:`verified`."""
-        kwargs = {} if map_location is None else {"map_location": map_location}  # None: Lightning's default (CPU)
-        if weights_only is False or checkpoints_trusted():
-            return super().load_checkpoint(path, weights_only=False, **kwargs)
-        with refusing_unsafe(path):
-            return super().load_checkpoint(path, weights_only=True, **kwargs)
-
-
-def list_checkpoints(directory: Union[str, Path]) -> List[Path]:
-    """Complete checkpoints in ``directory``, oldest first (by step)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_RE.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(directory: Union[str, Path]) -> Optional[Path]:
-    ckpts = list_checkpoints(directory)
-    return ckpts[-1] if ckpts else None
-
-
-def remove_incomplete(directory: Union[str, Path]) -> List[Path]:
-    """Delete ``.tmp`` leftovers of saves that were killed; returns what was removed."""
-    directory = Path(directory)
-    removed = []
-    for p in directory.glob(f"*{TMP_SUFFIX}") if directory.is_dir() else []:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-        removed.append(p)
-    return removed
-
-
-# --------------------------------------------------------------------------- reading without running code
 # Types our checkpoints need beyond what torch's weights_only unpickler takes by itself (tensors, storages,
 # dtypes, OrderedDict, numbers, strings, containers). Measured on single-file, DDP, FSDP2 (meta.pt and
 # the shards' byte items) and mid-epoch checkpoints with the streaming loader's state: none. Keep it so:
