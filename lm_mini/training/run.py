@@ -25,8 +25,8 @@ from omegaconf import DictConfig
 from lm_mini.config import differences, load_config, to_yaml, tracking_uri
 from lm_mini.data.errors import describe_skips
 from lm_mini.interop import checkpoint as ckpt
-from lm_mini.runs import (RUN_NAME_ENV, Run, checkpoint_step, latest_checkpoint, remove_incomplete, resolve_init_from,
-                          resolve_run)
+from lm_mini.runs import (RUN_NAME_ENV, Run, checkpoint_step, is_model_dir, latest_checkpoint, remove_incomplete,
+                          resolve_init_from, resolve_run)
 from lm_mini.training.checkpoint_io import AtomicCheckpointIO
 from lm_mini.trust import UntrustedCheckpoint, checkpoints_trusted
 from lm_mini.training.distributed import (Heartbeat, LaunchError, StartFailed, check_launch, detect_launch, from_rank_zero,
@@ -152,7 +152,7 @@ def prepare_run(cfg: DictConfig, resume: Optional[str], check_data: bool) -> Tup
     check_model_backends(cfg.model, cfg.train.accelerator)  # an attention backend this machine cannot run, likewise
     # Checked before the run directory and MLflow run exist: a bad init_from leaves nothing behind.
     init_from = str(resolve_init_from(cfg.train.init_from, cfg.logging.runs_dir)) if cfg.train.init_from and run.resume_from is None else None
-    if init_from is not None:
+    if init_from is not None and not is_model_dir(init_from):  # a model directory's safetensors run no code
         ckpt.verify_checkpoint(init_from)
     if change:
         log.info("%s", change)

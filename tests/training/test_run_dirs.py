@@ -37,6 +37,10 @@ def test_init_from_accepts_a_checkpoint_a_run_directory_or_a_run_name(tmp_path):
     assert resolve_init_from(str(latest), str(runs)) == latest
     with pytest.raises(FileNotFoundError, match="not a checkpoint path"):
         resolve_init_from("no-such-run", str(runs))
+    model_dir = runs.parent / "exported"  # lm-mini export / import: LmMiniModule loads its safetensors
+    _touch(model_dir / "config.yaml")
+    _touch(model_dir / "model.safetensors")
+    assert resolve_init_from(str(model_dir), str(runs)) == model_dir
 
 
 def test_init_from_a_run_without_checkpoints_says_so(tmp_path):
