@@ -53,7 +53,7 @@ from lm_mini.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
 from lm_mini.data.conversation import VICUNA_V1, tokenize_conversation  # noqa: E402
 from lm_mini.data.media import decode_image  # noqa: E402
 from lm_mini.data.samples import Collator  # noqa: E402
-from lm_mini.data.shards import build_shards  # noqa: E402
+from lm_mini.data.shard_builder import build_shards  # noqa: E402
 from lm_mini.data.streaming import build_loader, build_processor  # noqa: E402
 from lm_mini.data.tokenizer import train_tokenizer  # noqa: E402
 
@@ -222,7 +222,7 @@ def ceiling(data: list, images) -> int:
 
 def breakdown(root: Path, processor, n: int) -> dict:
     """CPU milliseconds per sample of each stage, timed separately over the first ``n`` samples."""
-    from lm_mini.data.shards import read_shard, shard_paths
+    from lm_mini.data.shard_reader import read_shard, shard_paths
 
     records = json.loads((root / "llava.json").read_text())[:n]
     p = processor

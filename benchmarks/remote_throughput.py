@@ -41,7 +41,7 @@ import torch  # noqa: E402
 from data_throughput import count_samples, cpu_seconds, make_data  # noqa: E402
 from lm_mini.config import ShardSetConfig, load_config  # noqa: E402
 from lm_mini.data.remote import RemoteOptions  # noqa: E402
-from lm_mini.data.shards import list_shards, read_shard  # noqa: E402
+from lm_mini.data.shard_reader import list_shards, read_shard  # noqa: E402
 from lm_mini.data.streaming import build_loader, build_processor  # noqa: E402
 
 LOCAL, HTTP, CACHED = "local files", "http 127.0.0.1", "http + cache (later epochs)"

@@ -71,7 +71,7 @@ def check_data_paths(cfg: Any) -> None:
     (relative paths are relative to the working directory, as in ``experiments/demo.yaml``). A remote set
     (URL, ``pipe:``) must have its ``index.json`` readable, with the environment's credentials, now."""
     from lm_mini.data.remote import RemoteOptions, is_remote
-    from lm_mini.data.shards import find_shards
+    from lm_mini.data.shard_reader import find_shards
 
     remote = RemoteOptions.from_config(getattr(cfg.data, "remote", None))
     where = f"(relative paths are relative to the working directory, {Path.cwd()})"

@@ -49,7 +49,7 @@ from lm_mini.data.grouping import group_by_length, window_start
 from lm_mini.data.plan import PAD, EpochPlan, SetSpec, Slot, fingerprint
 from lm_mini.data.samples import SKIPPED, Collator, SampleProcessor
 from lm_mini.data.remote import RemoteOptions, is_remote, local_path, redact, split
-from lm_mini.data.shards import Shard, count_tar_samples, list_shards, names_shards, read_shard
+from lm_mini.data.shard_reader import Shard, count_tar_samples, list_shards, names_shards, read_shard
 
 
 # ------------------------------------------------------------------------------------- shard sets

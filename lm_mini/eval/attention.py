@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,36 +336,18 @@ def load_model(target: str, overrides: List[str]) -> tuple:
     return model, apply_overrides(OmegaConf.merge(schema(), cfg), overrides)
 
 
-def cli_attention(args: Any) -> int:
-    """``lm-mini analyze attention (RUN|CHECKPOINT|CONFIG) --data SHARDS``: print per-layer figures."""
-    from lm_mini.config import ConfigError, ShardSetConfig
+def analyze_target(target: str, overrides: List[str], data: str, batch_size: int = 4, max_batches: Optional[int] = None,
+                   with_layer_drop: bool = True, device: str = "cpu") -> Dict[str, Any]:
+    """:func:`analyze` of the model ``target`` names (see :func:`load_model`) on the shard set ``data``; ``max_batches``
+    None: all, or ``eval.max_samples`` worth of whole batches."""
+    from lm_mini.config import ShardSetConfig
     from lm_mini.data.datamodule import build_datamodule
 
-    try:
-        model, cfg = load_model(args.target, args.overrides)
-    except ConfigError:  # a ValueError too, but main reports it, naming the key
-        raise
-    except (FileNotFoundError, ValueError) as e:
-        print(f"lm-mini analyze attention: {e}", file=sys.stderr)
-        return 1
-    model.to(args.device)
-    cfg.data.val = [ShardSetConfig(path=args.data)]
-    cfg.data.batch_size = args.batch_size
+    model, cfg = load_model(target, overrides)
+    model.to(device)
+    cfg.data.val = [ShardSetConfig(path=data)]
+    cfg.data.batch_size = batch_size
     loader = build_datamodule(cfg, rank=0, world_size=1).val_dataloader()
-    max_batches = args.max_batches
     if max_batches is None and cfg.eval.max_samples:  # eval.max_samples=N: the first N samples, in whole batches
-        max_batches = -(-cfg.eval.max_samples // args.batch_size)
-    result = analyze(model, loader, with_layer_drop=not args.no_layer_drop, max_batches=max_batches)
-    print(f"{'layer':>5} {'system':>8} {'visual':>8} {'instr.':>8} {'H(visual)':>10} {'drop: loglik':>13} {'EM':>6}")
-    for row in layer_rows(result):
-        ll, em = row["drop_from_here_log_likelihood"], row["drop_from_here_exact_match"]
-        print(f"{row['layer']:>5} {row['share_system']:8.3f} {row['share_visual']:8.3f} {row['share_instruction']:8.3f} "
-              f"{row['visual_entropy']:10.3f} " + (f"{ll:13.3f} {em:6.3f}" if ll is not None else ""))
-    if result.get("layer_drop"):
-        full = result["layer_drop"][-1]
-        print(f"full model (no drop): log-likelihood {full['log_likelihood']:.3f}, exact match {full['exact_match']:.3f}")
-    if args.out:
-        write_result(result, args.out)
-    if args.plot:
-        plot_result(result, args.plot, title=str(args.target))
-    return 0
+        max_batches = -(-cfg.eval.max_samples // batch_size)
+    return analyze(model, loader, with_layer_drop=with_layer_drop, max_batches=max_batches)

@@ -21,9 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
@@ -349,32 +347,15 @@ def log_to_mlflow(report: Mapping[str, Any], run_id: str, tracking_uri: str) -> 
     MlflowClient(tracking_uri).log_batch(run_id, metrics=metrics)
 
 
-def cli_efficiency(args: Any) -> int:
-    """``lm-mini efficiency CONFIG [key=value ...]``: print (or ``--json``) the model vs LLaVA-1.5 report."""
-    from lm_mini.config import load_config, tracking_uri
+def log_report(report: Mapping[str, Any], target: str, default_uri: str) -> Tuple[str, str]:
+    """Log the report's figures to the MLflow run ``target`` names: a training run's directory (its ``mlflow.json``),
+    else a run id in ``default_uri``. Returns ``(run id, tracking URI)``; raises what MLflow raises."""
     from lm_mini.runs import Run
 
-    cfg = load_config(args.config, args.overrides)
-    report = efficiency_report(cfg.model, args.text_tokens, args.frames, args.budget_gb, args.dtype, args.chunk_frames)
-    if args.measure_latency:
-        report.update(latency_report(cfg.model, device=args.device, text_tokens=args.text_tokens, frames=args.frames,
-                                     new_tokens=args.new_tokens, repeats=args.repeats))
-        report["setup"]["latency_device"] = args.device
-    if args.mlflow_run:
-        run_id, uri = args.mlflow_run, tracking_uri(cfg)
-        info = Run.at(args.mlflow_run).mlflow_info()  # a training run's directory names its MLflow run
-        if info:
-            run_id, uri = info["run_id"], info["tracking_uri"]
-        try:
-            log_to_mlflow(report, run_id, uri)
-        except Exception as e:  # MlflowException: no such run, server down, ...
-            print(f"lm-mini efficiency: cannot log to MLflow run {run_id!r} at {uri}: {str(e).splitlines()[0]}", file=sys.stderr)
-            return 1
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        setup = report["setup"]
-        print(f"{args.config}: {setup['sample']}, {setup['text_tokens']} text tokens, {setup['dtype']}, "
-              f"budget {setup['budget_gb']:g} GiB")
-        print(format_table(report))
-    return 0
+    info = Run.at(target).mlflow_info()
+    run_id, uri = (info["run_id"], info["tracking_uri"]) if info else (target, default_uri)
+    try:
+        log_to_mlflow(report, run_id, uri)
+    except Exception as e:  # MlflowException: no such run, server down, ...
+        raise RuntimeError(f"cannot log to MLflow run {run_id!r} at {uri}: {str(e).splitlines()[0]}") from e
+    return run_id, uri

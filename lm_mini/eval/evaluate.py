@@ -16,18 +16,17 @@ file, scores to stdout (JSON with ``--json``) and to the MLflow run the checkpoi
 ``eval/<set>/<metric>``, several sets each as ``eval/<set>/<metric>`` and pooled as ``eval/all/<metric>``.
 
 LLaVA benchmark files (question files, official scorers, answers files) are the benchmark runner's
-(``lm-mini eval SOURCE --benchmark NAME``, :mod:`lm_mini.eval.benchmark_runner`); this command dispatches there.
+(``lm-mini eval SOURCE --benchmark NAME``, :mod:`lm_mini.eval.benchmark_runner`); the command is ``lm_mini/cli/evaluate.py``.
 """
 from __future__ import annotations
 
 import json
 import re
-import sys
+from dataclasses import asdict, dataclass
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from lm_mini.data.errors import describe_skips
 from lm_mini.eval.metrics import build_metric
 
 _OPTION_LINE = re.compile(r"^\s*\(?([A-Z])[.)]\s", re.MULTILINE)
@@ -109,7 +108,7 @@ def score(predictions: Sequence[Mapping[str, Any]], records: Mapping[str, Mappin
 def records_by_id(shard_dirs: Sequence[str]) -> Dict[str, Dict[str, Any]]:
     """The records of the evaluated shard sets under the data module's sample ids."""
     from lm_mini.data.errors import SkipCounter
-    from lm_mini.data.shards import find_shards, iter_raw_samples
+    from lm_mini.data.shard_reader import find_shards, iter_raw_samples
     from lm_mini.data.streaming import shard_set_names
 
     out = {}
@@ -203,8 +202,25 @@ def mlflow_scores(scores: Mapping[str, float], set_names: Sequence[str]) -> Dict
     return out
 
 
+@dataclass
+class ShardEvaluation:
+    """What :func:`evaluate_source` scored and where it put things (``lm-mini eval --data ... --json`` prints it)."""
+
+    scores: Dict[str, Any]  # :func:`score`'s keys
+    majority_baseline: float
+    predictions_file: str
+    mlflow_run_id: Optional[str]
+    n: int  # samples scored
+    per_set: Dict[str, int]  # shard set -> samples scored
+    excluded: Dict[str, Any]  # {n, ids}: samples without a reference answer
+    skipped: Dict[str, int]  # samples the loader skipped, per reason
+
+    def to_json(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
 def evaluate_source(source_path: str, data: Sequence[str], metrics: Optional[Sequence[str]] = None, out: Optional[str] = None,
-                    overrides: Sequence[str] = (), device: str = "auto", log_mlflow: bool = True) -> Dict[str, Any]:
+                    overrides: Sequence[str] = (), device: str = "auto", log_mlflow: bool = True) -> ShardEvaluation:
     """Evaluate a model directory / run / checkpoint on shard sets; returns scores and where things went.
     ``metrics``: default ``eval.metrics`` of the model's config (after ``overrides``)."""
     import lightning as L
@@ -248,56 +264,5 @@ def evaluate_source(source_path: str, data: Sequence[str], metrics: Optional[Seq
     scores = score(result["predictions"], records, metrics)
     per_set = {name: int(scores.get(f"set/{name}/n", scores["all/n"] if len(names) == 1 else 0)) for name in names}
     run_id = log_scores(source.info, mlflow_scores(scores, names), [out_path]) if log_mlflow else None
-    return {"scores": scores, "majority_baseline": result["majority_baseline"], "predictions_file": str(out_path),
-            "mlflow_run_id": run_id, "n": scores["all/n"], "per_set": per_set, "excluded": result["excluded"],
-            "skipped": result["skipped"]}
-
-
-def _print_shard_result(result: Mapping[str, Any]) -> None:
-    s = result["scores"]
-    sets = ", ".join(f"{name}: {n}" for name, n in result["per_set"].items())
-    print(f"evaluated {result['n']} samples ({sets}); majority-answer baseline {result['majority_baseline']:.3f}")
-    excluded = result["excluded"]
-    if excluded["n"]:
-        shown = ", ".join(map(str, excluded["ids"][:10])) + (" ..." if excluded["n"] > 10 else "")
-        print(f"not scored: {excluded['n']} samples without a reference answer ({shown})")
-    if result["skipped"]:
-        print(f"data: {describe_skips(result['skipped'])}")
-    width = max(len(k) for k in s)
-    for key in sorted(s, key=lambda k: (not k.startswith("all/"), k)):
-        value = s[key]
-        print(f"  {key.ljust(width)}  {value if key.endswith('/n') else f'{value:.4f}'}")
-    print(f"predictions: {result['predictions_file']}")
-    if result["mlflow_run_id"]:
-        print(f"scores logged to MLflow run {result['mlflow_run_id']}")
-
-
-def cli_eval(args: Any) -> int:
-    """``lm-mini eval``: shard sets (``--data``), or LLaVA benchmark files (``--benchmark`` / ``--suite`` / ``--merge``)."""
-    if getattr(args, "benchmark", None) or getattr(args, "suite", None) or getattr(args, "merge", False):
-        from lm_mini.eval.benchmark_runner import cli_benchmark
-
-        return cli_benchmark(args)
-    if not args.data:
-        print("lm-mini eval: give --data SHARDS..., or --benchmark NAME --questions FILE, or --suite FILE", file=sys.stderr)
-        return 2
-    if not args.source:
-        print("lm-mini eval: give the model (run directory, checkpoint or model directory) to evaluate", file=sys.stderr)
-        return 2
-    # `--data A B key=value` / `--metric m key=value`: argparse hands the overrides to the option; take them back.
-    data = [d for d in args.data if "=" not in d or Path(d).exists()]
-    metrics = [m for m in args.metric or [] if "=" not in m] or None  # None: eval.metrics
-    overrides = list(args.overrides) + [d for d in args.data if d not in data] + [m for m in args.metric or [] if "=" in m]
-    for flag in ("temperature", "top_p", "num_beams", "max_new_tokens"):  # the generation flags are eval.* keys here
-        if getattr(args, flag, None) is not None:
-            overrides.append(f"eval.{flag}={getattr(args, flag)}")
-    try:
-        result = evaluate_source(args.source, data, metrics, args.out, overrides, args.device, not args.no_mlflow)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"lm-mini eval: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    _print_shard_result(result)
-    return 0
+    return ShardEvaluation(scores, result["majority_baseline"], str(out_path), run_id, scores["all/n"], per_set,
+                           result["excluded"], result["skipped"])

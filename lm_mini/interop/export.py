@@ -13,7 +13,6 @@ get that path's config written out and the path removed, since every weight now 
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Dict, Tuple, Union
 
@@ -102,13 +101,3 @@ def export(path: PathLike, out: PathLike, max_shard_size: Any = "5GB") -> Path:
         cfg.model.dtype = dtype  # load_pretrained rebuilds in the precision the weights are stored in
     tok = tokenizer_dir(cfg, source)
     return save_pretrained(out, state, cfg, tok, model_card(out, cfg, source), max_shard_size)
-
-
-def cli_export(args: Any) -> int:
-    try:
-        out = export(args.source, args.out, args.max_shard_size)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"lm-mini export: {e}", file=sys.stderr)
-        return 2
-    print(f"lm-mini: exported {args.source} -> {out}")
-    return 0

@@ -13,7 +13,6 @@ text into the vision tokens, so a new question changes every token the LLM sees.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, TextIO
@@ -133,52 +132,3 @@ def open_conversation(source: str, image: Optional[str], video: Optional[str], d
     media = load_media(video or image, video is not None, found.cfg)
     model, cfg = load_model(found, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return Conversation(model, load_tokenizer(cfg.data.tokenizer), cfg.data.template, media)
-
-
-def _record(conv: Conversation, question: str, result: Dict[str, Any]) -> str:
-    return json.dumps({"question": question, "answer": result["answer"], "tokens": result["tokens"],
-                       "stopped": result["stopped"], "media": str(conv.media.path),
-                       "kind": "video" if conv.media.is_video else "image", "frames": conv.media.frames,
-                       "template": conv.template})
-
-
-def _open_or_report(args: Any, command: str) -> Optional[Conversation]:
-    try:
-        return open_conversation(args.source, args.image, args.video, args.device)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"lm-mini {command}: {e}", file=sys.stderr)
-        return None
-
-
-def cli_generate(args: Any) -> int:
-    conv = _open_or_report(args, "generate")
-    if conv is None:
-        return 2
-    result = conv.ask(args.prompt, args.max_new_tokens, stream=None if args.json else sys.stdout)
-    if args.json:
-        print(_record(conv, args.prompt, result))
-    return 0
-
-
-def cli_chat(args: Any) -> int:
-    """One question per line of stdin; an empty line is skipped; EOF, ``exit`` or ``quit`` ends."""
-    conv = _open_or_report(args, "chat")
-    if conv is None:
-        return 2
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print(f"lm-mini chat about {conv.media.path} ('exit' or Ctrl-D ends)", file=sys.stderr)
-    while True:
-        if interactive:
-            print("you> ", end="", flush=True)
-        line = sys.stdin.readline()
-        question = line.strip()
-        if not line or question.lower() in EXIT_WORDS:
-            return 0
-        if not question:
-            continue
-        if args.json:
-            print(_record(conv, question, conv.ask(question, args.max_new_tokens)), flush=True)
-        else:
-            print("assistant> ", end="", flush=True)
-            conv.ask(question, args.max_new_tokens, stream=sys.stdout)

@@ -24,7 +24,6 @@ does not have, and a wrong shape are all listed by name in one :class:`WeightsMi
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -402,21 +401,3 @@ def import_llava_hf(src: PathLike, out: PathLike, template: Optional[str] = None
         raise ValueError(f"{src}/config.json has mm_vision_tower: the original LLaVA layout (lm-mini import llava)")
     cfg = llava_hf_config(src, _template(src, template, "vicuna_v1"))
     return _finish(LLAVA_HF, src, Path(out), cfg, rename(read_safetensors(src), LLAVA_HF), max_shard_size)
-
-
-def cli_import(args: Any) -> int:
-    src = Path(args.dir)
-    out = Path(args.out) if args.out else src.with_name(src.name + "-lm_mini")
-    try:
-        if args.layout == "llava-mini":
-            path = import_llava_mini(src, out, args.vision_tower, args.template, args.max_shard_size)
-        elif args.layout == "llava":
-            path = import_llava(src, out, args.vision_tower, args.template, args.max_shard_size)
-        else:
-            path = import_llava_hf(src, out, args.template, args.max_shard_size)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:  # WeightsMismatch is a ValueError
-        print(f"lm-mini import: {e}", file=sys.stderr)
-        return 2
-    print(f"lm-mini: imported {args.layout} checkpoint {src} -> {path}\n"
-          f"  try: lm-mini generate {path} --image FILE --prompt 'Describe the image.'")
-    return 0

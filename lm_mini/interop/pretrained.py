@@ -34,7 +34,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lm_mini.runs import CONFIG_FILE, WEIGHTS, WEIGHTS_INDEX, is_model_dir
+from lm_mini.runs import CONFIG_FILE, WEIGHTS, WEIGHTS_INDEX
 from lm_mini.runs import model_dir_config as read_config
 
 log = logging.getLogger(__name__)

@@ -3,18 +3,18 @@ over the sweep's two grid keys, and plots (metric vs the first grid key, one lin
 others; metric vs FLOPs). For the default C x depth grid: C across, one line per depth."""
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from lm_mini.config import LoggingConfig
 from lm_mini.config import tracking_uri as resolve_tracking_uri
+from lm_mini.runs import MLFLOW_FILE, Run, experiment_dir
 
 C_KEY = "model.compressor.grid"
 DEPTH_KEY = "model.prefusion.depth"
@@ -62,11 +62,10 @@ def find_tracking_store(experiment: str, tracking_uri: Optional[str] = None, run
         return explicit, "--tracking-uri" if tracking_uri else "$MLFLOW_TRACKING_URI"
     looked: List[str] = []
     places = [(Path(runs_dir), cwd)] if runs_dir else []
-    places += [(d / "runs", d) for d in (cwd, *cwd.parents)]
+    places += [(d / LoggingConfig().runs_dir, d) for d in (cwd, *cwd.parents)]
     for runs, folder in places:
-        pattern = runs / experiment / "*" / "mlflow.json"
-        looked.append(str(pattern))
-        named = sorted({json.loads(f.read_text()).get("tracking_uri", "") for f in runs.glob(f"{experiment}/*/mlflow.json")} - {""})
+        looked.append(str(experiment_dir(runs, experiment) / "*" / MLFLOW_FILE))
+        named = sorted({Run.at(d).mlflow_info().get("tracking_uri", "") for d in experiment_dir(runs, experiment).glob("*")} - {""})
         named = [u for u in named if _sqlite_file(u) is None or _sqlite_file(u).is_file()]
         if len(named) > 1:
             raise LookupError(f"the runs of '{experiment}' in {runs} logged to {len(named)} MLflow stores ({', '.join(named)}); "
@@ -673,114 +672,3 @@ def benchmark_table(rows: Sequence[RunRow], layout: str = "paper") -> List[Dict[
             rec[header] = round(value, 1) if isinstance(value, (int, float)) and not math.isnan(value) else None
         table.append(rec)
     return table
-
-
-def cli_compare(args: argparse.Namespace) -> int:
-    try:
-        uri, found = find_tracking_store(args.experiment, args.tracking_uri, getattr(args, "runs_dir", None))
-        if found not in ("--tracking-uri", "$MLFLOW_TRACKING_URI", "./mlflow.db"):
-            print(f"lm-mini compare: reading {uri} ({found})", file=sys.stderr)
-        rows = read_runs(args.experiment, args.sweep, uri, keys=getattr(args, "group_by", None) or ())
-    except LookupError as e:
-        print(f"lm-mini compare: {e}")
-        return 1
-    if getattr(args, "table", None):
-        try:
-            table, headers = benchmark_table(rows, args.table), [h for h, _ in benchmark_columns(rows, args.table)]
-        except ValueError as e:
-            print(f"lm-mini compare: {e}")
-            return 1
-        if not any(rec[h] is not None for rec in table for h in headers):
-            print(f"lm-mini compare: no run of '{args.experiment}' has benchmark scores (eval/<benchmark>/...); "
-                  "log them with lm-mini eval RUN --benchmark NAME ... or --suite FILE")
-        print(render(table, "markdown" if args.format == "table" else args.format))
-        return 0
-    metrics = _metric_names(rows, args.metric or [])
-    known = sorted({m for r in rows for m in r.metrics})
-    unknown = [m for m in metrics if m not in known]
-    if unknown:  # a typo would print a table of '-' and an empty plot
-        print(f"lm-mini compare: no run has metric(s) {', '.join(unknown)}; they have: {', '.join(known) or 'none'}")
-        return 1
-    return _print_comparison(args, rows, metrics)
-
-
-def _print_comparison(args: argparse.Namespace, rows: Sequence[RunRow], metrics: Sequence[str]) -> int:
-    """The runs; when they repeat grid points over seeds, each point's mean / std / CI / n and the pairwise
-    differences of the first metric with their significance; the pivot; the plot."""
-    group_by, alpha = getattr(args, "group_by", None), getattr(args, "alpha", 0.05)
-    fmt = args.format
-    text = "markdown" if fmt == "markdown" else "table"
-    upper = _parse_assignments(getattr(args, "upper_bound", None))
-    records = to_records(rows, metrics)
-    out: Dict[str, Any] = {"runs": records}
-    main_metric = metrics[0] if metrics else None
-    groups: List[Group] = []
-    if should_aggregate(rows, group_by):
-        groups, left_out = aggregate(rows, metrics, group_by, alpha)
-        if group_by and not all(k in r.values and r.values[k] is not None for r in rows for k in group_by):
-            missing = sorted({k for r in rows for k in group_by if r.values.get(k) is None})
-            print(f"lm-mini compare: some runs have no value for --group-by {', '.join(missing)}; they form their own group")
-        diffs = differences(groups, main_metric, alpha) if main_metric else []
-        out.update({"group_by": group_keys(rows, group_by), "alpha": alpha, "groups": group_records(groups, metrics),
-                    "differences": {"metric": main_metric, "test": "Welch's t-test, Holm-adjusted over all pairs",
-                                    "pairs": difference_records(diffs)},
-                    "ordering": ordering(groups, main_metric, diffs) if main_metric else "",
-                    "left_out": [{"run": r.name, "status": r.status} for r in left_out]})
-    if fmt == "json":
-        print(json.dumps(out, indent=2, default=_json_default))
-    elif fmt == "csv":  # one table: the grid points when aggregating (a row each), else the runs
-        print(render(group_records(groups, metrics) if groups else records, "csv"), end="")
-    else:
-        print(render(records, text))
-        if groups:
-            level = f"{100 * (1 - alpha):g}%"
-            print(f"\nover seeds, per grid point ({', '.join(_short(k) for k in out['group_by']) or 'all runs'}): "
-                  f"mean ± std [{level} t-interval], n runs:")
-            print(render(summary_table(groups, metrics), text))
-            if out["left_out"]:
-                print("left out (not FINISHED): " + ", ".join(f"{r['run']} ({r['status']})" for r in out["left_out"]))
-            if out["differences"]["pairs"]:
-                print(f"\n{main_metric}: differences between grid points (Welch's t-test, Holm-adjusted over "
-                      f"{len(out['differences']['pairs'])} pairs; significant: p (Holm) < {alpha:g}):")
-                print(render(difference_table(differences(groups, main_metric, alpha)), text))
-                print(f"\nordering ('>' significant, '~' not): {out['ordering']}")
-        table = pivot(_mean_rows(groups) if groups else rows, main_metric) if main_metric else None
-        if table:
-            axes = grid_axes(_mean_rows(groups) if groups else rows)
-            print(f"\n{main_metric}{' (mean over seeds)' if groups else ''} over {_short(axes[0])} x {_short(axes[1])}:")
-            print(render(table, text))
-    if args.plot:
-        if not metrics:
-            print("lm-mini compare: no metric to plot")
-            return 1
-        try:
-            plot(rows, metrics[0], args.plot, group_by=group_by, alpha=alpha, baseline=getattr(args, "baseline", None),
-                 upper_bound=upper)
-        except ValueError as e:
-            print(f"lm-mini compare: {e}")
-            return 1
-        if fmt not in ("json", "csv"):
-            print(f"\nplot written to {args.plot}")
-    return 0
-
-
-def _mean_rows(groups: Sequence[Group]) -> List[RunRow]:
-    """Each group as one row of its means (for the pivot)."""
-    return [RunRow("", g.label, "FINISHED", dict(g.values), {m: s.mean for m, s in g.stats.items()}) for g in groups]
-
-
-def _parse_assignments(items: Optional[Sequence[str]]) -> Optional[Dict[str, Any]]:
-    """``["model.compressor.name=identity", "model.prefusion.depth=0"]`` -> {key: value}."""
-    if not items:
-        return None
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"lm-mini compare: --upper-bound takes KEY=VALUE, got {item!r}")
-        out[key] = _parse(value)
-    return out
-
-
-def _json_default(value: Any) -> Any:
-    return None if isinstance(value, float) and math.isnan(value) else str(value)

@@ -24,9 +24,9 @@ over its seeds (mean, std, 95% CI).
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
+import logging
 import os
 import shlex
 import subprocess
@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from omegaconf import OmegaConf
 
@@ -42,6 +42,7 @@ from lm_mini.config import ConfigError, differences, load_config, tracking_uri
 from lm_mini.runs import Run, experiment_dir, latest_checkpoint, run_is_finished
 
 
+_log = logging.getLogger(__name__)
 SEED_KEY = "seed"  # the config key a sweep's `seeds` list sets
 
 
@@ -225,7 +226,7 @@ def sweep_runs_dir(sweep: Sweep) -> Path:
     return experiment_dir(load_config(sweep.base, sweep.overrides).logging.runs_dir, sweep.experiment)
 
 
-def launch_local(sweep: Sweep, max_parallel: int = 1, log=print) -> Dict[str, str]:
+def launch_local(sweep: Sweep, max_parallel: int = 1, log: Callable[[str], None] = _log.info) -> Dict[str, str]:
     """Run the unfinished runs, ``max_parallel`` at a time. Returns run name -> finished|skipped|stopped|failed|mismatch
     (stopped: ended by a signal after a checkpoint, e.g. preempted; running the sweep again resumes it. mismatch: the
     run's recorded settings are not the ones the sweep gives it now (:func:`settings_mismatch`); it is neither
@@ -285,7 +286,7 @@ def _log_efficiency(sweep: Sweep, run: SweepRun) -> None:
         info = Run.at(run_dir(sweep, run)).mlflow_info()
         log_to_mlflow(efficiency_report(load_config(sweep.base, run.overrides).model), info["run_id"], info["tracking_uri"])
     except Exception as e:  # figures are a bonus; the run itself is done
-        print(f"[sweep {sweep.sweep_id}] could not log efficiency figures of {run.name}: {e}", file=sys.stderr)
+        _log.warning("[sweep %s] could not log efficiency figures of %s: %s", sweep.sweep_id, run.name, e)
 
 
 def _mark_failed(sweep: Sweep, run_name: str) -> None:
@@ -301,7 +302,7 @@ def _mark_failed(sweep: Sweep, run_name: str) -> None:
             if r.info.status != "FINISHED":
                 client.set_terminated(r.info.run_id, status="FAILED")
     except Exception as e:  # the sweep goes on; the log has the run's own error
-        print(f"[sweep {sweep.sweep_id}] could not mark {run_name} failed in MLflow: {e}", file=sys.stderr)
+        _log.warning("[sweep %s] could not mark %s failed in MLflow: %s", sweep.sweep_id, run_name, e)
 
 
 def slurm_script(sweep: Sweep, max_parallel: Optional[int] = None) -> str:
@@ -331,34 +332,3 @@ def slurm_script(sweep: Sweep, max_parallel: Optional[int] = None) -> str:
     lines += [")", "", "# Lightning's SLURM environment reads the task's rank/world size from srun.",
               'eval "srun lm-mini ${RUNS[$SLURM_ARRAY_TASK_ID]}"', ""]
     return "\n".join(lines)
-
-
-def cli_sweep(args: argparse.Namespace) -> int:
-    sweep = load_sweep(args.sweep)
-    print(f"sweep {sweep.sweep_id}: {len(sweep.runs)} runs in experiment '{sweep.experiment}' (base {sweep.base})")
-    for run in sweep.runs:
-        print(f"  {run.name}: {run.values}")
-    if args.launcher == "slurm":
-        out = Path(args.slurm_script or (sweep_runs_dir(sweep) / f"{sweep.sweep_id}.sbatch"))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        (sweep_runs_dir(sweep) / "_sweep_logs").mkdir(parents=True, exist_ok=True)  # SLURM does not create it
-        out.write_text(slurm_script(sweep, args.max_parallel if args.max_parallel > 1 else None))
-        print(f"wrote {out}")
-        if args.submit and not args.dry_run:
-            return subprocess.call(["sbatch", str(out)])
-        return 0
-    if args.dry_run:
-        for run in sweep.runs:
-            print(" ".join(shlex.quote(a) for a in train_command(sweep, run)))
-        return 0
-    from lm_mini.training.tracking import TrackingUnavailable, check_tracking_server
-
-    try:  # a dead tracking server fails every run, then hangs marking each failed: say so first
-        check_tracking_server(tracking_uri(load_config(sweep.base, sweep.overrides)))
-    except TrackingUnavailable as e:
-        print(f"lm-mini sweep: {e}", file=sys.stderr)
-        return 2
-    status = launch_local(sweep, max_parallel=args.max_parallel)
-    print(f"sweep {sweep.sweep_id}: " + ", ".join(f"{s}={sum(v == s for v in status.values())}"
-                                                 for s in ("finished", "skipped", "stopped", "failed", "mismatch")))
-    return 1 if any(s in ("failed", "stopped", "mismatch") for s in status.values()) else 0

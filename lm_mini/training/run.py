@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import signal
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -23,16 +22,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from lm_mini.config import differences, load_config, to_yaml, tracking_uri
-from lm_mini.data.errors import describe_skips
 from lm_mini.interop import checkpoint as ckpt
 from lm_mini.runs import (RUN_NAME_ENV, Run, checkpoint_step, is_model_dir, latest_checkpoint, remove_incomplete,
                           resolve_init_from, resolve_run)
 from lm_mini.training.checkpoint_io import AtomicCheckpointIO
 from lm_mini.trust import UntrustedCheckpoint, checkpoints_trusted
-from lm_mini.training.distributed import (Heartbeat, LaunchError, StartFailed, check_launch, detect_launch, from_rank_zero,
+from lm_mini.training.distributed import (Heartbeat, LaunchError, check_launch, detect_launch, from_rank_zero,
                                           join_process_group, lost_rank_message)
 from lm_mini.training.callbacks import (PerRankLoaderState, PreemptionHandler, SkippedSamplesLogger, StepCheckpoint, ThroughputLogger,
-                                       requeue_slurm_job, skip_counts_over_ranks)
+                                       requeue_slurm_job)
 from lm_mini.training.module import LmMiniModule
 from lm_mini.training.strategy import build_strategy, cluster_plugins
 from lm_mini.training.tracking import (CheckpointedMetrics, OtherRankLogger, TrackingUnavailable, check_same_tracking_store,
@@ -267,45 +265,3 @@ def _fit(cfg: DictConfig, run: Run, init_from: Optional[str], logger: Any, model
                                                  "max_steps": cfg.train.max_steps, "max_epochs": cfg.train.max_epochs}))
     logger.close("FINISHED")
     return result
-
-
-def _report(result: TrainResult) -> None:
-    print(f"lm-mini: finished at step {result.global_step}; run directory {result.run.dir}")
-    if result.skipped is not None:  # the data module's counts, as logged to MLflow (data/skipped/<reason>)
-        print(f"lm-mini: training data: {describe_skips(result.skipped)}")
-    if result.eval:
-        e = result.eval
-        print(f"lm-mini: held-out accuracy (exact match, greedy): {e['accuracy']:.3f} on {e['n']} samples; "
-              f"majority-answer baseline: {e['majority_baseline']:.3f}")
-        if e.get("scores"):
-            shown = ", ".join(f"{k.removeprefix('all/')} {v:.3f}" for k, v in e["scores"].items() if k.startswith("all/") and k != "all/n")
-            print(f"lm-mini: held-out scores: {shown}")
-        if e.get("skipped"):
-            print(f"lm-mini: held-out data: {describe_skips(e['skipped'])}")
-    print(f"lm-mini: MLflow run {result.mlflow_run_id} in {result.tracking_uri} "
-          f"(view: mlflow ui --backend-store-uri {result.tracking_uri})")
-
-
-def cli_train(args: Any) -> int:
-    cfg = load_config(args.config, args.overrides)
-    try:
-        result = train(cfg, resume=args.resume)
-    except USER_ERRORS as e:
-        print(f"lm-mini: {e}", file=sys.stderr)
-        return 2
-    except StartFailed as e:  # another rank's copy of rank 0's error, which rank 0 prints in full
-        print(f"lm-mini: rank {rank_zero_only.rank}: {e}", file=sys.stderr)
-        return e.exit_code
-    except LostRank as e:
-        print(f"lm-mini: {e}", file=sys.stderr, flush=True)
-        return 1
-    if result.preempted:
-        signum = result.stopped_by or signal.SIGTERM  # a rank the signal did not reach stopped with the others
-        if rank_zero_only.rank == 0:
-            print(f"lm-mini: stopped by a signal ({signal.Signals(signum).name}) at step {result.global_step}, before the "
-                  f"run's end; continue with --resume auto (checkpoints in {result.run.checkpoints}); exit status "
-                  f"{128 + int(signum)}", flush=True)
-        return 128 + int(signum)
-    if rank_zero_only.rank == 0:
-        _report(result)
-    return 0

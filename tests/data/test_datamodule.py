@@ -19,7 +19,8 @@ from lm_mini.config import ShardSetConfig, load_config
 from lm_mini.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from lm_mini.data.datamodule import build_datamodule
 from lm_mini.data.errors import SkipCounter
-from lm_mini.data.shards import build_shards, iter_raw_samples, shard_paths
+from lm_mini.data.shard_builder import build_shards
+from lm_mini.data.shard_reader import iter_raw_samples, shard_paths
 from lm_mini.data.streaming import ShardSet
 from lm_mini.data.tokenizer import train_tokenizer
 

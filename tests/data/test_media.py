@@ -237,7 +237,7 @@ def test_decoded_training_video_keeps_the_official_frames(video_30_frames):
 
 def test_sample_processor_samples_training_videos_by_segments_and_held_out_ones_by_fps(video_30_frames):
     from lm_mini.data.samples import SampleProcessor
-    from lm_mini.data.shards import RawSample
+    from lm_mini.data.shard_reader import RawSample
     from lm_mini.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(Path(__file__).resolve().parents[2] / "data_shards" / "demo" / "tokenizer")

@@ -8,7 +8,8 @@ from PIL import Image
 
 from lm_mini.cli import main
 from lm_mini.data.media import decode_image
-from lm_mini.data.shards import build_shards, iter_raw_samples, shard_paths
+from lm_mini.data.shard_builder import build_shards
+from lm_mini.data.shard_reader import iter_raw_samples, shard_paths
 from lm_mini.data.errors import SampleError, SkipCounter
 
 
@@ -179,11 +180,11 @@ def test_tokenizer_without_pad_unk_or_eos_is_refused_clearly(tmp_path):
 
 def test_resume_refuses_another_media_root(odd_set, tmp_path, monkeypatch):
     """Finishing a build with other media would mix two data sets in one shard set."""
-    from lm_mini.data import shards
-    from lm_mini.data.shards import ShardBuildError
+    from lm_mini.data import shard_builder
+    from lm_mini.data.shard_builder import ShardBuildError
 
     src, media = odd_set
-    monkeypatch.setattr(shards, "_write_shard", lambda task: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(shard_builder, "_write_shard", lambda task: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         build_shards([src], media, tmp_path / "out", shard_size=1)
     monkeypatch.undo()

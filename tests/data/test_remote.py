@@ -14,7 +14,8 @@ from lm_mini.cli import main as cli_main
 from lm_mini.config import ConfigError, ShardSetConfig, flatten, load_config
 from lm_mini.data.datamodule import build_datamodule, check_data_paths
 from lm_mini.data.remote import RemoteOptions, redact, secrets_in, sibling, split
-from lm_mini.data.shards import Shard, build_shards, list_shards, read_index, read_shard
+from lm_mini.data.shard_builder import build_shards
+from lm_mini.data.shard_reader import Shard, list_shards, read_index, read_shard
 from lm_mini.data.streaming import ShardSet
 from remote_servers import ShardServer, clear_s3_clients, closed_port, put_tree, s3_server
 from test_datamodule import MIX, Preempt, Recorder, _trainer, corpus, ids_of, make_cfg  # noqa: F401 (corpus: fixture)

@@ -10,10 +10,11 @@ import webdataset as wds
 from PIL import Image
 
 from lm_mini.cli import main
-from lm_mini.data import shards
+from lm_mini.data import shard_builder, shard_reader
 from lm_mini.data.conversation import render
 from lm_mini.data.errors import SkipCounter
-from lm_mini.data.shards import ShardBuildError, build_shards, iter_raw_samples, read_index, shard_paths
+from lm_mini.data.shard_builder import ShardBuildError, build_shards
+from lm_mini.data.shard_reader import iter_raw_samples, read_index, shard_paths
 from media_fixtures import gray_video, image_bytes
 
 
@@ -210,7 +211,7 @@ def test_build_workers_exit_when_the_build_is_killed(tmp_path):
     import time
 
     script = ("import time\nfrom concurrent.futures import ProcessPoolExecutor\n"
-              "from lm_mini.data.shards import _exit_with_parent\n"
+              "from lm_mini.data.shard_builder import _exit_with_parent\n"
               "pool = ProcessPoolExecutor(2, initializer=_exit_with_parent)\n"
               "pool.submit(time.sleep, 60)\n"
               "print(*[p.pid for p in pool._processes.values()], flush=True)\n"
@@ -229,7 +230,7 @@ def test_build_workers_exit_when_the_build_is_killed(tmp_path):
 
 
 def test_interrupted_build_resumes_to_identical_output(dataset, monkeypatch):
-    real_write, calls = shards._write_shard, []
+    real_write, calls = shard_builder._write_shard, []
 
     def crash_on_second_shard(task):
         calls.append(task.index)
@@ -238,7 +239,7 @@ def test_interrupted_build_resumes_to_identical_output(dataset, monkeypatch):
             raise Crash
         return real_write(task)
 
-    monkeypatch.setattr(shards, "_write_shard", crash_on_second_shard)
+    monkeypatch.setattr(shard_builder, "_write_shard", crash_on_second_shard)
     with pytest.raises(Crash):
         build(dataset, "out")
     out = dataset["root"] / "out"
@@ -246,7 +247,7 @@ def test_interrupted_build_resumes_to_identical_output(dataset, monkeypatch):
     with pytest.raises(FileNotFoundError, match="--resume"):
         read_index(out)
     with pytest.raises(FileNotFoundError, match="unfinished build"):  # not trained on as a directory of tars
-        shards.find_shards(out)
+        shard_reader.find_shards(out)
     with pytest.raises(ShardBuildError, match="unfinished build"):
         build(dataset, "out")
 
@@ -260,7 +261,7 @@ def test_interrupted_build_resumes_to_identical_output(dataset, monkeypatch):
 
 
 def test_resume_refuses_changed_sources(dataset, monkeypatch):
-    monkeypatch.setattr(shards, "_write_shard", lambda task: (_ for _ in ()).throw(Crash))
+    monkeypatch.setattr(shard_builder, "_write_shard", lambda task: (_ for _ in ()).throw(Crash))
     with pytest.raises(Crash):
         build(dataset, "out")
     monkeypatch.undo()

@@ -106,7 +106,7 @@ def test_generate_on_the_demo_set(tmp_path, capsys):
     from interop_helpers import LLAMA, ROOT
 
     from lm_mini.data.errors import SkipCounter
-    from lm_mini.data.shards import iter_raw_samples
+    from lm_mini.data.shard_reader import iter_raw_samples
     from lm_mini.data.tokenizer import load_tokenizer
 
     demo = ROOT / "data_shards" / "demo"

@@ -1,6 +1,8 @@
 """The synthetic demo set: right counts and kinds, answers that are true of the drawn pixels and
 frames (checked by an independent pixel oracle, not by the generator's own scene records),
-eval disjoint from train, balanced answers, a correct majority baseline, determinism."""
+eval disjoint from train, balanced answers, a correct majority baseline, determinism; the multi-object
+scenes' binding questions name a shape that is the only one of its kind; the pretrained encoder shipped
+with the set loads as the model's vision tower and its features hold what its pretraining says."""
 from __future__ import annotations
 
 import hashlib
@@ -30,7 +32,7 @@ def raw(tmp_path_factory):
 
 
 def qa_pairs(record):
-    conv = record["conversations"]
+    conv = [t for t in record["conversations"] if t["from"] != "system"]
     return [(conv[i]["value"].replace(IMAGE_PLACEHOLDER + "\n", "").replace(VIDEO_PLACEHOLDER + "\n", ""), conv[i + 1]["value"])
             for i in range(0, len(conv), 2)]
 
@@ -94,6 +96,33 @@ def see(image: Image.Image):
     return found
 
 
+CELL_CENTRES = np.array(list(syn.CELLS.values()))
+CELL_OF_PIXEL = np.argmin((XX[..., None] - CELL_CENTRES[:, 0]) ** 2 + (YY[..., None] - CELL_CENTRES[:, 1]) ** 2, axis=-1)
+
+
+def see_cells(image: Image.Image):
+    """The shapes of a multi-object scene as (shape, colour, cell), read from the pixels alone."""
+    labels = colour_labels(np.asarray(image.convert("RGB")))
+    found = []
+    for k, cell in enumerate(syn.CELLS):
+        for c, colour in enumerate(syn.COLORS):
+            mask = (labels == c) & (CELL_OF_PIXEL == k)
+            if mask.sum() >= 20:  # a scene's shape has >= ~45 pixels
+                found.append((shape_of(mask), colour, cell))
+    return found
+
+
+def answer_scene(question: str, things) -> str:
+    """A scene question, answered from (shape, colour, cell) triples: the one shape the question's shape or colour
+    word names (it must be the only one of its kind), and the attribute asked for."""
+    words = set(re.findall(r"[a-z]+", question.lower()))
+    shape, colour = words & set(syn.SHAPES), words & set(syn.COLORS)
+    picked = [t for t in things if (not shape or t[0] in shape) and (not colour or t[1] in colour)]
+    assert len(shape | colour) == 1 and len(picked) == 1, (question, things)  # named by one unique attribute
+    asked = 1 if question.startswith("What color") else 0 if question.startswith("What shape") else 2
+    return picked[0][asked]
+
+
 def answer(question: str, things) -> str:
     """Answer a demo question from (shape, colour, slot) triples: the words of the question that
     name a colour, shape or slot select the shape it asks about."""
@@ -127,7 +156,8 @@ def test_counts_kinds_and_llava_form(raw):
     expect = {"captions": syn._count("captions", SCALE),
               "instruct": syn._count("instruct_image", SCALE) + syn._count("instruct_text", SCALE),
               "video": syn._count("video", SCALE),
-              "eval": syn._count("eval_image", SCALE) + syn._count("eval_video", SCALE)}
+              "eval": syn._count("eval_image", SCALE) + syn._count("eval_video", SCALE),
+              "scenes": syn._count("scenes", SCALE), "scenes_eval": syn._count("scenes_eval", SCALE)}
     assert {k: len(v) for k, v in recs.items()} == expect
     kinds = {k: Counter(syn._media_kind(r) for r in v) for k, v in recs.items()}
     assert kinds["captions"] == {"image": expect["captions"]}
@@ -136,9 +166,10 @@ def test_counts_kinds_and_llava_form(raw):
     assert kinds["eval"] == {"image": syn._count("eval_image", SCALE), "video": syn._count("eval_video", SCALE)}
     every = [r for v in recs.values() for r in v]
     assert len({r["id"] for r in every}) == len(every)
+    assert kinds["scenes"] == {"image": expect["scenes"]} and kinds["scenes_eval"] == {"image": expect["scenes_eval"]}
     for r in every:
         kind = syn._media_kind(r)
-        first = r["conversations"][0]["value"]
+        first = [t for t in r["conversations"] if t["from"] != "system"][0]["value"]
         assert first.startswith({"image": IMAGE_PLACEHOLDER + "\n", "video": VIDEO_PLACEHOLDER + "\n"}.get(kind, "")), r
         assert kind == "text" or (root / r[kind]).is_file()
         normalize_turns(r["conversations"], has_media=kind != "text", sample_id=r["id"])  # valid LLaVA record
@@ -147,6 +178,11 @@ def test_counts_kinds_and_llava_form(raw):
     multi = [r for r in recs["instruct"] if r["question_type"] == "multi_turn"]
     assert multi and all(len(r["conversations"]) >= 4 for r in multi)
     assert all(len(r["conversations"]) == 2 for r in recs["eval"])
+    # scenes: a short system turn, then questions; held-out scenes ask one each
+    for r in recs["scenes"] + recs["scenes_eval"]:
+        assert r["conversations"][0] == {"from": "system", "value": syn.SCENE_SYSTEM}
+    assert all(len(qa_pairs(r)) == 1 and r["question_type"] in syn.SCENE_QUESTION_TYPES for r in recs["scenes_eval"])
+    assert sum(len(qa_pairs(r)) for r in recs["scenes"]) > 2.5 * len(recs["scenes"])  # ~3 questions a training scene
 
 
 def test_image_answers_are_true_of_the_pixels(raw):
@@ -160,6 +196,18 @@ def test_image_answers_are_true_of_the_pixels(raw):
             assert answer(question, things) == given, (r["id"], question, things)
             checked[r["question_type"]] += 1
     assert set(checked) == {"color", "shape", "count", "position", "multi_turn"}
+
+
+def test_scene_answers_are_true_of_the_pixels(raw):
+    root, recs = raw
+    checked = Counter()
+    for r in recs["scenes"] + recs["scenes_eval"]:
+        things = see_cells(Image.open(root / r["image"]))
+        assert syn.SCENE_OBJECTS[0] <= len(things) <= syn.SCENE_OBJECTS[1], (r["id"], things)
+        for question, given in qa_pairs(r):
+            assert answer_scene(question, things) == given, (r["id"], question, things)
+            checked[question.split(" the ")[0]] += 1
+    assert set(checked) == {"What color is", "What shape is", "Where is"}
 
 
 def test_captions_are_true_of_the_pixels(raw):
@@ -209,14 +257,18 @@ def test_eval_is_disjoint_from_train(raw):
     held = {digest(r) for r in recs["eval"]}
     assert len(held) == len(recs["eval"]) and not train & held
     assert not {r["id"] for r in recs["eval"]} & {r["id"] for k in ("captions", "instruct", "video") for r in recs[k]}
+    scenes, held_scenes = {digest(r) for r in recs["scenes"]}, {digest(r) for r in recs["scenes_eval"]}
+    assert len(held_scenes) == len(recs["scenes_eval"]) and not scenes & held_scenes
 
 
-def test_eval_answers_are_balanced(raw):
+@pytest.mark.parametrize("subset, qtypes", [("eval", syn.IMAGE_QUESTION_TYPES + syn.VIDEO_QUESTION_TYPES),
+                                             ("scenes_eval", syn.SCENE_QUESTION_TYPES)])
+def test_eval_answers_are_balanced(raw, subset, qtypes):
     _, recs = raw
     by_type = {}
-    for r in recs["eval"]:
-        by_type.setdefault(r["question_type"], Counter())[r["conversations"][1]["value"]] += 1
-    assert set(by_type) == set(syn.IMAGE_QUESTION_TYPES + syn.VIDEO_QUESTION_TYPES)
+    for r in recs[subset]:
+        by_type.setdefault(r["question_type"], Counter())[qa_pairs(r)[0][1]] += 1
+    assert set(by_type) == set(qtypes)
     for qtype, counts in by_type.items():
         assert set(counts) <= set(syn.ANSWERS[qtype])
         assert max(counts.values()) - min(counts.get(a, 0) for a in syn.ANSWERS[qtype]) <= 1, (qtype, counts)
@@ -283,10 +335,10 @@ def test_build_is_deterministic(built, tmp_path):
 
 def test_built_shards_match_manifest_and_records(built):
     from lm_mini.data.errors import SkipCounter
-    from lm_mini.data.shards import iter_raw_samples, read_index, shard_paths
+    from lm_mini.data.shard_reader import iter_raw_samples, read_index, shard_paths
 
     manifest = json.loads((built / "manifest.json").read_text())
-    assert set(manifest["subsets"]) == {"captions", "instruct", "video", "eval"}
+    assert set(manifest["subsets"]) == {"captions", "instruct", "video", "eval", "scenes", "scenes_eval"}
     for name, sub in manifest["subsets"].items():
         index = read_index(built / sub["path"])
         assert index["num_samples"] == sub["records"] and index["skipped"] == {}
@@ -298,20 +350,21 @@ def test_built_shards_match_manifest_and_records(built):
         assert syn.question_types(s.record for s in samples) == sub["question_types"]
         for s in samples:
             assert s.media_kind == {"image": "image", "video": "video", "text": None}[syn._media_kind(s.record)]
-    evaluation = [s.record for s in iter_raw_samples(shard_paths(built / "eval"), SkipCounter())]
-    assert manifest["majority_baseline"]["eval"] == syn.majority_baseline(evaluation)
+    for name in ("eval", "scenes_eval"):
+        evaluation = [s.record for s in iter_raw_samples(shard_paths(built / name), SkipCounter())]
+        assert manifest["majority_baseline"][name] == syn.majority_baseline(evaluation)
     assert "lm-mini shards demo --out data_shards/demo" in (built / "README.md").read_text()
 
 
 def test_tokenizer_covers_every_template(built):
     from lm_mini.data.conversation import tokenize_conversation
     from lm_mini.data.errors import SkipCounter
-    from lm_mini.data.shards import iter_raw_samples, shard_paths
+    from lm_mini.data.shard_reader import iter_raw_samples, shard_paths
     from lm_mini.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(built / "tokenizer")
     unk = tok.convert_tokens_to_ids("<unk>")
-    for name in ("captions", "instruct", "video", "eval"):
+    for name in ("captions", "instruct", "video", "eval", "scenes", "scenes_eval"):
         for s in iter_raw_samples(shard_paths(built / name), SkipCounter()):
             conv, has_media = s.record["conversations"], s.media_kind is not None
             for template in ("vicuna_v1", "llama3") + (("plain",) if len(conv) == 2 else ()):
@@ -329,7 +382,7 @@ def test_refuses_a_non_empty_out(built):
 
 def test_shipped_demo_set_is_complete_and_small():
     """The committed data_shards/demo: the scale-1 sizes, intact shards, under 20 MB."""
-    from lm_mini.data.shards import read_index
+    from lm_mini.data.shard_reader import read_index
 
     shipped = Path(__file__).resolve().parents[2] / "data_shards" / "demo"
     manifest = json.loads((shipped / "manifest.json").read_text())
@@ -337,9 +390,76 @@ def test_shipped_demo_set_is_complete_and_small():
     assert manifest["subsets"]["instruct"]["records"] == syn.SIZES["instruct_image"] + syn.SIZES["instruct_text"]
     assert manifest["subsets"]["eval"]["records"] == syn.SIZES["eval_image"] + syn.SIZES["eval_video"]
     assert manifest["majority_baseline"]["eval"]["overall"]["accuracy"] < 0.3
+    assert manifest["subsets"]["scenes_eval"]["records"] == syn.SIZES["scenes_eval"]
+    assert (shipped / "encoder" / "model.safetensors").is_file() and manifest["encoder"]["path"] == "encoder"
     for name, sub in manifest["subsets"].items():
         index = read_index(shipped / sub["path"])
         assert index["num_samples"] == sub["records"] and len(index["shards"]) == syn.SHARDS_PER_SET
         for shard in index["shards"]:
             assert hashlib.sha256((shipped / sub["path"] / shard["name"]).read_bytes()).hexdigest() == shard["sha256"]
     assert sum(p.stat().st_size for p in shipped.rglob("*") if p.is_file()) < 20 * 2**20
+
+
+def test_built_encoder_is_the_model_tower_and_holds_what_its_pretraining_says(built):
+    """The encoder folder loads as ``model.encoder.path`` of the demo config; the model reads the layer the
+    pretraining heads were trained on; the heads score on the held-out draw what pretraining.json records."""
+    import random
+
+    import torch
+    from transformers import CLIPVisionModel
+
+    from lm_mini.config import load_config
+    from lm_mini.models.encoders import build_encoder
+    from lm_mini.recipes import demo_encoder as de
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(root / "experiments" / "demo.yaml", [f"model.encoder.path={built / 'encoder'}"])
+    tower = build_encoder(cfg.model.encoder).eval()
+    assert (tower.hidden_size, tower.grid, tower.image_size) == (64, 8, 64)
+    assert cfg.model.encoder.select_layer == de.SELECT_LAYER and not cfg.train.parts.encoder.train  # frozen, that layer
+    plain = CLIPVisionModel.from_pretrained(built / "encoder").eval()
+    data = de.draw_images(random.Random(5), 16, 8)
+    pixels = torch.from_numpy(data["pixels"])
+    from lm_mini.models.encoders import normalize_pixels
+
+    with torch.no_grad():
+        ours = tower(normalize_pixels(pixels, tower.image_mean, tower.image_std))
+        torch.testing.assert_close(ours, de.patch_features(plain, pixels))
+    report = json.loads((built / "encoder" / "pretraining.json").read_text())
+    settings = de.PretrainSettings().scaled(BUILD_SCALE)
+    held_out = de.draw_images(random.Random("lm_mini-demo/0/encoder-held-out"), settings.held_out, 8)
+    again = de.probe_accuracy(plain, de.load_probe(built / "encoder"), held_out)
+    assert {k: round(v, 4) for k, v in again.items()} == report["held_out"]
+
+
+def test_patch_targets_follow_the_drawn_shapes():
+    from lm_mini.recipes import demo_encoder as de
+
+    big = syn.Thing("square", "red", 20.0, 20.0, 8.0)  # covers the pixels 12..28: patches 1..3 of rows 1..3
+    colors, shapes, regions, centres = de.patch_targets([big], 8)
+    grid = colors.reshape(8, 8)
+    assert (grid[1:4, 1:4] > 0).all() and grid.sum() == 9 * de.COLOR_CLASSES.index("red")
+    assert set(shapes[colors > 0]) == {de.SHAPE_CLASSES.index("square")}
+    assert set(regions[colors > 0]) == {de.REGION_CLASSES.index("top-left")}
+    assert np.allclose(centres[colors > 0], [20 / 64, 20 / 64]) and (centres[colors == 0] == 0).all()
+    # a patch a shape covers under 20% of belongs to no shape
+    small = syn.Thing("circle", "blue", 8.0, 8.0, 1.0)
+    assert de.patch_targets([small], 8)[0].sum() == 0
+
+
+def test_shipped_encoder_features_hold_colour_shape_and_place():
+    """The committed encoder, on images it never saw: the pretraining heads read each covered patch's colour, shape
+    and 3x3 region from the features the model is given."""
+    import random
+
+    from transformers import CLIPVisionModel
+
+    from lm_mini.recipes import demo_encoder as de
+
+    shipped = Path(__file__).resolve().parents[2] / "data_shards" / "demo" / "encoder"
+    encoder = CLIPVisionModel.from_pretrained(shipped).eval()
+    accuracy = de.probe_accuracy(encoder, de.load_probe(shipped), de.draw_images(random.Random("test"), 300, 8))
+    recorded = json.loads((shipped / "pretraining.json").read_text())["held_out"]
+    for key in ("color_accuracy", "shape_accuracy", "region_accuracy", "empty_accuracy"):
+        assert accuracy[key] > recorded[key] - 0.03, (key, accuracy[key], recorded[key])  # 300 fresh images vs the record
+    assert accuracy["color_accuracy"] > 0.95 and accuracy["region_accuracy"] > 0.9

@@ -18,7 +18,7 @@ from security_helpers import TOKENIZER, run_with_checkpoint
 from lm_mini.cli import main
 from lm_mini.config import ConfigError, load_config, to_yaml
 from lm_mini.data.errors import SkipCounter
-from lm_mini.data.shards import count_tar_samples, iter_raw_samples, read_shard
+from lm_mini.data.shard_reader import count_tar_samples, iter_raw_samples, read_shard
 from lm_mini.interop.pretrained import load_pretrained, save_pretrained
 from lm_mini.models.llava_mini import LlavaMini
 from lm_mini.trust import ALLOW_IMPORTS_ENV

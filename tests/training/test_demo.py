@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 from training_helpers import ROOT
 from lm_mini.cli import main as cli_main
 from lm_mini.data.errors import SKIP_REASONS, SkipCounter, describe_skips
-from lm_mini.data.shards import iter_raw_samples, shard_paths
+from lm_mini.data.shard_reader import iter_raw_samples, shard_paths
 from lm_mini.eval.baseline import majority_baseline
 from lm_mini.eval.metrics import ExactMatch
 

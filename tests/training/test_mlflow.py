@@ -16,7 +16,8 @@ from mlflow import MlflowClient
 
 from training_helpers import PYTHON, ROOT, TinyData, subprocess_env, tiny_config
 from lm_mini.cli import main as cli_main
-from lm_mini.training.run import _report, train
+from lm_mini.cli.train import report
+from lm_mini.training.run import train
 
 
 def _free_port() -> int:
@@ -79,7 +80,7 @@ def test_params_tags_metrics_and_config_read_back_and_a_dead_server_mid_run_does
     assert [m.step for m in client.get_metric_history(run.info.run_id, "lr-AdamW/llm")] == list(range(12))
     assert run.data.metrics["data/skipped/corrupt_image"] == 1.0  # the data module's skip counter
     assert result.skipped == {"corrupt_image": 1}  # and what the end-of-run report prints
-    _report(result)
+    report(result)
     assert "lm-mini: training data: skipped corrupt_image 1\n" in capsys.readouterr().out
     assert run.data.metrics["perf/visual_tokens_per_sample"] == 1.0  # C = 1, one image per sample
     assert "perf/samples_per_sec" in run.data.metrics and "perf/tokens_per_sec" in run.data.metrics

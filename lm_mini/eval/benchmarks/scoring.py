@@ -6,9 +6,7 @@ user's judge command for GPT-judged benchmarks).
 """
 from __future__ import annotations
 
-import json
 import math
-import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -71,16 +69,3 @@ def format_result(result: BenchmarkResult) -> str:
     lines += [f"  {what}: {path}" for what, path in result.files.items()]
     lines += [f"  note: {note}" for note in result.notes]
     return "\n".join(lines)
-
-
-def cli_score(args) -> int:
-    """``lm-mini score``: print the scores of ``--answers`` (JSON with ``--json``)."""
-    answers = Path(args.answers)
-    out_dir = Path(args.out_dir) if args.out_dir else answers.with_name(answers.stem + "_upload")
-    try:
-        result = score_answers(args.benchmark, answers, args.questions, args.annotations, out_dir, args.judge)
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError, ImportError) as e:
-        print(f"lm-mini score: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result.to_json()) if args.json else format_result(result))
-    return 0
