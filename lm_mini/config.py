@@ -1,49 +1,160 @@
 """Structured configs: one dataclass tree, loaded from YAML with OmegaConf and validated at load time.
 
-``load_config("experiments/demo.yaml", ["model.compressor.grid=4"])`` merges, in order:
-the dataclass defaults, the YAML file (and the files its ``defaults:`` list names, relative
-to it), then ``key=value`` overrides. An unknown key or a value of the wrong type is refused
-with the key's path and the valid keys (or the expected type).
+``load_config("experiments/demo.yaml", ["model.compressor.grid=4"])`` merges, in order: the dataclass defaults,
+the YAML file (and the files its ``defaults:`` list names, see :func:`find_config`), then ``key=value``
+overrides. An unknown key or a value of the wrong type is refused with the key's path and the valid keys (or the
+expected type). A value's other rules sit next to its field (``checked(default, one_of(...), at_least(...))``):
+:func:`check_fields` applies them to a loaded config, or to a section made in code (``LlavaMini.from_config`` checks
+its ``ModelConfig``), with the key's path in the message. Rules that tie two fields together are
+:func:`check_cross_fields`'. Checking imports no model code (registry names are known by name), so
+``lm-mini config show`` stays light.
+
+Over ~450 lines on purpose: the schema and the loader that enforces it are read together.
 """
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+import functools
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from lm_mini import registry
 from lm_mini.constants import ATTENTION_BACKENDS, CUDA_ONLY_ATTENTION
+
+
+class ConfigError(ValueError):
+    """A config key or value that does not fit the schema; the message names the key."""
+
+
+# --------------------------------------------------------------------------- rules of one field
+# A rule takes the field's value and returns what is wrong with it (the message after "bad value for config key
+# 'k': "), or None. None values (unset optional fields) pass every rule but one_of's.
+Rule = Callable[[Any], Optional[str]]
+
+
+def one_of(*choices: Any) -> Rule:
+    return lambda v: None if v in choices else f"{v!r}; expected one of {', '.join(map(str, choices))}"
+
+
+def at_least(low: float) -> Rule:
+    return lambda v: None if v is None or v >= low else f"{v}; expected >= {low}"
+
+
+def at_most(high: float) -> Rule:
+    return lambda v: None if v is None or v <= high else f"{v}; expected <= {high}"
+
+
+def positive(v: Any) -> Optional[str]:
+    return None if v is None or v > 0 else f"{v}; expected > 0"
+
+
+def registered(reg: Any) -> Rule:
+    """A name the registry resolves (built-in, registered, ``package.module:Class``, entry point)."""
+    def rule(v: Any) -> Optional[str]:
+        try:
+            v is None or reg.check(v)
+        except KeyError as e:
+            return e.args[0]
+        return None
+    return rule
+
+
+def checked(default: Any = MISSING, *rules: Rule, factory: Any = MISSING) -> Any:
+    """A dataclass field with its rules: ``dtype: str = checked("float32", one_of("float32", "bfloat16"))``."""
+    return field(default=default, default_factory=factory, metadata={"rules": rules})
+
+
+_ABSENT = object()
+
+
+_type_hints = functools.lru_cache(maxsize=None)(typing.get_type_hints)
+
+
+def check_fields(node: Any, schema: type, prefix: str = "", source: str = "config") -> None:
+    """Apply every field rule of ``schema`` (a config dataclass) to ``node`` (a DictConfig or an instance) and its
+    nested sections and list items, depth first; raise :class:`ConfigError` naming the key (``prefix`` + field)."""
+    hints = _type_hints(schema)
+    for f in fields(schema):
+        key, value = f"{prefix}{f.name}", getattr(node, f.name, _ABSENT)
+        if value is _ABSENT:  # a partial config made in code: what it lacks, the builder defaults
+            continue
+        for rule in f.metadata.get("rules", ()):
+            problem = rule(value)
+            if problem:
+                from lm_mini.data.remote import redact  # light; a source may be an override holding a URL
+
+                raise ConfigError(f"{redact(source)}: bad value for config key '{key}': {problem}")
+        kind = hints[f.name]
+        item = typing.get_args(kind)[0] if typing.get_origin(kind) in (list, List) and typing.get_args(kind) else None
+        if is_dataclass(kind) and value is not None:
+            check_fields(value, kind, f"{key}.", source)
+        elif item is not None and is_dataclass(item):
+            for i, entry in enumerate(value or []):
+                check_fields(entry, item, f"{key}.{i}.", source)
+
+
+def _devices(v: Any) -> Optional[str]:
+    ok = (v == "auto" or (isinstance(v, int) and (v >= 1 or v == -1)) or (isinstance(v, str) and v.replace(",", "").strip().isdigit())
+          or (isinstance(v, (list, ListConfig)) and len(v) > 0))
+    return None if ok else f"{v!r}; expected a count >= 1, -1 or 'auto' (all), or device ids ([0, 1] or '0,1')"
+
+
+def _llm_attention(v: Any) -> Optional[str]:
+    return None if v is None or v in ATTENTION_BACKENDS else (
+        f"{v!r}; expected null (follow model.attn_implementation) or one of {', '.join(ATTENTION_BACKENDS)}")
+
+
+def _metrics(names: Any) -> Optional[str]:
+    unknown = [n for n in names or [] if registered(registry.METRICS)(n)]
+    return None if not unknown else (f"unknown metric {unknown[0]!r}; expected some of "
+                                     f"{', '.join(sorted(registry.METRICS.names()))}")
+
+
+def _no_credentials(path: Any) -> Optional[str]:
+    """A shard set URL must not carry a credential: config.yaml and the MLflow params would keep it."""
+    from lm_mini.data.remote import redact, secrets_in
+
+    found = secrets_in(str(path))
+    return None if not found else (
+        f"{redact(str(path))} holds {', '.join(found)}; the config is saved with the run and logged to MLflow, so "
+        "credentials come from the store's environment instead (AWS_* variables or profiles for S3, ~/.netrc for HTTP, ...)")
+
+
+PRECISIONS = ("32-true", "32", "16-mixed", "16-true", "16", "bf16-mixed", "bf16-true", "bf16", "64-true", "64")  # Lightning's
 
 
 # --------------------------------------------------------------------------- model
 @dataclass
 class EncoderConfig:
-    name: str = "hf_clip"  # registry name: hf_clip | hf_siglip | timm | package.module:Class
+    name: str = checked("hf_clip", registered(registry.ENCODERS))  # hf_clip | hf_siglip | timm | package.module:Class
     config: Dict[str, Any] = field(default_factory=dict)  # HF vision config kwargs, or timm kwargs (model_name, ...)
     path: Optional[str] = None  # local pretrained directory (HF) / checkpoint file (timm)
     select_layer: int = -2  # hidden state to take (LLaVA: penultimate layer)
-    select_feature: str = "patch"  # patch (drop CLS) | cls_patch
+    select_feature: str = checked("patch", one_of("patch", "cls_patch"))  # patch (drop CLS) | cls_patch
 
 
 @dataclass
 class ProjectorConfig:
-    name: str = "mlp2x_gelu"  # mlp2x_gelu | linear | package.module:Class
+    name: str = checked("mlp2x_gelu", registered(registry.PROJECTORS))  # mlp2x_gelu | linear | package.module:Class
 
 
 @dataclass
 class CompressorConfig:
-    name: str = "query_attention"  # query_attention | avg_pool | qformer | identity | package.module:Class | entry point
-    grid: int = 1  # C: the compressor emits C*C tokens per image / frame
+    # query_attention | avg_pool | qformer | identity | package.module:Class | entry point
+    name: str = checked("query_attention", registered(registry.COMPRESSORS))
+    grid: int = checked(1, at_least(1))  # C: the compressor emits C*C tokens per image / frame
     options: Dict[str, Any] = field(default_factory=dict)  # extra kwargs for the compressor class
 
 
 @dataclass
 class PreFusionConfig:
-    depth: int = 4  # number of decoder layers; 0 switches pre-fusion off
-    init: str = "random"  # random (official) | llm_layers (copy the LLM's first `depth` layers)
+    depth: int = checked(4, at_least(0))  # number of decoder layers; 0 switches pre-fusion off
+    init: str = checked("random", one_of("random", "llm_layers"))  # random (official) | llm_layers (copy the LLM's first `depth`)
     detach_text: bool = True  # official: no gradient from pre-fusion into the text embeddings
     # Training (a batch with labels): a text-only sample's text is fused with an all-zero image, as official
     # LLaVA-Mini training does (its data gives such samples a blank image); inference never fuses text-only
@@ -53,10 +164,11 @@ class PreFusionConfig:
 
 @dataclass
 class LLMConfig:
-    name: str = "hf_causal_lm"  # LLM builder registry name
+    name: str = checked("hf_causal_lm", registered(registry.LLMS))  # LLM builder registry name
     config: Dict[str, Any] = field(default_factory=dict)  # transformers config kwargs incl. model_type
     path: Optional[str] = None  # local HF directory; overrides `config`
-    attn_implementation: Optional[str] = None  # None: model.attn_implementation; else the LLM's (and pre-fusion's) own
+    # None: model.attn_implementation; else the LLM's (and pre-fusion's) own
+    attn_implementation: Optional[str] = checked(None, _llm_attention)
 
 
 @dataclass
@@ -66,13 +178,13 @@ class ModelConfig:
     compressor: CompressorConfig = field(default_factory=CompressorConfig)
     prefusion: PreFusionConfig = field(default_factory=PreFusionConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
-    resolution_ratio: int = 1  # R: hi-res images are split into R x R crops plus the global view
+    resolution_ratio: int = checked(1, at_least(1))  # R: hi-res images are split into R x R crops plus the global view
     video_hires: bool = False  # at R > 1 every video frame gets R x R crops + global view too (official); else one view
-    dtype: str = "float32"  # parameter dtype when built: float32 | bfloat16 | float16
+    dtype: str = checked("float32", one_of("float32", "bfloat16", "float16"))  # parameter dtype when built
     # Attention of the LLM, the pre-fusion layers and the (Hugging Face) vision encoder:
-    # sdpa | eager | flash_attention_2 (flash-attn, CUDA) | xformers (CUDA). Checked here against
-    # train.accelerator; whether it can run on this machine (installed, a GPU) at model build.
-    attn_implementation: str = "sdpa"
+    # sdpa | eager | flash_attention_2 (flash-attn, CUDA) | xformers (CUDA). Checked against train.accelerator
+    # (check_cross_fields); whether it can run on this machine (installed, a GPU) at model build.
+    attn_implementation: str = checked("sdpa", one_of(*ATTENTION_BACKENDS))
 
 
 # --------------------------------------------------------------------------- data
@@ -81,51 +193,51 @@ class ShardSetConfig:
     # directory holding index.json and *.tar (or a glob / brace pattern of .tar files); or the same at an
     # http(s):// or other fsspec URL (s3://bucket/set, gs://...) or a pipe: command, read through its index.json.
     # Credentials come from the store's environment (AWS_*, ~/.netrc, ...): a URL holding one is refused.
-    path: str = ""
-    weight: float = 1.0  # mixing weight among training shard sets
-    template: Optional[str] = None  # overrides data.template for this set (e.g. plain for captions)
+    path: str = checked("", _no_credentials)
+    weight: float = checked(1.0, at_least(0))  # mixing weight among training shard sets
+    template: Optional[str] = checked(None, registered(registry.TEMPLATES))  # overrides data.template for this set
 
 
 @dataclass
 class RemoteConfig:
     """How shards at URLs are fetched (lm_mini.data.remote). Changing it never changes which samples a run sees."""
 
-    retries: int = 3  # after a failure (reset, 5xx, cut off), per shard; then its unread samples are shard_unavailable
-    backoff_s: float = 1.0  # wait before the first retry, doubled for each next one (at most 60 s, with jitter)
-    timeout_s: float = 60.0  # connecting, and waiting for the next bytes of a shard
+    retries: int = checked(3, at_least(0))  # after a failure (reset, 5xx, cut off), per shard; then shard_unavailable
+    backoff_s: float = checked(1.0, at_least(0.0))  # wait before the first retry, doubled for each next one (<= 60 s, jitter)
+    timeout_s: float = checked(60.0, positive)  # connecting, and waiting for the next bytes of a shard
     cache_dir: Optional[str] = None  # keep whole shards here for later epochs (None: stream every read)
-    cache_max_gb: float = 100.0  # size bound of cache_dir: least recently used shards are deleted
+    cache_max_gb: float = checked(100.0, positive)  # size bound of cache_dir: least recently used shards are deleted
 
 
 @dataclass
 class DataConfig:
     tokenizer: str = "data_shards/demo/tokenizer"  # local tokenizer directory (AutoTokenizer)
-    template: str = "vicuna_v1"  # plain | vicuna_v1 | llama3
+    template: str = checked("vicuna_v1", registered(registry.TEMPLATES))  # plain | vicuna_v1 | llama3
     train: List[ShardSetConfig] = field(default_factory=list)
     val: List[ShardSetConfig] = field(default_factory=list)
-    max_length: int = 2048
-    batch_size: int = 8
-    num_workers: int = 0
+    max_length: int = checked(2048, at_least(1))
+    batch_size: int = checked(8, at_least(1))
+    num_workers: int = checked(0, at_least(0))
     shuffle_buffer: int = 1000
     # Length-grouped batches (LLaVA's group_by_modality_length): each loader worker sorts every window of this many
     # batches by modality and length, then shuffles the batches; less padding, same samples per epoch. 0: off
-    group_by_length: int = 0
+    group_by_length: int = checked(0, at_least(0))
     # square: the CLIP processor's shortest-edge resize + centre crop (official default) | pad: padded to a square
     # with the mean colour (LLaVA-1.5) | squash: the whole image stretched to S x S (no official counterpart)
-    aspect_mode: str = "square"
-    video_fps: float = 1.0  # frames a second sampled from a video (official inference: 1), at most max_frames
-    max_frames: int = 64
+    aspect_mode: str = checked("square", one_of("square", "squash", "pad"))
+    video_fps: float = checked(1.0, positive)  # frames a second sampled from a video (official inference: 1), <= max_frames
+    max_frames: int = checked(64, at_least(1))
     remote: RemoteConfig = field(default_factory=RemoteConfig)
     # Training videos: this many frames, the middle of as many equal segments (official LLaVA-Mini training: 8,
     # get_seq_frames); None: video_fps / max_frames as for held-out data and generation
-    train_video_frames: Optional[int] = None
+    train_video_frames: Optional[int] = checked(None, at_least(1))
 
 
 # --------------------------------------------------------------------------- training
 @dataclass
 class PartConfig:
     train: bool = True
-    lr: Optional[float] = None  # None: train.lr
+    lr: Optional[float] = checked(None, at_least(0.0))  # None: train.lr
 
 
 @dataclass
@@ -139,43 +251,43 @@ class PartsConfig:
 
 @dataclass
 class TrainConfig:
-    stage: str = "finetune"  # pretrain | finetune
+    stage: str = checked("finetune", one_of("pretrain", "finetune"))
     parts: PartsConfig = field(default_factory=PartsConfig)
-    init_from: Optional[str] = None  # checkpoint path or run name to start from (finetune after pretrain)
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    max_grad_norm: float = 0.5
-    accumulate_grad_batches: int = 1
+    init_from: Optional[str] = None  # checkpoint, run directory or name, or model directory to start from
+    lr: float = checked(1e-4, at_least(0.0))  # a negative rate would train backwards (gradient ascent) without a word
+    weight_decay: float = checked(0.0, at_least(0.0))
+    warmup_ratio: float = checked(0.03, at_least(0.0), at_most(1.0))
+    max_grad_norm: float = checked(0.5, at_least(0.0))  # 0: no clipping
+    accumulate_grad_batches: int = checked(1, at_least(1))
     max_epochs: int = 1
     max_steps: int = -1
-    precision: str = "32-true"  # bf16-mixed on GPU
+    precision: str = checked("32-true", one_of(*PRECISIONS))  # bf16-mixed on GPU
     activation_checkpointing: bool = False
-    strategy: str = "auto"  # auto | ddp | fsdp
-    devices: Any = 1
-    num_nodes: int = 1
+    strategy: str = checked("auto", one_of("auto", "ddp", "fsdp"))
+    devices: Any = checked(1, _devices)
+    num_nodes: int = checked(1, at_least(1))
     accelerator: str = "auto"
-    checkpoint_every_n_steps: int = 100
-    keep_last_k: int = 2
-    log_every_n_steps: int = 1
-    val_every_n_steps: Optional[int] = None
+    checkpoint_every_n_steps: int = checked(100, at_least(1))
+    keep_last_k: int = checked(2, at_least(1))  # 0 would keep no checkpoint: nothing to evaluate, export or init_from
+    log_every_n_steps: int = checked(1, at_least(1))
+    val_every_n_steps: Optional[int] = checked(None, at_least(1))
     sharded_checkpoint: bool = True  # fsdp: one shard per rank (False: gather one full file on rank 0)
     eval_at_end: bool = True  # greedy-generation exact match on data.val after training (rank 0)
     # Seconds a collective (and the start of a torchrun/srun job) waits for the other ranks: a rank that died or
     # hangs fails the job after this long. Longer than the slowest checkpoint save or end-of-training evaluation.
-    dist_timeout_s: float = 600.0
+    dist_timeout_s: float = checked(600.0, positive)
 
 
 @dataclass
 class EvalConfig:
-    max_new_tokens: int = 16
-    batch_size: int = 8  # samples per generate() call; validation loss during training batches as data.batch_size
-    metrics: List[str] = field(default_factory=lambda: ["exact_match"])
-    max_samples: Optional[int] = None  # the first N samples of each data.val set
+    max_new_tokens: int = checked(16, at_least(1))
+    batch_size: int = checked(8, at_least(1))  # samples per generate() call; validation loss batches as data.batch_size
+    metrics: List[str] = field(default_factory=lambda: ["exact_match"], metadata={"rules": (_metrics,)})
+    max_samples: Optional[int] = checked(None, at_least(1))  # the first N samples of each data.val set
     # Generation (lm-mini eval flags --temperature --top-p --num-beams override): greedy by default, as the paper's eval.
-    temperature: float = 0.0  # > 0 samples (LLaVA's eval scripts: do_sample = temperature > 0)
-    top_p: Optional[float] = None  # nucleus sampling, with temperature > 0
-    num_beams: int = 1
+    temperature: float = checked(0.0, at_least(0))  # > 0 samples (LLaVA's eval scripts: do_sample = temperature > 0)
+    top_p: Optional[float] = checked(None, positive, at_most(1.0))  # nucleus sampling, with temperature > 0
+    num_beams: int = checked(1, at_least(1))
 
 
 @dataclass
@@ -199,11 +311,24 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
+def check_cross_fields(cfg: Any, source: str) -> None:
+    """Rules between fields: a CUDA-only attention backend (``model.attn_implementation``,
+    ``model.llm.attn_implementation``) with ``train.accelerator=cpu``."""
+    if str(OmegaConf.select(cfg, "train.accelerator")).lower() == "cpu":
+        for key in ("model.attn_implementation", "model.llm.attn_implementation"):
+            if OmegaConf.select(cfg, key) in CUDA_ONLY_ATTENTION:
+                raise ConfigError(f"{source}: bad value for config key '{key}': {OmegaConf.select(cfg, key)} runs on CUDA "
+                                  "GPUs only and train.accelerator is cpu; use sdpa (or eager) on CPU")
+
+
+def validate(cfg: DictConfig, source: str = "config") -> DictConfig:
+    """Refuse values their fields' rules refuse, naming the key (types are OmegaConf's job)."""
+    check_fields(cfg, Config, "", source)
+    check_cross_fields(cfg, source)
+    return cfg
+
+
 # --------------------------------------------------------------------------- loading
-class ConfigError(ValueError):
-    """A config key or value that does not fit the schema; the message names the key."""
-
-
 def _list_item_schema(node: ListConfig) -> Optional[DictConfig]:
     """The schema of one item of a typed list (``data.train`` -> ``ShardSetConfig``), if it has one."""
     item_type = getattr(node._metadata, "element_type", None)
@@ -247,8 +372,24 @@ def _explain(err: OmegaConfBaseException, schema: DictConfig, source: str, under
     return ConfigError(f"{source}: {err}")
 
 
+# The presets a user's YAML may build on from anywhere (``defaults: [base.yaml, models/tiny.yaml]``): the
+# repository's experiments/ folder beside the package (a source checkout or an editable install).
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def find_config(name: str, including: Path) -> Path:
+    """A file named in the ``defaults:`` of ``including``: in its folder, else among the package's presets
+    (:data:`PRESETS_DIR`); an absolute path as it is. The error says where it looked."""
+    places = [Path(name)] if Path(name).is_absolute() else [including.parent / name, PRESETS_DIR / name]
+    for candidate in places:
+        if candidate.is_file():
+            return candidate.resolve()
+    looked = " and ".join(str(c.resolve()) for c in places)
+    raise ConfigError(f"config file not found: {name} (listed in the defaults of {including}); looked for {looked}")
+
+
 def _read_yaml(path: Path) -> DictConfig:
-    """Read a YAML file, first merging the files listed in its ``defaults:`` (paths relative to it)."""
+    """Read a YAML file, first merging the files listed in its ``defaults:`` (:func:`find_config`)."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     import yaml
@@ -265,13 +406,10 @@ def _read_yaml(path: Path) -> DictConfig:
     if isinstance(defaults, str):  # `defaults: base.yaml` means one file, not its characters
         defaults = [defaults]
     if not isinstance(defaults, (list, ListConfig)) or not all(isinstance(d, str) for d in defaults):
-        raise ConfigError(f"{path}: 'defaults' must be a list of YAML file paths (relative to this file)")
+        raise ConfigError(f"{path}: 'defaults' must be a list of YAML file paths (relative to this file, or presets)")
     merged = OmegaConf.create()
     for d in defaults:
-        included = (path.parent / str(d)).resolve()
-        if not included.is_file():
-            raise ConfigError(f"config file not found: {included} (listed in the defaults of {path})")
-        merged = OmegaConf.merge(merged, _read_yaml(included))
+        merged = OmegaConf.merge(merged, _read_yaml(find_config(str(d), path)))
     return OmegaConf.merge(merged, raw)
 
 
@@ -285,135 +423,6 @@ def schema() -> DictConfig:
     for key in _OPEN_DICTS:
         OmegaConf.set_struct(OmegaConf.select(cfg, key), False)
     return cfg
-
-
-# Values with a closed set of choices or a lower bound, checked at load time like the types.
-_CHOICES = {
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.prefusion.init": ("random", "llm_layers"),
-    "model.encoder.select_feature": ("patch", "cls_patch"),
-    "model.attn_implementation": ATTENTION_BACKENDS,
-    "data.aspect_mode": ("square", "squash", "pad"),
-    "train.stage": ("pretrain", "finetune"),
-    "train.strategy": ("auto", "ddp", "fsdp"),
-    "train.precision": ("32-true", "32", "16-mixed", "16-true", "16", "bf16-mixed", "bf16-true", "bf16", "64-true", "64"),  # Lightning's
-}
-_MINIMUM = {
-    "model.prefusion.depth": 0,
-    "model.compressor.grid": 1,
-    "model.resolution_ratio": 1,
-    "data.max_frames": 1,
-    "data.train_video_frames": 1,
-    "data.batch_size": 1,
-    "data.max_length": 1,
-    "data.num_workers": 0,
-    "data.remote.retries": 0,
-    "data.remote.backoff_s": 0.0,
-    "data.group_by_length": 0,
-    "train.accumulate_grad_batches": 1,
-    "train.keep_last_k": 1,  # 0 would keep no checkpoint: nothing to evaluate, export or init_from
-    "train.lr": 0.0,  # a negative rate would train backwards (gradient ascent) without a word
-    **{f"train.parts.{part}.lr": 0.0 for part in ("encoder", "projector", "compressor", "prefusion", "llm")},
-    "train.weight_decay": 0.0,
-    "train.warmup_ratio": 0.0,
-    "train.max_grad_norm": 0.0,  # 0: no clipping
-    "train.num_nodes": 1,
-    "train.checkpoint_every_n_steps": 1,
-    "train.log_every_n_steps": 1,
-    "train.val_every_n_steps": 1,
-    "eval.max_new_tokens": 1,
-    "eval.batch_size": 1,
-    "eval.max_samples": 1,
-    "eval.temperature": 0,
-    "eval.num_beams": 1,
-}
-_MAXIMUM = {"train.warmup_ratio": 1.0, "eval.top_p": 1.0}  # fractions
-_POSITIVE = ("eval.top_p", "data.video_fps", "train.dist_timeout_s", "data.remote.timeout_s", "data.remote.cache_max_gb")
-
-
-def validate(cfg: DictConfig, source: str = "config") -> DictConfig:
-    """Refuse values outside their choices / below their minimum, naming the key (types are OmegaConf's job)."""
-    for key, choices in _CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in choices:
-            raise ConfigError(f"{source}: bad value for config key '{key}': {value!r}; expected one of {', '.join(choices)}")
-    for key, low in _MINIMUM.items():
-        value = OmegaConf.select(cfg, key)
-        if value is not None and value < low:
-            raise ConfigError(f"{source}: bad value for config key '{key}': {value}; expected >= {low}")
-    for key, high in _MAXIMUM.items():
-        value = OmegaConf.select(cfg, key)
-        if value is not None and value > high:
-            raise ConfigError(f"{source}: bad value for config key '{key}': {value}; expected <= {high}")
-    for key in _POSITIVE:
-        value = OmegaConf.select(cfg, key)
-        if value is not None and value <= 0:
-            raise ConfigError(f"{source}: bad value for config key '{key}': {value}; expected > 0")
-    from lm_mini.eval.metrics import METRICS
-
-    for name in OmegaConf.select(cfg, "eval.metrics") or []:
-        if name not in METRICS:
-            raise ConfigError(f"{source}: bad value for config key 'eval.metrics': unknown metric {name!r}; "
-                              f"expected some of {', '.join(sorted(METRICS))}")
-    _validate_attention(cfg, source)
-    devices = OmegaConf.select(cfg, "train.devices")
-    if not (devices == "auto" or (isinstance(devices, int) and (devices >= 1 or devices == -1))
-            or (isinstance(devices, str) and devices.replace(",", "").strip().isdigit())
-            or (isinstance(devices, ListConfig) and len(devices) > 0)):
-        raise ConfigError(f"{source}: bad value for config key 'train.devices': {devices!r}; expected a count >= 1, "
-                          "-1 or 'auto' (all), or device ids ([0, 1] or '0,1')")
-    for kind in ("train", "val"):
-        for i, item in enumerate(OmegaConf.select(cfg, f"data.{kind}") or []):
-            if item.weight < 0:
-                raise ConfigError(f"{source}: bad value for config key 'data.{kind}.{i}.weight': {item.weight}; expected >= 0")
-            _check_no_credentials(str(item.path), f"data.{kind}.{i}.path", source)
-    _validate_components(cfg, source)
-    return cfg
-
-
-def _validate_attention(cfg: DictConfig, source: str) -> None:
-    """``model.llm.attn_implementation`` (None or a backend); a CUDA-only backend with ``train.accelerator=cpu``.
-    Whether the backend is installed and a GPU is there is checked at model build (``lm_mini.models.attention``)."""
-    llm_attn = OmegaConf.select(cfg, "model.llm.attn_implementation")
-    if llm_attn is not None and llm_attn not in ATTENTION_BACKENDS:
-        raise ConfigError(f"{source}: bad value for config key 'model.llm.attn_implementation': {llm_attn!r}; expected "
-                          f"null (follow model.attn_implementation) or one of {', '.join(ATTENTION_BACKENDS)}")
-    if str(OmegaConf.select(cfg, "train.accelerator")).lower() == "cpu":
-        for key in ("model.attn_implementation", "model.llm.attn_implementation"):
-            if OmegaConf.select(cfg, key) in CUDA_ONLY_ATTENTION:
-                raise ConfigError(f"{source}: bad value for config key '{key}': {OmegaConf.select(cfg, key)} runs on CUDA "
-                                  "GPUs only and train.accelerator is cpu; use sdpa (or eager) on CPU")
-
-
-def _check_no_credentials(path: str, key: str, source: str) -> None:
-    """A shard set URL must not carry a credential: config.yaml and the MLflow params would keep it."""
-    from lm_mini.data.remote import redact, secrets_in
-
-    found = secrets_in(path)
-    if found:
-        raise ConfigError(f"{redact(source)}: bad value for config key '{key}': {redact(path)} holds {', '.join(found)}; the "
-                          "config is saved with the run and logged to MLflow, so credentials come from the store's "
-                          "environment instead (AWS_* variables or profiles for S3, ~/.netrc for HTTP, ...)")
-
-
-def _validate_components(cfg: DictConfig, source: str) -> None:
-    """Component names must resolve in their registries now, not as a traceback after a run was created."""
-    from lm_mini import registry
-
-    names = {"model.encoder.name": registry.ENCODERS, "model.projector.name": registry.PROJECTORS,
-             "model.compressor.name": registry.COMPRESSORS, "model.llm.name": registry.LLMS,
-             "data.template": registry.TEMPLATES}
-    for kind in ("train", "val"):
-        for i, _ in enumerate(OmegaConf.select(cfg, f"data.{kind}") or []):
-            names[f"data.{kind}.{i}.template"] = registry.TEMPLATES
-    for key, reg in names.items():
-        value = OmegaConf.select(cfg, key)
-        if value is None:
-            continue
-        try:
-            reg.get(value)
-        except KeyError as e:
-            raise ConfigError(f"{source}: bad value for config key '{key}': {e.args[0]}") from None
 
 
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> DictConfig:

@@ -4,6 +4,10 @@ A name resolves, in order, to: a registered entry; ``package.module:Attr`` (impo
 an entry point of the registry's group (e.g. ``lm_mini.compressors``). Anything else is
 refused with the list of known names.
 
+The built-in entries register themselves when their ``home`` module is imported (which imports torch); each
+registry also lists their names (``builtin``), so that a config can be checked (:meth:`Registry.check`) and
+``lm-mini config show`` run without importing any model code. ``tests/test_registry.py`` keeps the two in step.
+
 ``package.module:Attr`` imports code, so while a config that came with a model or run directory is
 read (:func:`config_from_directory`) such a name is refused unless the user allowed it
 (``--allow-import``, ``LM_MINI_ALLOW_IMPORTS``; see ``lm_mini.trust``).
@@ -14,7 +18,7 @@ import importlib
 from contextlib import contextmanager
 from contextvars import ContextVar
 from importlib.metadata import entry_points
-from typing import Any, Callable, Dict, Generic, Iterator, List, Optional, TypeVar
+from typing import Any, Callable, Dict, Generic, Iterator, List, Optional, Sequence, TypeVar
 
 from lm_mini.trust import ALLOW_IMPORTS_ENV, import_allowed
 
@@ -37,10 +41,12 @@ class ImportNotAllowed(KeyError):
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str, home: Optional[str] = None, entry_point_group: Optional[str] = None):
+    def __init__(self, kind: str, home: Optional[str] = None, entry_point_group: Optional[str] = None,
+                 builtin: Sequence[str] = ()):
         self.kind = kind
         self.home = home  # module whose import registers the built-in entries
         self.entry_point_group = entry_point_group
+        self.builtin = tuple(builtin)  # the names ``home`` registers, known without importing it (empty: import it)
         self._entries: Dict[str, T] = {}
 
     def register(self, name: Optional[str] = None) -> Callable[[T], T]:
@@ -65,8 +71,16 @@ class Registry(Generic[T]):
         return {ep.name: ep for ep in entry_points(group=self.entry_point_group)}
 
     def names(self) -> List[str]:
-        self._load_home()
-        return sorted(set(self._entries) | set(self._entry_points()))
+        if not self.builtin:
+            self._load_home()
+        return sorted(set(self.builtin) | set(self._entries) | set(self._entry_points()))
+
+    def check(self, name: str) -> None:
+        """Raise :meth:`get`'s ``KeyError`` for a name that does not resolve, without importing a built-in entry's
+        or an entry point's code (a ``package.module:Attr`` name is imported: that is how it resolves)."""
+        if name in self.builtin or name in self._entries or name in self._entry_points():
+            return
+        self.get(name)
 
     def get(self, name: str) -> T:
         self._load_home()
@@ -109,9 +123,12 @@ class Registry(Generic[T]):
         return iter(self.names())
 
 
-ENCODERS: Registry = Registry("vision encoder", home="lm_mini.models.encoders")
-PROJECTORS: Registry = Registry("projector", home="lm_mini.models.projector")
-COMPRESSORS: Registry = Registry("compressor", home="lm_mini.models.compressors", entry_point_group="lm_mini.compressors")
-LLMS: Registry = Registry("llm builder", home="lm_mini.models.llm")
-TEMPLATES: Registry = Registry("conversation template", home="lm_mini.data.conversation")
-METRICS: Registry = Registry("metric", home="lm_mini.eval.metrics", entry_point_group="lm_mini.metrics")
+ENCODERS: Registry = Registry("vision encoder", home="lm_mini.models.encoders", builtin=("hf_clip", "hf_siglip", "timm"))
+PROJECTORS: Registry = Registry("projector", home="lm_mini.models.projector", builtin=("linear", "mlp2x_gelu"))
+COMPRESSORS: Registry = Registry("compressor", home="lm_mini.models.compressors", entry_point_group="lm_mini.compressors",
+                                 builtin=("avg_pool", "identity", "qformer", "query_attention"))
+LLMS: Registry = Registry("llm builder", home="lm_mini.models.llm", builtin=("hf_causal_lm",))
+TEMPLATES: Registry = Registry("conversation template", home="lm_mini.data.conversation", builtin=("llama3", "plain", "vicuna_v1"))
+METRICS: Registry = Registry("metric", home="lm_mini.eval.metrics", entry_point_group="lm_mini.metrics",
+                             builtin=("exact_match", "multiple_choice", "multiple_choice_lenient", "pope", "pope_lenient",
+                                      "vqa_accuracy"))

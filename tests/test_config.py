@@ -109,3 +109,18 @@ def test_efficiency_names_an_unknown_mlflow_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert main(["efficiency", "experiments/demo.yaml", "--mlflow-run", "deadbeef"]) == 1
     assert "cannot log to MLflow run 'deadbeef'" in capsys.readouterr().err
+
+
+def test_defaults_are_looked_up_next_to_the_file_then_among_the_presets(tmp_path):
+    """A YAML outside experiments/ builds on the shipped presets; a file beside it wins; the error says where it looked."""
+    from lm_mini.config import PRESETS_DIR
+
+    mine = write(tmp_path / "mine.yaml", "defaults: [base.yaml, models/tiny.yaml]\nexperiment: mine\n")
+    cfg = load_config(mine)
+    assert cfg.experiment == "mine" and cfg.model == load_config(PRESETS_DIR / "models" / "tiny.yaml").model
+    write(tmp_path / "base.yaml", "seed: 7\n")  # the user's own base.yaml, next to the file
+    assert load_config(mine).seed == 7
+    missing = write(tmp_path / "typo.yaml", "defaults: [models/tinny.yaml]\n")
+    with pytest.raises(ConfigError, match=rf"config file not found: models/tinny.yaml \(listed in the defaults of {missing}\); "
+                                          rf"looked for {tmp_path / 'models' / 'tinny.yaml'} and {PRESETS_DIR / 'models' / 'tinny.yaml'}"):
+        load_config(missing)

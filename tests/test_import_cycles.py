@@ -1,4 +1,5 @@
-"""Imports inside ``lm_mini`` flow one way: no module imports itself back through others (DESIGN.md section 2).
+"""Imports inside ``lm_mini`` flow one way: no module imports itself back through others (DESIGN.md section 2),
+the packages stand in layers, and the light commands import no deep-learning stack.
 
 The graph is read from the source with ``ast`` (nothing is imported): an edge ``a -> b`` for every ``import b`` /
 ``from b import x`` (``b.x`` when that is a module) in ``a``. Module-level imports run when a module loads; a
@@ -11,6 +12,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 from typing import Dict, List, Set, Tuple
+
+import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lm_mini"
 
@@ -127,3 +130,65 @@ def test_evaluation_never_imports_training():
     top, nested = import_graph()
     reached = {(m, t) for m in top if m.startswith("lm_mini.eval") for t in top[m] | nested[m] if t.startswith("lm_mini.training")}
     assert reached == set()
+
+
+# DESIGN.md section 2, bottom up: a module imports only from its own layer or the ones before it (also inside
+# functions). runs.py is a base module: interop and the commands resolve RUN|CHECKPOINT|MODEL_DIR through it.
+LAYERS = (
+    ("lm_mini", "lm_mini.constants", "lm_mini.trust", "lm_mini.registry", "lm_mini.config", "lm_mini.runs"),
+    ("lm_mini.models",),
+    ("lm_mini.data",),
+    ("lm_mini.interop",),
+    ("lm_mini.eval",),
+    ("lm_mini.training",),
+    ("lm_mini.sweeps", "lm_mini.recipes"),
+    ("lm_mini.cli",),
+)
+
+
+def _layer(module: str) -> int:
+    best = None
+    for i, names in enumerate(LAYERS):
+        for name in names:
+            if (module == name or module.startswith(name + ".")) and (best is None or len(name) > best[1]):
+                best = (i, len(name))
+    assert best is not None, f"{module} is in no layer of LAYERS"
+    return best[0]
+
+
+# The one edge upward, and why: the config refuses credentials in shard set URLs (they would be saved with the run)
+# with data.remote's own redact / secrets_in, which import nothing heavy for that reason.
+ALLOWED_UPWARD = {("lm_mini.config", "lm_mini.data.remote")}
+
+
+def test_packages_import_downward_only():
+    top, nested = import_graph()
+    upward = sorted(f"{m} -> {t}" for m in top for t in top[m] | nested[m]
+                    if _layer(t) > _layer(m) and (m, t) not in ALLOWED_UPWARD)
+    assert upward == []
+
+
+LIGHT_COMMANDS = [["--help"], ["config", "show", "experiments/demo.yaml"],
+                  ["sweep", "experiments/sweeps/demo_c_depth.yaml", "--dry-run"]]
+
+
+@pytest.mark.parametrize("argv", LIGHT_COMMANDS, ids=lambda a: " ".join(a[:2]))
+def test_light_commands_import_no_deep_learning_stack(argv):
+    """``lm-mini --help``, ``config show`` and ``sweep --dry-run`` answer in well under a second: they import neither
+    torch nor Lightning (nor transformers or MLflow), checked in a fresh interpreter."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import contextlib, io, json, sys\n"
+            "from lm_mini.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try:\n"
+            f"        rc = main({argv!r})\n"
+            "    except SystemExit as e:\n"
+            "        rc = e.code\n"
+            "heavy = ('torch', 'lightning', 'transformers', 'mlflow', 'torchmetrics', 'webdataset')\n"
+            "print(json.dumps({'rc': rc, 'loaded': sorted(m for m in heavy if m in sys.modules)}))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.splitlines()[-1]) == {"rc": 0, "loaded": []}

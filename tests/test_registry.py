@@ -45,3 +45,25 @@ def test_unknown_name_lists_known_names():
     reg.register("beta")(float)
     with pytest.raises(KeyError, match=r"unknown widget 'gamma'\. Known widgets: alpha, beta"):
         reg.get("gamma")
+
+
+@pytest.mark.parametrize("name", ["ENCODERS", "PROJECTORS", "COMPRESSORS", "LLMS", "TEMPLATES", "METRICS"])
+def test_builtin_names_are_what_the_home_module_registers(name):
+    """A registry knows its built-in names without importing their code (config checks stay torch-free); the list
+    must be exactly what importing the home module registers."""
+    import importlib
+
+    from lm_mini import registry
+
+    reg = getattr(registry, name)
+    importlib.import_module(reg.home)
+    registered = {n for n, obj in reg._entries.items() if getattr(obj, "__module__", None) == reg.home}
+    assert set(reg.builtin) == registered
+
+
+def test_check_knows_builtin_names_without_importing_them_and_refuses_unknown_ones():
+    reg = Registry("widget", home="no_such_home_module_xyz", builtin=("square",))
+    reg.check("square")  # the home module is never imported for a listed name
+    assert reg.names() == ["square"]
+    with pytest.raises(ModuleNotFoundError):  # an unknown name loads the home module, to list what is known
+        reg.check("circle")

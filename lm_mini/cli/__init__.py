@@ -11,7 +11,7 @@
 A command parses its arguments, calls one library function, which returns a typed result (a dataclass) or
 raises, and prints it; the library logs (``logging``) and never prints. A group module imports nothing heavy at
 import: torch, Lightning, transformers and MLflow come in with the library function a command calls, so
-``lm-mini --help``, ``config show`` and ``sweep --dry-run`` take well under a second (``tests/test_cli_imports.py``).
+``lm-mini --help``, ``config show`` and ``sweep --dry-run`` take well under a second (``tests/test_import_cycles.py``).
 ``python -m lm_mini.cli`` runs the same (torchrun and the sweeps start it so).
 """
 from __future__ import annotations

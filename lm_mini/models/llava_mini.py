@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from lm_mini.config import ModelConfig, check_fields
 from lm_mini.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from lm_mini.models.attention import backend_for_build, resolve_backends
 from lm_mini.models.encoders import build_encoder, normalize_pixels, plain
@@ -73,11 +74,7 @@ class LlavaMini(nn.Module):
 
         The encoder comes frozen (``requires_grad=False``), as in LLaVA; the training module may unfreeze it.
         """
-        # load_config checks these too; a config made in code (dataclasses, dicts) arrives unchecked
-        if cfg.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {cfg.dtype!r}")
-        if cfg.prefusion.depth < 0:
-            raise ValueError(f"model.prefusion.depth must be >= 0 (0 switches pre-fusion off), got {cfg.prefusion.depth}")
+        check_fields(cfg, ModelConfig, "model.", "model config")  # the config's own rules: one made in code arrives unchecked
         # One attention backend for the encoder, the LLM and pre-fusion (whose layers are the LLM's class and
         # read its config); refused here, before any weight exists, when it cannot run on this machine.
         encoder_attn, llm_attn = resolve_backends(cfg)

@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from lm_mini.config import ConfigError, differences, load_config, tracking_uri
+from lm_mini.config import ConfigError, apply_overrides, differences, load_config, tracking_uri
 from lm_mini.runs import Run, experiment_dir, latest_checkpoint, run_is_finished
 
 
@@ -177,7 +177,7 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
                 f"logging.tags.sweep_keys={','.join(keys)}",  # compare reads the values back from the params
             ]
             try:
-                load_config(base, run_overrides)
+                apply_overrides(base_cfg, run_overrides[len(overrides):])  # the base file is read once, not per run
             except ConfigError as e:
                 raise ConfigError(f"{path}: grid run '{name}' is invalid: {e}") from None
             if any(r.name == name or r.values == values for r in sweep.runs):  # e.g. 0.001 and 1.0e-3: one run directory
