@@ -169,9 +169,10 @@ def resolve_run(cfg: Any, resume: Optional[str]) -> Run:
     """Which run directory, and which checkpoint (if any) to continue from.
 
     ``resume``: None (a fresh run; refused if the run already has checkpoints), ``auto`` (the newest complete
-    checkpoint of ``run_name``, else of the experiment's run with the newest checkpoint; a fresh start when
-    there is none, so a requeued job can always pass it) or a checkpoint path (its run is
-    ``<run>/checkpoints/<ckpt>``)."""
+    checkpoint of ``run_name``; without one, under SLURM, of the run named after the job, so that a requeued
+    job continues its own run and a new job starts its own; elsewhere, of the experiment's unfinished run with
+    the newest checkpoint; a fresh start when there is none, so a requeued job can always pass it) or a
+    checkpoint path (its run is ``<run>/checkpoints/<ckpt>``)."""
     runs = experiment_dir(cfg.logging.runs_dir, cfg.experiment)
     if resume and resume != "auto":
         path = Path(resume)
@@ -180,8 +181,10 @@ def resolve_run(cfg: Any, resume: Optional[str]) -> Run:
         run_dir = path.resolve().parent.parent
         return Run(run_dir.name, run_dir, path)
     name = cfg.run_name or os.environ.get(RUN_NAME_ENV)
-    if resume == "auto" and not name:  # the experiment's run with the newest checkpoint
-        candidates = [(c.stat().st_mtime, d) for d in runs.glob("*") if (c := latest_checkpoint(d / CHECKPOINTS_DIR))]
+    slurm_job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if resume == "auto" and not name and not slurm_job:  # the experiment's unfinished run with the newest checkpoint
+        candidates = [(c.stat().st_mtime, d) for d in runs.glob("*")
+                      if (c := latest_checkpoint(d / CHECKPOINTS_DIR)) and not run_is_finished(d)]
         name = max(candidates)[1].name if candidates else None
     name = name or default_run_name(cfg)
     run = Run(name, runs / name)

@@ -116,7 +116,12 @@ def requeue_slurm_job() -> bool:
         job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
     if not job:
         return False
-    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    except OSError as e:  # no scontrol here (srun into a container, say): the checkpoint is saved all the same
+        rank_zero_warn(f"could not requeue SLURM job {job}: scontrol: {e.strerror or e}; resubmit it to continue "
+                       "(--resume auto)")
+        return False
     if result.returncode != 0:
         rank_zero_warn(f"scontrol requeue {job} failed: {result.stderr.strip()}")
     return result.returncode == 0

@@ -50,3 +50,14 @@ def test_padding_fraction_is_logged_over_the_llm_sequences():
 def test_identity_compressor_counts_the_encoder_patches_as_visual_tokens():
     model = SimpleNamespace(compressor=SimpleNamespace(num_tokens=None), encoder=SimpleNamespace(grid=24, num_prefix_tokens=0))
     assert _tokens_per_frame(SimpleNamespace(model=model)) == 576
+
+
+def test_requeue_without_scontrol_warns_and_returns_false(monkeypatch, tmp_path):
+    """srun into a container without SLURM's tools: the preemption checkpoint stands, the job is not requeued."""
+    from lm_mini.training.callbacks import requeue_slurm_job
+
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol anywhere
+    with pytest.warns(UserWarning, match="could not requeue SLURM job 123: scontrol"):
+        assert requeue_slurm_job() is False

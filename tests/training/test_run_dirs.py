@@ -28,6 +28,23 @@ def test_resume_auto_takes_the_newest_complete_checkpoint_and_a_fresh_start_neve
     assert resolve_run(tiny_config(tmp_path, "run_name=null"), "auto").name == "r"
 
 
+def test_resume_auto_without_a_run_name_never_takes_a_finished_run_nor_under_slurm_another_jobs_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    cfg = tiny_config(tmp_path, "run_name=null")
+    runs = tmp_path / "runs" / "test"
+    _touch(runs / "older" / "checkpoints" / checkpoint_name(10))
+    _touch(runs / "done" / "checkpoints" / checkpoint_name(50))
+    (runs / "done" / "finished.json").write_text('{"checkpoint": "%s", "global_step": 50}' % checkpoint_name(50))
+    assert resolve_run(cfg, "auto").name == "older"  # "done" is newer but finished
+    # a SLURM job: its own run, named after the job (a requeue continues it, a new job starts its own)
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    run = resolve_run(cfg, "auto")
+    assert run.name == "finetune-slurm77" and run.resume_from is None
+    _touch(runs / "finetune-slurm77" / "checkpoints" / checkpoint_name(5))
+    assert resolve_run(cfg, "auto").resume_from.name == checkpoint_name(5)
+
+
 def test_init_from_accepts_a_checkpoint_a_run_directory_or_a_run_name(tmp_path):
     runs = tmp_path / "runs"
     latest = _touch(runs / "pre" / "pretrain-1" / "checkpoints" / checkpoint_name(500))
