@@ -321,14 +321,14 @@ def load_model(target: str, overrides: List[str]) -> tuple:
     from omegaconf import OmegaConf
 
     from lm_mini.config import apply_overrides, load_config, schema
-    from lm_mini.eval.efficiency import build_model
+    from lm_mini.eval.efficiency import measured_model
     from lm_mini.interop.export import load_model as load_source
     from lm_mini.runs import runs_named
 
     path = Path(target)
     if path.suffix in (".yaml", ".yml"):
         cfg = load_config(path, overrides)
-        return build_model(cfg.model, "cpu"), cfg
+        return measured_model(cfg.model, "cpu"), cfg
     if not path.exists():  # a run name: <logging.runs_dir>/<experiment>/<name> (runs_dir: default, or an override)
         named = runs_named(target, load_config(None, overrides).logging.runs_dir)
         path = named[0] if len(named) == 1 else path

@@ -71,12 +71,12 @@ def baseline_config(model_cfg: Any) -> Any:
     return base
 
 
-def build_model(model_cfg: Any, device: str = "meta") -> nn.Module:
-    """``LlavaMini.from_config`` on ``device`` (random weights unless on meta), eval mode."""
-    from lm_mini.models.llava_mini import LlavaMini
+def measured_model(model_cfg: Any, device: str = "meta") -> nn.Module:
+    """The model to measure: :func:`lm_mini.models.build.build_model` on ``device`` (random weights unless on meta), in
+    eval mode; on meta with eager attention, which the FLOP counter can see."""
+    from lm_mini.models.build import build_model
 
-    with torch.device(device):
-        model = LlavaMini.from_config(model_cfg)
+    model = build_model(model_cfg, device)
     if device == "meta":
         use_eager_attention(model)
     return model.eval()
@@ -136,7 +136,7 @@ def _llm_prefill_and_step(llm: nn.Module, embeds: torch.Tensor, mask: torch.Tens
 
 def profile(model: nn.Module, model_cfg: Any, text_tokens: int = 64, frames: int = 0,
             dtype: torch.dtype = torch.bfloat16, chunk_frames: int = 16) -> Dict[str, Any]:
-    """Efficiency figures of one model built on ``meta`` (see :func:`build_model`).
+    """Efficiency figures of one model built on ``meta`` (see :func:`measured_model`).
 
     The sample is an image (``frames == 0``) or a video of ``frames`` frames, with ``text_tokens``
     prompt tokens. The frames-per-budget inputs (KV cache per frame, working memory) come from a
@@ -211,7 +211,7 @@ def efficiency_report(model_cfg: Any, text_tokens: int = 64, frames: int = 0, bu
         cfg.dtype = dtype  # activations in the working-memory figure take the report's dtype
         key = (OmegaConf.to_yaml(cfg), text_tokens, frames, chunk_frames)
         if key not in cache:
-            cache[key] = profile(build_model(cfg), cfg, text_tokens, frames, _DTYPES[dtype], chunk_frames)
+            cache[key] = profile(measured_model(cfg), cfg, text_tokens, frames, _DTYPES[dtype], chunk_frames)
         fig = dict(cache[key])
         fig["max_frames"] = max_frames(fig, budget_gb * GIB)
         figures[role] = fig
@@ -239,7 +239,7 @@ def measure_latency(model_cfg: Any, device: str = "cpu", text_tokens: int = 64, 
                     new_tokens: int = 8, repeats: int = 5, warmup: int = 2) -> Dict[str, float]:
     """Median wall-clock seconds of the prefill (vision path + LLM over the prompt) and of one greedy
     decode step (KV cache on), over ``repeats`` runs after ``warmup`` runs, with random weights."""
-    model = build_model(model_cfg, device)
+    model = measured_model(model_cfg, device)
     llm, embed = model.llm, model.llm.get_input_embeddings()
     batch = synthetic_batch(model_cfg, text_tokens, frames, device=device, vocab=embed.num_embeddings)
 

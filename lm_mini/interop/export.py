@@ -19,8 +19,9 @@ from typing import Any, Dict, Tuple, Union
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lm_mini.interop.pretrained import (PathLike, build_model, check_weights, floating_dtype, load_weights, model_summary,
-                                        read_safetensors, save_pretrained, tied_aliases)
+from lm_mini.interop.pretrained import (PathLike, check_weights, floating_dtype, load_weights, model_summary, read_safetensors,
+                                        save_pretrained, tied_aliases)
+from lm_mini.models.build import build_model
 from lm_mini.runs import Source, resolve_source
 
 
@@ -40,7 +41,7 @@ def pin_config(cfg: DictConfig) -> Tuple[DictConfig, torch.nn.Module]:
     from lm_mini.interop.importers import hf_config_dict
 
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    model = build_model(cfg.model, meta=True)
+    model = build_model(cfg.model, device="meta")
     m = cfg.model
     if m.llm.path:
         m.llm.config, m.llm.path = hf_config_dict(model.llm.config, keep_model_type=True), None

@@ -31,8 +31,9 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lm_mini.interop.pretrained import (PathLike, build_model, check_weights, floating_dtype,
-                                        model_summary, read_safetensors, save_pretrained, tied_aliases)
+from lm_mini.interop.pretrained import (PathLike, check_weights, floating_dtype, model_summary, read_safetensors,
+                                        save_pretrained, tied_aliases)
+from lm_mini.models.build import build_model
 
 # Buffers some checkpoints carry that the model recomputes from its config (old transformers saved them).
 DERIVED = (".rotary_emb.inv_freq", ".embeddings.position_ids")
@@ -316,7 +317,7 @@ def _finish(keymap: KeyMap, src: Path, out: Path, cfg: DictConfig, renamed: Rena
     dtype = floating_dtype(renamed.state)
     if dtype in ("float32", "bfloat16", "float16"):
         cfg.model.dtype = dtype  # build in the checkpoint's precision
-    model = build_model(cfg.model, meta=True)
+    model = build_model(cfg.model, device="meta")
     check_weights(renamed.state, model.state_dict(), str(src), lambda k: renamed.origin.get(k) or keymap.source_name(k),
                   tied_aliases(model), renamed.unmatched)
     return save_pretrained(out, renamed.state, cfg, src, _card(keymap, src, cfg, renamed), max_shard_size)

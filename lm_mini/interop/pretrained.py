@@ -22,7 +22,6 @@ release's float32 norms next to bfloat16 weights) are converted, and so copied.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lm_mini.models.build import build_model
 from lm_mini.runs import CONFIG_FILE, WEIGHTS, WEIGHTS_INDEX
 from lm_mini.runs import model_dir_config as read_config
 
@@ -154,52 +154,7 @@ def check_weights(state: Mapping[str, torch.Tensor], expected: Mapping[str, torc
         raise WeightsMismatch(where, sorted(missing), sorted(unexpected), sorted(mismatched))
 
 
-# --------------------------------------------------------------------------- building
-@contextlib.contextmanager
-def parameters_on_meta():
-    """Modules built inside get their parameters on the ``meta`` device (no memory), their buffers where they are
-    made (rotary frequencies, position ids: values no checkpoint holds, computed as in a normal build)."""
-    register = torch.nn.Module.register_parameter
-
-    def on_meta(module: torch.nn.Module, name: str, param: Optional[torch.nn.Parameter]) -> None:
-        if param is not None and not param.is_meta:
-            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    torch.nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = register
-
-
-def build_model(model_cfg: DictConfig, meta: bool = False, for_loading: bool = False) -> torch.nn.Module:
-    """``LlavaMini.from_config``; on the meta device (shapes and names only, no memory) when ``meta``.
-
-    ``for_loading``: every weight is about to be replaced (:func:`load_weights`, :func:`load_pretrained`), so
-    the parameters are made on ``meta`` in ``model.dtype`` (no memory, no random initialisation: transformers'
-    ``no_init_weights``), the buffers for real.
-    """
-    from lm_mini.models.llava_mini import LlavaMini
-
-    if meta:
-        with torch.device("meta"):
-            return LlavaMini.from_config(model_cfg)
-    if not for_loading:
-        return LlavaMini.from_config(model_cfg)
-    from transformers.initialization import no_init_weights
-
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(getattr(torch, model_cfg.dtype))
-    try:
-        with no_init_weights(), parameters_on_meta():
-            model = LlavaMini.from_config(model_cfg)
-    finally:
-        torch.set_default_dtype(previous)
-    model.llm.tie_weights()  # no_init_weights also skips tying (tie_word_embeddings models)
-    return model
-
-
+# --------------------------------------------------------------------------- loading into a built model
 def assign_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
                    aliases: Optional[Mapping[str, Iterable[str]]] = None) -> None:
     """Make ``state``'s tensors the model's own (``load_state_dict(assign=True)``: no copy, a mapped file stays

@@ -24,18 +24,13 @@ from omegaconf import DictConfig
 from torch import nn
 
 from lm_mini.eval.generation import GenerationEval, split_prompt_answer  # noqa: F401  (split_prompt_answer: re-exported)
+from lm_mini.models.build import build_model
 from lm_mini.training import strategy as strategies
 from lm_mini.training.distributed import gather_from_ranks, own_share
 
 log = logging.getLogger(__name__)
 
 PARTS = ("encoder", "projector", "compressor", "prefusion", "llm")
-
-
-def default_model_factory(model_cfg: DictConfig) -> nn.Module:
-    from lm_mini.models.llava_mini import LlavaMini
-
-    return LlavaMini.from_config(model_cfg)
 
 
 def apply_stage(model: nn.Module, parts_cfg: DictConfig) -> Dict[str, bool]:
@@ -181,13 +176,13 @@ class LmMiniModule(GenerationEval, L.LightningModule):
     """Trains ``LlavaMini`` (``self.model``) as ``cfg.train`` says; its test loop is the generation eval
     (:class:`lm_mini.eval.generation.GenerationEval`).
 
-    ``model_factory(cfg.model) -> nn.Module`` builds the network (default ``LlavaMini.from_config``).
+    ``model_factory(cfg.model) -> nn.Module`` builds the network (default ``lm_mini.models.build.build_model``).
     """
 
     def __init__(self, cfg: DictConfig, model_factory: Optional[Callable[[DictConfig], nn.Module]] = None, init_from: Optional[str] = None):
         super().__init__()
         self.cfg = cfg
-        self.model_factory = model_factory or default_model_factory
+        self.model_factory = model_factory or build_model
         self.init_from = init_from  # resolved path of train.init_from (run.py resolves run names)
         self.init_report: Optional[InitReport] = None  # what init_from loaded (set in configure_model)
         self.model: Optional[nn.Module] = None

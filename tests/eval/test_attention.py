@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lm_mini.config import load_config
 from lm_mini.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from lm_mini.eval.attention import LLMInputs, analyze, answer_scores, attention_stats, layer_drop, llm_inputs
-from lm_mini.eval.efficiency import baseline_config, build_model
+from lm_mini.eval.efficiency import baseline_config, measured_model
 
 
 def image_batch(vocab: int, size: int = 64, prefix: int = 3, question: int = 5, answer: int = 3):
@@ -28,7 +28,7 @@ def image_batch(vocab: int, size: int = 64, prefix: int = 3, question: int = 5, 
 @pytest.fixture(scope="module")
 def tiny_models():
     cfg = load_config("experiments/models/tiny.yaml").model
-    return {"llava_mini": build_model(cfg, "cpu"), "llava15": build_model(baseline_config(cfg), "cpu")}
+    return {"llava_mini": measured_model(cfg, "cpu"), "llava15": measured_model(baseline_config(cfg), "cpu")}
 
 
 @pytest.mark.parametrize("name,n_visual", [("llava_mini", 1), ("llava15", 64)])
@@ -127,7 +127,7 @@ def test_cli_analyses_a_run_checkpoint_on_shards_and_writes_csv_and_png(tmp_path
 
     cfg = load_config("experiments/demo.yaml", ["model.prefusion.depth=1"])
     cfg.data.tokenizer = str(Path(cfg.data.tokenizer).resolve())  # the test loads it from another directory
-    trained = build_model(cfg.model, "cpu")  # stands in for a trained model: its weights must come back
+    trained = measured_model(cfg.model, "cpu")  # stands in for a trained model: its weights must come back
     run = tmp_path / "runs" / "demo" / "r1"
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text(to_yaml(cfg))

@@ -102,7 +102,7 @@ def test_part_flops_attributes_each_part_and_accumulates_repeated_calls():
 # --------------------------------------------------------------------------- the package's models
 from lm_mini.config import load_config  # noqa: E402
 from lm_mini.eval.efficiency import (  # noqa: E402
-    baseline_config, build_model, efficiency_report, max_frames, profile, synthetic_batch,
+    baseline_config, efficiency_report, max_frames, measured_model, profile, synthetic_batch,
 )
 
 
@@ -121,8 +121,8 @@ def test_meta_hybrid_mode_keeps_bookkeeping_real_and_big_tensors_on_meta():
 
 def test_meta_profile_counts_the_same_flops_as_a_real_forward_of_the_tiny_preset():
     cfg = load_config("experiments/models/tiny.yaml").model
-    fig = profile(build_model(cfg), cfg, text_tokens=20)
-    real = build_model(cfg, device="cpu")  # random weights, eager so attention is a plain matmul
+    fig = profile(measured_model(cfg), cfg, text_tokens=20)
+    real = measured_model(cfg, device="cpu")  # random weights, eager so attention is a plain matmul
     real.llm.config._attn_implementation = "eager"
     batch = synthetic_batch(cfg, 20, vocab=cfg.llm.config.vocab_size)
     with torch.no_grad(), flop_counter() as counter:

@@ -11,7 +11,8 @@ from lm_mini.cli import main as cli_main
 from lm_mini.config import load_config
 from lm_mini.data.shard_builder import build_shards
 from lm_mini.eval.evaluate import score
-from lm_mini.interop.pretrained import build_model, save_pretrained
+from lm_mini.interop.pretrained import save_pretrained
+from lm_mini.models.build import build_model
 from lm_mini.eval.generation import GenerationEval
 
 ROOT = Path(__file__).resolve().parents[2]

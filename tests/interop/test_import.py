@@ -265,7 +265,7 @@ def test_release_config_matches_the_llama31_preset(tmp_path):
 
     from lm_mini.config import load_config
     from lm_mini.interop.importers import _vision_config, llava_mini_config
-    from lm_mini.interop.pretrained import build_model
+    from lm_mini.models.build import build_model
 
     release = {
         "architectures": ["LlavaMiniLlamaForCausalLM"], "model_type": "llava_mini", "hidden_size": 4096,
@@ -281,7 +281,7 @@ def test_release_config_matches_the_llama31_preset(tmp_path):
     }
     imported = llava_mini_config(tmp_path, release, _vision_config(None, release["mm_vision_tower"]), "llama3")
     preset = load_config(ROOT / "experiments" / "models" / "llava_mini_llama31_8b.yaml")
-    ours, theirs = build_model(imported.model, meta=True).state_dict(), build_model(preset.model, meta=True).state_dict()
+    ours, theirs = build_model(imported.model, device="meta").state_dict(), build_model(preset.model, device="meta").state_dict()
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
     rope = imported.model.llm.config.rope_parameters
     assert (rope["rope_type"], rope["rope_theta"], rope["factor"]) == ("llama3", 500000.0, 8.0)

@@ -34,14 +34,14 @@ from safetensors.torch import save_file
 from transformers import CLIPVisionConfig
 from lm_mini.config import load_config
 from lm_mini.interop.importers import LLAVA_MINI
-from lm_mini.interop.pretrained import build_model
+from lm_mini.models.build import build_model
 
 src, wide = Path(sys.argv[1]), json.loads(sys.argv[2])
 cfg = OmegaConf.merge(load_config(), {"model": {
     "encoder": {"name": "hf_clip", "config": wide["clip"]}, "compressor": {"name": "query_attention", "grid": 1},
     "prefusion": {"depth": 1}, "llm": {"config": {"model_type": "llama", **wide["llama"]}}}})
 state = {}
-for name, t in build_model(cfg.model, meta=True).state_dict().items():
+for name, t in build_model(cfg.model, device="meta").state_dict().items():
     norm = t.dim() == 1 and ("norm" in name or "layernorm" in name)
     state[LLAVA_MINI.source_name(name)] = torch.zeros(t.shape, dtype=torch.float32 if norm else torch.bfloat16)
 save_file(state, str(src / "model.safetensors"))
@@ -61,7 +61,8 @@ from omegaconf import OmegaConf
 from transformers import CLIPVisionConfig, LlamaConfig
 from lm_mini.config import load_config
 from lm_mini.interop.importers import import_llava_mini
-from lm_mini.interop.pretrained import build_model, load_pretrained
+from lm_mini.interop.pretrained import load_pretrained
+from lm_mini.models.build import build_model
 
 def rss():
     return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
@@ -71,7 +72,7 @@ step, src, out = sys.argv[1], sys.argv[2], sys.argv[3]
 build_model(OmegaConf.merge(load_config(), {"model": {"prefusion": {"depth": 1}, "encoder": {"config": dict(
     image_size=28, patch_size=14, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4)},
     "llm": {"config": dict(model_type="llama", hidden_size=32, intermediate_size=32, num_hidden_layers=1,
-                           num_attention_heads=4, vocab_size=64)}}}).model, meta=True)
+                           num_attention_heads=4, vocab_size=64)}}}).model, device="meta")
 base = rss()
 report = {}
 if step == "import":
