@@ -9,6 +9,7 @@ caption shards (``jpg`` + ``txt``) become one-turn caption records for the ``pla
 from __future__ import annotations
 
 import fnmatch
+import re
 import glob
 import json
 import logging
@@ -66,7 +67,19 @@ def _parse_index(text: str, where: str) -> dict:
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         found = index.get("format") if isinstance(index, dict) else type(index).__name__
         raise ValueError(f"{where}: unknown shard format {found!r}, expected {FORMAT!r}")
+    for i, entry in enumerate(index.get("shards", [])):
+        # A shard's name is joined to the set's folder or URL and, for pipe: sets, spliced into a shell command:
+        # anything but a plain file name (a path, '..', shell syntax) could read or run what the index's author chose.
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name):
+            raise ValueError(f"{where}: shards[{i}] has name {name!r}; a shard set's index names plain files in its own "
+                             "folder (letters, digits, '.', '_', '-'; e.g. shard-000000.tar)")
+        if not isinstance(entry.get("samples"), int) or entry["samples"] < 0:
+            raise ValueError(f"{where}: shards[{i}] ({name}) has samples {entry.get('samples')!r}; expected a count >= 0")
     return index
+
+
+_SHARD_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
 class Shard(NamedTuple):

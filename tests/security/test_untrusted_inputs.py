@@ -136,3 +136,25 @@ def test_tar_members_that_leave_the_shard_are_skipped_counted_and_never_written(
 
     assert _files(tmp_path) == before  # nothing written next to the shard or the working directory
     assert {p: p.exists() for p in absolute} == existed  # nor at the absolute names
+
+
+@pytest.mark.parametrize("name", ["shard-$(touch${IFS}MARK).tar", "../../outside.tar", "/etc/x.tar", "a/b.tar", ".hidden.tar",
+                                  "x.tar; touch MARK", "x`id`.tar"])
+def test_a_shard_index_naming_anything_but_a_plain_file_is_refused(tmp_path, name, monkeypatch, capsys):
+    """index.json names are joined to the set's folder/URL and spliced into pipe: commands (run by a shell):
+    a name with a path or shell syntax is refused, naming the index and the entry, before anything is read or run."""
+    from lm_mini.data.shard_reader import list_shards
+
+    monkeypatch.chdir(tmp_path)
+    shards = tmp_path / "set"
+    shards.mkdir()
+    (shards / "shard-000000.tar").write_bytes(b"")
+    index = {"format": json.loads((Path(__file__).parents[2] / "data_shards/demo/eval/index.json").read_text())["format"],
+             "shards": [{"name": "shard-000000.tar", "samples": 0}, {"name": name, "samples": 1}]}
+    (shards / "index.json").write_text(json.dumps(index))
+    for path in (str(shards), f"pipe:cat {shards}/shard-*.tar"):
+        with pytest.raises(ValueError, match=r"shards\[1\] has name") as info:
+            list_shards(path)
+        assert repr(name) in str(info.value)
+    assert main(["shards", "inspect", f"pipe:cat {shards}/shard-*.tar"]) != 0
+    assert not list(tmp_path.rglob("MARK*")) and "shards[1] has name" in capsys.readouterr().out
