@@ -417,6 +417,16 @@ def _read_yaml(path: Path) -> DictConfig:
 _OPEN_DICTS = ("model.encoder.config", "model.compressor.options", "model.llm.config", "logging.tags")
 
 
+def read_saved_config(path: Union[str, Path]) -> DictConfig:
+    """A config lm_mini wrote (a run's resolved ``config.yaml``), for comparing with another: merged onto the schema
+    (types checked) but its component names are not looked up, so reading it imports no ``module:Class`` it names
+    (the run may be someone else's); the comparison itself then refuses what differs from the user's config."""
+    try:
+        return OmegaConf.merge(schema(), OmegaConf.load(Path(path)))
+    except OmegaConfBaseException as e:
+        raise _explain(e, schema(), str(path)) from None
+
+
 def schema() -> DictConfig:
     cfg = OmegaConf.structured(Config)
     OmegaConf.set_struct(cfg, True)

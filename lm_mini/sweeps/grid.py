@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from lm_mini.config import ConfigError, apply_overrides, differences, load_config, tracking_uri
+from lm_mini.config import ConfigError, apply_overrides, differences, load_config, read_saved_config, tracking_uri
 from lm_mini.runs import Run, experiment_dir, latest_checkpoint, run_is_finished
 
 
@@ -211,7 +211,7 @@ def settings_mismatch(sweep: Sweep, run: SweepRun) -> List[str]:
     found = Run.at(run_dir(sweep, run))
     if not found.config_file.is_file() or (not found.is_finished() and latest_checkpoint(found.checkpoints) is None):
         return []
-    differ = differences(load_config(found.config_file), load_config(sweep.base, run.overrides), ignore=LOGISTICS,
+    differ = differences(read_saved_config(found.config_file), load_config(sweep.base, run.overrides), ignore=LOGISTICS,
                          only=None if found.is_finished() else LENGTH)
     return [f"{k}={was!r} (sweep: {now!r})" for k, was, now in differ]
 

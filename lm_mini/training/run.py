@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
-from lm_mini.config import differences, load_config, to_yaml, tracking_uri
+from lm_mini.config import differences, read_saved_config, to_yaml, tracking_uri
 from lm_mini.interop import checkpoint as ckpt
 from lm_mini.runs import (RUN_NAME_ENV, Run, checkpoint_step, is_model_dir, latest_checkpoint, remove_incomplete,
                           resolve_init_from, resolve_run)
@@ -58,7 +58,7 @@ def check_resumable(saved_config: Path, cfg: DictConfig) -> None:
     """Refuse, naming the keys, a resume whose config differs from the run's outside ``RESUME_MAY_CHANGE``."""
     if not saved_config.is_file():
         return
-    fixed = differences(load_config(saved_config), cfg, ignore=RESUME_MAY_CHANGE)
+    fixed = differences(read_saved_config(saved_config), cfg, ignore=RESUME_MAY_CHANGE)
     if fixed:
         changed = [f"{k}: {was!r} -> {now!r}" for k, was, now in fixed]
         raise ResumeMismatch(f"cannot resume {saved_config.parent}: its checkpoint was trained with another configuration ("
@@ -72,7 +72,7 @@ def length_change(saved_config: Path, cfg: DictConfig, resume_from: Path) -> Opt
     that a run does not silently end earlier or later than it last ran to; None when nothing changes."""
     if not saved_config.is_file():
         return None
-    saved = load_config(saved_config).train
+    saved = read_saved_config(saved_config).train
     changed = [f"train.{k} {saved[k]} -> {cfg.train[k]}" for k in ("max_steps", "max_epochs") if saved[k] != cfg.train[k]]
     if not changed:
         return None

@@ -82,6 +82,19 @@ def test_a_run_directory_config_imports_no_code_unless_allowed(tmp_path, marker,
     assert load_config(own).model.compressor.name == plugin and marker.exists()
 
 
+def test_resuming_compares_a_run_config_naming_module_class_without_importing_it(tmp_path, marker, plugin):
+    """--resume reads the run's saved config.yaml to refuse a changed configuration: reading it imports nothing."""
+    from lm_mini.training.run import ResumeMismatch, check_resumable
+
+    cfg, run, _ = run_with_checkpoint(tmp_path, None)
+    saved = OmegaConf.load(run / "config.yaml")
+    saved.model.compressor.name = plugin
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+    with pytest.raises(ResumeMismatch, match="model.compressor.name: 'sneaky_plugin:Pool' ->"):
+        check_resumable(run / "config.yaml", cfg)
+    assert not marker.exists()
+
+
 def test_yaml_cannot_build_python_objects(tmp_path, marker):
     """Configs go through OmegaConf, whose YAML loader is a safe one: a python/object tag is an error, never a call."""
     bad = tmp_path / "bad.yaml"
