@@ -297,17 +297,36 @@ class ShardCache:
 
     A download lands under a temporary name and is renamed when complete (its size and sha256 checked
     against the index when it gives them), so a reader never opens half a shard. The least recently used
-    files are deleted to keep the folder under ``max_bytes`` (WebDataset's ``LRUCleanup``; a hit touches
-    its file, which makes the cleanup's ctime order an LRU order). Several workers and ranks may share the
-    folder: each download is written apart and renamed atomically.
+    cached shards are deleted to keep them under ``max_bytes`` (a hit touches its file). Only the cache's
+    own files (:meth:`name`) are ever deleted: the folder may hold anything else (WebDataset's
+    ``LRUCleanup`` deletes any file under the folder, the user's included), and another worker's download
+    in progress is left alone. Several workers and ranks may share the folder: each download is written
+    apart and renamed atomically.
     """
 
-    def __init__(self, cache_dir: str, max_bytes: int):
-        from webdataset.cache import LRUCleanup
+    OWN_FILE = re.compile(r"[0-9a-f]{16}-[^/]+")  # name(url); a download in progress ends in .<pid>.part
 
+    def __init__(self, cache_dir: str, max_bytes: int):
         self.dir = Path(cache_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.cleaner = LRUCleanup(str(self.dir), max_bytes, interval=None)
+        self.max_bytes = max_bytes
+
+    def cleanup(self) -> None:
+        """Delete the least recently used cached shards until the cache's files fit in ``max_bytes``."""
+        files = []
+        for path in self.dir.iterdir():
+            if self.OWN_FILE.fullmatch(path.name) and not path.name.endswith(".part"):
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:  # deleted by another worker meanwhile
+                    continue
+                files.append((stat.st_mtime, stat.st_size, path))
+        total = sum(size for _, size, _ in files)
+        for _, size, path in sorted(files):
+            if total <= self.max_bytes:
+                break
+            path.unlink(missing_ok=True)
+            total -= size
 
     @staticmethod
     def name(url: str) -> str:
@@ -340,7 +359,7 @@ class ShardCache:
         finally:
             tmp.unlink(missing_ok=True)
         stream = open(path, "rb")  # opened before the cleanup, which may remove it if it alone exceeds the bound
-        self.cleaner.cleanup()
+        self.cleanup()
         return stream
 
 

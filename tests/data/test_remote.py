@@ -156,10 +156,6 @@ def test_a_remote_shard_that_ends_short_of_its_index_count_is_retried_then_count
 
 
 # ----------------------------------------------------------------------------- cache
-def _cache_size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
 def test_cache_fetches_each_shard_once_and_keeps_its_size_bound(corpus, http, tmp_path):
     local_cfg = make_cfg(corpus, MIX)
     loader = build_datamodule(local_cfg).train_dataloader()
@@ -179,12 +175,19 @@ def test_cache_fetches_each_shard_once_and_keeps_its_size_bound(corpus, http, tm
     shard_bytes = [s.bytes for n in SETS for s in list_shards(http.url(n))]
     bound = int(max(shard_bytes) * 1.5)
     http.reset()
-    small = tmp_path / "small"
+    small = tmp_path / "small"  # a folder the user also keeps other files in: the cleanup deletes only cached shards
+    (small / "results").mkdir(parents=True)
+    (small / "results" / "weights.bin").write_bytes(b"w" * (2 * bound))
+    (small / "notes.txt").write_text("mine")
+    (small / "0123456789abcdef-shard-000000.tar.77.part").write_bytes(b"another worker's download in progress")
     cfg = make_cfg(located(corpus, "http", http), MIX, **{"data.remote.cache_dir": str(small),
                                                          "data.remote.cache_max_gb": bound / 1e9})
     loader = build_datamodule(cfg).train_dataloader()
     assert [ids_of(loader), ids_of(loader)] == local
-    assert 0 < _cache_size(small) <= bound
+    assert (small / "notes.txt").read_text() == "mine" and (small / "results" / "weights.bin").stat().st_size == 2 * bound
+    assert (small / "0123456789abcdef-shard-000000.tar.77.part").exists()
+    cached = [p for p in small.iterdir() if p.suffix == ".tar"]
+    assert cached and sum(p.stat().st_size for p in cached) <= bound
     assert sum(http.requests[p] for p in read) > len(read)  # evicted shards were fetched again
 
 
