@@ -75,12 +75,30 @@ def normalize_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[
     return pixels.float().mul_(1.0 / (255.0 * std_t)).sub_(mean_t / std_t)
 
 
+def hf_block_stack(model: nn.Module) -> Optional[nn.Module]:
+    """A transformers model's stack of repeated layers: the container whose children are all of a class the model
+    names in ``_no_split_modules`` (what accelerate's device maps and FSDP's auto-wrap policy go by). Children
+    wrapped for activation checkpointing count as what they wrap. None when the model names none."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    for module in model.modules():
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > 0 and all(
+                type(getattr(c, "_checkpoint_wrapped_module", c)).__name__ in names for c in module):
+            return module
+    return None
+
+
 class VisionEncoder(nn.Module):
     """Base class: ``forward(pixels [B,3,H,W]) -> [B, N, D]`` plus the facts the rest of the model needs.
 
     Attributes: ``hidden_size`` (D), ``grid`` (patches per side, N = grid**2 for ``patch``),
-    ``image_size`` (H = W), ``image_mean`` / ``image_std`` (per-channel normalisation).
+    ``image_size`` (H = W), ``image_mean`` / ``image_std`` (per-channel normalisation), ``blocks`` (the
+    transformer blocks, in order: FSDP's units and what activation checkpointing recomputes; None: the encoder
+    is sharded and recomputed as one piece).
     """
+
+    @property
+    def blocks(self) -> Optional[nn.Module]:
+        return None
 
     hidden_size: int
     grid: int
@@ -151,6 +169,10 @@ class HFVisionEncoder(VisionEncoder):
         self.grid = vcfg.image_size // vcfg.patch_size
         self.image_mean, self.image_std = _normalisation(family, path)
 
+    @property
+    def blocks(self) -> Optional[nn.Module]:
+        return hf_block_stack(self.model)  # CLIPEncoderLayer, SiglipEncoderLayer, ...
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [B, 3, H, W] -> [B, N, D] (N = grid**2 for ``patch``)."""
         out = self.model(pixel_values=pixels.to(self.model.dtype), output_hidden_states=True)
@@ -218,6 +240,10 @@ class TimmVisionEncoder(VisionEncoder):
         cfg = self.model.pretrained_cfg
         self.image_mean, self.image_std = tuple(cfg.get("mean", HALF)), tuple(cfg.get("std", HALF))
         self._set_attention(attn_implementation)
+
+    @property
+    def blocks(self) -> Optional[nn.Module]:
+        return self.model.blocks  # timm's ViT blocks (checked in __init__)
 
     def _set_attention(self, attn_implementation: str) -> None:
         """timm blocks choose between ``F.scaled_dot_product_attention`` (``fused_attn``) and plain matmuls."""

@@ -26,6 +26,7 @@ from lm_mini.config import ModelConfig, check_fields
 from lm_mini.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from lm_mini.models.attention import backend_for_build, resolve_backends
 from lm_mini.models.encoders import build_encoder, normalize_pixels, plain
+from lm_mini.models.llm import decoder_layers
 from lm_mini.models.prefusion import PreFusion
 from lm_mini.registry import COMPRESSORS, LLMS, PROJECTORS
 
@@ -97,6 +98,15 @@ class LlavaMini(nn.Module):
                     video_hires=bool(getattr(cfg, "video_hires", False)),
                     text_only_blank_image=bool(getattr(cfg.prefusion, "text_only_blank_image", False)))
         return model.to(getattr(torch, cfg.dtype))
+
+    def block_stacks(self) -> Dict[str, nn.Module]:
+        """Each part's repeated transformer blocks, as the part names them (encoder, pre-fusion, LLM order): the
+        FSDP units and what activation checkpointing recomputes. A part without such a stack (a user encoder
+        whose ``blocks`` is None) is left out: FSDP shards it with the root."""
+        stacks = {"encoder": getattr(self.encoder, "blocks", None),
+                  "prefusion": self.prefusion.blocks if self.prefusion is not None else None,
+                  "llm": decoder_layers(self.llm)}
+        return {name: stack for name, stack in stacks.items() if stack is not None}
 
     def _check_parts(self) -> None:
         """Refuse part combinations that cannot work, at build time, with what to change."""

@@ -2,14 +2,15 @@
 
 Called with the fields of ``LLMConfig`` as keywords:
 ``LLMS.create(name, config=..., path=..., attn_implementation=...)``. ``attn_implementation`` is one of
-``lm_mini.models.attention.BACKENDS``; ``LlavaMini.from_config`` checks it can run here first.
+``lm_mini.models.attention.BACKENDS``; ``LlavaMini.from_config`` checks it can run here first. The LLM's
+decoder layers (FSDP's units) are the class its family names in ``_no_split_modules`` (:func:`decoder_layers`).
 """
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
 from lm_mini.models.attention import register_backends
-from lm_mini.models.encoders import building_on_meta, check_local_path, plain
+from lm_mini.models.encoders import building_on_meta, check_local_path, hf_block_stack, plain
 from lm_mini.registry import LLMS
 
 
@@ -49,3 +50,9 @@ def _checked(model: Any, attn_implementation: str) -> Any:
                          "transformers' attention registry, so that backend would be ignored; set "
                          "model.llm.attn_implementation=sdpa (or eager)")
     return model
+
+
+def decoder_layers(llm: Any) -> Any:
+    """The causal LM's stack of decoder layers (``LlamaDecoderLayer``, ``Qwen2DecoderLayer``, ...): the layer class
+    its family names in ``_no_split_modules``. None for a model that names none."""
+    return hf_block_stack(llm)

@@ -59,6 +59,11 @@ class PreFusion(nn.Module):
         self.layers = nn.ModuleList(layer_cls(config, layer_idx=i) for i in range(depth))
         self.rotary_emb = rotary_cls(config=config)
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The decoder layers: FSDP's units and what activation checkpointing recomputes, like the LLM's own."""
+        return self.layers
+
     @classmethod
     def from_llm(cls, llm: nn.Module, depth: int, init: str = "random") -> "PreFusion":
         """Layers shaped like ``llm``'s decoder layers.

@@ -4,8 +4,9 @@
 - ``auto``: Lightning's choice (one device).
 - ``ddp``: one full replica per process.
 - ``fsdp``: Lightning's ``ModelParallelStrategy`` with pure data parallelism (tensor parallel size 1);
-  ``LmMiniModule.configure_model`` calls :func:`shard_model`, which applies FSDP2 to each encoder
-  block, each pre-fusion layer and each LLM decoder layer, then to the whole model (for the rest).
+  ``LmMiniModule.configure_model`` calls :func:`shard_model`, which applies FSDP2 to each transformer block
+  the model's parts name (encoder blocks, pre-fusion layers, LLM decoder layers: ``LlavaMini.block_stacks``),
+  then to the whole model (for the rest).
   Lightning's older ``FSDPStrategy`` (FSDP1) refuses CPU; FSDP2 runs on CPU with gloo, so the same
   code path is tested in CI.
 
@@ -14,6 +15,7 @@ the environment variables. See ``tools/slurm/train.sbatch``.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from datetime import timedelta
@@ -28,8 +30,7 @@ from torch import nn
 from lm_mini.runs import tmp_path
 from lm_mini.training.checkpoint_io import fsync_dir
 
-# The parts whose repeated transformer blocks each become one FSDP unit.
-SHARDED_PARTS = ("encoder", "prefusion", "llm")
+log = logging.getLogger(__name__)
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -118,33 +119,20 @@ def cluster_plugins() -> List[Any]:
 
 
 # --------------------------------------------------------------------------- model surgery
-def _block_lists(module: nn.Module) -> List[nn.Module]:
-    """Containers (ModuleList / Sequential) whose children are all of one class: a layer stack."""
-    found = []
-    for sub in module.modules():
-        if isinstance(sub, (nn.ModuleList, nn.Sequential)) and len(sub) > 0:
-            kinds = {type(m) for m in sub}
-            if len(kinds) == 1 and any(p.numel() for p in sub.parameters()):
-                found.append(sub)
-    return found
-
-
-def layer_stack(part: nn.Module) -> Optional[nn.Module]:
-    """``part``'s layer stack: the homogeneous container holding the most parameters
-    (``llm.model.layers``, ``encoder...encoder.layers``, timm's ``blocks``, the pre-fusion layers)."""
-    stacks = _block_lists(part)
-    return max(stacks, key=lambda s: sum(p.numel() for p in s.parameters())) if stacks else None
+def block_stacks(model: nn.Module) -> List[nn.Module]:
+    """The model's stacks of transformer blocks, as its parts name them (``LlavaMini.block_stacks``: encoder blocks,
+    pre-fusion layers, LLM decoder layers); none for a model that names none (a custom ``model_factory``'s)."""
+    named = getattr(model, "block_stacks", None)
+    if named is None:
+        log.info("%s names no transformer blocks (no block_stacks()): FSDP shards it as one unit, activation "
+                 "checkpointing leaves it as it is", type(model).__name__)
+        return []
+    return list(named().values())
 
 
 def model_blocks(model: nn.Module) -> List[nn.Module]:
     """Every transformer block of the encoder, the pre-fusion module and the LLM, in that order."""
-    blocks: List[nn.Module] = []
-    for name in SHARDED_PARTS:
-        part = getattr(model, name, None)
-        stack = layer_stack(part) if part is not None else None
-        if stack is not None:
-            blocks.extend(stack)
-    return blocks
+    return [block for stack in block_stacks(model) for block in stack]
 
 
 def apply_activation_checkpointing(model: nn.Module) -> int:
@@ -156,10 +144,8 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
     count = 0
-    for name in SHARDED_PARTS:
-        part = getattr(model, name, None)
-        stack = layer_stack(part) if part is not None else None
-        for i in range(len(stack) if stack is not None else 0):
+    for stack in block_stacks(model):
+        for i in range(len(stack)):
             stack[i] = checkpoint_wrapper(stack[i], checkpoint_impl=CheckpointImpl.NO_REENTRANT)
             count += 1
     return count
