@@ -58,8 +58,17 @@ def train_tokenizer(texts: Iterable[str], out_dir: Union[str, Path], vocab_size:
     return wrapped
 
 
+def sentencepiece_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("sentencepiece") is not None
+
+
 def load_tokenizer(path: Union[str, Path]) -> Any:
-    """``AutoTokenizer.from_pretrained`` on a local directory, never the hub; clear errors."""
+    """``AutoTokenizer.from_pretrained`` on a local directory, never the hub; clear errors.
+
+    A SentencePiece-only directory (``tokenizer.model`` + ``tokenizer_config.json``, as the LLaVA-1.5 and Vicuna
+    releases ship) is converted by transformers with the ``sentencepiece`` package."""
     from transformers import AutoTokenizer
 
     p = Path(path)
@@ -68,6 +77,10 @@ def load_tokenizer(path: Union[str, Path]) -> Any:
     known = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
     if not any((p / name).is_file() for name in known):
         raise ValueError(f"{p} is not a tokenizer directory: it has none of {', '.join(known)}")
+    if (p / "tokenizer.model").is_file() and not (p / "tokenizer.json").is_file() and not sentencepiece_available():
+        # transformers would fall back to a tiktoken reader and name the wrong package
+        raise ValueError(f"{p} holds a SentencePiece tokenizer only (tokenizer.model, no tokenizer.json), which needs the "
+                         "'sentencepiece' package: pip install sentencepiece (an lm_mini dependency: reinstall lm_mini)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except Exception as e:  # transformers raises many types here; say which directory failed

@@ -87,3 +87,52 @@ def test_load_tokenizer_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{broken")
     with pytest.raises(ValueError, match="cannot load a tokenizer"):
         load_tokenizer(tmp_path)
+
+
+def _sentencepiece_dir(out, legacy=False):
+    """A tokenizer as the LLaVA-1.5 / Vicuna releases ship it: tokenizer.model (SentencePiece BPE with byte fallback,
+    unk 0, <s> 1, </s> 2, dummy prefix) + a LlamaTokenizer tokenizer_config.json, no tokenizer.json."""
+    import sentencepiece as spm
+
+    out.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([line.replace("\n", " ") for line in CORPUS]), model_prefix=str(out / "tokenizer"),
+        vocab_size=300, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        add_dummy_prefix=True, normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2)
+    (out / "tokenizer.vocab").unlink()
+    specials = {str(i): {"content": c, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                         "special": True} for i, c in ((0, "<unk>"), (1, "<s>"), (2, "</s>"))}
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": legacy,
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None, "model_max_length": 4096,
+        "added_tokens_decoder": specials}))
+    return out
+
+
+def test_loads_a_sentencepiece_only_tokenizer(tmp_path):
+    """LLaVA-1.5's and Vicuna's tokenizer.model loads (sentencepiece is a dependency) and encodes as SentencePiece
+    itself does; padding falls back to <unk>, as LLaVA pads."""
+    import sentencepiece as spm
+
+    from lm_mini.data.conversation import build_prompt
+
+    out = _sentencepiece_dir(tmp_path / "vicuna")
+    tok = load_tokenizer(out)
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    for text in ["A chat between a curious user", "USER: What colour is the square? ASSISTANT:", "zebra 東京"]:
+        assert tok(text, add_special_tokens=False)["input_ids"] == sp.encode(text)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 0)
+    ids = build_prompt([{"from": "human", "value": "What colour is the square?"}], tok, "vicuna_v1", has_media=False)
+    assert ids[0] == 1 and ids[1:] == sp.encode(
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, "
+        "and polite answers to the user's questions. USER: What colour is the square? ASSISTANT:")
+
+
+def test_sentencepiece_missing_is_named(tmp_path, monkeypatch):
+    """Without the sentencepiece package the error names it (transformers' own fallback names tiktoken)."""
+    import lm_mini.data.tokenizer as tokenizer_module
+
+    out = _sentencepiece_dir(tmp_path / "vicuna")
+    monkeypatch.setattr(tokenizer_module, "sentencepiece_available", lambda: False)
+    with pytest.raises(ValueError, match=r"SentencePiece tokenizer only .*'sentencepiece' package: pip install sentencepiece"):
+        load_tokenizer(out)
