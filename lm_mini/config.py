@@ -125,6 +125,16 @@ def _no_credentials(path: Any) -> Optional[str]:
         "credentials come from the store's environment instead (AWS_* variables or profiles for S3, ~/.netrc for HTTP, ...)")
 
 
+def _no_tracking_credentials(uri: Any) -> Optional[str]:
+    """A tracking URI must not carry a password either: MLflow reads it from its own environment variables."""
+    from lm_mini.data.remote import redact, secrets_in
+
+    found = secrets_in(str(uri)) if uri else []
+    return None if not found else (
+        f"{redact(str(uri))} holds {', '.join(found)}; the config is saved with the run and logged to MLflow, so give "
+        "MLflow the credentials in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
+
+
 PRECISIONS = ("32-true", "32", "16-mixed", "16-true", "16", "bf16-mixed", "bf16-true", "bf16", "64-true", "64")  # Lightning's
 
 
@@ -292,7 +302,7 @@ class EvalConfig:
 
 @dataclass
 class LoggingConfig:
-    tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    tracking_uri: Optional[str] = checked(None, _no_tracking_credentials)  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     runs_dir: str = "runs"
     tags: Dict[str, str] = field(default_factory=dict)
     connect_timeout_s: float = 10.0  # a tracking server that does not answer /health in this time is an error at start

@@ -126,8 +126,19 @@ class Run:
         return self.dir / PENDING_FILE
 
     def mlflow_info(self) -> Dict[str, Any]:
-        """``{"tracking_uri", "run_id", "experiment"}`` of the run's MLflow run ({} before it has one)."""
-        return json.loads(self.mlflow_file.read_text()) if self.mlflow_file.is_file() else {}
+        """``{"tracking_uri", "run_id", "experiment"}`` of the run's MLflow run ({} before it has one).
+
+        The file keeps the URI without credentials; when the session's own tracking URI (``$MLFLOW_TRACKING_URI``)
+        is the same store with a ``user:password@``, that one is returned, so the run's store is reached as it was."""
+        if not self.mlflow_file.is_file():
+            return {}
+        info = json.loads(self.mlflow_file.read_text())
+        from lm_mini.data.remote import without_credentials
+
+        current = os.environ.get("MLFLOW_TRACKING_URI")
+        if current and info.get("tracking_uri") and without_credentials(current) == info["tracking_uri"]:
+            info["tracking_uri"] = current
+        return info
 
     def is_finished(self) -> bool:
         """The run wrote ``finished.json`` and the final checkpoint it names still exists (sweeps skip finished

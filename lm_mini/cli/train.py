@@ -55,6 +55,8 @@ def train(args: argparse.Namespace) -> int:
 def report(result: Any) -> None:
     """What a finished :class:`~lm_mini.training.run.TrainResult` tells the user."""
     from lm_mini.data.errors import describe_skips
+    from lm_mini.data.remote import redact
+    from lm_mini.training.tracking import how_to_view
 
     print(f"lm-mini: finished at step {result.global_step}; run directory {result.run.dir}")
     if result.skipped is not None:  # the data module's counts, as logged to MLflow (data/skipped/<reason>)
@@ -68,5 +70,5 @@ def report(result: Any) -> None:
             print(f"lm-mini: held-out scores: {shown}")
         if e.get("skipped"):
             print(f"lm-mini: held-out data: {describe_skips(e['skipped'])}")
-    print(f"lm-mini: MLflow run {result.mlflow_run_id} in {result.tracking_uri} "
-          f"(view: mlflow ui --backend-store-uri {result.tracking_uri})")
+    print(f"lm-mini: MLflow run {result.mlflow_run_id} in {redact(result.tracking_uri)} "
+          f"(view: {how_to_view(result.tracking_uri, result.mlflow_experiment_id, result.mlflow_run_id)})")

@@ -119,6 +119,14 @@ def redact(text: str) -> str:
     return re.sub(r"(?i)(--(?:password|pass|token)(?:\s+|=))(\S+)", r"\1***", text)
 
 
+def without_credentials(url: str) -> str:
+    """``url`` without its ``user:password@`` (what may be written to a file)."""
+    parts = urlsplit(url)
+    if parts.password is None and parts.username is None:
+        return url
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, parts.query, parts.fragment))
+
+
 def secrets_in(path: str) -> List[str]:
     """What in ``path`` (a URL, or the URLs of a ``pipe:`` command) is a credential: a password, a signature,
     a token. Such a path would be written to ``config.yaml`` and MLflow; credentials belong in the environment."""

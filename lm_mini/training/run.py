@@ -123,6 +123,7 @@ class TrainResult:
     global_step: int = 0
     eval: Dict[str, Any] = field(default_factory=dict)
     mlflow_run_id: Optional[str] = None
+    mlflow_experiment_id: Optional[str] = None
     tracking_uri: str = ""
     trainer: Optional[L.Trainer] = None  # for programmatic use: trainer.lightning_module.model is the trained model
     skipped: Optional[Dict[str, int]] = None  # training samples skipped/altered per reason, all ranks (None: no batch ran)
@@ -238,7 +239,9 @@ def _fit(cfg: DictConfig, run: Run, init_from: Optional[str], logger: Any, model
         os.environ.pop(RUN_NAME_ENV, None) if previous_name is None else os.environ.update({RUN_NAME_ENV: previous_name})
     skipped = next(c.totals for c in trainer.callbacks if isinstance(c, SkippedSamplesLogger))
     result = TrainResult(run, preemption.preempted, trainer.global_step, tracking_uri=tracking_uri(cfg),
-                         mlflow_run_id=logger.run_id if trainer.is_global_zero else None, trainer=trainer, skipped=skipped,
+                         mlflow_run_id=logger.run_id if trainer.is_global_zero else None,
+                         mlflow_experiment_id=getattr(logger, "experiment_id", None) if trainer.is_global_zero else None,
+                         trainer=trainer, skipped=skipped,
                          stopped_by=preemption.received)
     if preemption.preempted:
         if trainer.is_global_zero and preemption.received != signal.SIGINT and requeue_slurm_job():  # not a Ctrl-C

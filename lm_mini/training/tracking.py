@@ -18,12 +18,15 @@
 """
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import os
 import re
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -32,6 +35,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
+from lm_mini.data.remote import redact, without_credentials
 from lm_mini.runs import Run
 
 log = logging.getLogger(__name__)
@@ -44,25 +48,51 @@ class TrackingUnavailable(RuntimeError):
     """The configured MLflow tracking server does not answer."""
 
 
+def _health_request(uri: str) -> urllib.request.Request:
+    """``GET <server>/health`` with the credentials MLflow itself would send: a ``user:password@`` in the URI
+    (basic auth; urllib cannot open such a URL), else MLFLOW_TRACKING_USERNAME / _PASSWORD or MLFLOW_TRACKING_TOKEN."""
+    parts = urllib.parse.urlsplit(uri)
+    user, password = parts.username, parts.password
+    host = parts.netloc.rpartition("@")[2]
+    url = urllib.parse.urlunsplit((parts.scheme, host, parts.path.rstrip("/") + "/health", "", ""))
+    request = urllib.request.Request(url)
+    user = user if user is not None else os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = password if password is not None else os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user is not None and password is not None:
+        token = base64.b64encode(f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    elif os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        request.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
+    return request
+
+
 def check_tracking_server(uri: str, timeout: float = 10.0) -> None:
     """Fail fast, before any work, when an ``http(s)`` tracking server is not reachable."""
     if not uri.startswith(("http://", "https://")):
         return
-    url = uri.rstrip("/") + "/health"
+    request = _health_request(uri)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             if response.status == 200:
                 return
             problem = f"HTTP {response.status}"
     except urllib.error.HTTPError as e:
-        problem = f"HTTP {e.code}"
+        problem = f"HTTP {e.code}" + (" (credentials: MLFLOW_TRACKING_USERNAME / _PASSWORD or _TOKEN)" if e.code in (401, 403) else "")
     except (urllib.error.URLError, OSError) as e:
         problem = str(getattr(e, "reason", e))
     raise TrackingUnavailable(
-        f"MLflow tracking server {uri} is not reachable ({url}: {problem}). Start it "
+        f"MLflow tracking server {redact(uri)} is not reachable ({request.full_url}: {problem}). Start it "
         f"(mlflow server --host ... --port ...), fix MLFLOW_TRACKING_URI / logging.tracking_uri, "
         f"or unset both to log to the local store sqlite:///mlflow.db."
     )
+
+
+def how_to_view(uri: str, experiment_id: Optional[str] = None, run_id: Optional[str] = None) -> str:
+    """Where to look at a run: the server's page for an http(s) store, else the ``mlflow ui`` command for it."""
+    if uri.startswith(("http://", "https://")):
+        page = f"#/experiments/{experiment_id}/runs/{run_id}" if experiment_id and run_id else ""
+        return f"open {redact(uri).rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {uri}"
 
 
 class BufferedMLFlowLogger(MLFlowLogger):
@@ -149,7 +179,7 @@ class BufferedMLFlowLogger(MLFlowLogger):
                 self._send(items)
             except Exception as e:  # any transport error: keep the metrics, retry later
                 if not self._warned:
-                    rank_zero_warn(f"MLflow tracking store {self._tracking_uri} failed ({type(e).__name__}: "
+                    rank_zero_warn(f"MLflow tracking store {redact(self._tracking_uri)} failed ({type(e).__name__}: "
                                    f"{str(e)[:200]}); training continues, metrics are kept and retried")
                     self._warned = True
                 with self._lock:
@@ -217,7 +247,7 @@ class BufferedMLFlowLogger(MLFlowLogger):
         if self.flush():
             return True
         n = self._write_pending()
-        rank_zero_warn(f"MLflow tracking store {self._tracking_uri} unreachable: {n} metric steps written to "
+        rank_zero_warn(f"MLflow tracking store {redact(self._tracking_uri)} unreachable: {n} metric steps written to "
                        f"{self.pending_file}; they are sent when this run is resumed (--resume auto)")
         return False
 
@@ -340,9 +370,9 @@ def run_tags(cfg: Any) -> Dict[str, str]:
 def check_same_tracking_store(run: Run, uri: str) -> None:
     """A resumed run continues its MLflow run, which lives in the store it was started with."""
     started = run.mlflow_info().get("tracking_uri")
-    if started and started != uri:
+    if started and without_credentials(started) != without_credentials(uri):
         raise TrackingUnavailable(
-            f"cannot resume {run.dir}: its MLflow run is in {started}, but this session logs to {uri} "
+            f"cannot resume {run.dir}: its MLflow run is in {redact(started)}, but this session logs to {redact(uri)} "
             f"(logging.tracking_uri / MLFLOW_TRACKING_URI). Resume with logging.tracking_uri={started}, or delete "
             f"{run.mlflow_file} to continue in a new MLflow run there")
 
@@ -392,7 +422,9 @@ def setup_tracking(cfg: Any, run: Run) -> BufferedMLFlowLogger:
     if run_id is None:
         logger.log_hyperparams(flatten(cfg))
         logger.experiment.log_artifact(logger.run_id, str(run.config_file))
-        run.mlflow_file.write_text(json.dumps({"tracking_uri": uri, "run_id": logger.run_id, "experiment": cfg.experiment}))
+        # a password in $MLFLOW_TRACKING_URI stays out of files
+        run.mlflow_file.write_text(json.dumps({"tracking_uri": without_credentials(uri), "run_id": logger.run_id,
+                                               "experiment": cfg.experiment}))
     else:
         sent = logger.replay_pending()  # steps the run already has are skipped, like any re-logged step
         if sent:

@@ -70,3 +70,65 @@ def test_resend_skips_the_steps_the_store_already_has(tmp_path):
     resumed.log_metrics({"train/loss": 0.1}, step=4)
     assert resumed.flush(timeout=30)
     assert _history(resumed) == [(0, 1.0), (1, 0.5), (2, 0.3), (3, 0.2), (4, 0.1)]
+
+
+# ----------------------------------------------------------------------------- credentials of a tracking server
+import base64  # noqa: E402
+import http.server  # noqa: E402
+import json  # noqa: E402
+import threading  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def auth_server():
+    """A /health endpoint behind basic auth (alice / s3cret), as an MLflow server behind an auth proxy."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            ok = self.headers.get("Authorization") == "Basic " + base64.b64encode(b"alice:s3cret").decode()
+            self.send_response(200 if ok and self.path == "/health" else 401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_a_tracking_server_behind_basic_auth_is_checked_with_mlflows_credentials_and_never_printed(auth_server, monkeypatch):
+    from lm_mini.training.tracking import TrackingUnavailable, check_tracking_server
+
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    check_tracking_server(f"http://alice:s3cret@{auth_server}")  # user:password@ in the URI, as MLflow takes it
+    with pytest.raises(TrackingUnavailable, match="HTTP 401 .credentials: MLFLOW_TRACKING_USERNAME") as info:
+        check_tracking_server(f"http://alice:wrong@{auth_server}")
+    assert "wrong" not in str(info.value) and "alice:***@" in str(info.value)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")  # MLflow's own variables
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret")
+    check_tracking_server(f"http://{auth_server}")
+
+
+def test_a_tracking_uri_with_a_password_is_refused_in_the_config_and_kept_out_of_the_run_directory(tmp_path, monkeypatch):
+    from lm_mini.config import ConfigError, load_config
+    from lm_mini.runs import Run
+    from lm_mini.training.tracking import how_to_view
+
+    with pytest.raises(ConfigError, match="MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD") as info:
+        load_config(None, ["logging.tracking_uri=http://alice:s3cret@host:5000"])
+    assert "s3cret" not in str(info.value)
+    # $MLFLOW_TRACKING_URI may hold it (MLflow accepts it): mlflow.json keeps the store without it, and a session
+    # with the same variable reaches the run's store as it was
+    run = Run.at(tmp_path / "r")
+    run.dir.mkdir()
+    run.mlflow_file.write_text(json.dumps({"tracking_uri": "http://host:5000", "run_id": "x"}))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:s3cret@host:5000")
+    assert run.mlflow_info()["tracking_uri"] == "http://alice:s3cret@host:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://other:5000")
+    assert run.mlflow_info()["tracking_uri"] == "http://host:5000"
+    assert how_to_view("http://alice:s3cret@host:5000/", "3", "abc") == "open http://alice:***@host:5000/#/experiments/3/runs/abc"
+    assert how_to_view("sqlite:///m.db") == "mlflow ui --backend-store-uri sqlite:///m.db"
