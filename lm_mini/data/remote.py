@@ -379,6 +379,15 @@ def open_shard(url: str, options: RemoteOptions, size: Optional[int] = None, sha
 
 
 # ------------------------------------------------------------------------------------- upload
+def check_writable(url: str, options: RemoteOptions) -> None:
+    """Write and delete a small probe file under ``url``: a missing bucket or a lacking permission shows now,
+    not after a long build."""
+    fs, root = filesystem(url, options)
+    probe = join(root, ".lm_mini-write-probe")
+    fs.pipe_file(probe, b"lm_mini")
+    fs.rm_file(probe)
+
+
 def upload(local_dir: Path, names: Sequence[str], url: str, options: RemoteOptions) -> None:
     """Copy ``local_dir/<name>`` to ``<url>/<name>`` for each name, in the order given (the caller puts
     ``index.json`` last, so a reader never finds an index whose shards are not all there), each with retries

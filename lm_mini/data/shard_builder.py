@@ -36,7 +36,7 @@ from PIL import Image
 from lm_mini.constants import VIDEO_PLACEHOLDER
 from lm_mini.data.errors import SampleError, SkipCounter
 from lm_mini.data.media import decode_image, probe_video
-from lm_mini.data.remote import RemoteOptions, is_remote, local_path, redact, scheme, upload
+from lm_mini.data.remote import RemoteOptions, check_writable, is_remote, local_path, redact, scheme, upload
 from lm_mini.data.shard_format import (EXT_ALIASES, FORMAT, IMAGE_EXTS, INDEX_FILE, SKIPPED_FILE, STATE_DIR, VIDEO_EXTS,
                                        check_record, media_kind, media_path, shard_name)
 from lm_mini.data.shard_reader import read_index
@@ -428,6 +428,11 @@ def _build_and_upload(json_files: Sequence[Union[str, Path]], media_root: Union[
         if diff:
             raise ShardBuildError(f"{redact(url)} holds a finished build of other inputs ({diff}); refusing to overwrite it")
         return _report(Path(), existing, [], shards_written=0)._replace_out(url)
+    try:
+        check_writable(url, remote)
+    except Exception as e:  # fsspec's stores raise their own kinds (PermissionError, ClientError, ...)
+        raise ShardBuildError(f"cannot write the shard set to {redact(url)} ({type(e).__name__}: {redact(str(e))}); "
+                              "nothing was built") from e
     stage = Path(staging) if staging is not None else Path(tempfile.mkdtemp(prefix="lm_mini-shards-"))
     report = build_shards(json_files, media_root, stage, shard_size=shard_size, workers=workers, resume=resume)
     if report.num_samples == 0:  # nothing to train on: not published (the caller reports why)
@@ -436,7 +441,8 @@ def _build_and_upload(json_files: Sequence[Union[str, Path]], media_root: Union[
     try:
         upload(stage, names, url, remote)
     except OSError as e:
-        raise ShardBuildError(f"{e}; the built set stays in {stage}: upload it with --staging {stage} --resume") from e
+        raise ShardBuildError(f"{e}; the built set stays in {stage}: upload it by running the same command again with "
+                              f"--staging {stage} --resume") from e
     if staging is None:
         shutil.rmtree(stage, ignore_errors=True)
     return report._replace_out(url)

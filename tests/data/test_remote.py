@@ -289,6 +289,15 @@ def test_shards_build_out_s3_uploads_the_set_as_built_locally(corpus, s3, tmp_pa
     assert cli_main([*args, "--out", f"{s3}/built/cap", "--resume"]) == 0  # the same build: reported done
 
 
+def test_shards_build_out_a_bucket_that_does_not_exist_fails_before_building(corpus, s3, tmp_path, capsys):
+    src = Path(corpus["cap"]).parent / "cap-src"
+    stage = tmp_path / "stage"
+    assert cli_main(["shards", "build", "--json", str(src / "data.json"), "--media-root", str(src),
+                     "--out", "s3://no-such-bucket/cap", "--staging", str(stage)]) == 1
+    assert "cannot write the shard set to s3://no-such-bucket/cap" in capsys.readouterr().out
+    assert not stage.exists()  # nothing was built
+
+
 def test_an_upload_that_fails_publishes_no_index_and_resumes_from_the_staging_folder(corpus, tmp_path, monkeypatch):
     from fsspec.implementations.memory import MemoryFileSystem
 
