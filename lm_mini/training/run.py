@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from lm_mini.config import differences, read_saved_config, to_yaml, tracking_uri
 from lm_mini.interop import checkpoint as ckpt
+from lm_mini.models.attention import AttentionBackendError
 from lm_mini.runs import (RUN_NAME_ENV, Run, checkpoint_step, is_model_dir, latest_checkpoint, remove_incomplete,
                           resolve_init_from, resolve_run)
 from lm_mini.training.checkpoint_io import AtomicCheckpointIO
@@ -167,7 +168,8 @@ def prepare_run(cfg: DictConfig, resume: Optional[str], check_data: bool) -> Tup
 STOPPED_EXIT_CODES = tuple(128 + int(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1))
 
 # Errors that are the user's to fix (exit code 2, no traceback); anything else is a crash (1).
-USER_ERRORS = (TrackingUnavailable, FileExistsError, FileNotFoundError, ResumeMismatch, LaunchError, UntrustedCheckpoint)
+USER_ERRORS = (TrackingUnavailable, FileExistsError, FileNotFoundError, ResumeMismatch, LaunchError, UntrustedCheckpoint,
+               AttentionBackendError)
 
 
 def _exit_code(error: BaseException) -> int:

@@ -397,6 +397,12 @@ def test_train_refuses_a_backend_this_machine_cannot_run_before_the_run_exists(t
     with pytest.raises(attention.AttentionBackendError, match="model.attn_implementation=flash_attention_2"):
         train(cfg)
     assert not (tmp_path / "runs").exists()
+    # lm-mini train says so in one line, as for any other input it refuses (exit 2, no traceback)
+    from lm_mini.cli import main
+
+    assert main(["train", str(repo / "experiments" / "demo.yaml"), f"logging.runs_dir={tmp_path / 'runs'}",
+                 "train.accelerator=auto", f"logging.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                 "model.attn_implementation=flash_attention_2"]) == 2
     # a resumed run may change the backend (the same function, another kernel)
     saved = tmp_path / "config.yaml"
     saved.write_text(OmegaConf.to_yaml(load_config(repo / "experiments" / "demo.yaml")))
