@@ -47,7 +47,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if overrides:
         args.overrides = list(args.overrides) + overrides
     from lm_mini.config import ConfigError
+    from lm_mini.quiet import quiet_libraries
     from lm_mini.trust import UntrustedCheckpoint
+
+    quiet_libraries()
 
     try:
         with opt_ins(args):

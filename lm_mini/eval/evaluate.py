@@ -234,6 +234,9 @@ def evaluate_source(source_path: str, data: Sequence[str], metrics: Optional[Seq
     from lm_mini.interop.export import load_model
     from lm_mini.runs import resolve_source
 
+    from lm_mini.quiet import quiet_libraries
+
+    quiet_libraries()
     for d in data:
         if not Path(d).exists():
             raise FileNotFoundError(f"--data {d}: no such shard directory")

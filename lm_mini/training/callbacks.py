@@ -244,3 +244,21 @@ class SkippedSamplesLogger(Callback):
 def skip_counts_over_ranks(trainer: L.Trainer, counts: Dict[str, int], device: Any = "cpu") -> Dict[str, int]:
     """This rank's skip counts summed over all ranks (every rank must call it: one all-reduce); nonzero only."""
     return sum_over_ranks(counts, trainer.strategy.reduce if trainer.world_size > 1 else None, device)
+
+
+class PartsSummary(Callback):
+    """One line at the start of fit, in place of Lightning's model summary table (whose FLOPs column reads 0 without
+    an example input): the parameters of each part of the model, and which parts train."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        model = getattr(pl_module, "model", None)
+        if not trainer.is_global_zero or model is None:
+            return
+        parts = {name: part for name, part in model.named_children()}
+        sizes = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
+        training = [n for n, part in parts.items() if any(p.requires_grad for p in part.parameters())]
+        frozen = [n for n in parts if n not in training and sizes[n]]
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info("model %s: %s parameters, %s trainable; training %s%s", type(model).__name__, f"{sum(sizes.values()):,}",
+                 f"{trainable:,}", ", ".join(f"{n} ({sizes[n]:,})" for n in training) or "nothing",
+                 "; frozen " + ", ".join(f"{n} ({sizes[n]:,})" for n in frozen) if frozen else "")

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from lm_mini.config import differences, read_saved_config, to_yaml, tracking_uri
 from lm_mini.interop import checkpoint as ckpt
+from lm_mini.quiet import quiet_libraries
 from lm_mini.models.attention import AttentionBackendError
 from lm_mini.runs import (RUN_NAME_ENV, Run, checkpoint_step, is_model_dir, latest_checkpoint, remove_incomplete,
                           resolve_init_from, resolve_run)
@@ -30,8 +31,8 @@ from lm_mini.training.checkpoint_io import AtomicCheckpointIO
 from lm_mini.trust import UntrustedCheckpoint, checkpoints_trusted
 from lm_mini.training.distributed import (Heartbeat, LaunchError, check_launch, detect_launch, from_rank_zero,
                                           join_process_group, lost_rank_message)
-from lm_mini.training.callbacks import (PerRankLoaderState, PreemptionHandler, SkippedSamplesLogger, StepCheckpoint, ThroughputLogger,
-                                       requeue_slurm_job)
+from lm_mini.training.callbacks import (PartsSummary, PerRankLoaderState, PreemptionHandler, SkippedSamplesLogger, StepCheckpoint,
+                                       ThroughputLogger, requeue_slurm_job)
 from lm_mini.training.module import LmMiniModule
 from lm_mini.training.strategy import build_strategy, cluster_plugins
 from lm_mini.training.tracking import (CheckpointedMetrics, OtherRankLogger, TrackingUnavailable, check_same_tracking_store,
@@ -110,7 +111,8 @@ def build_trainer(cfg: DictConfig, run: Run, logger: Any) -> tuple:
         # The preemption save comes after every callback that logs the step (Lightning puts checkpoint
         # callbacks last), so the checkpoint carries all of its step's metrics.
         callbacks=[checkpoints, LearningRateMonitor(logging_interval="step"), ThroughputLogger(), SkippedSamplesLogger(),
-                   preemption, CheckpointedMetrics(), PerRankLoaderState()],
+                   preemption, CheckpointedMetrics(), PerRankLoaderState(), PartsSummary()],
+        enable_model_summary=False,  # PartsSummary says it in one line (Lightning's table reads 0 FLOPs)
         plugins=[AtomicCheckpointIO(), *cluster_plugins()],
     )
     return trainer, preemption
@@ -182,6 +184,7 @@ def train(cfg: DictConfig, resume: Optional[str] = None, model_factory: Optional
 
     Only rank 0 touches the tracking store and writes the run directory; under torchrun/srun the other ranks
     wait for its decisions (``training/distributed.py``). A rank lost mid-run raises :class:`LostRank`."""
+    quiet_libraries()
     launch = detect_launch()
     check_launch(launch, cfg.train.num_nodes)
     heartbeat = None
