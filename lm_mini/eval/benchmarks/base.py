@@ -20,11 +20,20 @@ the image path (two questions per image). An answer belongs to the question with
 :func:`answer_key` ``(question_id, prompt)`` (:meth:`Benchmark.answer_key` for a :class:`Question`); resume
 and chunk merging must key on it, not on ``question_id``.
 
+A question file may ask one question twice (two lines of one ``(question_id, prompt)``): its answers pair
+with those lines in order; only answers beyond what the question file asks are refused.
+
 Scores are in the units the paper's tables use: percentages (0-100), MME in its points (acc + acc+ per
 subtask, summed). Answers to questions without a reference are left out of every score and listed in
-:attr:`BenchmarkResult.excluded`; questions of the given question file without an answer are listed in
-:attr:`BenchmarkResult.unanswered` and not scored (a complete answers file is scored exactly as the
-official script scores it; an incomplete one is scored on what it answers, and says so).
+:attr:`BenchmarkResult.excluded`. An incomplete answers file (questions of the benchmark's set -- the
+question file, or where the official script takes it, the annotations -- without an answer, listed in
+:attr:`BenchmarkResult.unanswered`) is scored as the official script scores it, per benchmark
+(:attr:`Benchmark.missing_answers`): counted wrong, not counted (the script scores the answers it is given),
+or refused (the script fails on it); the result's notes say which.
+
+Every line of one answers file comes from one model, one set of weights and one set of generation options
+(:func:`provenance`: ``model_id``, ``metadata.weights.fingerprint``, ``metadata.generation``): resuming, merging
+chunks and scoring refuse a file that mixes them (:func:`check_one_source`).
 """
 from __future__ import annotations
 
@@ -56,7 +65,9 @@ class Question:
 
 @dataclass
 class Answer:
-    """One line of LLaVA's answers file (``llavamini/eval/model_vqa_loader.py``)."""
+    """One line of LLaVA's answers file (``llavamini/eval/model_vqa_loader.py``). ``extra``: the fields a benchmark's
+    official script adds to its lines (MMBench's ``round_id``, ``options``, ``option_char``), written after ``text``
+    as that script writes them."""
 
     question_id: Any
     prompt: str
@@ -64,9 +75,15 @@ class Answer:
     answer_id: str
     model_id: str
     metadata: Dict[str, Any] = field(default_factory=dict)
+    extra: Dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        line = {"question_id": self.question_id, "round_id": None, "prompt": self.prompt, "text": self.text}
+        line.update(self.extra)
+        if "round_id" not in self.extra:
+            del line["round_id"]
+        line.update({"answer_id": self.answer_id, "model_id": self.model_id, "metadata": self.metadata})
+        return json.dumps(line)
 
 
 @dataclass
@@ -112,6 +129,12 @@ class Benchmark:
     # the middle of each segment), at most ``video_max_frames`` (None: no cap). A folder of frames: all of them.
     video_fps: ClassVar[float] = 1.0
     video_max_frames: ClassVar[Optional[int]] = None
+    # A question of the benchmark's set without an answer (an incomplete answers file), as the official script
+    # treats it: "wrong" (counted, wrong), "not_counted" (the script scores the answers it is given) or "refuse"
+    # (the script fails on it, or answers every question before it scores). ``missing_rule`` names the official
+    # code that does so; results and errors quote it.
+    missing_answers: ClassVar[str] = "refuse"
+    missing_rule: ClassVar[str] = "the official script scores complete answers files only"
 
     def read_questions(self, path: PathLike) -> List[Question]:
         """LLaVA's question ``.jsonl``: ``question_id, image|video, text, category`` per line."""
@@ -129,6 +152,20 @@ class Benchmark:
     def answer_key(self, question: Question) -> Tuple[Hashable, str]:
         """The key an answer to ``question`` has (:func:`answer_key` of its answers line)."""
         return (question.question_id, self.answer_prompt(question))
+
+    def answer_fields(self, question: Question) -> Dict[str, Any]:
+        """Fields the official inference script adds to an answers line besides LLaVA's six (see :class:`Answer`)."""
+        return {}
+
+    def check_scorable(self, questions: Sequence[Question], annotations: Optional[PathLike]) -> None:
+        """Raise ``ValueError`` saying what to give when these questions cannot be scored with these annotations
+        and the benchmark has no submission file to write instead (the runner asks before generating)."""
+
+    def submission_questions_for(self, questions_file: PathLike) -> Tuple[Optional[Path], Optional[str]]:
+        """``(question list, note)``: the question file the submission must list when it is not the one asked
+        (VQAv2: LLaVA's test2015 file beside the test-dev one; None: the question file asked), and what to tell
+        the user about it (None: nothing)."""
+        return None, None
 
     def media_path(self, question: Question, folder: PathLike) -> Path:
         """Where ``question``'s media lies under ``--image-folder`` (video benchmarks try the official extensions)."""
@@ -150,6 +187,63 @@ class Benchmark:
 
 
 BENCHMARKS: Registry = Registry("benchmark", home="lm_mini.eval.benchmarks")
+
+
+class IncompleteAnswers(ValueError):
+    """An answers file lacks answers the official scorer needs (a benchmark whose ``missing_answers`` is "refuse")."""
+
+
+class SubmissionNotWritten(Exception):
+    """``write_submission`` declines (e.g. the official converter fails on a missing answer); the message says why
+    and becomes a note of the result."""
+
+
+class MixedAnswers(ValueError):
+    """Answers of different models, weights or generation options in what must be one answers file."""
+
+
+# --------------------------------------------------------------------------- where answers come from
+def provenance(answer: Mapping[str, Any]) -> Tuple[Any, Optional[str], str]:
+    """What produced an answers line: ``(model_id, weights fingerprint, generation options as JSON)``. The weights
+    fingerprint (``metadata.weights.fingerprint``, written by ``lm-mini eval``) tells checkpoints of one run apart,
+    whose ``model_id`` is the same; LLaVA's own answers files have neither (None, "null")."""
+    meta = answer.get("metadata") or {}
+    weights = meta.get("weights") if isinstance(meta, Mapping) else None
+    generation = meta.get("generation") if isinstance(meta, Mapping) else None
+    return (answer.get("model_id"), (weights or {}).get("fingerprint") if isinstance(weights, Mapping) else None,
+            json.dumps(generation, sort_keys=True))
+
+
+def describe_provenance(answer: Mapping[str, Any]) -> str:
+    """An answers line's source for messages: model, checkpoint/step and weights fingerprint, generation options."""
+    meta = answer.get("metadata") or {}
+    weights = meta.get("weights") if isinstance(meta, Mapping) else None
+    parts = [f"model {answer.get('model_id')!r}"]
+    if isinstance(weights, Mapping):
+        where = weights.get("checkpoint") or weights.get("source")
+        parts.append((f"{where} " if where else "") + (f"step {weights['step']} " if weights.get("step") is not None else "")
+                     + f"weights {weights.get('fingerprint')}")
+    else:
+        parts.append("no weights record")
+    generation = meta.get("generation") if isinstance(meta, Mapping) else None
+    parts.append(f"generation {json.dumps(generation, sort_keys=True) if generation is not None else 'not recorded'}")
+    return ", ".join(parts)
+
+
+def check_one_source(answers: Sequence[Tuple[str, Mapping[str, Any]]], what: str) -> None:
+    """Refuse ``answers`` (``(where, line)`` pairs: "file:line") unless one model, one set of weights and one set of
+    generation options wrote them all: a chunk, a resumed part or a file of another checkpoint mixed in would
+    give one score to two models."""
+    if not answers:
+        return
+    first_where, first = answers[0]
+    source = provenance(first)
+    for where, a in answers[1:]:
+        if provenance(a) != source:
+            raise MixedAnswers(f"{what} mixes answers of different models, weights or generation options: {first_where} "
+                               f"({describe_provenance(first)}) and {where} ({describe_provenance(a)}). Score or merge "
+                               "the answers of one model and checkpoint only (re-run the other part with the same "
+                               "model, checkpoint and options, or delete it)")
 
 
 # --------------------------------------------------------------------------- files

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Dict, Generic, Hashable, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
-from lm_mini.eval.benchmarks.base import Benchmark, BenchmarkResult, PathLike, Question, answer_key
+from lm_mini.eval.benchmarks.base import Benchmark, BenchmarkResult, IncompleteAnswers, PathLike, Question
 
 R = TypeVar("R")
 
@@ -32,10 +32,10 @@ def load_json(path: PathLike, what: str) -> Any:
         raise ValueError(f"{path}: not JSON ({e.msg} at line {e.lineno}); expected {what}") from None
 
 
-def write_json(path: Path, obj: Any) -> Path:
+def write_json(path: Path, obj: Any, indent: Optional[int] = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
-        json.dump(obj, f)
+        json.dump(obj, f, indent=indent)
     return path
 
 
@@ -56,50 +56,91 @@ def pair_answers(bench: Benchmark, answers: Sequence[Mapping[str, Any]], questio
     """Each answer with its question (None for all when no question file is given) and the ids of the questions
     without an answer. An answer belongs to the question with its ``(question_id, prompt)``
     (:meth:`Benchmark.answer_key`), or, where its prompt differs, to the only question with its ``question_id``.
-    An answer to no question, or a second answer to one question, is an error naming it."""
+    A question the file asks several times (TextVQA's ``question_id`` is the image's: two annotators may ask the
+    same) takes that many answers, in order. An answer to no question, or one more answer than the question file
+    asks its question, is an error naming it."""
     if questions is None:
         check_unique_answers(bench, answers)
         return [(a, None) for a in answers], []
-    by_key: Dict[Tuple[Hashable, str], Question] = {}
+    by_key: Dict[Tuple[Hashable, str], List[Question]] = {}
     by_id: Dict[Hashable, List[Question]] = {}
     for q in questions:
-        key = bench.answer_key(q)
-        if key in by_key:
-            raise ValueError(f"{bench.name}: the question file has question {q.question_id!r} twice (same prompt)")
-        by_key[key] = q
+        question_id, prompt = bench.answer_key(q)
+        by_key.setdefault((_hashable(question_id), prompt), []).append(q)
         by_id.setdefault(_hashable(q.question_id), []).append(q)
-    pairs, seen = [], {}
+    pairs: List[Tuple[Mapping[str, Any], Optional[Question]]] = []
+    taken: Dict[Tuple[Hashable, str], List[int]] = {}  # key -> numbers of the answers given to its questions
+    answered = set()
     for number, a in enumerate(answers, 1):
-        q = by_key.get(answer_key(a))
-        if q is None:
+        key = (_hashable(a["question_id"]), a.get("prompt", ""))
+        asked = by_key.get(key)
+        if asked is None:
             same_id = by_id.get(_hashable(a["question_id"]), [])
             if len(same_id) != 1:
                 why = "no question has" if not same_id else f"{len(same_id)} questions have (and none has its prompt)"
                 raise ValueError(f"{bench.name}: answer {number} (question_id {a['question_id']!r}): {why} this "
                                  "question_id in the question file; is it the answers file of another question file?")
-            q = same_id[0]
-        if id(q) in seen:
-            raise ValueError(f"{bench.name}: answers {seen[id(q)]} and {number} both answer question "
-                             f"{q.question_id!r} (chunks merged twice?)")
-        seen[id(q)] = number
-        pairs.append((a, q))
-    unanswered = [q.question_id for q in questions if id(q) not in seen]
+            question_id, prompt = bench.answer_key(same_id[0])
+            key = (_hashable(question_id), prompt)
+            asked = by_key[key]
+        numbers = taken.setdefault(key, [])
+        if len(numbers) >= len(asked):
+            times = "once" if len(asked) == 1 else f"{len(asked)} times"
+            verb = "both answer" if len(numbers) == 1 else "all answer"
+            raise ValueError(f"{bench.name}: answers {', '.join(map(str, numbers))} and {number} {verb} question "
+                             f"{a['question_id']!r} (prompt {key[1][:60]!r}), which the question file asks {times}: "
+                             "an answers file of two runs or chunks put together?")
+        pairs.append((a, asked[len(numbers)]))
+        answered.add(id(asked[len(numbers)]))
+        numbers.append(number)
+    unanswered = [q.question_id for q in questions if id(q) not in answered]
     return pairs, unanswered
 
 
-def check_unique_answers(bench: Benchmark, answers: Sequence[Mapping[str, Any]]) -> None:
-    """Refuse an answers file with two lines of one ``(question_id, prompt)`` (chunks merged twice?)."""
-    first: Dict[Tuple[Hashable, str], int] = {}
+def check_unique_answers(bench: Benchmark, answers: Sequence[Mapping[str, Any]]) -> int:
+    """Refuse an answers file that holds one answer twice (two lines of one ``(question_id, prompt)`` with the same
+    ``answer_id``: chunks merged twice). Lines of one ``(question_id, prompt)`` with different (or no) answer ids
+    answer a question the question file asks more than once, which is legal: returns how many lines repeat an
+    earlier line's question (the caller notes them; with the question file they are checked against it)."""
+    first: Dict[Tuple[Hashable, str, Hashable], int] = {}
+    keys = set()
+    repeats = 0
     for number, a in enumerate(answers, 1):
         key = (_hashable(a["question_id"]), a.get("prompt", ""))
-        if key in first:
-            raise ValueError(f"{bench.name}: answers {first[key]} and {number} both answer question "
-                             f"{a['question_id']!r} with the same prompt (chunks merged twice?)")
-        first[key] = number
+        answer_id = a.get("answer_id")
+        if answer_id not in (None, ""):
+            line = key + (_hashable(answer_id),)
+            if line in first:
+                raise ValueError(f"{bench.name}: answers {first[line]} and {number} both answer question "
+                                 f"{a['question_id']!r} with the same prompt and answer_id {answer_id!r}: the same "
+                                 "answer twice (chunks merged twice?)")
+            first[line] = number
+        if key in keys:
+            repeats += 1
+        keys.add(key)
+    return repeats
 
 
 def _hashable(value: Any) -> Hashable:
     return value if isinstance(value, Hashable) else json.dumps(value, sort_keys=True)
+
+
+def unanswered_notes(bench: Benchmark, unanswered: Sequence[Any], total: Optional[int] = None) -> List[str]:
+    """What the benchmark's official scorer does with questions of its set that have no answer
+    (:attr:`Benchmark.missing_answers`): raise :class:`IncompleteAnswers` ("refuse"), or the note saying that they
+    were counted wrong / not counted, quoting :attr:`Benchmark.missing_rule`. The scorer counts them itself."""
+    if not unanswered:
+        return []
+    n = len(unanswered)
+    of = f" of {total}" if total is not None else ""
+    shown = ", ".join(repr(q) for q in list(unanswered)[:5]) + (", ..." if n > 5 else "")
+    if bench.missing_answers == "refuse":
+        raise IncompleteAnswers(f"{bench.name}: {n}{of} questions have no answer ({shown}): not scored, as "
+                                f"{bench.missing_rule}. Finish the answers file (lm-mini eval with the same "
+                                "--answers-file answers the rest) or score the answers of a complete run")
+    if bench.missing_answers == "wrong":
+        return [f"{n}{of} questions have no answer: counted wrong, as {bench.missing_rule} (see unanswered)"]
+    return [f"{n}{of} questions have no answer: not counted, as {bench.missing_rule} (see unanswered)"]
 
 
 class Referenced(Generic[R]):
@@ -122,16 +163,18 @@ class Referenced(Generic[R]):
                              "these questions?")
 
     def result(self, bench: Benchmark, scores: Dict[str, float], unanswered: Sequence[Any] = (),
-               notes: Sequence[str] = ()) -> BenchmarkResult:
-        """The result over :attr:`scored`, saying what was left out."""
+               notes: Sequence[str] = (), missing_scored: int = 0, total: Optional[int] = None) -> BenchmarkResult:
+        """The result over :attr:`scored` (plus ``missing_scored`` unanswered questions the scorer counted wrong),
+        saying what was left out; ``unanswered`` (of ``total`` questions in the benchmark's set; default: the
+        question file's) goes through :func:`unanswered_notes`, which refuses where the official scorer does."""
         notes = list(notes)
         if self.excluded:
             notes.append(f"{len(self.excluded)} answers have no reference answer: not scored (see excluded)")
-        if unanswered:
-            notes.append(f"{len(unanswered)} questions of the question file have no answer: not scored (the official "
-                         "script counts a missing answer as wrong or refuses the file; see unanswered)")
-        return BenchmarkResult(bench.name, n=len(self.scored), scores=scores, excluded=list(self.excluded),
-                               notes=notes, unanswered=list(unanswered))
+        if total is None:  # the set is the question file's: the answered questions and the others
+            total = len(self.scored) + len(self.excluded) + len(unanswered)
+        notes += unanswered_notes(bench, unanswered, total)
+        return BenchmarkResult(bench.name, n=len(self.scored) + missing_scored, scores=scores,
+                               excluded=list(self.excluded), notes=notes, unanswered=list(unanswered))
 
 
 def require(value: Any, bench: Benchmark, what: str) -> Any:

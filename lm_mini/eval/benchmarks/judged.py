@@ -61,6 +61,9 @@ class JudgedBenchmark(Benchmark):
 
     judged = True
     judge_input_name = "judge_input.jsonl"
+    judge_json_indent: Optional[int] = None  # a JSON judge input as the official converter dumps it
+    missing_answers = "not_counted"
+    missing_rule = "the judge scores the answers it is given"
 
     def judge_rows(self, answers, questions, annotations) -> Any:
         """What the judge input file holds (JSON lines: a list of rows; JSON: an object)."""
@@ -69,7 +72,7 @@ class JudgedBenchmark(Benchmark):
     def write_submission(self, answers, out_dir, questions=None, annotations=None) -> Optional[Path]:
         rows = self.judge_rows(answers, questions, annotations)
         path = Path(out_dir) / self.judge_input_name
-        return write_jsonl(path, rows) if path.suffix == ".jsonl" else write_json(path, rows)
+        return write_jsonl(path, rows) if path.suffix == ".jsonl" else write_json(path, rows, self.judge_json_indent)
 
     def score(self, answers, questions=None, annotations=None, judge=None) -> BenchmarkResult:
         if judge is None:
@@ -94,11 +97,13 @@ class LLaVABench(JudgedBenchmark):
 @BENCHMARKS.register("mmvet")
 class MMVet(JudgedBenchmark):
     """MM-Vet: ``llava-mm-vet.jsonl`` asked with ``model_vqa_loader.py``. Judge input: ``convert_mmvet_for_eval.py``'s
-    file, ``{"v1_<question_id>": text}`` (what MM-Vet's GPT-4 evaluator and its online server read)."""
+    file, ``{"v1_<question_id>": text}`` (what MM-Vet's GPT-4 evaluator and its online server read), dumped as the
+    script does (``indent=2``)."""
 
     name = "mmvet"
     headline = "total"
     judge_input_name = "mmvet_results.json"
+    judge_json_indent = 2
 
     def judge_rows(self, answers, questions, annotations) -> Dict[str, str]:
         return {f"v1_{a['question_id']}": a["text"] for a in answers}

@@ -98,16 +98,22 @@ class MMBench(Benchmark):
 
     Where the TSV has an ``answer`` column (dev), scores in percent as VLMEvalKit's ``exact_matching`` policy
     (its evaluation without a GPT matcher): the letter by ``can_infer`` (a letter standing alone, else the
-    option text); ``accuracy`` over the answered rows (``mcq_vanilla_eval``) and ``circular_accuracy``
+    option text); ``accuracy`` over the rows with an answer (``mcq_vanilla_eval``) and ``circular_accuracy``
     (``mcq_circular_eval``: the rows with index ``i``, ``i + 1e6``, ... are the circular shifts of question
-    ``i``, right only if every answered shift is). Answers ``can_infer`` cannot read count wrong (``unmatched``);
-    the MMBench server asks a GPT matcher about them instead, so its number can be higher."""
+    ``i``, right only if every shift is). Answers ``can_infer`` cannot read count wrong (``unmatched``); the
+    MMBench server asks a GPT matcher about them instead, so its number can be higher. VLMEvalKit evaluates
+    every row of the sheet: a row without a prediction counts wrong (and fails its circular group).
+
+    Answers lines carry ``model_vqa_mmbench.py``'s ``round_id`` (0: no ``--all-rounds``), ``options`` and
+    ``option_char`` besides LLaVA's fields."""
 
     name = "mmbench"
     max_new_tokens = 1024
     needs_questions = True
     headline = "circular_accuracy"
     lang = "en"
+    missing_answers = "wrong"
+    missing_rule = "VLMEvalKit scores every row of the sheet (an empty prediction matches no option)"
 
     def read_questions(self, path: PathLike) -> List[Question]:
         try:
@@ -152,11 +158,19 @@ class MMBench(Benchmark):
     def prompt(self, question: Question) -> str:
         return self.answer_prompt(question) + "\n" + _SUFFIX[self.lang]
 
+    def answer_fields(self, question: Question) -> Dict[str, Any]:
+        options = list(question.record["_options"])
+        return {"round_id": 0, "options": options, "option_char": list(ALL_OPTIONS[:len(options)])}
+
     def score(self, answers, questions=None, annotations=None, judge=None) -> BenchmarkResult:
         questions = require(questions, self, "the question file (--questions: the MMBench TSV)")
         if not any("answer" in q.record and not is_none(q.record["answer"]) for q in questions):
-            return BenchmarkResult(self.name, n=0, notes=["the TSV has no answers (a test split): not scored locally; "
-                                                         "upload the submission sheet"])
+            answered = {a["question_id"] for a in answers}
+            missing = [q.question_id for q in questions if q.question_id not in answered]
+            return BenchmarkResult(self.name, n=0, unanswered=missing, notes=[
+                "the TSV has no answers (a test split): not scored locally; upload the submission sheet"] + ([
+                    f"{len(missing)} of {len(questions)} rows have no prediction in the sheet: the server counts them "
+                    "wrong"] if missing else []))
         for a in answers:
             if a.get("round_id", 0) not in (0, None):
                 raise ValueError("mmbench: answers from --all-rounds (round_id > 0) are not scored here; the TSV's "
@@ -164,17 +178,22 @@ class MMBench(Benchmark):
         pairs, unanswered = pair_answers(self, answers, questions)
         ref = Referenced(self, pairs, lambda a, q: None if is_none(q.record.get("answer")) else str(q.record["answer"]),
                          "the TSV's answer column")
-        predicted: Dict[int, Union[str, bool]] = {}
-        hits, gold = [], {}
+        predicted: Dict[int, Union[str, bool, None]] = {}
+        gold = {}
         for a, q, answer in ref.scored:
             choices = {c: q.record[c] for c in string.ascii_uppercase if c in q.record and not _isna(q.record[c])}
             predicted[q.question_id] = can_infer(a["text"], choices)
             gold[q.question_id] = answer
-            hits.append(float(predicted[q.question_id] == answer))
+        without = set(unanswered)
+        missing = [q for q in questions if q.question_id in without and not is_none(q.record.get("answer"))]
+        for q in missing:  # a row of the sheet without a prediction: wrong
+            predicted[q.question_id], gold[q.question_id] = None, str(q.record["answer"])
+        missing = [q.question_id for q in missing]
+        hits = [float(predicted[i] == gold[i]) for i in predicted]
         groups: Dict[int, List[int]] = OrderedDict()
         for index in predicted:
             groups.setdefault(int(index % _CIRCULAR), []).append(index)
-        # mcq_circular_eval: one group per answered main row (index < 1e6), judged on its answered shifts
+        # mcq_circular_eval: one group per main row (index < 1e6), right when every shift of it is
         circular = [float(all(predicted[i] == gold[i] for i in members))
                     for main, members in groups.items() if main in predicted]
         scores = {"accuracy": percent(mean(hits))}
@@ -184,7 +203,7 @@ class MMBench(Benchmark):
         scores["unmatched"] = float(unmatched)
         notes = [f"{unmatched} answers give no option letter VLMEvalKit's can_infer reads: counted wrong (the MMBench "
                  "server would ask a GPT matcher)"] if unmatched else []
-        return ref.result(self, scores, unanswered, notes)
+        return ref.result(self, scores, missing, notes, missing_scored=len(missing), total=len(predicted))
 
     def write_submission(self, answers, out_dir, questions=None, annotations=None) -> Optional[Path]:
         if questions is None:

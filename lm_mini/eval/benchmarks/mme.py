@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 from lm_mini.eval.benchmarks.base import BENCHMARKS, Benchmark, BenchmarkResult, PathLike
-from lm_mini.eval.benchmarks.common import Referenced, pair_answers, require
+from lm_mini.eval.benchmarks.common import Referenced, pair_answers, require, unanswered_notes
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
@@ -51,8 +51,8 @@ def read_mme_ground_truth(root: PathLike) -> Dict[Tuple[str, str, str], str]:
     return gt
 
 
-def mme_lookup(gt: Dict[Tuple[str, str, str], str], question_id: str, prompt: str):
-    """``convert_answer_to_mme.py``'s ground-truth lookup of one answers line; None where it has none."""
+def mme_key(gt: Dict[Tuple[str, str, str], str], question_id: str, prompt: str) -> Tuple[str, str, str]:
+    """``convert_answer_to_mme.py``'s ground-truth key ``(category, file.txt, question)`` of one answers line."""
     category = question_id.split("/")[0]
     file = question_id.split("/")[-1].split(".")[0] + ".txt"
     if _SHORT_ANSWER in prompt:
@@ -61,8 +61,15 @@ def mme_lookup(gt: Dict[Tuple[str, str, str], str], question_id: str, prompt: st
         prompt = prompt + " " + _YES_NO
         if (category, file, prompt) not in gt:
             prompt = prompt.replace(" " + _YES_NO, "  " + _YES_NO)
-    answer = gt.get((category, file, prompt))
-    return None if answer is None else (category, answer)
+    return (category, file, prompt)
+
+
+def mme_lookup(gt: Dict[Tuple[str, str, str], str], question_id: str, prompt: str):
+    """``convert_answer_to_mme.py``'s ground-truth lookup of one answers line: ``(category, "Yes"/"No")``, None
+    where it has none."""
+    key = mme_key(gt, question_id, prompt)
+    answer = gt.get(key)
+    return None if answer is None else (key[0], answer)
 
 
 def mme_answer(text: str) -> str:
@@ -86,14 +93,25 @@ class MME(Benchmark):
     answer yes or no.").
 
     ``calculation.py`` pairs consecutive lines of a category file; here the two answers of an image are found
-    by their ``question_id`` (the same pairs on LLaVA's files, in any order); an image with one answer (a
-    partial run) counts in ``accuracy`` only. A subtask without answers is left out of the totals (noted).
+    by their ``question_id`` (the same pairs on LLaVA's files, in any order). An incomplete answers file is
+    refused (the official pipeline fails on one: a missing answer breaks the pairs, a subtask without answers
+    has no result file): the set is the question file's questions, or without it every question of the 14
+    subtasks in ``--annotations``. With a question file of part of MME, its subtasks are scored; ``perception``
+    / ``cognition`` only when all their subtasks are (and ``total`` when both are), an image asked once counts in
+    ``accuracy`` only (noted).
+
+    The official pipeline cannot read an answer holding a newline or a tab (``convert_answer_to_mme.py`` joins
+    the fields with tabs into a text file read back line by line); such answers are scored here as
+    ``calculation.py`` would read their text, a case no official number exists for.
 
     ``--annotations``: the ``MME_Benchmark_release_version`` folder."""
 
     name = "mme"
     needs_annotations = True
     headline = "perception"
+    missing_answers = "refuse"
+    missing_rule = ("MME's pipeline needs both answers of every image (calculation.py pairs a subtask's lines two by "
+                    "two and reads every subtask's file)")
 
     def score(self, answers, questions=None, annotations=None, judge=None) -> BenchmarkResult:
         gt = read_mme_ground_truth(require(annotations, self, "--annotations (the MME_Benchmark_release_version folder)"))
@@ -106,6 +124,11 @@ class MME(Benchmark):
             return found
 
         ref = Referenced(self, pairs, reference, str(annotations))
+        if questions is None:  # the set: every question of the 14 subtasks
+            found = {mme_key(gt, str(a["question_id"]), a.get("prompt", "")) for a, _, _ in ref.scored}
+            unanswered = [f"{category}/{file}: {question}" for (category, file, question) in gt
+                          if category in PERCEPTION + COGNITION and (category, file, question) not in found]
+        unanswered_notes(self, unanswered, len(unanswered) + len(ref.scored))  # refuses an incomplete file
         images: Dict[str, "OrderedDict[Any, List[bool]]"] = defaultdict(OrderedDict)
         for a, _, (category, gold) in ref.scored:
             if gold.lower() not in ("yes", "no"):
@@ -133,8 +156,10 @@ class MME(Benchmark):
                 total += acc + acc_plus
             missing = [t for t in tasks if t not in images]
             if missing:
-                notes.append(f"{part}: no answers for {', '.join(missing)} (left out of the {part} score)")
-            if len(missing) < len(tasks):
+                notes.append(f"{part}: no answers for {', '.join(missing)}: no {part} score (MME's is the sum over all "
+                             f"its subtasks)")
+            else:
                 scores[part] = total
-        scores["total"] = scores.get("perception", 0.0) + scores.get("cognition", 0.0)
+        if "perception" in scores and "cognition" in scores:
+            scores["total"] = scores["perception"] + scores["cognition"]
         return ref.result(self, scores, unanswered, notes)

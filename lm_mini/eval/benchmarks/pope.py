@@ -84,14 +84,26 @@ class POPE(Benchmark):
     never against a label of another image). Where ``eval_pope.py`` divides by zero, 0.
 
     ``--annotations``: the folder of ``coco_pope_<split>.json`` files (``--annotation-dir``); without it, a
-    ``label`` field on the question records is used. Needs the question file (the category of each answer)."""
+    ``label`` field on the question records is used (LLaVA's ``llava_pope_test.jsonl`` has none: the runner asks
+    for ``--annotations`` before generating). Needs the question file (the category of each answer). As
+    ``eval_pope.py``, a split's scores are over the answers given: a question without an answer is not counted
+    (noted)."""
 
     name = "pope"
     needs_questions = True
     headline = "f1"
+    missing_answers = "not_counted"
+    missing_rule = "eval_pope.py scores the answers it is given (zipped with the first lines of the label file)"
+
+    def check_scorable(self, questions, annotations) -> None:
+        if annotations is None and not any(q.record.get("label") in ("yes", "no") for q in questions):
+            raise ValueError("pope: the question file has no 'label' fields (LLaVA's llava_pope_test.jsonl has none): "
+                             "give --annotations, the folder of coco_pope_<split>.json label files (eval_pope.py's "
+                             "--annotation-dir)")
 
     def score(self, answers, questions=None, annotations=None, judge=None) -> BenchmarkResult:
         questions = require(questions, self, "the question file (--questions: each answer's category is its split)")
+        self.check_scorable(questions, annotations)
         pairs, unanswered = pair_answers(self, answers, questions)
         if annotations is not None:
             labels = read_pope_labels(annotations)

@@ -39,12 +39,18 @@ class ScienceQA(Benchmark):
     Score (``--annotations``: the folder with ``problems.json`` and ``pid_splits.json``, split ``test``): the
     option letter as ``eval_science_qa.py`` reads it (:func:`scienceqa_choice`: ``"B"``, ``"B. ..."`` or one
     ``"The answer is B."``; ``"(B)"``/``"b"`` are wrong) against ``problems[pid]["answer"]``: ``accuracy`` and
-    ``img/accuracy`` (its IMG-Accuracy, the paper's SQA-IMG), in percent."""
+    ``img/accuracy`` (its IMG-Accuracy, the paper's SQA-IMG), in percent. The denominators are the script's:
+    every problem of the test split, whether or not the question file or the answers file has it; a problem
+    without an answer counts wrong in ``accuracy`` (the script's ``'FAILED'``) and is left out of ``img/accuracy``
+    (its ``'Unknown'`` prompt has no ``<image>``)."""
 
     name = "scienceqa"
     max_new_tokens = 1024
     needs_annotations = True
     headline = "img/accuracy"
+    missing_answers = "wrong"
+    missing_rule = ("eval_science_qa.py scores every problem of the test split ('FAILED' without a prediction; its "
+                    "IMG-Accuracy leaves such a problem out)")
 
     def read_questions(self, path: PathLike) -> List[Question]:
         data = load_json(path, "LLaVA's ScienceQA question file (a JSON list of {'id', 'conversations', 'image'?})")
@@ -68,9 +74,11 @@ class ScienceQA(Benchmark):
     def score(self, answers, questions=None, annotations=None, judge=None) -> BenchmarkResult:
         problems = read_scienceqa_problems(require(annotations, self, "--annotations (the folder of problems.json "
                                                                       "and pid_splits.json)"))
-        pairs, unanswered = pair_answers(self, answers, questions)
+        pairs, _ = pair_answers(self, answers, questions)
         ref = Referenced(self, pairs, lambda a, q: problems.get(str(a["question_id"])), str(annotations))
-        correct, img = [], []
+        answered = {str(a["question_id"]) for a, _, _ in ref.scored}
+        missing = [pid for pid in problems if pid not in answered]  # the script's 'FAILED': wrong, not IMG
+        correct, img = [0.0] * len(missing), []
         for a, _, prob in ref.scored:
             hit = float(scienceqa_choice(a["text"], len(prob["choices"])) == SCIENCEQA_OPTIONS[prob["answer"]])
             correct.append(hit)
@@ -79,4 +87,4 @@ class ScienceQA(Benchmark):
         scores = {"accuracy": percent(mean(correct))}
         if img:
             scores["img/accuracy"] = percent(mean(img))
-        return ref.result(self, scores, unanswered)
+        return ref.result(self, scores, missing, missing_scored=len(missing), total=len(problems))

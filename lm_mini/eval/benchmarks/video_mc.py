@@ -43,12 +43,17 @@ def check_ans(pred: str, gt: str) -> bool:
 
 class _TaskTableMC(Benchmark):
     """MVBench/MLVU: one JSON per task under ``json/``, videos under a task folder; scored as the script's
-    ``result_*.json``: per-task accuracy by :func:`check_ans`, and ``accuracy`` = their mean (``Avg``)."""
+    ``result_*.json``: per-task accuracy by :func:`check_ans` over every question of the task, and ``accuracy`` =
+    their mean (``Avg``). A question whose answer is not among its candidates counts, as in the script: its gold
+    is ``"(@) answer"``, which no letter answer matches (noted). The script answers every question before it
+    scores: an incomplete answers file is refused."""
 
     modality = "video"
     max_new_tokens = 1024
     needs_questions = True
     video_max_frames = 1000
+    missing_answers = "refuse"
+    missing_rule = "the official *_mc.py script answers every question of the task files before it scores"
     TASKS: Dict[str, Tuple[str, str]] = {}  # task name -> (json file, media folder), both relative to the root
 
     def read_questions(self, path: PathLike) -> List[Question]:
@@ -79,14 +84,16 @@ class _TaskTableMC(Benchmark):
 
     def score(self, answers, questions=None, annotations=None, judge=None) -> BenchmarkResult:
         pairs, unanswered = pair_answers(self, answers, require(questions, self, "the question folder (--questions)"))
-        ref = Referenced(self, pairs, lambda a, q: None if q.record["gold"].startswith("(@)") else q.record["gold"],
-                         "the task files (answers not among the candidates have none)")
+        ref = Referenced(self, pairs, lambda a, q: q.record["gold"], "the task files")
         per_task: Dict[str, List[float]] = defaultdict(list)
         for a, q, gold in ref.scored:
             per_task[q.category].append(float(check_ans(a["text"], gold)))
         scores = {f"{task}/accuracy": percent(mean(v)) for task, v in per_task.items()}
         scores["accuracy"] = mean(list(scores.values()))  # the script's Avg: the mean of the task accuracies
-        return ref.result(self, scores, unanswered)
+        odd = [q.question_id for _, q, gold in ref.scored if gold.startswith("(@)")]
+        notes = [f"{len(odd)} questions have an answer that is not among their candidates ({', '.join(odd[:5])}): "
+                 "counted, and wrong unless the answer reads '(@)', as the script scores them"] if odd else []
+        return ref.result(self, scores, unanswered, notes)
 
 
 @BENCHMARKS.register("mvbench")
@@ -164,13 +171,19 @@ class EgoSchema(Benchmark):
     "question", "option 0".."option 4", "answer"?}``, ``answer`` the option's index); media ``<q_uid>`` with the
     first of .mp4/.avi/.mov/.mkv that exists in ``--image-folder``. Prompt: the script's fixed template
     (options ``A: ...``, "Answer with one letter."), 128 new tokens. ``accuracy``: the first character of A-E in
-    the answer (:func:`egoschema_choice`) is the answer's option, in percent; questions without ``answer``
-    (the hidden part of the full set) are excluded. Writes ``egoschema_submission.csv`` (``q_uid,answer``) for
-    the full set's Kaggle evaluation."""
+    the answer (:func:`egoschema_choice`) is the answer's option, in percent, over every question with an
+    ``answer`` (as the script's ``total``: a question it does not answer, its video missing, counts wrong; so
+    does one without an answers line here); questions without ``answer`` (the hidden part of the full set) are
+    excluded. Writes ``egoschema_submission.csv`` (``q_uid,answer``) for the full set's Kaggle evaluation, the
+    answer being the script's ``pred``: the option index, or -1 where the answer has no letter A-E (the script
+    writes no file; lmms-eval's ``egoschema`` task submits -1 for such an answer too, ``tasks/egoschema/utils.py``,
+    EvolvingLMMs-Lab/lmms-eval@75571cfe; the server counts it wrong)."""
 
     name = "egoschema"
     modality = "video"
     needs_questions = True
+    missing_answers = "wrong"
+    missing_rule = "egoschema_mc.py counts every question of its file (one it does not answer is wrong)"
 
     def read_questions(self, path: PathLike) -> List[Question]:
         data = load_json(path, "EgoSchema's question file (a JSON list of {'q_uid', 'question', 'option 0'..})")
@@ -190,8 +203,9 @@ class EgoSchema(Benchmark):
         return find_video(Path(folder), str(question.media))
 
     def score(self, answers, questions=None, annotations=None, judge=None) -> BenchmarkResult:
-        pairs, unanswered = pair_answers(self, answers, require(questions, self, "the question file (--questions)"))
-        if not any(q.record.get("answer") is not None for _, q in pairs):
+        questions = require(questions, self, "the question file (--questions)")
+        pairs, unanswered = pair_answers(self, answers, questions)
+        if not any(q.record.get("answer") is not None for q in questions):
             return BenchmarkResult(self.name, n=0, unanswered=unanswered, notes=[
                 "the question file has no answers (the full set's are hidden): not scored here; upload the "
                 "submission CSV to EgoSchema's Kaggle competition"])
@@ -205,9 +219,10 @@ class EgoSchema(Benchmark):
             return gold
 
         ref = Referenced(self, pairs, reference, "the question file's 'answer' fields")
-        hits = [float(egoschema_choice(a["text"]) == gold) for a, _, gold in ref.scored]
-        return ref.result(self, {"accuracy": percent(mean(hits))}, unanswered)
-
+        without = set(unanswered)
+        missing = [q.question_id for q in questions if q.question_id in without and q.record.get("answer") is not None]
+        hits = [float(egoschema_choice(a["text"]) == gold) for a, _, gold in ref.scored] + [0.0] * len(missing)
+        return ref.result(self, {"accuracy": percent(mean(hits))}, missing, missing_scored=len(missing), total=len(hits))
 
     def write_submission(self, answers, out_dir, questions=None, annotations=None) -> Optional[Path]:
         """EgoSchema's Kaggle file: ``q_uid,answer`` rows, the answer read as :func:`egoschema_choice` (-1: none)."""

@@ -10,10 +10,11 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from lm_mini.eval.answer_processing import evalai_answer, textvqa_accuracy, vqaeval_accuracy
-from lm_mini.eval.benchmarks.base import BENCHMARKS, Benchmark, BenchmarkResult, PathLike, Question
+from lm_mini.eval.benchmarks.base import (BENCHMARKS, Benchmark, BenchmarkResult, IncompleteAnswers, PathLike, Question,
+                                          SubmissionNotWritten)
 from lm_mini.eval.benchmarks.common import Referenced, load_json, mean, pair_answers, percent, require, write_json
 
 
@@ -34,13 +35,23 @@ class VQAv2(Benchmark):
 
     ``--annotations``: the official annotations JSON (``v2_mscoco_val2014_annotations.json``:
     ``{"annotations": [{"question_id", "answer_type", "answers": [{"answer", ...} x10], ...}]}``); answers are
-    matched by ``question_id``. Always writes the test-dev submission as ``convert_vqav2_for_submission.py``
-    (ictnlp/LLaVA-Mini@47da1137, ``scripts/``) does: ``[{"question_id", "answer"}]`` for every question of the
-    question file, ``""`` where there is no answer (give ``--questions llava_vqav2_mscoco_test2015.jsonl``, as
-    the script reads, for a file the server takes)."""
+    matched by ``question_id``. The questions scored are the annotated questions of the question file; one of
+    them without an answer is scored as the empty answer, which ``convert_vqav2_for_submission.py`` writes for it
+    (so it counts wrong). Without the question file the set is the annotation file's, as ``vqaEval.py`` takes it:
+    its ``loadRes`` refuses results that do not answer every annotated question, and so does this scorer.
+
+    Always writes the submission as ``convert_vqav2_for_submission.py`` (ictnlp/LLaVA-Mini@47da1137,
+    ``scripts/``) does: ``[{"question_id", "answer"}]`` for every question of LLaVA's *test2015* question file
+    (``llava_vqav2_mscoco_test2015.jsonl``: the VQA server wants an answer for every test2015 question, also in
+    the test-dev phase), ``""`` where there is no answer. The test2015 file is found beside a test-dev question
+    file (LLaVA's ``playground/data/eval/vqav2`` layout), or given as ``--submission-questions`` (suite key
+    ``submission_questions``); else the submission lists the question file's questions and says so."""
 
     name = "vqav2"
     needs_annotations = True
+    missing_answers = "wrong"
+    missing_rule = ("convert_vqav2_for_submission.py submits the empty answer for it, which vqaEval.py and the server "
+                    "score")
 
     def score(self, answers, questions=None, annotations=None, judge=None) -> BenchmarkResult:
         data = load_json(require(annotations, self, "--annotations (the official VQA annotations JSON)"),
@@ -55,19 +66,48 @@ class VQAv2(Benchmark):
             return None if ann is None else _answer_strings(ann.get("answers"), f"{annotations}: question {a['question_id']!r}")
 
         ref = Referenced(self, pairs, reference, str(annotations))
+        if questions is None:  # vqaEval.py alone: the annotation file's questions, every one answered (loadRes)
+            answered = {a["question_id"] for a in answers}
+            missing = [qid for qid in by_id if qid not in answered]
+            if missing:
+                raise IncompleteAnswers(
+                    f"vqav2: {len(missing)} of the {len(by_id)} questions of {annotations} have no answer (e.g. "
+                    f"{missing[:3]}); vqaEval.py refuses results that do not answer every annotated question. Give "
+                    "--questions (the question file of these answers): its annotated questions are scored, a missing "
+                    "answer as the empty answer convert_vqav2_for_submission.py submits")
+        else:
+            missing = [qid for qid in unanswered if qid in by_id]
         per_type: Dict[str, List[float]] = defaultdict(list)
         accs = []
-        for a, _, gts in ref.scored:
-            acc = vqaeval_accuracy(evalai_answer(a["text"]), gts)
+        scored = [(a["question_id"], a["text"], gts) for a, _, gts in ref.scored]
+        scored += [(qid, "", _answer_strings(by_id[qid].get("answers"), f"{annotations}: question {qid!r}") or [])
+                   for qid in missing]
+        for qid, text, gts in scored:
+            acc = vqaeval_accuracy(evalai_answer(text), gts) if gts else 0.0
             accs.append(acc)
-            per_type[str(by_id[a["question_id"]].get("answer_type", "unknown")).replace("/", "_")].append(acc)
+            per_type[str(by_id[qid].get("answer_type", "unknown")).replace("/", "_")].append(acc)
         scores = {"accuracy": percent(mean(accs))}
         scores.update({f"{t}/accuracy": percent(mean(v)) for t, v in sorted(per_type.items())})
-        return ref.result(self, scores, unanswered)
+        return ref.result(self, scores, missing, missing_scored=len(missing), total=len(scored))
+
+    def submission_questions_for(self, questions_file: PathLike) -> Tuple[Optional[Path], Optional[str]]:
+        path = Path(questions_file)
+        if "test-dev2015" not in path.name:
+            return None, None
+        full = path.with_name(path.name.replace("test-dev2015", "test2015"))
+        if full.is_file():
+            return full, f"the submission lists every question of {full} (as convert_vqav2_for_submission.py)"
+        return None, (f"the submission lists only the questions of {path.name}; the VQA server wants an answer to every "
+                      f"test2015 question: give --submission-questions {full.name} (LLaVA's file, beside it in its layout)")
 
     def write_submission(self, answers, out_dir, questions=None, annotations=None) -> Optional[Path]:
         results = {a["question_id"]: a["text"] for a in answers}
         ids = [q.question_id for q in questions] if questions is not None else list(results)
+        listed = set(ids)
+        stray = [qid for qid in results if qid not in listed]
+        if stray:  # the converter would drop them without a word
+            raise SubmissionNotWritten(f"{len(stray)} answers are to questions the submission's question list does not "
+                                       f"have (e.g. {stray[:3]}); give the test2015 question file these answers belong to")
         rows = [{"question_id": qid, "answer": evalai_answer(results[qid]) if qid in results else ""} for qid in ids]
         return write_json(Path(out_dir) / "vqav2_submission.json", rows)
 
@@ -81,11 +121,15 @@ class GQA(Benchmark):
     binary (structural type not "query") and open questions. Percentages.
 
     ``--annotations``: the GQA questions JSON (``testdev_balanced_questions.json``: ``{questionId: {"answer",
-    "isBalanced", "types": {"structural", ...}, ...}}``). Always writes ``testdev_balanced_predictions.json``
-    (``[{"questionId", "prediction"}]``) as the convert script does."""
+    "isBalanced", "types": {"structural", ...}, ...}}``). Every question of it needs an answer, as eval.py
+    refuses predictions that lack one (an incomplete answers file is refused, naming the missing ones). Always
+    writes ``testdev_balanced_predictions.json`` (``[{"questionId", "prediction"}]``) as the convert script does."""
 
     name = "gqa"
     needs_annotations = True
+    missing_answers = "refuse"
+    missing_rule = ("GQA's eval.py needs a prediction for every question of the questions JSON (it raises 'missing "
+                    "predictions')")
 
     @staticmethod
     def prediction(text: str) -> str:
@@ -103,6 +147,8 @@ class GQA(Benchmark):
             return question if question is not None and question.get("answer") is not None else None
 
         ref = Referenced(self, pairs, reference, str(annotations))
+        answered = {str(a["question_id"]) for a in answers}
+        missing = [qid for qid in gqa if qid not in answered]  # eval.py reads predictions[qid] for every question
         scores: Dict[str, List[float]] = defaultdict(list)
         unbalanced = 0
         for a, _, question in ref.scored:
@@ -115,7 +161,8 @@ class GQA(Benchmark):
             scores["open/accuracy" if structural == "query" else "binary/accuracy"].append(correct)
         notes = [f"{unbalanced} answers to questions without isBalanced: not scored (GQA's accuracy is over the "
                  "balanced questions)"] if unbalanced else []
-        result = ref.result(self, {k: percent(mean(v)) for k, v in sorted(scores.items())}, unanswered, notes)
+        result = ref.result(self, {k: percent(mean(v)) for k, v in sorted(scores.items())}, missing, notes,
+                            total=len(gqa))
         result.n -= unbalanced
         return result
 
@@ -130,15 +177,22 @@ class VizWiz(Benchmark):
     ``scripts/``): ``[{"image", "answer": EvalAIAnswerProcessor(text)}]`` per question of the question file
     (which gives the image names: the script's ``--annotation-file`` is LLaVA's ``llava_test.jsonl``).
 
-    The paper's number comes from the VizWiz server (test-dev). With ``--annotations`` (VizWiz's own
-    ``val.json``: ``[{"image", "answers": [{"answer", ...} x10], "answer_type", ...}]``) it scores
-    ``vqaeval_accuracy``: the submitted answer against the ten annotators by ``vqaEval.py``'s rules (what
-    VizWiz's evaluation uses), matched by image name -- a local number under the name of the rule."""
+    The paper's number comes from the VizWiz server (test-dev); there is no official local score. With
+    ``--annotations`` (VizWiz's own ``val.json``: ``[{"image", "answers": [{"answer", ...} x10], "answer_type",
+    ...}]``) this scores a *local* number, ``vqaeval_accuracy``: the submitted answer against the ten annotators by
+    GT-Vision-Lab ``vqaEval.py``'s rule (annotators and answer normalised only where the annotators disagree;
+    leave-one-out over distinct annotator answers), matched by image name. That is not the rule of VizWiz's own
+    evaluation code (its ``VQAEval``, after Qing Li's VizWiz API: the answer always normalised, compared with the
+    annotators' answers as written, leave-one-out by position), which gives other values, e.g. 60 instead of 100
+    for "yes" against Yes x2, yes x2, no x6: compare this number only with ``vqaEval.py``-rule numbers. An
+    incomplete answers file is refused, as the submission converter asserts every question is answered."""
 
     name = "vizwiz"
     needs_annotations = True
     needs_questions = True
     headline = "vqaeval_accuracy"
+    missing_answers = "refuse"
+    missing_rule = "convert_vizwiz_for_submission.py asserts that every question of the question file has an answer"
 
     def score(self, answers, questions=None, annotations=None, judge=None) -> BenchmarkResult:
         data = load_json(require(annotations, self, "--annotations (VizWiz's val.json, 10 answers per image)"),
@@ -161,14 +215,19 @@ class VizWiz(Benchmark):
             per_type[str(by_image[q.media].get("answer_type", "unknown")).replace("/", "_")].append(acc)
         scores = {"vqaeval_accuracy": percent(mean(accs))}
         scores.update({f"{t}/vqaeval_accuracy": percent(mean(v)) for t, v in sorted(per_type.items())})
-        return ref.result(self, scores, unanswered)
+        return ref.result(self, scores, unanswered, [
+            "vqaeval_accuracy is a local number by GT-Vision-Lab vqaEval.py's rule, not VizWiz's evaluation code "
+            "(which compares differently); the paper's VizWiz is the server's test-dev score of the submission"])
 
     def write_submission(self, answers, out_dir, questions=None, annotations=None) -> Optional[Path]:
         if questions is None:
             return None  # the submission names images, which only the question file gives
         results = {a["question_id"]: a["text"] for a in answers}
-        rows = [{"image": q.media, "answer": evalai_answer(results[q.question_id])}
-                for q in questions if q.question_id in results]
+        missing = [q.question_id for q in questions if q.question_id not in results]
+        if missing:
+            raise SubmissionNotWritten(f"{len(missing)} of {len(questions)} questions have no answer (e.g. {missing[:3]}); "
+                                       f"{self.missing_rule} (the server wants them all)")
+        rows = [{"image": q.media, "answer": evalai_answer(results[q.question_id])} for q in questions]
         return write_json(Path(out_dir) / "vizwiz_submission.json", rows)
 
 
@@ -200,12 +259,15 @@ class TextVQA(Benchmark):
     finds its annotation by ``(question_id, prompt_processor(prompt))`` -- LLaVA's question_id is the *image*
     id, and the question text comes back from the answers line's ``prompt`` -- and is scored by
     ``TextVQAAccuracyEvaluator`` (m4c_evaluator.py): EvalAI-processed answer against the ten processed
-    annotator answers, min(#others / 3, 1) averaged. Percent.
+    annotator answers, min(#others / 3, 1) averaged. Percent. The denominator is the answers file's lines, as
+    the script's: a question of the question file without an answer is not counted (the result notes how many).
 
     ``--annotations``: ``TextVQA_0.5.1_val.json`` (``{"data": [{"image_id", "question", "answers", ...}]}``)."""
 
     name = "textvqa"
     needs_annotations = True
+    missing_answers = "not_counted"
+    missing_rule = "eval_textvqa.py scores the lines of the answers file only"
 
     def score(self, answers, questions=None, annotations=None, judge=None) -> BenchmarkResult:
         data = load_json(require(annotations, self, "--annotations (TextVQA_0.5.1_val.json)"),

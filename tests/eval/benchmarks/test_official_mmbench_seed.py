@@ -63,10 +63,13 @@ def test_mmbench_accuracy_circular_accuracy_and_upload_sheet(tmp_path):
     answers = [{"question_id": q.question_id, "prompt": bench.answer_prompt(q), "text": texts[q.question_id]}
                for q in questions if q.question_id in texts]
     result = score_answers(bench, answers, tsv, out_dir=tmp_path / "upload")
-    assert result.scores["accuracy"] == pytest.approx(100 * 3 / 5)  # rows 0, 1e6, 1 right; 1e6+1 and 2 wrong
-    # circular: question 0 right in both shifts; question 1 wrong in its shift; question 2 wrong
-    assert result.scores["circular_accuracy"] == pytest.approx(100 / 3)
-    assert result.scores["unmatched"] == 1 and result.unanswered == [3]
+    # rows 0, 1e6, 1 right; 1e6+1 and 2 wrong; row 3 has no prediction: VLMEvalKit scores every row of the sheet,
+    # so it counts wrong (it used to be left out: 3 / 5)
+    assert result.scores["accuracy"] == pytest.approx(100 * 3 / 6)
+    # circular: question 0 right in both shifts; question 1 wrong in its shift; questions 2 and 3 wrong
+    assert result.scores["circular_accuracy"] == pytest.approx(100 / 4)
+    assert result.scores["unmatched"] == 1 and result.unanswered == [3] and result.n == 6
+    assert any("1 of 6 questions have no answer: counted wrong" in n for n in result.notes)
     pd = pytest.importorskip("pandas")
     pytest.importorskip("openpyxl")
     sheet = pd.read_excel(result.files["submission"])
@@ -99,10 +102,19 @@ def test_seed_bench_exact_letter_and_image_accuracy(tmp_path):
     answers = [{"question_id": 0, "prompt": "p", "text": "A"}, {"question_id": 1, "prompt": "p", "text": "B."},
                {"question_id": 2, "prompt": "p", "text": "C"}, {"question_id": 3, "prompt": "p", "text": "D"}]
     result = score_answers("seed_bench", answers, annotations=tmp_path / "SEED-Bench.json", out_dir=tmp_path / "up")
-    # row['text'] == question_data['answer']: "B." is wrong
-    assert result.scores == pytest.approx({"accuracy": 75.0, "image/accuracy": 200 / 3, "video/accuracy": 100.0,
-                                           "Scene Understanding/accuracy": 50.0, "Instance Identity/accuracy": 100.0,
+    # row['text'] == question_data['answer']: "B." is wrong; question 4 has no answer: eval_single counts every
+    # question of SEED-Bench.json, so it is wrong in its type, in image and in the total (no --questions needed)
+    assert result.scores == pytest.approx({"accuracy": 60.0, "image/accuracy": 50.0, "video/accuracy": 100.0,
+                                           "Scene Understanding/accuracy": 50.0, "Instance Identity/accuracy": 50.0,
                                            "Action Recognition/accuracy": 100.0})
+    assert result.n == 5 and result.unanswered == ["4"]
+    # the script fails writing the upload on the missing id: none is written, and the result says why
+    assert "submission" not in result.files and not (tmp_path / "up" / "seed_bench_upload.jsonl").exists()
+    assert any(n.startswith("submission not written: 1 of the 5 questions") for n in result.notes)
+    answers.append({"question_id": 4, "prompt": "p", "text": "A"})
+    complete = score_answers("seed_bench", answers, annotations=tmp_path / "SEED-Bench.json", out_dir=tmp_path / "up")
+    assert complete.scores["accuracy"] == 80.0 and not complete.unanswered
     lines = [json.loads(l) for l in (tmp_path / "up" / "seed_bench_upload.jsonl").read_text().splitlines()]
     assert lines == [{"question_id": "0", "prediction": "A"}, {"question_id": "1", "prediction": "B."},
-                     {"question_id": "2", "prediction": "C"}, {"question_id": "3", "prediction": "D"}]
+                     {"question_id": "2", "prediction": "C"}, {"question_id": "3", "prediction": "D"},
+                     {"question_id": "4", "prediction": "A"}]

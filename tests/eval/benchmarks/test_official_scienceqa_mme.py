@@ -44,7 +44,14 @@ def test_scienceqa_prompt_and_img_accuracy(tmp_path):
     assert bench.max_new_tokens == 1024 and bench.headline == "img/accuracy"
 
 
+MME_FILLERS = [t for t in ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
+                            "artwork", "OCR", "commonsense_reasoning", "numerical_calculation", "text_translation",
+                            "code_reasoning") if t not in ("existence", "artwork", "code_reasoning")]
+
+
 def _mme_folder(tmp_path):
+    """An MME_Benchmark_release_version with all 14 subtasks: the three the test looks at, and one image of two
+    questions in every other (answered right by :func:`_mme_answers`: 200 points each)."""
     root = tmp_path / "MME_Benchmark_release_version"
     (root / "existence").mkdir(parents=True)  # a flat category: image and its .txt side by side
     (root / "existence" / "000.txt").write_text("Is there a train in this image? Please answer yes or no.\tYes\n"
@@ -59,11 +66,14 @@ def _mme_folder(tmp_path):
     (root / "code_reasoning").mkdir()
     (root / "code_reasoning" / "0020.txt").write_text("Does the code print 3? Please answer yes or no.\tYes\n"
                                                       "Does the code print 4? Please answer yes or no.\tNo\n")
+    for task in MME_FILLERS:
+        (root / task).mkdir()
+        (root / task / "1.txt").write_text(f"Is it {task}? Please answer yes or no.\tYes\n"
+                                           f"Is it not {task}? Please answer yes or no.\tNo\n")
     return root
 
 
-def test_mme_subtask_and_total_scores(tmp_path):
-    root = _mme_folder(tmp_path)
+def _mme_answers():
     rows = [  # question_id, prompt as in llava_mme.jsonl, the model's answer (calculation.py: first 4 characters)
         ("existence/000.jpg", "Is there a train in this image?" + SUFFIX, "Yes"),
         ("existence/000.jpg", "Is there a bus in this image?" + SUFFIX, "No, there is not."),
@@ -74,25 +84,50 @@ def test_mme_subtask_and_total_scores(tmp_path):
         ("code_reasoning/0020.png", "Does the code print 3? Please answer yes or no.", "Yes."),
         ("code_reasoning/0020.png", "Does the code print 4? Please answer yes or no.", "No"),
     ]
-    answers = [{"question_id": q, "prompt": p, "text": t} for q, p, t in rows]
+    for task in MME_FILLERS:
+        rows += [(f"{task}/1.jpg", f"Is it {task}?" + SUFFIX, "Yes"), (f"{task}/1.jpg", f"Is it not {task}?" + SUFFIX, "No")]
+    return [{"question_id": q, "prompt": p, "text": t} for q, p, t in rows]
+
+
+def test_mme_subtask_and_total_scores(tmp_path):
+    root = _mme_folder(tmp_path)
+    answers = _mme_answers()
     result = score_answers("mme", answers, annotations=root)
     s = result.scores
-    # existence: 3 of 4 right (75), 1 of 2 images with both right (50) -> 125; artwork: 50 + 0; code: 100 + 100
+    # existence: 3 of 4 right (75), 1 of 2 images with both right (50) -> 125; artwork: 50 + 0; code: 100 + 100;
+    # the other 11 subtasks 200 each
     assert (s["existence/accuracy"], s["existence/accuracy_plus"], s["existence/score"]) == (75.0, 50.0, 125.0)
     assert (s["artwork/accuracy"], s["artwork/accuracy_plus"]) == (50.0, 0.0)
-    assert (s["perception"], s["cognition"], s["total"]) == (175.0, 200.0, 375.0)
-    assert result.n == 8 and any("no answers for count" in n for n in result.notes)
+    assert (s["perception"], s["cognition"], s["total"]) == (125 + 50 + 8 * 200, 4 * 200, 125 + 50 + 8 * 200 + 800)
+    assert result.n == 8 + 2 * 11 and not result.notes
     # calculation.py pairs consecutive lines; here pairs are by image, so any order scores the same
     assert score_answers("mme", answers[::-1], annotations=root).scores == s
-    # an image with one answer (a partial run) counts in accuracy only
-    partial = score_answers("mme", answers[:3], annotations=root)
-    assert partial.scores["existence/accuracy"] == 100.0 and partial.scores["existence/accuracy_plus"] == 100.0
-    assert any("1 images with one answer" in n for n in partial.notes)
+
+
+def test_mme_incomplete_answers_and_partial_question_files(tmp_path):
+    """The official pipeline breaks on a missing answer (calculation.py pairs a subtask's lines two by two, and reads
+    every subtask's file): an incomplete file is refused; with a question file of part of MME its subtasks are
+    scored, but no perception / cognition sum over some of their subtasks (it used to be summed silently)."""
+    from lm_mini.eval.benchmarks.base import IncompleteAnswers, Question
+
+    root = _mme_folder(tmp_path)
+    answers = _mme_answers()
+    with pytest.raises(IncompleteAnswers, match=r"mme: 1 of 30 questions have no answer .*calculation.py pairs"):
+        score_answers("mme", answers[1:], annotations=root)
+    existence = [Question(a["question_id"], a["prompt"], a["question_id"]) for a in answers[:4]]
+    part = score_answers("mme", answers[:4], existence, annotations=root)
+    assert part.scores == {"existence/accuracy": 75.0, "existence/accuracy_plus": 50.0, "existence/score": 125.0}
+    assert any("no perception score" in n for n in part.notes) and any("no cognition score" in n for n in part.notes)
+    with pytest.raises(IncompleteAnswers, match="1 of 4 questions"):
+        score_answers("mme", answers[:3], existence, annotations=root)
+    # a question file asking one question of an image: in accuracy, not in accuracy_plus (noted)
+    once = score_answers("mme", answers[:3], existence[:3], annotations=root)
+    assert once.scores["existence/accuracy"] == 100.0 and once.scores["existence/accuracy_plus"] == 100.0
+    assert any("1 images with one answer" in n for n in once.notes)
 
 
 def test_mme_question_missing_from_ground_truth_is_excluded(tmp_path):
     root = _mme_folder(tmp_path)
-    answers = [{"question_id": "existence/000.jpg", "prompt": "Is there a train in this image?" + SUFFIX, "text": "Yes"},
-               {"question_id": "existence/000.jpg", "prompt": "Is there a plane?" + SUFFIX, "text": "Yes"}]
+    answers = _mme_answers() + [{"question_id": "existence/000.jpg", "prompt": "Is there a plane?" + SUFFIX, "text": "Yes"}]
     result = score_answers("mme", answers, annotations=root)
-    assert result.excluded == ["existence/000.jpg"] and result.n == 1
+    assert result.excluded == ["existence/000.jpg"] and result.n == 30

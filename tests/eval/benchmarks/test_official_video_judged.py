@@ -46,9 +46,17 @@ def test_mvbench_prompt_and_check_ans_accuracy(tmp_path):
              "c)"]  # "c" is not "C", wrong
     answers = [{"question_id": q.question_id, "prompt": bench.answer_prompt(q), "text": t} for q, t in zip(questions, texts)]
     result = score_answers(bench, answers, root)
-    assert result.scores["Action Sequence/accuracy"] == 50.0 and result.excluded == ["action_sequence/2"]
+    # "c" is not a candidate: the script's qa_template makes the gold "(@) c", which the question still counts in
+    # its task's total (never right): 1 of 3, not 1 of 2 (it used to be left out as "no reference")
+    assert result.scores["Action Sequence/accuracy"] == pytest.approx(100 / 3) and result.excluded == []
+    assert result.n == 6 and any("not among their candidates (action_sequence/2)" in n for n in result.notes)
     assert result.scores["Object Shuffle/accuracy"] == pytest.approx(200 / 3)
-    assert result.scores["accuracy"] == pytest.approx((50 + 200 / 3) / 2)  # the script's Avg: mean over the tasks
+    assert result.scores["accuracy"] == pytest.approx((100 / 3 + 200 / 3) / 2)  # the script's Avg: mean over the tasks
+    # the script answers every question before it scores: an incomplete file is refused
+    from lm_mini.eval.benchmarks.base import IncompleteAnswers
+
+    with pytest.raises(IncompleteAnswers, match=r"mvbench: 1 of 6 questions have no answer \('object_shuffle/2'\)"):
+        score_answers(bench, answers[:-1], root)
     assert bench.video_max_frames == 1000 and bench.max_new_tokens == 1024
 
 
@@ -84,7 +92,11 @@ def test_egoschema_first_letter_and_video_extensions(tmp_path):
     result = score_answers(bench, answers, tmp_path / "mc.json")
     assert result.scores == {"accuracy": pytest.approx(200 / 3)} and result.excluded == ["u4"]
     assert bench.max_new_tokens == 128
-    hidden = score_answers(bench, answers[3:], tmp_path / "mc.json", out_dir=tmp_path / "up")  # the full set: no answers
+    # egoschema_mc.py's total counts every question of its file: one without an answer is wrong (u3 here; u1, u2 right)
+    partial = score_answers(bench, answers[:2] + answers[3:], tmp_path / "mc.json")
+    assert partial.scores == {"accuracy": pytest.approx(200 / 3)} and partial.unanswered == ["u3"] and partial.n == 3
+    (tmp_path / "full.json").write_text(json.dumps([{k: v for k, v in q.items() if k != "answer"} for q in mc]))
+    hidden = score_answers(bench, answers[3:], tmp_path / "full.json", out_dir=tmp_path / "up")  # the full set: no answers
     assert hidden.n == 0 and not hidden.scores and "Kaggle" in hidden.notes[0]
     assert (tmp_path / "up" / "egoschema_submission.csv").read_text().splitlines() == ["q_uid,answer", "u4,0"]
 

@@ -48,7 +48,8 @@ def test_vqav2_val_score_and_test_dev_submission(tmp_path):
     assert result.scores["other/accuracy"] == pytest.approx(100 * (0 + 0 + 1) / 3)
     assert result.scores["number/accuracy"] == pytest.approx(100 * (0.9 + 1) / 2)
     assert result.scores["yes_no/accuracy"] == 100.0
-    assert (result.n, result.excluded, result.unanswered) == (6, [7, 8], [9])
+    # 7 and 8 have no annotators' answers: excluded; 9 is unanswered but not annotated either: not counted
+    assert (result.n, result.excluded, result.unanswered) == (6, [7, 8], [])
     # convert_vqav2_for_submission.py: every question of the question file, EvalAI-processed, "" when unanswered
     submission = json.loads((tmp_path / "upload" / "vqav2_submission.json").read_text())
     assert submission[0] == {"question_id": 1, "answer": "man 's"} and submission[1] == {"question_id": 2, "answer": "2"}
