@@ -86,16 +86,18 @@ def get_seq_frames(total_num_frames: int, desired_num_frames: int) -> List[int]:
 
 def sample_frame_indices(num_frames: int, frame_rate: float, fps: float = 1.0, max_frames: int = 64,
                          times: Optional[Sequence[float]] = None, num_segments: Optional[int] = None) -> List[int]:
-    """Indices of the frames to keep: the frame on screen in the middle of each of ``n`` equal time segments.
+    """Indices of the frames to keep, as official LLaVA-Mini picks them: :func:`get_seq_frames` of ``n`` frames.
 
-    ``num_segments`` given (official LLaVA-Mini training: 8, ``load_video_org(num_frm=8)``): ``n`` is
-    ``min(num_frames, num_segments)`` and the picks are :func:`get_seq_frames`' (frame indices of constant-rate
-    video; with ``times``, the frame on screen at that point of the clip's duration, the same for constant rate).
-    Else ``n`` is about ``fps`` per second of video (at least 1) and at most ``max_frames``, so a long video
-    gets ``max_frames`` equal segments instead of being cut short. ``times``: the frames' presentation
-    times in seconds, ascending; without them frames are taken as evenly spaced (constant rate), which
-    gives the same indices for constant-rate video. With them, a variable-rate video is sampled evenly
-    in time (a frame on screen through two segments is kept twice).
+    ``num_segments`` given (official training: 8, ``load_video_org(num_frm=8)``): ``n = min(num_frames,
+    num_segments)``. Else (official inference, every ``llavamini/eval/video/*`` loader and ``run_llava_mini.py``):
+    ``n = int(num_frames // (frame_rate / fps))``, at 1 fps official's ``int(total // fps)``, at least 1 (official
+    fails on a clip under a second) and at most ``max_frames`` (official: none, 1000 in its MVBench/MLVU scripts).
+
+    ``times``: the presentation times (s, ascending) of a *variable*-rate video (:func:`_count_frames` gives
+    them only then; constant-rate video is picked by index, like decord). Official picks by index whatever the
+    rate; here a variable-rate video is sampled in time instead: ``n = int(duration * fps)`` (at least 1, at most
+    ``max_frames``) frames on screen at the middle of ``n`` equal time segments, or for training at the times
+    ``get_seq_frames``' picks would have at constant rate (a frame on screen through two segments is kept twice).
     """
     if num_frames <= 0:
         return []
@@ -107,9 +109,10 @@ def sample_frame_indices(num_frames: int, frame_rate: float, fps: float = 1.0, m
             return picks
         start = times[0]
         return [max(0, bisect.bisect_right(times, start + p * duration / num_frames + 1e-9) - 1) for p in picks]
-    n = max(1, min(round(duration * fps), max_frames, num_frames))
     if not timed:
-        return [int((k + 0.5) * num_frames / n) for k in range(n)]
+        n = max(1, min(int(num_frames // (frame_rate / fps)), max_frames, num_frames))
+        return get_seq_frames(num_frames, n)
+    n = max(1, min(int(duration * fps + 1e-9), max_frames, num_frames))
     start = times[0]
     return [max(0, bisect.bisect_right(times, start + (k + 0.5) * duration / n + 1e-9) - 1) for k in range(n)]
 
@@ -149,10 +152,22 @@ def _declared_frames(container, stream, rate: float) -> int:
     return round(seconds * rate) if seconds else 0
 
 
+def _evenly_spaced(stamps: Sequence[int]) -> bool:
+    """Timestamps (in time-base ticks, ascending) of a constant-rate video: every gap within one tick (the
+    timestamps' rounding: Matroska and WebM store whole milliseconds, so 24 fps gaps are 41 or 42) plus 1%."""
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return bool(gaps) and min(gaps) > 0 and max(gaps) - min(gaps) <= 1 + 0.01 * min(gaps)
+
+
 def _count_frames(data: bytes, sample_id: Optional[str]) -> tuple:
-    """(number of frames, frame rate, presentation times in s or None): frames counted by demuxing, which is
-    cheap (no decoding); the rate is frames / the span of their timestamps when they have them, else the
-    stream header's. The times (ascending) are None unless every frame has a timestamp."""
+    """(number of frames, frame rate, presentation times in s or None), frames counted by demuxing, which is
+    cheap (no decoding).
+
+    Constant-rate video (frames evenly spaced within their timestamps' rounding, or without timestamps): the
+    header's average rate (what decord's ``get_avg_fps`` reads, official LLaVA-Mini's loaders) and no times, so
+    frames are picked by index as official picks them; rounded millisecond timestamps would shift the picks.
+    Variable-rate video, or one whose frames do not keep its header's rate: the rate over the span of the frames'
+    timestamps (the header's would be wrong) and the times (ascending), so frames are picked evenly in time."""
     container = _open_video(data, sample_id)
     try:
         stream = container.streams.video[0]
@@ -168,11 +183,17 @@ def _count_frames(data: bytes, sample_id: Optional[str]) -> tuple:
         rate = _frame_rate(stream, num_frames)
         times = None
         if num_frames > 1 and len(stamps) == num_frames and max(stamps) > min(stamps) and stream.time_base:
-            # The frames' own timestamps give the real duration; a header rate is wrong for variable-rate video
+            stamps.sort()  # decode order -> presentation order
             base = float(stream.time_base)
-            times = [(t - min(stamps)) * base for t in sorted(stamps)]  # decode order -> presentation order
-            span = times[-1] + (last_duration * base if last_duration else 1.0 / rate)
-            rate = num_frames / span
+            gap = sorted(b - a for a, b in zip(stamps, stamps[1:]))[(num_frames - 1) // 2] * base  # median
+            span = (stamps[-1] - stamps[0]) * base + (last_duration * base if last_duration else gap)  # + last frame's
+            header = stream.average_rate or stream.guessed_rate
+            if not _evenly_spaced(stamps) or (header and abs(gap - 1 / float(header)) > base + 0.01 * gap):
+                # variable rate, or a header whose rate the frames do not keep: the timestamps tell the duration
+                times = [(t - stamps[0]) * base for t in stamps]
+                rate = num_frames / span
+            elif not header:
+                rate = num_frames / span
         declared = _declared_frames(container, stream, rate)
         if declared and num_frames < declared - max(2, 0.05 * declared):
             # A file cut short (an interrupted copy) still demuxes; its first part would pass for the whole clip.

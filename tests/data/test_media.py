@@ -11,7 +11,7 @@ from lm_mini.data.errors import SampleError
 from lm_mini.data.media import ImageProcessor, decode_image, decode_video, expand_to_square, probe_video, sample_frame_indices
 from pathlib import Path
 
-from media_fixtures import GRAY_STEP, frame_index, gray_video, image_bytes
+from media_fixtures import GRAY_STEP, frame_index, gray_video, image_bytes, indexed_frame, indexed_video
 
 MEAN, STD = (0.25, 0.5, 0.75), (0.5, 0.25, 0.5)
 RED, BLUE = (255, 0, 0), (0, 0, 255)
@@ -165,11 +165,12 @@ def video_30_frames():
 
 
 @pytest.mark.parametrize("fps, max_frames, expected", [
-    (1.0, 64, [5, 15, 25]),  # 3 segments of 10 frames: their middles
-    (2.0, 64, [2, 7, 12, 17, 22, 27]),  # 6 segments of 5
-    (10.0, 2, [7, 22]),  # 30 segments wanted, capped: 2 equal segments of 15
+    (1.0, 64, [5, 14, 24]),  # official inference: int(30 // 10) = 3 frames, get_seq_frames(30, 3)
+    (2.0, 64, [2, 7, 12, 16, 21, 26]),  # 30 // 5 = 6 frames
+    (10.0, 2, [7, 21]),  # 30 wanted, capped at 2: get_seq_frames(30, 2)
 ])
 def test_video_keeps_middle_frames_of_equal_segments(video_30_frames, fps, max_frames, expected):
+    assert expected == official_get_seq_frames(30, len(expected))
     frames = decode_video(video_30_frames, fps=fps, max_frames=max_frames)
     assert [frame_index(f) for f in frames] == expected
     assert all(f.mode == "RGB" and f.size == (32, 32) for f in frames)
@@ -177,8 +178,8 @@ def test_video_keeps_middle_frames_of_equal_segments(video_30_frames, fps, max_f
 
 def test_sample_frame_indices_caps_long_videos():
     idx = sample_frame_indices(num_frames=3000, frame_rate=30.0, fps=1.0, max_frames=64)  # 100 s
-    assert len(idx) == 64 and idx[0] == int(0.5 * 3000 / 64) and idx[-1] == int(63.5 * 3000 / 64)
-    assert sample_frame_indices(num_frames=6, frame_rate=30.0, fps=1.0) == [3]  # 0.2 s: still one frame
+    assert idx == official_get_seq_frames(3000, 64)
+    assert sample_frame_indices(num_frames=6, frame_rate=30.0, fps=1.0) == [2]  # 0.2 s: one frame (official: none, fails)
     assert sample_frame_indices(num_frames=0, frame_rate=30.0) == []
 
 
@@ -187,8 +188,7 @@ def test_variable_rate_video_is_sampled_evenly_in_time(tmp_path):
     times = [i / 10 for i in range(10)] + [float(k) for k in range(1, 11)]
     picks = sample_frame_indices(num_frames=20, frame_rate=20 / 11, fps=1.0, max_frames=64, times=times)
     assert picks == [5] + list(range(10, 20))  # one frame per second of video, not half from the first second
-    assert sample_frame_indices(20, 20 / 11, 1.0, 64) == [int((k + 0.5) * 20 / 11) for k in range(11)]  # by index
-    assert sample_frame_indices(30, 10.0, 1.0, 64, times=[i / 10 for i in range(30)]) == [5, 15, 25]  # constant rate: same
+    assert sample_frame_indices(20, 20 / 11, 1.0, 64) == official_get_seq_frames(20, 11)  # by index
 
     # end to end: a Matroska file with those timestamps; frame i is gray i * GRAY_STEP
     with av.open(str(tmp_path / "vfr.mkv"), "w", format="matroska") as container:
@@ -233,6 +233,23 @@ def test_decoded_training_video_keeps_the_official_frames(video_30_frames):
     assert [frame_index(f) for f in frames] == official_get_seq_frames(30, 8)
     # min(5, 8) = 5 frames, as official: get_seq_frames(5, 5) = [0, 1, 2, 2, 3] (its segments overlap on short clips)
     assert [frame_index(f) for f in decode_video(gray_video(5), num_segments=8)] == official_get_seq_frames(5, 5)
+
+
+# Official frames (ictnlp/LLaVA-Mini@47da113, decord): training load_video_org(num_frm=8) = get_seq_frames(total,
+# min(total, 8)); inference (run_llava_mini.py, eval/video/*.py load_video) = get_seq_frames(total, int(total // fps))
+# with decord's get_avg_fps (the header's average rate). Matroska and WebM store whole-millisecond timestamps:
+# 12 fps frame 8 is stamped 0.667 s, after the 0.66667 s a timestamp bisection looked for.
+@pytest.mark.parametrize("total, rate, container, codec", [
+    (45, 12, "webm", "libvpx-vp9"), (64, 24, "matroska", "mpeg4"), (45, 12, "matroska", "mpeg4"),
+    (97, Fraction(30000, 1001), "matroska", "mpeg4"), (100, Fraction(30000, 1001), "mp4", "mpeg4"),
+    (37, Fraction(15, 2), "mp4", "mpeg4"), (130, 60, "mp4", "mpeg4"),
+])
+def test_constant_rate_video_frames_are_officials_in_any_container(total, rate, container, codec):
+    video = indexed_video(total, rate, container, codec)
+    training = [indexed_frame(f) for f in decode_video(video, num_segments=8)]
+    assert training == official_get_seq_frames(total, min(total, 8))
+    inference = [indexed_frame(f) for f in decode_video(video, fps=1.0, max_frames=10**6)]
+    assert inference == official_get_seq_frames(total, min(total, int(total // float(rate))))
 
 
 def test_sample_processor_samples_training_videos_by_segments_and_held_out_ones_by_fps(video_30_frames):
@@ -305,7 +322,7 @@ def test_probe_and_video_views(video_30_frames):
     frames = decode_video(video_30_frames, fps=1.0)
     pixels = ImageProcessor(16, MEAN, STD, aspect_mode="pad").video(frames)
     assert pixels.shape == (3, 3, 16, 16)
-    assert abs(int(pixels[1, 0, 8, 8]) - 15 * 8) < 4  # the middle kept frame is frame 15
+    assert abs(int(pixels[1, 0, 8, 8]) - 14 * 8) < 4  # the middle kept frame is frame 14 (get_seq_frames(30, 3))
 
 
 def test_pad_mode_shrinks_a_huge_image_before_padding_it():
