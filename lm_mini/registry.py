@@ -8,13 +8,17 @@ The built-in entries register themselves when their ``home`` module is imported 
 registry also lists their names (``builtin``), so that a config can be checked (:meth:`Registry.check`) and
 ``lm-mini config show`` run without importing any model code. ``tests/test_registry.py`` keeps the two in step.
 
-``package.module:Attr`` imports code, so while a config that came with a model or run directory is
+``package.module:Attr`` is imported from ``sys.path`` or, as ``python -m`` does, the working directory.
+It imports code, so while a config that came with a model or run directory is
 read (:func:`config_from_directory`) such a name is refused unless the user allowed it
 (``--allow-import``, ``LM_MINI_ALLOW_IMPORTS``; see ``lm_mini.trust``).
 """
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
+import os
+import sys
 from contextlib import contextmanager
 from contextvars import ContextVar
 from importlib.metadata import entry_points
@@ -34,6 +38,33 @@ def config_from_directory(where: str) -> Iterator[None]:
         yield
     finally:
         _CONFIG_FROM.reset(token)
+
+
+def _import_user_module(kind: str, name: str, module_name: str) -> Any:
+    """Import the module of a ``package.module:Attr`` name from ``sys.path`` and, as ``python -m`` would, the working
+    directory (the ``lm-mini`` script does not put it on ``sys.path``); a module found in neither is an error that
+    says where to put it."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        cwd, top = os.getcwd(), module_name.split(".")[0]
+        in_cwd = (e.name == top and cwd not in sys.path and "" not in sys.path
+                  and importlib.machinery.PathFinder.find_spec(top, [cwd]) is not None)
+        if not in_cwd:
+            raise KeyError(_cannot_import(kind, name, module_name, e)) from e
+        sys.path.append(cwd)  # after everything installed: a local file never shadows a package
+        importlib.invalidate_caches()
+        try:
+            return importlib.import_module(module_name)
+        except ImportError as again:
+            raise KeyError(_cannot_import(kind, name, module_name, again)) from again
+    except ImportError as e:
+        raise KeyError(_cannot_import(kind, name, module_name, e)) from e
+
+
+def _cannot_import(kind: str, name: str, module_name: str, e: BaseException) -> str:
+    return (f"{kind} '{name}': cannot import module '{module_name}' ({e}); looked on sys.path and in the working "
+            f"directory {os.getcwd()}: install its package, or set PYTHONPATH to the folder that holds it")
 
 
 class ImportNotAllowed(KeyError):
@@ -94,10 +125,7 @@ class Registry(Generic[T]):
                     f"{self.kind} '{name}' in {where} would import Python code (module '{module_name}'); a config that "
                     f"comes with a model or run directory may not import code unless you allow it. If you trust it and "
                     f"have that package installed: --allow-import {name} (or {ALLOW_IMPORTS_ENV}={name})")
-            try:
-                module = importlib.import_module(module_name)
-            except ImportError as e:
-                raise KeyError(f"{self.kind} '{name}': cannot import module '{module_name}' ({e})") from e
+            module = _import_user_module(self.kind, name, module_name)
             if not hasattr(module, attr):
                 raise KeyError(f"{self.kind} '{name}': module '{module_name}' has no attribute '{attr}'")
             return getattr(module, attr)

@@ -67,3 +67,16 @@ def test_check_knows_builtin_names_without_importing_them_and_refuses_unknown_on
     assert reg.names() == ["square"]
     with pytest.raises(ModuleNotFoundError):  # an unknown name loads the home module, to list what is known
         reg.check("circle")
+
+
+def test_a_module_path_imports_from_the_working_directory_as_python_m_does(tmp_path, monkeypatch):
+    """``lm-mini`` (a console script) does not put the working directory on sys.path; ``python -m`` does. A user's
+    ``my_module.py`` there resolves either way; one found nowhere says where lm_mini looked and what to set."""
+    (tmp_path / "cwd_widgets_mod.py").write_text("class Thing:\n    pass\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "cwd_widgets_mod", raising=False)
+    reg = Registry("widget")
+    assert reg.get("cwd_widgets_mod:Thing").__name__ == "Thing"
+    with pytest.raises(KeyError, match=rf"cannot import module 'nowhere_widgets_mod'.*working directory {tmp_path}.*PYTHONPATH"):
+        reg.get("nowhere_widgets_mod:Thing")

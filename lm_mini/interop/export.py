@@ -77,6 +77,28 @@ def tokenizer_dir(cfg: DictConfig, source: Source) -> Path:
                             f"(run the command from the directory training ran in)")
 
 
+def user_code(cfg: DictConfig) -> Dict[str, str]:
+    """The components a config names that lm_mini does not ship (``package.module:Class``, entry points, names
+    registered by the user's code): config key -> name. Loading such a model imports that code."""
+    from lm_mini import registry
+
+    named = {"model.encoder.name": registry.ENCODERS, "model.projector.name": registry.PROJECTORS,
+             "model.compressor.name": registry.COMPRESSORS, "model.llm.name": registry.LLMS}
+    return {key: str(OmegaConf.select(cfg, key)) for key, reg in named.items() if OmegaConf.select(cfg, key) not in reg.builtin}
+
+
+def _code_section(cfg: DictConfig, out: PathLike) -> str:
+    code = user_code(cfg)
+    if not code:
+        return ""
+    names = ", ".join(f"`{k}: {v}`" for k, v in code.items())
+    allow = " ".join(f"--allow-import {v}" for v in code.values())
+    return (f"## Code this model needs\n\nIts config names components that are not part of lm_mini: {names}. Loading it "
+            f"imports that code: make the module importable (install its package, or set PYTHONPATH to its folder) and "
+            f"allow the import, e.g. `lm-mini generate {out} {allow} --image photo.jpg --prompt '...'` (or "
+            f"LM_MINI_ALLOW_IMPORTS).\n\n")
+
+
 def model_card(out: PathLike, cfg: DictConfig, source: Source) -> str:
     info = source.info
     origin = f"Exported with `lm-mini export {source.path}`"
@@ -88,7 +110,7 @@ def model_card(out: PathLike, cfg: DictConfig, source: Source) -> str:
     return (f"---\nlibrary_name: lm_mini\ntags: [llava-mini, multimodal, lm_mini]\n---\n# {Path(out).name}\n\n{origin}.\n\n"
             f"{mlflow}{summary}\n## Use\n\n```bash\nlm-mini generate {out} --image photo.jpg --prompt 'What is shown?'\n```\n\n"
             f"```python\nfrom lm_mini.interop import load_pretrained\nmodel = load_pretrained('{out}')\n```\n\n"
-            f"## Training config\n\n```yaml\n{OmegaConf.to_yaml(source.cfg, resolve=True)}```\n")
+            f"{_code_section(cfg, out)}## Training config\n\n```yaml\n{OmegaConf.to_yaml(source.cfg, resolve=True)}```\n")
 
 
 def export(path: PathLike, out: PathLike, max_shard_size: Any = "5GB") -> Path:

@@ -224,3 +224,29 @@ def test_load_pretrained_names_what_does_not_fit(trained, tmp_path):
         load_pretrained(out)
     assert info.value.missing == ["compressor.query"]
     assert info.value.mismatched == ["projector.0.weight: [3, 3] in the checkpoint, the model has [64, 32]"]
+
+
+def test_an_exported_model_with_a_user_compressor_names_that_code_in_its_card_and_when_loaded(tmp_path, tokenizer_dir, monkeypatch):
+    """A compressor given as package.module:Class is code the model directory does not carry: its card says which,
+    and loading it without that import allowed says the same (the name, and --allow-import)."""
+    from lm_mini.config import ConfigError
+    from lm_mini.trust import ALLOW_IMPORTS_ENV
+
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "plugins"))
+    monkeypatch.delenv(ALLOW_IMPORTS_ENV, raising=False)
+    plugin = "my_compressor:GatedPoolCompressor"
+    cfg = tiny_config(template="vicuna_v1", compressor={"name": plugin, "grid": 2, "options": {}})
+    model = LlavaMini.from_config(cfg.model).eval()
+    monkeypatch.setenv(ALLOW_IMPORTS_ENV, plugin)  # the run's config imports it too: the exporter allows it
+    out = export(run_dir(tmp_path, tokenizer_dir, model, cfg), tmp_path / "export")
+    monkeypatch.delenv(ALLOW_IMPORTS_ENV)
+    card = (out / "README.md").read_text()
+    assert "## Code this model needs" in card and f"`model.compressor.name: {plugin}`" in card
+    assert f"--allow-import {plugin}" in card and "PYTHONPATH" in card
+    with pytest.raises(ConfigError, match=rf"model.compressor.name.*{plugin}.*--allow-import {plugin}"):
+        load_pretrained(out)
+    monkeypatch.setenv(ALLOW_IMPORTS_ENV, plugin)
+    assert type(load_pretrained(out).compressor).__name__ == "GatedPoolCompressor"
+    plain = tiny_config(template="vicuna_v1")
+    out = export(run_dir(tmp_path / "b", tokenizer_dir, LlavaMini.from_config(plain.model), plain), tmp_path / "plain")
+    assert "## Code this model needs" not in (out / "README.md").read_text()
