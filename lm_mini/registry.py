@@ -156,7 +156,8 @@ PROJECTORS: Registry = Registry("projector", home="lm_mini.models.projector", bu
 COMPRESSORS: Registry = Registry("compressor", home="lm_mini.models.compressors", entry_point_group="lm_mini.compressors",
                                  builtin=("avg_pool", "identity", "qformer", "query_attention"))
 LLMS: Registry = Registry("llm builder", home="lm_mini.models.llm", builtin=("hf_causal_lm",))
-TEMPLATES: Registry = Registry("conversation template", home="lm_mini.data.conversation", builtin=("llama3", "plain", "vicuna_v1"))
+TEMPLATES: Registry = Registry("conversation template", home="lm_mini.data.conversation",
+                               builtin=("llama3", "llava_llama_3_1", "plain", "vicuna_v1"))
 METRICS: Registry = Registry("metric", home="lm_mini.eval.metrics", entry_point_group="lm_mini.metrics",
                              builtin=("exact_match", "multiple_choice", "multiple_choice_lenient", "pope", "pope_lenient",
                                       "vqa_accuracy"))
