@@ -222,7 +222,7 @@ class RemoteConfig:
 @dataclass
 class DataConfig:
     tokenizer: str = "data_shards/demo/tokenizer"  # local tokenizer directory (AutoTokenizer)
-    template: str = checked("vicuna_v1", registered(registry.TEMPLATES))  # plain | vicuna_v1 | llama3
+    template: str = checked("vicuna_v1", registered(registry.TEMPLATES))  # plain | vicuna_v1 | llama3 | llava_llama_3_1
     train: List[ShardSetConfig] = field(default_factory=list)
     val: List[ShardSetConfig] = field(default_factory=list)
     max_length: int = checked(2048, at_least(1))

@@ -21,11 +21,13 @@ boundary falls inside a token the sample is kept with every label masked and fla
 BOS: the tokenizer is always called with ``add_special_tokens=False``; a template that wants a
 BOS id (``vicuna_v1``, ``plain``: the Llama tokenizer's ``<s>``) prepends ``tokenizer.bos_token_id``
 itself, and ``llama3`` writes ``<|begin_of_text|>`` in its text. So a tokenizer that adds BOS on
-its own cannot double it.
+its own cannot double it, except where the release was evaluated so: ``llava_llama_3_1`` (the LLaVA-Mini
+release's conv mode, llama3 otherwise) gives generation prompts the tokenizer's own BOS too, as official
+inference does.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import accumulate
 from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -62,11 +64,21 @@ class Template:
     add_bos: bool = False  # prepend tokenizer.bos_token_id (Llama / Vicuna tokenizers add <s>)
     strip_messages: bool = False  # strip whitespace around each message (official llama3 does)
     caption_only: bool = False  # plain: the human turn is reduced to the media placeholder
+    stop_strings: Tuple[str, ...] = ()  # besides end_of_turn, strings that end a generated answer
+    # Generation prompts (build_prompt) also get the BOS the tokenizer adds by itself, as official inference's
+    # tokenizer_image_token calls the tokenizer with its special tokens: before the template's own
+    # <|begin_of_text|> that is a second one (official training strips it: preprocess_llama_3_1)
+    generation_tokenizer_bos: bool = False
 
     def stop_token_ids(self, tokenizer: Any) -> List[int]:
-        """Token ids of the end-of-turn string when it is a single token (for generation)."""
-        ids = tokenizer(self.end_of_turn, add_special_tokens=False)["input_ids"]
-        return ids if len(ids) == 1 else []
+        """Token ids that end a generated answer: the end-of-turn string and ``stop_strings``, each that is a single
+        token of ``tokenizer`` (for generation)."""
+        out: List[int] = []
+        for text in (self.end_of_turn, *self.stop_strings):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) == 1 and ids[0] not in out:
+                out.append(ids[0])
+        return out
 
 
 # LLaVA-1.5 (official conv_vicuna_v1, SeparatorStyle.TWO, sep=" ", sep2="</s>"; the "v1" version
@@ -97,7 +109,15 @@ LLAMA3 = TEMPLATES.register("llama3")(Template(
     end_of_turn="<|eot_id|>",
     prefix="<|begin_of_text|>",
     strip_messages=True,
+    stop_strings=("<|eom_id|>", "<|end_of_text|>"),  # Llama-3.1's other ends (the release: eos 128009, 128008, 128001)
 ))
+
+# The LLaVA-Mini release's conv mode, official conv_llava_llama_3_1 (what `lm-mini import llava-mini` sets for a
+# Llama-3 tokenizer): llama3's text in training and inference, and at inference the prompt ids official eval
+# (run_llava_mini.py, model_vqa_loader.py, eval/video/*.py: tokenizer_image_token) fed the release's benchmarks:
+# the tokenizer's own <|begin_of_text|> before the template's, two BOS. Official training removes the duplicate
+# (train.py preprocess_llama_3_1), so the release was trained on one and evaluated on two.
+LLAVA_LLAMA_3_1 = TEMPLATES.register("llava_llama_3_1")(replace(LLAMA3, name="llava_llama_3_1", generation_tokenizer_bos=True))
 
 # Caption pretraining (official conv_llava_plain + preprocess_plain): <s><image>caption\n.
 PLAIN = TEMPLATES.register("plain")(Template(
@@ -248,9 +268,23 @@ def _encode(texts: Sequence[str], tokenizer: Any) -> List[List[int]]:
     return out
 
 
-def _bos(template: Template, tokenizer: Any) -> List[int]:
+def _bos(template: Template, tokenizer: Any, generation: bool = False) -> List[int]:
+    """The BOS id to prepend: the template's (``add_bos``), or at ``generation`` with ``generation_tokenizer_bos``
+    the one the tokenizer adds by itself (official ``tokenizer_image_token``); never two from here."""
     bos = getattr(tokenizer, "bos_token_id", None)
-    return [bos] if template.add_bos and bos is not None else []
+    if bos is None:
+        return []
+    if template.add_bos or (generation and template.generation_tokenizer_bos and _adds_bos(tokenizer)):
+        return [bos]
+    return []
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    """Whether calling ``tokenizer`` with its special tokens puts its BOS first (Llama-3's post-processor does;
+    lm_mini's demo tokenizer does not)."""
+    with_special = tokenizer("a")["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return len(with_special) > len(plain) and with_special[0] == tokenizer.bos_token_id
 
 
 def _align(segments: List[Segment], tokenizer: Any) -> Tuple[List[int], Optional[List[int]]]:
@@ -306,11 +340,13 @@ def build_prompt(conversations: Any, tokenizer: Any, template: Union[str, Templa
                  sample_id: Optional[str] = None) -> List[int]:
     """Token ids of the conversation so far, ending with the assistant prefix (for generation).
 
-    A trailing assistant turn (e.g. an evaluation record's reference answer) is left out.
+    A trailing assistant turn (e.g. an evaluation record's reference answer) is left out. With the template's
+    ``generation_tokenizer_bos`` (``llava_llama_3_1``) the ids start as official inference's do (two BOS with a
+    Llama-3 tokenizer); training ids (:func:`tokenize_conversation`) never have the tokenizer's own BOS.
     """
     tpl = _resolve(template)
     text = "".join(t for t, _ in render_segments(conversations, tpl, has_media, generation=True, sample_id=sample_id))
-    return _bos(tpl, tokenizer) + _encode([text], tokenizer)[0]
+    return _bos(tpl, tokenizer, generation=True) + _encode([text], tokenizer)[0]
 
 
 def template_corpus(records: Iterable[Tuple[Any, bool]], templates: Sequence[str] = ("plain", "vicuna_v1", "llama3")) -> Iterator[str]:

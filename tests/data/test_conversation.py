@@ -83,8 +83,8 @@ def label_spans(tok, labels):
 
 # --------------------------------------------------------------------------- rendering
 def test_templates_registered():
-    assert {"plain", "vicuna_v1", "llama3"} <= set(TEMPLATES.names())
-    assert all(isinstance(TEMPLATES.get(n), Template) for n in ("plain", "vicuna_v1", "llama3"))
+    assert {"plain", "vicuna_v1", "llama3", "llava_llama_3_1"} <= set(TEMPLATES.names())
+    assert all(isinstance(TEMPLATES.get(n), Template) for n in ("plain", "vicuna_v1", "llama3", "llava_llama_3_1"))
 
 
 def test_render_matches_official_strings():
@@ -160,7 +160,14 @@ def test_labels_are_exactly_the_answers_plus_end_of_turn(tok, template, eot):
 
 def test_stop_token_ids(tok):
     assert TEMPLATES.get("vicuna_v1").stop_token_ids(tok) == [tok.eos_token_id]
-    assert TEMPLATES.get("llama3").stop_token_ids(tok) == [tok.convert_tokens_to_ids("<|eot_id|>")]
+    # Llama-3.1 ends a turn with <|eot_id|>, and may end with <|eom_id|> / <|end_of_text|>: official
+    # conv_llava_llama_3_1.stop_token_ids = [128009, 128008, 128001]; ours has no <|eom_id|> token (left out)
+    ends = [tok.convert_tokens_to_ids("<|eot_id|>"), tok.convert_tokens_to_ids("<|end_of_text|>")]
+    for name in ("llama3", "llava_llama_3_1"):
+        assert TEMPLATES.get(name).stop_token_ids(tok) == ends
+    llama31 = _llama3_tokenizer(tok, extra=["<|eom_id|>"])
+    eom = llama31.convert_tokens_to_ids("<|eom_id|>")
+    assert eom != llama31.unk_token_id and TEMPLATES.get("llava_llama_3_1").stop_token_ids(llama31) == ends[:1] + [eom] + ends[1:]
 
 
 # --------------------------------------------------------------------------- placeholders
@@ -337,3 +344,62 @@ def test_template_corpus_has_no_placeholders():
     assert texts and not any("<image>" in t for t in texts)
     assert "a red square and a blue circle\n" in texts  # plain rendering of the caption
     assert sum("Where is the triangle?" in t for t in texts) == 2  # vicuna + llama3; plain skips multi-turn
+
+
+# --------------------------------------------------------------------------- the release's inference prompt (F1)
+def _llama3_tokenizer(tok, extra=()):
+    """Our tokenizer made to behave like Llama-3's: <|begin_of_text|> is its BOS and its post-processor adds it
+    (tokenizer.json of meta-llama/Llama-3.1-8B-Instruct), ``extra`` special tokens added."""
+    backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    llama3 = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                     pad_token="<pad>")
+    if extra:
+        llama3.add_special_tokens({"additional_special_tokens": list(extra)})
+    bos = llama3.convert_tokens_to_ids("<|begin_of_text|>")
+    llama3.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)])
+    return llama3
+
+
+def official_tokenizer_image_token(prompt, tokenizer, image_token_index=IMAGE_TOKEN_INDEX):
+    """``tokenizer_image_token`` of official LLaVA-Mini (ictnlp/LLaVA-Mini@47da113, llavamini/mm_utils.py:185),
+    verbatim but for return_tensors: how every official inference script turns the prompt text into ids."""
+    prompt_chunks = [tokenizer(chunk).input_ids for chunk in prompt.split('<image>')]
+
+    def insert_separator(X, sep):
+        return [ele for sublist in zip(X, [sep] * len(X)) for ele in sublist][:-1]
+
+    input_ids = []
+    offset = 0
+    if len(prompt_chunks) > 0 and len(prompt_chunks[0]) > 0 and prompt_chunks[0][0] == tokenizer.bos_token_id:
+        offset = 1
+        input_ids.append(prompt_chunks[0][0])
+    for x in insert_separator(prompt_chunks, [image_token_index] * (offset + 1)):
+        input_ids.extend(x[offset:])
+    return input_ids
+
+
+@pytest.mark.parametrize("record, has_media", [(SINGLE[:1], True), (MULTI[:3], True), (TEXT[:1], False)])
+def test_llava_llama_3_1_generation_prompt_is_official_inference_ids(tok, record, has_media):
+    """The release's benchmarks were run on tokenizer_image_token(conv.get_prompt()): the Llama-3 tokenizer's own
+    <|begin_of_text|> before the template's, two BOS. llava_llama_3_1 generation prompts have them; training ids
+    (official preprocess_llama_3_1 strips the duplicate) and the llama3 template keep one."""
+    llama3 = _llama3_tokenizer(tok)
+    bos = llama3.bos_token_id
+    text = render(record, "llava_llama_3_1", has_media, generation=True)
+    assert text == render(record, "llama3", has_media, generation=True) and text.startswith("<|begin_of_text|>")
+    official = official_tokenizer_image_token(text, llama3)
+    assert official[:2] == [bos, bos] and official[2] != bos
+    assert build_prompt(record, llama3, "llava_llama_3_1", has_media) == official
+    assert build_prompt(record, llama3, "llama3", has_media) == official[1:]  # one BOS: our own models' prompt
+    # a tokenizer that adds no BOS of its own: official gives one, so do we
+    assert build_prompt(record, tok, "llava_llama_3_1", has_media) == official_tokenizer_image_token(text, tok)
+    assert build_prompt(record, tok, "llava_llama_3_1", has_media).count(tok.convert_tokens_to_ids("<|begin_of_text|>")) == 1
+
+
+def test_llava_llama_3_1_trains_as_llama3(tok):
+    llama3 = _llama3_tokenizer(tok)
+    for record, has_media in ((SINGLE, True), (MULTI, True), (TEXT, False)):
+        ours = tokenize_conversation(record, llama3, "llava_llama_3_1", 2048, has_media)
+        assert ours == tokenize_conversation(record, llama3, "llama3", 2048, has_media)
+        assert ours.input_ids[:2] != [llama3.bos_token_id] * 2
