@@ -165,11 +165,16 @@ class CompressorConfig:
 class PreFusionConfig:
     depth: int = checked(4, at_least(0))  # number of decoder layers; 0 switches pre-fusion off
     init: str = checked("random", one_of("random", "llm_layers"))  # random (official) | llm_layers (copy the LLM's first `depth`)
-    detach_text: bool = True  # official: no gradient from pre-fusion into the text embeddings
+    detach_text: bool = True  # no gradient from pre-fusion into the text embeddings (official: none at all, see llm.train_input_embeddings)
     # Training (a batch with labels): a text-only sample's text is fused with an all-zero image, as official
     # LLaVA-Mini training does (its data gives such samples a blank image); inference never fuses text-only
     # prompts (official). On in the LLaVA-Mini presets; off: text-only samples reach the LLM unfused.
     text_only_blank_image: bool = False
+    # Official quirk (encode_images_mini: ``padding_mask = input_ids <= 0`` after zeroing the answers' ids): a token
+    # whose id is 0 is left out of pre-fusion, as a key and as a query, and reaches the LLM raw: Llama-3's "!"
+    # (Vicuna's <unk>). The release was trained and evaluated so: on in `lm-mini import llava-mini` and the
+    # LLaVA-Mini presets; off for our own models, where "!" is text like any other.
+    skip_token_id_0: bool = False
 
 
 @dataclass
@@ -179,6 +184,11 @@ class LLMConfig:
     path: Optional[str] = None  # local HF directory; overrides `config`
     # None: model.attn_implementation; else the LLM's (and pre-fusion's) own
     attn_implementation: Optional[str] = checked(None, _llm_attention)
+    # False: every text embedding the LLM and pre-fusion read is detached, so training never updates the input
+    # embedding table (a tied output layer still trains it): official LLaVA-Mini (encode_images_mini's
+    # all_text_embedding = embed_tokens(ids).detach()), set by `lm-mini import llava-mini` and the LLaVA-Mini
+    # presets. True: tokens the LLM reads raw (answers) train their rows; needed to train an LLM from scratch.
+    train_input_embeddings: bool = True
 
 
 @dataclass

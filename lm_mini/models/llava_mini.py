@@ -58,9 +58,13 @@ class LlavaMini(nn.Module):
         detach_prefusion_text: bool = True,
         video_hires: bool = False,
         text_only_blank_image: bool = False,
+        skip_token_id_0: bool = False,
+        train_input_embeddings: bool = True,
     ):
         super().__init__()
         self.detach_prefusion_text = detach_prefusion_text
+        self.skip_token_id_0 = skip_token_id_0  # official quirk: id 0 ("!" in Llama-3) is never fused
+        self.train_input_embeddings = train_input_embeddings  # False: text embeddings detached (official)
         self.video_hires = video_hires  # at R > 1 a video frame has 1 + R² views, like an image (official)
         self.text_only_blank_image = text_only_blank_image  # training: fuse text-only samples with a blank image
         self.encoder, self.projector, self.compressor, self.prefusion, self.llm = encoder, projector, compressor, prefusion, llm
@@ -96,7 +100,9 @@ class LlavaMini(nn.Module):
         model = cls(encoder, projector, compressor, llm, prefusion, resolution_ratio=cfg.resolution_ratio,
                     detach_prefusion_text=getattr(cfg.prefusion, "detach_text", True),
                     video_hires=bool(getattr(cfg, "video_hires", False)),
-                    text_only_blank_image=bool(getattr(cfg.prefusion, "text_only_blank_image", False)))
+                    text_only_blank_image=bool(getattr(cfg.prefusion, "text_only_blank_image", False)),
+                    skip_token_id_0=bool(getattr(cfg.prefusion, "skip_token_id_0", False)),
+                    train_input_embeddings=bool(getattr(cfg.llm, "train_input_embeddings", True)))
         return model.to(getattr(torch, cfg.dtype))
 
     def block_stacks(self) -> Dict[str, nn.Module]:
@@ -279,13 +285,20 @@ class LlavaMini(nn.Module):
 
         embed = self.llm.get_input_embeddings()
         text = embed(input_ids.clamp(min=0))  # [B, L, d]; the <image> slot is dropped below
+        # Official LLaVA-Mini detaches every text embedding (encode_images_mini: all_text_embedding =
+        # embed_tokens(ids).detach() feeds pre-fusion and is what the LLM reads at every unfused token, answers
+        # included), so its training never updates the input embedding table: llm.train_input_embeddings=false.
+        # With it on, the tokens the LLM reads raw train their rows, and prefusion.detach_text says whether
+        # pre-fusion's input does too: training from scratch, the question words reach the LLM only fused and
+        # learn only with detach_text=false.
+        if not self.train_input_embeddings:
+            text = text.detach()
         # Pre-fusion reads the instruction/system text only: never answers, padding or the <image> slot.
         fuse = attention_mask & ~is_image
         if labels is not None:
             fuse &= labels == IGNORE_INDEX
-        # Official LLaVA-Mini feeds pre-fusion detached text embeddings (the LLM's embedding table
-        # learns from the tokens the LLM reads raw, not through pre-fusion). Training from scratch,
-        # the question words then never learn (they reach the LLM only fused): prefusion.detach_text=false.
+        if self.skip_token_id_0:  # official: input_ids * (labels == -100) <= 0 is masked, so id 0 too
+            fuse &= input_ids != 0
         # Official training fuses a text-only sample with a blank image (its dataset gives training samples one);
         # its inference does not (no image, no fusion). Eval mode (validation loss, evaluation) is inference here.
         blank = self.text_only_blank_image and self.training if blank_text_only is None else blank_text_only

@@ -97,3 +97,66 @@ def test_high_resolution_video_frames_have_r2_plus_1_views_each():
         one_view.prepare_inputs(video)
     with pytest.raises(ValueError, match="needs 15"):
         model.prepare_inputs({**video, "pixel_values": video["pixel_values"][:T]})
+
+
+# ------------------------------------------------------------------- official quirks of the release (F5, F6)
+BANG = 0  # token id 0: "!" in Llama-3's vocabulary
+BANG_IDS = [11, BANG, 12, IMG, 13, BANG, 14, 21, BANG, 22]  # "!" in the system text, the question and the answer
+BANG_LABELS = [IGN] * 7 + [21, BANG, 22]
+
+
+def official_prefusion_text_mask(input_ids, labels):
+    """The text tokens official LLaVA-Mini fuses (ictnlp/LLaVA-Mini@47da113, llavamini/model/llavamini_arch.py:343-345:
+    ``input_ids = input_ids * (labels == -100).int()``, ``padding_mask = (input_ids <= 0)``), as a keep-mask."""
+    return ~((input_ids * (labels == IGN).int()) <= 0)
+
+
+@pytest.mark.parametrize("ratio", [1, 2])
+def test_skip_token_id_0_fuses_what_official_fuses(ratio):
+    """model.prefusion.skip_token_id_0 (the release's value): a token whose id is 0 is left out of pre-fusion (as key,
+    as query, and in the running position count) and reaches the LLM raw, as official; off, it is fused."""
+    on = tiny("model.prefusion.skip_token_id_0=true", f"model.resolution_ratio={ratio}")
+    off = tiny(f"model.resolution_ratio={ratio}")
+    off.load_state_dict(on.state_dict())
+    views = on.views_per_image
+    batch = make_batch([(BANG_IDS, BANG_LABELS, ("image", image(3, views)) if views > 1 else image(3))])
+    ids, labels = batch["input_ids"], batch["labels"]
+    text = on.llm.get_input_embeddings()(ids.clamp(min=0))
+    with torch.no_grad():
+        embeds, *_ = on.prepare_inputs(batch)
+        official_keep = official_prefusion_text_mask(ids, labels)
+        _, fused, _ = on.encode_media(batch, text, official_keep)
+        expected = torch.where(official_keep.unsqueeze(-1), fused, text)[0]
+        slot = BANG_IDS.index(IMG)
+        ours = torch.cat([embeds[0, :slot], embeds[0, slot + 1:]])  # C = 1: one media token at the slot
+        torch.testing.assert_close(ours, torch.cat([expected[:slot], expected[slot + 1:]]), rtol=0, atol=0)
+        raw = on.llm.get_input_embeddings()(torch.tensor([BANG]))[0]
+        for k in (1, 5, 8):  # every "!" reaches the LLM raw
+            torch.testing.assert_close(embeds[0, k], raw, rtol=0, atol=0)
+        without, *_ = off.prepare_inputs(batch)
+        assert not torch.allclose(without[0, 1], raw)  # off: the system text's "!" is fused like any token
+        torch.testing.assert_close(without[0, 8], raw, rtol=0, atol=0)  # answers are never fused
+        # generation (no labels): the prompt's "!" stays out too
+        prompt = make_batch([(BANG_IDS[:7], None, ("image", image(3, views)) if views > 1 else image(3))])
+        embeds, *_ = on.prepare_inputs(prompt, padding_side="left", blank_text_only=False)
+        torch.testing.assert_close(embeds[0, 1], raw, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("text_only", [False, True])
+def test_train_input_embeddings_off_never_updates_the_embedding_table(text_only):
+    """model.llm.train_input_embeddings=false (the release's): every text embedding is detached, as official
+    encode_images_mini's all_text_embedding.detach(), so the input table gets no gradient (official: grad None),
+    while the output layer, pre-fusion and the rest still learn. On: the answers' rows learn."""
+    sample = (TEXT, TEXT_LABELS, None) if text_only else (SAMPLE_IDS, SAMPLE_LABELS, image(1))
+    for trains in (False, True):
+        model = tiny("model.prefusion.text_only_blank_image=true",
+                     f"model.llm.train_input_embeddings={str(trains).lower()}").train()
+        model(make_batch([sample])).loss.backward()
+        grad = model.llm.get_input_embeddings().weight.grad
+        assert model.llm.get_output_embeddings().weight.grad.abs().sum() > 0
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.prefusion.parameters())
+        if trains:
+            answer = [t for t in sample[1] if t != IGN]
+            assert grad[answer].abs().sum() > 0
+        else:
+            assert grad is None
