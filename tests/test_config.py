@@ -64,7 +64,7 @@ def test_flatten_gives_dotted_keys():
 @pytest.mark.parametrize("override, key, known", [
     ("model.compressor.name=nope", "model.compressor.name", "avg_pool, identity, qformer, query_attention"),
     ("model.encoder.name=clip", "model.encoder.name", "hf_clip"),
-    ("data.template=vicuna", "data.template", "llama3, plain, vicuna_v1"),
+    ("data.template=vicuna", "data.template", "llama3, llava_llama_3_1, plain, vicuna_v1"),
     ("model.projector.name=my.mod:Nothing", "model.projector.name", "cannot import module 'my.mod'"),
 ])
 def test_unknown_component_name_is_refused_at_load_with_the_known_ones(override, key, known):

@@ -19,7 +19,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("dir", help="local checkpoint directory (config.json, safetensors, tokenizer)")
     p.add_argument("--out", default=None, help="output model directory (default: DIR-lm_mini)")
     p.add_argument("--vision-tower", default=None, help="llava-mini, llava: local CLIP directory (config, and weights if DIR has none)")
-    p.add_argument("--template", default=None, help="conversation template (default: llama3 for a Llama-3 tokenizer, else vicuna_v1)")
+    p.add_argument("--template", default=None, help="conversation template (default for a Llama-3 tokenizer: llava_llama_3_1, "
+                   "the release's conv mode, for llava-mini, else llama3; otherwise vicuna_v1)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
     p.set_defaults(func=import_checkpoint)
 

@@ -7,7 +7,8 @@ Three release layouts are read (local directories: ``config.json``, safetensors 
   config plus ``compressor_size``, ``prefusion_layer_num``, ``resolution_ratio``, ``mm_*`` fields; the
   vision tower's weights may be absent, then they come from a local CLIP directory (``--vision-tower``).
   The imported config trains as the release did (text-only samples fused with a blank image, 8 frames a
-  training video, R²+1 views a frame at R > 1).
+  training video, R²+1 views a frame at R > 1, token id 0 left out of pre-fusion, input embeddings not
+  trained) and prompts it as official inference did (template ``llava_llama_3_1`` for a Llama-3 tokenizer).
 - ``llava``: the original LLaVA-1.5 code (haotian-liu/LLaVA ``LlavaLlamaForCausalLM``, e.g.
   ``liuhaotian/llava-v1.5-7b``): a Llama under ``model.*`` / ``lm_head.*``, the projector under
   ``model.mm_projector.*``, the CLIP tower under ``model.vision_tower.vision_tower.*`` when it was saved
@@ -171,8 +172,9 @@ def _vision_config(tower_dir: Optional[Path], name: Optional[str]):
                      "pass --vision-tower DIR (a local CLIP checkpoint)")
 
 
-def _template(tokenizer_dir: Path, explicit: Optional[str], fallback: str) -> str:
-    """``--template``, else ``llama3`` for a Llama-3 tokenizer (it has ``<|eot_id|>``), else ``fallback``."""
+def _template(tokenizer_dir: Path, explicit: Optional[str], fallback: str, llama3: str = "llama3") -> str:
+    """``--template``, else ``llama3`` (the layout's Llama-3 template) for a Llama-3 tokenizer (it has
+    ``<|eot_id|>``), else ``fallback``."""
     from lm_mini.registry import TEMPLATES
 
     if explicit:
@@ -181,7 +183,7 @@ def _template(tokenizer_dir: Path, explicit: Optional[str], fallback: str) -> st
         return explicit
     texts = [(tokenizer_dir / n).read_text(errors="ignore") for n in ("tokenizer_config.json", "tokenizer.json")
              if (tokenizer_dir / n).is_file()]
-    return "llama3" if any("<|eot_id|>" in t for t in texts) else fallback
+    return llama3 if any("<|eot_id|>" in t for t in texts) else fallback
 
 
 def _refuse(src: Path, field: str, value: Any, why: str) -> None:
@@ -200,9 +202,11 @@ def llava_mini_config(src: Path, raw: Dict[str, Any], vision: Any, template: str
                     "select_layer": raw.get("mm_vision_select_layer", -2), "select_feature": "patch"},
         "projector": {"name": raw.get("mm_projector_type", "linear")},
         "compressor": {"name": "query_attention", "grid": raw["compressor_size"]},
-        # official training (llavamini/train/train.py): text-only samples get a blank image, frames R²+1 views
-        "prefusion": {"depth": raw.get("prefusion_layer_num", 4), "init": "random", "text_only_blank_image": True},
-        "llm": {"name": "hf_causal_lm", "config": _llama_fields(raw), "path": None},
+        # official training (llavamini/train/train.py): text-only samples get a blank image, frames R²+1 views;
+        # official encode_images_mini leaves token id 0 out of pre-fusion and detaches every text embedding
+        "prefusion": {"depth": raw.get("prefusion_layer_num", 4), "init": "random", "text_only_blank_image": True,
+                      "skip_token_id_0": True},
+        "llm": {"name": "hf_causal_lm", "config": _llama_fields(raw), "path": None, "train_input_embeddings": False},
         "resolution_ratio": raw.get("resolution_ratio", 1),
         "video_hires": True,
     }
@@ -344,7 +348,9 @@ def import_llava_mini(src: PathLike, out: PathLike, vision_tower: Optional[PathL
         raise ValueError(f"{src}/config.json has no compressor_size: not a LLaVA-Mini checkpoint "
                          "(an original LLaVA-1.5: lm-mini import llava; transformers' LLaVA: llava-hf)")
     tower = _tower_dir(vision_tower, raw.get("mm_vision_tower"))
-    cfg = llava_mini_config(src, raw, _vision_config(tower, raw.get("mm_vision_tower")), _template(src, template, "vicuna_v1"))
+    # a Llama-3 tokenizer: the release's conv mode llava_llama_3_1 (two BOS in generation prompts, as official eval)
+    cfg = llava_mini_config(src, raw, _vision_config(tower, raw.get("mm_vision_tower")),
+                            _template(src, template, "vicuna_v1", llama3="llava_llama_3_1"))
     return _finish(LLAVA_MINI, src, Path(out), cfg, _with_tower(rename(read_safetensors(src), LLAVA_MINI), LLAVA_MINI, src, tower),
                    max_shard_size)
 

@@ -122,9 +122,12 @@ def test_llava_mini_import_matches_direct_construction(official, tokenizer_dir, 
 
     cfg = read_config(out)
     assert (cfg.model.compressor.grid, cfg.model.prefusion.depth, cfg.model.encoder.select_layer) == (2, 2, -2)
-    assert (cfg.data.template, cfg.data.aspect_mode, cfg.data.max_length) == ("llama3", "pad", 512)
-    # trains as the release did: blank image for text-only samples, 8 frames a video, R²+1 views a frame
+    # a Llama-3 tokenizer: the release's conv mode, prompted as official inference prompts it (two BOS)
+    assert (cfg.data.template, cfg.data.aspect_mode, cfg.data.max_length) == ("llava_llama_3_1", "pad", 512)
+    # trains as the release did: blank image for text-only samples, 8 frames a video, R²+1 views a frame,
+    # token id 0 left out of pre-fusion, the input embedding table never updated
     assert (cfg.model.prefusion.text_only_blank_image, cfg.model.video_hires, cfg.data.train_video_frames) == (True, True, 8)
+    assert (cfg.model.prefusion.skip_token_id_0, cfg.model.llm.train_input_embeddings) == (True, False)
     imported, reference = load_pretrained(out), reference_model(parts)
     batch = image_batch()
     with torch.no_grad():
