@@ -48,6 +48,8 @@ def add_commands(sub: Any) -> None:
     b.add_argument("--suite", default=None, help="YAML of benchmarks and their paths (experiments/benchmarks/*.yaml)")
     b.add_argument("--only", nargs="+", default=None, help="with --suite: only these benchmarks (names or labels)")
     b.add_argument("--answers-dir", default=None, help="with --suite: where the answers files go (default: <run>/eval)")
+    b.add_argument("--submission-questions", default=None, help="the question file the submission lists when not "
+                   "--questions (VQAv2 test-dev: llava_vqav2_mscoco_test2015.jsonl, found beside the test-dev file by default)")
     b.add_argument("--model-id", default=None, help="model_id of the answers lines (default: the run or model directory name)")
     b.add_argument("--batch-size", type=at_least(1), default=1, help="questions per generate() call (LLaVA's scripts: 1)")
     b.add_argument("--num-workers", type=at_least(0), default=0, help="processes decoding media")
@@ -58,6 +60,8 @@ def add_commands(sub: Any) -> None:
     g.add_argument("--top-p", type=at_least(0, float, inclusive=False), default=None, help="nucleus sampling (temperature > 0)")
     g.add_argument("--num-beams", type=at_least(1), default=None)
     g.add_argument("--max-new-tokens", type=at_least(1), default=None, help="default: the benchmark's official value")
+    g.add_argument("--seed", type=at_least(0), default=0, help="with --temperature > 0: sampling is seeded from this and "
+                   "each question's position (recorded in the answers' metadata)")
     add_trust_args(p)
     p.set_defaults(func=evaluate)
 
@@ -70,6 +74,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--questions", default=None, help="the benchmark's question file (needed by pope, vizwiz, mmbench, video)")
     p.add_argument("--annotations", default=None, help="the official reference answers (see the benchmark's docs)")
     p.add_argument("--out-dir", default=None, help="where the submission / judge input goes (default: <answers>_upload/)")
+    p.add_argument("--submission-questions", default=None, help="the question file the submission lists when not "
+                   "--questions (VQAv2: llava_vqav2_mscoco_test2015.jsonl, found beside a test-dev --questions by default)")
     p.add_argument("--judge", default=None, help="GPT-judged benchmarks: a command run on the judge input file that "
                    "prints a JSON object of scores as its last line")
     p.add_argument("--json", action="store_true", help='print {"benchmark", "n", "scores", ...} as JSON')
@@ -131,11 +137,21 @@ def _print_shard_result(result: Any) -> None:
 
 # --------------------------------------------------------------------------- lm-mini eval --benchmark / --suite / --merge
 def benchmark(args: argparse.Namespace) -> int:
+    """Exit 0, 2 on a user error (one line), 130 on Ctrl-C (one line: what is kept, and that a re-run continues)."""
+    from lm_mini.eval.benchmark_runner import Interrupted
+
     try:
         return _benchmark(args)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(error("eval", e), file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"\nlm-mini eval: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\nlm-mini eval: interrupted (no answer was being written); run the same command again to continue",
+              file=sys.stderr)
+        return 130
 
 
 def _benchmark(args: argparse.Namespace) -> int:
@@ -179,7 +195,8 @@ def _benchmark(args: argparse.Namespace) -> int:
         found = resolve_source(args.source)
         loaded = LoadedModel(None, found.cfg, None, None, args.model_id or "", dict(found.info), found.run_dir, Path(found.path))
         if devices:
-            spec = BenchmarkSpec(args.benchmark, args.questions, args.image_folder, args.annotations, args.label)
+            spec = BenchmarkSpec(args.benchmark, args.questions, args.image_folder, args.annotations, args.label,
+                                 submission_questions=args.submission_questions)
             answers_file = Path(args.answers_file) if args.answers_file else default_answers_file(loaded, spec.key)
             run_chunks_on_devices(args, devices, answers_file)
             args.answers_file, args.num_chunks, args.merge = str(answers_file), len(devices), True
@@ -192,7 +209,7 @@ def _benchmark(args: argparse.Namespace) -> int:
             print(f"  {done}/{total} answered", file=sys.stderr, flush=True)
 
     common = dict(num_chunks=args.num_chunks, chunk_idx=args.chunk_idx, batch_size=args.batch_size, num_workers=args.num_workers,
-                  log_mlflow=not args.no_mlflow, judge=args.judge, progress=None if args.json else progress)
+                  log_mlflow=not args.no_mlflow, judge=args.judge, progress=None if args.json else progress, seed=args.seed)
     runs: List[BenchmarkRun] = []
     if args.suite:
         options_for = (lambda spec: _options(args, loaded, BENCHMARKS.get(spec.name).max_new_tokens, spec))
@@ -201,7 +218,8 @@ def _benchmark(args: argparse.Namespace) -> int:
             if not args.json:
                 _print_run(run)
     else:
-        spec = BenchmarkSpec(args.benchmark, args.questions, args.image_folder, args.annotations, args.label)
+        spec = BenchmarkSpec(args.benchmark, args.questions, args.image_folder, args.annotations, args.label,
+                             submission_questions=args.submission_questions)
         options = None if args.merge else _options(args, loaded, BENCHMARKS.get(spec.name).max_new_tokens, spec)
         run = run_benchmark(loaded, spec, args.answers_file, options, merge=args.merge, **common)
         runs.append(run)
@@ -226,8 +244,11 @@ def _print_run(run: Any) -> None:
     from lm_mini.eval.benchmarks.scoring import format_result
 
     label = run.spec.key
-    what = f"{run.generated} generated now" if run.generated else "nothing generated (answers file complete)"
-    print(f"{label}: {run.n_questions} questions, {what}; answers: {run.answers_file}")
+    if run.merged:
+        print(f"{label}: merged {run.merged[0]} chunks ({run.merged[1]} answers) into {run.answers_file}")
+    else:
+        what = f"{run.generated} generated now" if run.generated else "nothing generated (answers file complete)"
+        print(f"{label}: {run.n_questions} questions, {what}; answers: {run.answers_file}")
     if run.chunk:
         print(f"{label}: chunk {run.chunk[1]} of {run.chunk[0]}; --merge concatenates the chunks, then scores them")
     elif run.result is None:
@@ -245,9 +266,12 @@ def run_chunks_on_devices(args: argparse.Namespace, devices: Sequence[str], answ
     naming it (its finished answers stay: a re-run continues it)."""
     import subprocess
 
+    from lm_mini.eval.benchmark_runner import Interrupted, chunk_file
+
     flags = {"--image-folder": args.image_folder, "--label": args.label, "--model-id": args.model_id,
              "--batch-size": args.batch_size, "--num-workers": args.num_workers, "--temperature": args.temperature,
-             "--top-p": args.top_p, "--num-beams": args.num_beams, "--max-new-tokens": args.max_new_tokens}
+             "--top-p": args.top_p, "--num-beams": args.num_beams, "--max-new-tokens": args.max_new_tokens,
+             "--seed": args.seed}
     base = [sys.executable, "-m", "lm_mini.cli", "eval", str(args.source), "--benchmark", args.benchmark, "--questions",
             args.questions, "--answers-file", str(answers_file), "--num-chunks", str(len(devices)), "--no-mlflow"]
     base += [x for k, v in flags.items() if v is not None for x in (k, str(v))]
@@ -256,8 +280,14 @@ def run_chunks_on_devices(args: argparse.Namespace, devices: Sequence[str], answ
     procs = [subprocess.Popen(base + ["--chunk-idx", str(k), "--device", dev, "--json"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for k, dev in enumerate(devices)]
     failed = []
-    for k, (proc, dev) in enumerate(zip(procs, devices)):
-        out, err = proc.communicate()
+    try:
+        outputs = [proc.communicate() for proc in procs]
+    except KeyboardInterrupt:  # the chunk processes got the same Ctrl-C: each keeps its finished answers
+        for proc in procs:
+            proc.wait()
+        parts = [chunk_file(answers_file, len(devices), k) for k in range(len(devices))]
+        raise Interrupted(parts[0].parent, sum(p.read_bytes().count(b"\n") for p in parts if p.is_file())) from None
+    for k, ((out, err), proc, dev) in enumerate(zip(outputs, procs, devices)):
         if proc.returncode != 0:
             failed.append(f"chunk {k} on {dev} (exit {proc.returncode}): {err.strip().splitlines()[-1] if err.strip() else out[-300:]}")
     if failed:
@@ -272,7 +302,8 @@ def score(args: argparse.Namespace) -> int:
     answers = Path(args.answers)
     out_dir = Path(args.out_dir) if args.out_dir else answers.with_name(answers.stem + "_upload")
     try:
-        result = score_answers(args.benchmark, answers, args.questions, args.annotations, out_dir, args.judge)
+        result = score_answers(args.benchmark, answers, args.questions, args.annotations, out_dir, args.judge,
+                               args.submission_questions)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError, ImportError) as e:
         print(error("score", e), file=sys.stderr)
         return 2

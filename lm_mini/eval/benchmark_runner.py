@@ -12,14 +12,19 @@ What LLaVA-Mini's ``llavamini/eval/model_vqa_loader.py`` (and ``model_vqa_scienc
 3. batched generation with a KV cache (:func:`lm_mini.eval.generation.generate_answers`), greedy unless
    ``--temperature`` > 0;
 4. one JSON line per question, written as it is answered: ``question_id`` (its JSON type from the file),
-   ``prompt`` (:meth:`Benchmark.answer_prompt`), ``text``, ``answer_id``, ``model_id``, ``metadata``
-   (the generation options). A run given an existing answers file continues after its last complete line
-   and regenerates nothing it holds; a file holding answers to other questions or from another model is
-   refused;
-5. chunks merge by concatenation in chunk order (``--merge``), checked complete against the question file;
+   ``prompt`` (:meth:`Benchmark.answer_prompt`), ``text``, ``answer_id``, ``model_id``, ``metadata``: the
+   generation options (with the ``seed`` when sampling) and the weights that answered (``weights``: checkpoint,
+   step, a fingerprint of the loaded tensors, :func:`weights_fingerprint`). A run given an existing answers file
+   continues after its last complete line and regenerates nothing it holds; a file holding answers to other
+   questions, or written by another model, checkpoint or generation options is refused. The default answers
+   file is the checkpoint's own: ``<run>/eval/<checkpoint>/<label>.jsonl`` (``<model dir>/eval/<label>.jsonl``);
+5. chunks merge by concatenation in chunk order (``--merge``), checked complete against the question file and
+   written by one model, checkpoint and set of options;
 6. when the benchmark can score (its annotations given, or in its question file) the official scorer runs
    (:meth:`Benchmark.score`), a submission file is written where the benchmark has one, and the scores go to
-   the source's MLflow run as ``eval/<benchmark>/<score key>``.
+   the source's MLflow run as ``eval/<benchmark>/<score key>``, at the step of the checkpoint that answered.
+
+Ctrl-C keeps every finished answer (:class:`Interrupted` says how many and where); the same command continues.
 
 A suite (``--suite experiments/benchmarks/paper_image.yaml``) runs a list of benchmarks with their local
 paths (:class:`Suite`).
@@ -35,8 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
-from lm_mini.eval.benchmarks.base import (BENCHMARKS, Answer, Benchmark, BenchmarkResult, Question, answer_key,
-                                          read_answers)
+from lm_mini.eval.benchmarks.base import (BENCHMARKS, Answer, Benchmark, BenchmarkResult, MixedAnswers, Question,
+                                          answer_key, check_one_source, describe_provenance, provenance, read_answers)
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, Path]
@@ -79,6 +84,9 @@ class BenchmarkSpec:
     annotations: Optional[str] = None
     label: Optional[str] = None  # name in MLflow keys and default file names (default: name); e.g. pope_adversarial
     max_new_tokens: Optional[int] = None  # default: the benchmark's (its official script's)
+    # the questions the submission file lists when not these (VQAv2: llava_vqav2_mscoco_test2015.jsonl; by default
+    # found beside the test-dev file, Benchmark.submission_questions_for)
+    submission_questions: Optional[str] = None
 
     @property
     def key(self) -> str:
@@ -131,13 +139,14 @@ def _under(root: str, spec: BenchmarkSpec) -> BenchmarkSpec:
         return None if p is None else str(Path(root) / p) if not Path(p).is_absolute() else p
 
     return BenchmarkSpec(spec.name, place(spec.questions), place(spec.image_folder), place(spec.annotations), spec.label,
-                         spec.max_new_tokens)
+                         spec.max_new_tokens, place(spec.submission_questions))
 
 
 def missing_files(spec: BenchmarkSpec) -> List[str]:
-    """The spec's paths that do not exist (``questions``, ``image_folder``, ``annotations``), named by key."""
+    """The spec's paths that do not exist (``questions``, ``image_folder``, ``annotations``, ``submission_questions``),
+    named by key."""
     out = []
-    for key in ("questions", "image_folder", "annotations"):
+    for key in ("questions", "image_folder", "annotations", "submission_questions"):
         value = getattr(spec, key)
         if value is not None and not Path(value).exists():
             out.append(f"{spec.key}.{key}: {value}")
@@ -154,9 +163,16 @@ class QuestionDataset:
                  tokenizer: Any, template: str, images: Any):
         self.questions, self.benchmark, self.folder = list(questions), benchmark, image_folder
         self.tokenizer, self.template, self.images = tokenizer, template, images
+        self._ids: Dict[int, List[int]] = {}  # prompt ids rendered by check_prompts
 
     def __len__(self) -> int:
         return len(self.questions)
+
+    def check_prompts(self, indices: Sequence[int]) -> None:
+        """Render the prompts of the questions at ``indices`` now (kept for ``__getitem__``): a question the
+        template cannot render fails before the first answer, naming it, not when its batch comes up."""
+        for i in indices:
+            self._ids[i] = self.prompt_ids(self.questions[i])
 
     def prompt_ids(self, q: Question) -> List[int]:
         from lm_mini.constants import IMAGE_PLACEHOLDER
@@ -203,7 +219,7 @@ class QuestionDataset:
         from lm_mini.data.errors import SampleError
 
         q = self.questions[i]
-        ids = self.prompt_ids(q)
+        ids = self._ids[i] if i in self._ids else self.prompt_ids(q)
         try:
             pixels, frames = self.pixels(q) if q.media is not None else (None, 0)
         except (SampleError, OSError) as e:
@@ -242,10 +258,11 @@ def read_finished(path: Path) -> List[Dict[str, Any]]:
     return read_answers(path)
 
 
-def check_resumable(path: Path, done: Sequence[Mapping[str, Any]], keys: Sequence[Tuple[Any, str]], model_id: str,
-                    generation: Mapping[str, Any]) -> None:
-    """An existing answers file continues this run only if it answers this run's questions, in order, with this
-    model and generation options."""
+def check_resumable(path: Path, done: Sequence[Mapping[str, Any]], keys: Sequence[Tuple[Any, str]],
+                    expected: Mapping[str, Any]) -> None:
+    """An existing answers file continues this run only if it answers this run's questions, in order, and was
+    written by this run's model, weights and generation options (``expected``: an answers line of this run, whose
+    :func:`provenance` every line must share)."""
     if len(done) > len(keys):
         raise ValueError(f"{path} holds {len(done)} answers but this run has {len(keys)} questions: "
                          "another question file or chunk? Pass another --answers-file or delete it")
@@ -254,18 +271,27 @@ def check_resumable(path: Path, done: Sequence[Mapping[str, Any]], keys: Sequenc
             raise ValueError(f"{path}: line {i + 1} answers question {a['question_id']!r} where this run's question "
                              f"{i + 1} is {k[0]!r} (another question file, chunk or benchmark?). Pass another "
                              "--answers-file or delete it")
-        if a.get("model_id") != model_id:
-            raise ValueError(f"{path}: line {i + 1} was written by model {a.get('model_id')!r}, this run is "
-                             f"{model_id!r}. Pass another --answers-file (or --model-id) or delete it")
-        written = (a.get("metadata") or {}).get("generation")
-        if written is not None and dict(written) != dict(generation):
-            raise ValueError(f"{path}: line {i + 1} was generated with {written}, this run uses {dict(generation)}. "
-                             "Pass another --answers-file or delete it")
+        if provenance(a) != provenance(expected):
+            raise MixedAnswers(f"{path}: line {i + 1} was written by {describe_provenance(a)}; this run is "
+                               f"{describe_provenance(expected)}. Its answers are not continued with another model, "
+                               "checkpoint or generation options: pass another --answers-file (or --model-id) or "
+                               "delete it")
 
 
-def merge_chunks(answers_file: PathLike, num_chunks: int, questions: Optional[Sequence[Tuple[Any, str]]] = None) -> Path:
+@dataclass
+class Merged:
+    """What :func:`merge_chunks` wrote."""
+
+    answers_file: Path
+    chunks: int  # chunk files concatenated
+    answers: List[Dict[str, Any]]
+
+
+def merge_chunks(answers_file: PathLike, num_chunks: int, questions: Optional[Sequence[Tuple[Any, str]]] = None) -> Merged:
     """Concatenate the chunk files of ``answers_file`` in chunk order into it (LLaVA's merge loop). With the
-    questions' answer keys, each chunk must answer exactly its piece of them (no merge of an unfinished job)."""
+    questions' answer keys, each chunk must answer exactly its piece of them (no merge of an unfinished job); the
+    chunks must come from one model, checkpoint and set of generation options (a chunk left by an earlier
+    checkpoint or setting is named, not mixed in)."""
     out = Path(answers_file)
     parts = [chunk_file(out, num_chunks, k) for k in range(num_chunks)]
     absent = [str(p) for p in parts if not p.is_file()]
@@ -274,10 +300,13 @@ def merge_chunks(answers_file: PathLike, num_chunks: int, questions: Optional[Se
         absent = [str(p) for k, p in enumerate(parts) if not p.is_file() and k < len(pieces)]
     if absent:
         raise FileNotFoundError(f"--merge {out}: chunk file(s) missing: {', '.join(absent)}")
-    lines: List[str] = []
+    merged: List[Dict[str, Any]] = []
+    lines: List[Tuple[str, Dict[str, Any]]] = []
+    found = 0
     for k, part in enumerate(parts):
         if not part.is_file():
             continue
+        found += 1
         answers = read_answers(part)
         if pieces is not None:
             want = list(pieces[k]) if k < len(pieces) else []
@@ -286,18 +315,22 @@ def merge_chunks(answers_file: PathLike, num_chunks: int, questions: Optional[Se
                 raise ValueError(f"--merge: {part} has {len(got)} answers, chunk {k} of {num_chunks} has {len(want)} "
                                  "questions" + ("" if len(got) != len(want) else " (other questions)")
                                  + ": finish that chunk first (run it again with the same --answers-file)")
-        lines += [json.dumps(a) for a in answers]
+        lines += [(f"{part}:{i}", a) for i, a in enumerate(answers, 1)]
+        merged += answers
+    check_one_source(lines, f"--merge {out}: the chunks")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    tmp.write_text("".join(json.dumps(a) + "\n" for a in merged), encoding="utf-8")
     tmp.replace(out)
-    return out
+    return Merged(out, found, merged)
 
 
 # --------------------------------------------------------------------------- generation
 @dataclass
 class LoadedModel:
-    """A model ready for benchmark generation (``lm_mini.interop.export.load_model`` + its data processing)."""
+    """A model ready for benchmark generation (``lm_mini.interop.export.load_model`` + its data processing).
+    ``weights``: what the answers lines record of the weights (``metadata.weights``, :func:`weights_record`);
+    empty where no weights were loaded (``--merge``, the parent of ``--devices``)."""
 
     model: Any
     cfg: Any
@@ -307,6 +340,55 @@ class LoadedModel:
     info: Dict[str, Any] = field(default_factory=dict)  # the source's MLflow run id / tracking URI / step
     run_dir: Optional[Path] = None
     path: Optional[Path] = None
+    weights: Dict[str, Any] = field(default_factory=dict)
+
+
+class Interrupted(Exception):
+    """Generation stopped by Ctrl-C: ``done`` (of ``total``) answers are kept in ``answers_file`` (a file, or the
+    folder of a benchmark's chunk files); the same command continues after them."""
+
+    def __init__(self, answers_file: Path, done: int, total: Optional[int] = None):
+        of = f" of {total}" if total is not None else ""
+        super().__init__(f"interrupted: {done}{of} answers kept in {answers_file}; run the same command again to continue")
+        self.answers_file, self.done, self.total = answers_file, done, total
+
+
+def weights_fingerprint(model: Any, samples: int = 4096) -> str:
+    """A fingerprint of a model's weights: SHA-256 over every tensor of its state dict (name, dtype, shape and the
+    bytes of ``samples`` evenly spaced elements), 16 hex digits. Two checkpoints of one run differ in it (every
+    trained tensor moves), the same weights loaded twice, on any device, do not; it costs one small gather per
+    tensor, not a pass over the weights."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        flat = tensor.detach().reshape(-1)
+        if flat.numel() > samples:
+            index = torch.arange(samples, device=flat.device) * (flat.numel() - 1) // (samples - 1)
+            flat = flat[index]
+        digest.update(flat.contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def checkpoint_tag(info: Mapping[str, Any]) -> Optional[str]:
+    """The checkpoint a source's weights come from, as a folder name (``step=00000200``); None for a model directory."""
+    name = info.get("checkpoint")
+    return str(name).split(".ckpt")[0] if name else None
+
+
+def weights_record(model: Any, info: Mapping[str, Any], path: Optional[Path]) -> Dict[str, Any]:
+    """``metadata.weights`` of the answers lines: the weights' fingerprint, and where they come from (checkpoint
+    file and global step of a run, or the model directory)."""
+    record: Dict[str, Any] = {"fingerprint": weights_fingerprint(model)}
+    if info.get("checkpoint"):
+        record["checkpoint"] = str(info["checkpoint"])
+    if info.get("global_step") is not None:
+        record["step"] = int(info["global_step"])
+    record["source"] = str(Path(info["run_dir"]) if info.get("run_dir") else path)
+    return record
 
 
 def load_for_benchmarks(source: PathLike, device: Optional[str] = None, model_id: Optional[str] = None) -> LoadedModel:
@@ -321,14 +403,22 @@ def load_for_benchmarks(source: PathLike, device: Optional[str] = None, model_id
     model, cfg = load_model(found, device)
     processor = build_processor(cfg)
     name = model_id or (found.run_dir.name if found.run_dir is not None else Path(found.path).name)
-    return LoadedModel(model, cfg, processor.tokenizer, processor.images, name, dict(found.info), found.run_dir, Path(found.path))
+    info = dict(found.info)  # with the checkpoint's global_step, read with its weights
+    return LoadedModel(model, cfg, processor.tokenizer, processor.images, name, info, found.run_dir, Path(found.path),
+                       weights_record(model, info, Path(found.path)))
 
 
 def generate_benchmark_answers(loaded: LoadedModel, benchmark: Benchmark, questions: Sequence[Question], answers_file: Path,
                                image_folder: Optional[PathLike], options: Any, batch_size: int = 1, num_workers: int = 0,
-                               progress: Optional[Callable[[int, int], None]] = None) -> int:
+                               progress: Optional[Callable[[int, int], None]] = None, seed: int = 0,
+                               first_index: int = 0) -> int:
     """Answer ``questions`` into ``answers_file`` line by line, after the answers it already holds; returns how
-    many were generated now (0 for a finished file)."""
+    many were generated now (0 for a finished file).
+
+    Sampling (``options.temperature`` > 0) seeds torch before each batch from ``seed`` and the position of the
+    batch's first question in the benchmark (``first_index``: this chunk's first question), so a sampled run is
+    reproducible, and with batches of one a resumed or chunked run answers as one fresh run; the seed is recorded
+    in ``metadata.generation``. Ctrl-C raises :class:`Interrupted` after the last finished batch is written."""
     import torch
     from torch.utils.data import DataLoader, Subset
 
@@ -337,38 +427,48 @@ def generate_benchmark_answers(loaded: LoadedModel, benchmark: Benchmark, questi
 
     template = loaded.cfg.data.template
     dataset = QuestionDataset(questions, benchmark, image_folder, loaded.tokenizer, template, loaded.images)
-    generation = options.to_dict()
+    sampling = options.temperature > 0
+    generation = dict(options.to_dict(), **({"seed": seed} if sampling else {}))
+    metadata = {"generation": generation, "weights": dict(loaded.weights)}
+    expected = {"model_id": loaded.model_id, "metadata": metadata}
     done = read_finished(answers_file)
-    check_resumable(answers_file, done, [benchmark.answer_key(q) for q in questions], loaded.model_id, generation)
+    check_resumable(answers_file, done, [benchmark.answer_key(q) for q in questions], expected)
     todo = list(range(len(done), len(questions)))
     if not todo:
         return 0
     check_media(dataset, todo)
+    dataset.check_prompts(todo)
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else loaded.tokenizer.eos_token_id
     loader = DataLoader(Subset(dataset, todo), batch_size=batch_size, num_workers=num_workers, collate_fn=Collator(int(pad)))
     stop = stop_token_ids(loaded.tokenizer, template)
     device = next(loaded.model.parameters()).device
     answers_file.parent.mkdir(parents=True, exist_ok=True)
     written = 0
-    with answers_file.open("a", encoding="utf-8") as f:
-        for batch in loader:
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            texts = generate_answers(loaded.model, batch, loaded.tokenizer, stop, options)
-            for i, text in zip(batch["sample_ids"], texts):
-                q = questions[i]
-                line = Answer(q.question_id, benchmark.answer_prompt(q), text, uuid.uuid4().hex, loaded.model_id,
-                              {"generation": generation})
-                f.write(line.to_json() + "\n")
-            f.flush()  # a killed job keeps every finished batch
-            written += len(texts)
-            if progress is not None:
-                progress(len(done) + written, len(questions))
+    try:
+        with answers_file.open("a", encoding="utf-8") as f:
+            for batch in loader:
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                if sampling:  # a 64-bit seed: (seed, question position) never collide
+                    torch.manual_seed((seed << 32) + first_index + int(batch["sample_ids"][0]))
+                texts = generate_answers(loaded.model, batch, loaded.tokenizer, stop, options)
+                f.write("".join(Answer(questions[i].question_id, benchmark.answer_prompt(questions[i]), text,
+                                       uuid.uuid4().hex, loaded.model_id, metadata,
+                                       benchmark.answer_fields(questions[i])).to_json() + "\n"
+                                for i, text in zip(batch["sample_ids"], texts)))
+                f.flush()  # a killed job keeps every finished batch
+                written += len(texts)
+                if progress is not None:
+                    progress(len(done) + written, len(questions))
+    except KeyboardInterrupt:
+        raise Interrupted(answers_file, len(done) + written, len(questions)) from None
     return written
 
 
 # --------------------------------------------------------------------------- scoring
 def score_run(benchmark: Benchmark, answers: Sequence[Mapping[str, Any]], questions: Sequence[Question],
-              annotations: Optional[PathLike], out_dir: Path, judge: Optional[str] = None) -> Optional[BenchmarkResult]:
+              annotations: Optional[PathLike], out_dir: Path, judge: Optional[str] = None,
+              questions_file: Optional[PathLike] = None, submission_questions: Optional[PathLike] = None
+              ) -> Optional[BenchmarkResult]:
     """:func:`lm_mini.eval.benchmarks.scoring.score_answers` (the official score, submission / judge input file), as
     ``lm-mini score`` runs it; a GPT-judged benchmark without a ``judge`` command gets its judge input only (None)."""
     from lm_mini.eval.benchmarks.scoring import score_answers
@@ -376,7 +476,8 @@ def score_run(benchmark: Benchmark, answers: Sequence[Mapping[str, Any]], questi
     if benchmark.judged and not judge:
         benchmark.write_submission(answers, out_dir, questions, annotations)
         return None
-    return score_answers(benchmark, answers, questions, annotations, out_dir, judge)
+    return score_answers(benchmark, answers, questions, annotations, out_dir, judge, submission_questions,
+                         questions_file=questions_file)
 
 
 def upload_dir(answers_file: Path) -> Path:
@@ -402,6 +503,7 @@ class BenchmarkRun:
     result: Optional[BenchmarkResult] = None
     mlflow_run_id: Optional[str] = None
     chunk: Optional[Tuple[int, int]] = None  # (num_chunks, chunk_idx) when this run was one chunk (not scored)
+    merged: Optional[Tuple[int, int]] = None  # (chunk files, answers) when this run merged chunks
 
     def to_json(self) -> Dict[str, Any]:
         out: Dict[str, Any] = self.result.to_json() if self.result is not None else {"benchmark": self.spec.name}
@@ -410,22 +512,49 @@ class BenchmarkRun:
         out.update({"answers_file": str(self.answers_file), "questions": self.n_questions, "generated": self.generated})
         if self.chunk:
             out["chunk"] = {"num_chunks": self.chunk[0], "chunk_idx": self.chunk[1]}
+        if self.merged:
+            out["merged"] = {"chunks": self.merged[0], "answers": self.merged[1]}
         if self.mlflow_run_id:
             out["mlflow_run_id"] = self.mlflow_run_id
         return out
 
 
 def default_answers_file(loaded_or_root: Any, label: str) -> Path:
-    root = loaded_or_root.run_dir or loaded_or_root.path if isinstance(loaded_or_root, LoadedModel) else Path(loaded_or_root)
-    return Path(root) / "eval" / f"{label}.jsonl"
+    """``<run>/eval/<checkpoint>/<label>.jsonl`` for a run or checkpoint (each checkpoint its own answers: a run
+    directory names its newest checkpoint, which changes as training goes on), ``<model dir>/eval/<label>.jsonl``
+    for a model directory, ``<root>/eval/<label>.jsonl`` for a folder."""
+    if not isinstance(loaded_or_root, LoadedModel):
+        return Path(loaded_or_root) / "eval" / f"{label}.jsonl"
+    root = Path(loaded_or_root.run_dir or loaded_or_root.path) / "eval"
+    tag = checkpoint_tag(loaded_or_root.info)
+    return (root / tag if tag else root) / f"{label}.jsonl"
+
+
+def answers_weights(answers: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The ``metadata.weights`` record of an answers file (one source: checked by scoring), {} where it has none."""
+    meta = answers[0].get("metadata") if answers else None
+    weights = meta.get("weights") if isinstance(meta, Mapping) else None
+    return weights if isinstance(weights, Mapping) else {}
+
+
+def check_answers_of_source(answers: Sequence[Mapping[str, Any]], loaded: LoadedModel, answers_file: Path) -> None:
+    """Merged answers logged to SOURCE's MLflow run must come from SOURCE's checkpoint (when both say which)."""
+    written = answers_weights(answers).get("checkpoint")
+    mine = loaded.info.get("checkpoint")
+    if written and mine and str(written) != str(mine):
+        raise MixedAnswers(f"{answers_file}: the answers were written by checkpoint {written}, but {loaded.path} is "
+                           f"checkpoint {mine}: give the checkpoint that wrote them as SOURCE (or no SOURCE, to score "
+                           "without logging)")
 
 
 def run_benchmark(loaded: Optional[LoadedModel], spec: BenchmarkSpec, answers_file: Optional[PathLike] = None,
                   options: Any = None, num_chunks: int = 1, chunk_idx: int = 0, batch_size: int = 1, num_workers: int = 0,
                   merge: bool = False, log_mlflow: bool = True, judge: Optional[str] = None,
-                  progress: Optional[Callable[[int, int], None]] = None) -> BenchmarkRun:
+                  progress: Optional[Callable[[int, int], None]] = None, seed: int = 0) -> BenchmarkRun:
     """Generate (this chunk of) ``spec``'s answers, or merge the chunks (``merge``), then score the whole answers
-    file and log the scores to the source's MLflow run. A chunk of several is only generated (merge, then score)."""
+    file and log the scores to the source's MLflow run, at the step of the checkpoint that answered. A chunk of
+    several is only generated (merge, then score). A benchmark that could not be scored with the files given
+    says so before generating (:meth:`Benchmark.check_scorable`)."""
     from lm_mini.eval.generation import GenerationOptions
     from lm_mini.eval.mlflow_scores import log_scores
 
@@ -439,24 +568,33 @@ def run_benchmark(loaded: Optional[LoadedModel], spec: BenchmarkSpec, answers_fi
             raise ValueError("give --answers-file (the merged file) or the model it came from")
         answers_file = default_answers_file(loaded, spec.key)
     answers_file = Path(answers_file)
+    info = dict(loaded.info) if loaded is not None else {}
     if merge:
-        merge_chunks(answers_file, num_chunks, [benchmark.answer_key(q) for q in questions])
-        run = BenchmarkRun(spec, answers_file, len(questions), 0)
+        merged = merge_chunks(answers_file, num_chunks, [benchmark.answer_key(q) for q in questions])
+        run = BenchmarkRun(spec, answers_file, len(questions), 0, merged=(merged.chunks, len(merged.answers)))
+        if loaded is not None:
+            check_answers_of_source(merged.answers, loaded, answers_file)
+            step = answers_weights(merged.answers).get("step")  # no weights loaded here: the answers say the step
+            info.update({} if step is None else {"global_step": step})
     else:
         if loaded is None:
             raise ValueError("give the model to evaluate (run directory, checkpoint or model directory)")
         options = options or GenerationOptions.from_config(loaded.cfg.eval, max_new_tokens=spec.max_new_tokens or benchmark.max_new_tokens)
+        if num_chunks == 1:
+            benchmark.check_scorable(questions, spec.annotations)
         mine = get_chunk(questions, num_chunks, chunk_idx)
+        first = chunk_idx * max(1, math.ceil(len(questions) / num_chunks))  # split_list's piece size
         target = chunk_file(answers_file, num_chunks, chunk_idx) if num_chunks > 1 else answers_file
         generated = generate_benchmark_answers(loaded, benchmark, mine, target, spec.image_folder, options, batch_size,
-                                               num_workers, progress)
+                                               num_workers, progress, seed, first)
         run = BenchmarkRun(spec, target, len(mine), generated, chunk=(num_chunks, chunk_idx) if num_chunks > 1 else None)
         if num_chunks > 1:
             return run  # one piece of the benchmark: scored after --merge
     answers = read_answers(answers_file)
-    run.result = score_run(benchmark, answers, questions, spec.annotations, upload_dir(answers_file), judge)
+    run.result = score_run(benchmark, answers, questions, spec.annotations, upload_dir(answers_file), judge,
+                           spec.questions, spec.submission_questions)
     if run.result is not None and log_mlflow and loaded is not None and run.result.scores:
-        run.mlflow_run_id = log_scores(loaded.info, mlflow_metrics(spec.key, run.result),
+        run.mlflow_run_id = log_scores(info, mlflow_metrics(spec.key, run.result),
                                        [answers_file] + [Path(p) for p in run.result.files.values() if Path(p).is_file()],
                                        artifact_path=f"eval/{spec.key}")
     return run

@@ -25,7 +25,8 @@ def get_benchmark(name: Union[str, Benchmark]) -> Benchmark:
 
 def score_answers(benchmark: Union[str, Benchmark], answers: Answers, questions: Questions = None,
                   annotations: Optional[PathLike] = None, out_dir: Optional[PathLike] = None,
-                  judge: Optional[str] = None, submission_questions: Questions = None) -> BenchmarkResult:
+                  judge: Optional[str] = None, submission_questions: Questions = None,
+                  questions_file: Optional[PathLike] = None) -> BenchmarkResult:
     """Score ``answers`` (an answers file or its lines) of ``benchmark`` as its official scorer does.
 
     ``questions``: the benchmark's question file (or its :class:`Question` list); ``annotations``: its reference
@@ -40,9 +41,8 @@ def score_answers(benchmark: Union[str, Benchmark], answers: Answers, questions:
     bench = get_benchmark(benchmark)
     where = str(answers) if isinstance(answers, (str, Path)) else "the answers"
     answer_lines = read_answers(answers) if isinstance(answers, (str, Path)) else list(answers)
-    questions_file = questions if isinstance(questions, (str, Path)) else None
-    if questions_file is not None:
-        questions = bench.read_questions(questions_file)
+    if isinstance(questions, (str, Path)):  # ``questions_file``: where a Question list was read from
+        questions_file, questions = questions, bench.read_questions(questions)
     if bench.needs_questions and questions is None:
         raise ValueError(f"{bench.name}: scoring needs the question file (--questions)")
     check_one_source([(f"{where}:{i}", a) for i, a in enumerate(answer_lines, 1)], where)
