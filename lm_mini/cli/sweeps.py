@@ -119,6 +119,7 @@ def _print_comparison(args: argparse.Namespace, rows: Sequence[Any], metrics: Se
     """The runs; when they repeat grid points over seeds, each point's mean / std / CI / n and the pairwise
     differences of the first metric with their significance; the pivot; the plot."""
     from lm_mini.sweeps import compare as c
+    from lm_mini.sweeps import plots, stats
 
     group_by, alpha = getattr(args, "group_by", None), getattr(args, "alpha", 0.05)
     fmt = args.format
@@ -128,34 +129,34 @@ def _print_comparison(args: argparse.Namespace, rows: Sequence[Any], metrics: Se
     out: Dict[str, Any] = {"runs": records}
     main_metric = metrics[0] if metrics else None
     groups: List[Any] = []
-    if c.should_aggregate(rows, group_by):
-        groups, left_out = c.aggregate(rows, metrics, group_by, alpha)
+    if stats.should_aggregate(rows, group_by):
+        groups, left_out = stats.aggregate(rows, metrics, group_by, alpha)
         if group_by and not all(k in r.values and r.values[k] is not None for r in rows for k in group_by):
             missing = sorted({k for r in rows for k in group_by if r.values.get(k) is None})
             print(f"lm-mini compare: some runs have no value for --group-by {', '.join(missing)}; they form their own group")
-        diffs = c.differences(groups, main_metric, alpha) if main_metric else []
-        out.update({"group_by": c.group_keys(rows, group_by), "alpha": alpha, "groups": c.group_records(groups, metrics),
+        diffs = stats.differences(groups, main_metric, alpha) if main_metric else []
+        out.update({"group_by": stats.group_keys(rows, group_by), "alpha": alpha, "groups": stats.group_records(groups, metrics),
                     "differences": {"metric": main_metric, "test": "Welch's t-test, Holm-adjusted over all pairs",
-                                    "pairs": c.difference_records(diffs)},
-                    "ordering": c.ordering(groups, main_metric, diffs) if main_metric else "",
+                                    "pairs": stats.difference_records(diffs)},
+                    "ordering": stats.ordering(groups, main_metric, diffs) if main_metric else "",
                     "left_out": [{"run": r.name, "status": r.status} for r in left_out]})
     if fmt == "json":
         print(json.dumps(out, indent=2, default=_json_default))
     elif fmt == "csv":  # one table: the grid points when aggregating (a row each), else the runs
-        print(c.render(c.group_records(groups, metrics) if groups else records, "csv"), end="")
+        print(c.render(stats.group_records(groups, metrics) if groups else records, "csv"), end="")
     else:
         print(c.render(records, text))
         if groups:
             level = f"{100 * (1 - alpha):g}%"
             print(f"\nover seeds, per grid point ({', '.join(c._short(k) for k in out['group_by']) or 'all runs'}): "
                   f"mean ± std [{level} t-interval], n runs:")
-            print(c.render(c.summary_table(groups, metrics), text))
+            print(c.render(stats.summary_table(groups, metrics), text))
             if out["left_out"]:
                 print("left out (not FINISHED): " + ", ".join(f"{r['run']} ({r['status']})" for r in out["left_out"]))
             if out["differences"]["pairs"]:
                 print(f"\n{main_metric}: differences between grid points (Welch's t-test, Holm-adjusted over "
                       f"{len(out['differences']['pairs'])} pairs; significant: p (Holm) < {alpha:g}):")
-                print(c.render(c.difference_table(c.differences(groups, main_metric, alpha)), text))
+                print(c.render(stats.difference_table(stats.differences(groups, main_metric, alpha)), text))
                 print(f"\nordering ('>' significant, '~' not): {out['ordering']}")
         table = c.pivot(_mean_rows(groups) if groups else rows, main_metric) if main_metric else None
         if table:
@@ -167,7 +168,7 @@ def _print_comparison(args: argparse.Namespace, rows: Sequence[Any], metrics: Se
             print("lm-mini compare: no metric to plot")
             return 1
         try:
-            c.plot(rows, metrics[0], args.plot, group_by=group_by, alpha=alpha, baseline=getattr(args, "baseline", None),
+            plots.plot(rows, metrics[0], args.plot, group_by=group_by, alpha=alpha, baseline=getattr(args, "baseline", None),
                  upper_bound=upper)
         except ValueError as e:
             print(f"lm-mini compare: {e}")

@@ -71,7 +71,7 @@ def test_plot_lines_follow_the_sweep_grid(store):
 
 
 def test_plot_writes_png(store, tmp_path):
-    from lm_mini.sweeps.compare import plot
+    from lm_mini.sweeps.plots import plot
 
     out = tmp_path / "p.png"
     plot(read_runs("exp", "s1", store), "accuracy", str(out))

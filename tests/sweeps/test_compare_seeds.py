@@ -12,8 +12,9 @@ import pytest
 from mlflow import MlflowClient
 from scipy import stats
 
-from lm_mini.sweeps.compare import (Group, RunRow, aggregate, differences, find_tracking_store, holm, ordering,
-                                    place_labels, should_aggregate, summarize, upper_bound_group, welch)
+from lm_mini.sweeps.compare import RunRow, find_tracking_store
+from lm_mini.sweeps.plots import place_labels, upper_bound_group
+from lm_mini.sweeps.stats import Group, aggregate, differences, holm, ordering, should_aggregate, summarize, welch
 
 C, D, NAME = "model.compressor.grid", "model.prefusion.depth", "model.compressor.name"
 # Student t's 97.5% quantile by degrees of freedom: df 2 in closed form (t = (2p - 1) sqrt(2 / (4 p (1 - p)))), the
