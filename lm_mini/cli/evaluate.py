@@ -155,8 +155,9 @@ def benchmark(args: argparse.Namespace) -> int:
 
 
 def _benchmark(args: argparse.Namespace) -> int:
-    from lm_mini.eval.benchmark_runner import (BenchmarkRun, BenchmarkSpec, LoadedModel, default_answers_file,
-                                               load_for_benchmarks, load_suite, run_benchmark, run_suite)
+    from lm_mini.eval.benchmark_runner import (BenchmarkRun, LoadedModel, default_answers_file, load_for_benchmarks,
+                                               run_benchmark, run_suite)
+    from lm_mini.eval.suites import BenchmarkSpec, load_suite
     from lm_mini.eval.benchmarks.base import BENCHMARKS
 
     if args.data:
@@ -266,7 +267,8 @@ def run_chunks_on_devices(args: argparse.Namespace, devices: Sequence[str], answ
     naming it (its finished answers stay: a re-run continues it)."""
     import subprocess
 
-    from lm_mini.eval.benchmark_runner import Interrupted, chunk_file
+    from lm_mini.eval.answers_files import chunk_file
+    from lm_mini.eval.benchmark_runner import Interrupted
 
     flags = {"--image-folder": args.image_folder, "--label": args.label, "--model-id": args.model_id,
              "--batch-size": args.batch_size, "--num-workers": args.num_workers, "--temperature": args.temperature,

@@ -31,7 +31,6 @@ paths (:class:`Suite`).
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -40,117 +39,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
-from lm_mini.eval.benchmarks.base import (BENCHMARKS, Answer, Benchmark, BenchmarkResult, MixedAnswers, Question,
-                                          answer_key, check_one_source, describe_provenance, provenance, read_answers)
+from lm_mini.eval.answers_files import chunk_file, check_resumable, get_chunk, merge_chunks, read_finished
+from lm_mini.eval.benchmarks.base import BENCHMARKS, Answer, Benchmark, BenchmarkResult, MixedAnswers, Question, read_answers
+from lm_mini.eval.suites import BenchmarkSpec, Suite, missing_files
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, Path]
 IMAGE_FILE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
-
-
-# --------------------------------------------------------------------------- chunks (LLaVA's get_chunk)
-def split_list(items: Sequence[Any], n: int) -> List[Sequence[Any]]:
-    """LLaVA's ``split_list``: pieces of ``ceil(len / n)`` items (so there may be fewer than ``n`` pieces)."""
-    if n < 1:
-        raise ValueError(f"--num-chunks must be >= 1, got {n}")
-    size = max(1, math.ceil(len(items) / n))
-    return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-def get_chunk(items: Sequence[Any], n: int, k: int) -> List[Any]:
-    """Piece ``k`` of :func:`split_list` (empty where LLaVA's script would fail with an IndexError: fewer
-    questions than chunks)."""
-    if not 0 <= k < n:
-        raise ValueError(f"--chunk-idx must be in [0, {n - 1}] for --num-chunks {n}, got {k}")
-    pieces = split_list(items, n)
-    return list(pieces[k]) if k < len(pieces) else []
-
-
-def chunk_file(answers_file: PathLike, n: int, k: int) -> Path:
-    """Where chunk ``k`` of ``n`` of ``answers_file`` is written: ``<dir>/<stem>/<n>_<k>.jsonl`` (LLaVA's layout,
-    ``answers/<ckpt>/<CHUNKS>_<IDX>.jsonl`` merged into ``answers/<ckpt>.jsonl``)."""
-    p = Path(answers_file)
-    return p.parent / p.stem / f"{n}_{k}.jsonl"
-
-
-# --------------------------------------------------------------------------- what to run
-@dataclass
-class BenchmarkSpec:
-    """One benchmark run: the registered benchmark ``name`` and its local files (a suite entry or the flags)."""
-
-    name: str
-    questions: str
-    image_folder: Optional[str] = None
-    annotations: Optional[str] = None
-    label: Optional[str] = None  # name in MLflow keys and default file names (default: name); e.g. pope_adversarial
-    max_new_tokens: Optional[int] = None  # default: the benchmark's (its official script's)
-    # the questions the submission file lists when not these (VQAv2: llava_vqav2_mscoco_test2015.jsonl; by default
-    # found beside the test-dev file, Benchmark.submission_questions_for)
-    submission_questions: Optional[str] = None
-
-    @property
-    def key(self) -> str:
-        return self.label or self.name
-
-
-@dataclass
-class Suite:
-    """``experiments/benchmarks/*.yaml``: benchmarks and their local paths (relative ones under ``root``)."""
-
-    root: str = "."
-    benchmarks: List[BenchmarkSpec] = field(default_factory=list)
-
-
-def load_suite(path: PathLike) -> Suite:
-    """A suite YAML -> :class:`Suite` (typed: unknown keys and missing ``name``/``questions`` are refused, naming
-    the entry). ``root`` may use ``${oc.env:VAR,default}``; a relative root is relative to the working directory."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--suite {path}: no such file")
-    raw = OmegaConf.load(path)
-    unknown = set(raw.keys()) - {"root", "benchmarks"}
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; a suite has root and benchmarks")
-    entries = []
-    for i, entry in enumerate(raw.get("benchmarks") or []):
-        try:
-            merged = OmegaConf.merge(OmegaConf.structured(BenchmarkSpec(name="", questions="")), entry)
-        except OmegaConfBaseException as e:
-            raise ValueError(f"{path}: benchmarks[{i}]: {e.msg if hasattr(e, 'msg') else e}") from None
-        spec = BenchmarkSpec(**OmegaConf.to_container(merged, resolve=True))
-        if not spec.name or not spec.questions:
-            raise ValueError(f"{path}: benchmarks[{i}] needs 'name' (a registered benchmark) and 'questions' (its question file)")
-        entries.append(spec)
-    if not entries:
-        raise ValueError(f"{path}: no benchmarks listed")
-    labels = [e.key for e in entries]
-    twice = sorted({k for k in labels if labels.count(k) > 1})
-    if twice:
-        raise ValueError(f"{path}: {', '.join(twice)} listed twice; give each run its own 'label'")
-    root = str(OmegaConf.to_container(raw, resolve=True).get("root") or ".")
-    return Suite(root, [_under(root, e) for e in entries])
-
-
-def _under(root: str, spec: BenchmarkSpec) -> BenchmarkSpec:
-    def place(p: Optional[str]) -> Optional[str]:
-        return None if p is None else str(Path(root) / p) if not Path(p).is_absolute() else p
-
-    return BenchmarkSpec(spec.name, place(spec.questions), place(spec.image_folder), place(spec.annotations), spec.label,
-                         spec.max_new_tokens, place(spec.submission_questions))
-
-
-def missing_files(spec: BenchmarkSpec) -> List[str]:
-    """The spec's paths that do not exist (``questions``, ``image_folder``, ``annotations``, ``submission_questions``),
-    named by key."""
-    out = []
-    for key in ("questions", "image_folder", "annotations", "submission_questions"):
-        value = getattr(spec, key)
-        if value is not None and not Path(value).exists():
-            out.append(f"{spec.key}.{key}: {value}")
-    return out
 
 
 # --------------------------------------------------------------------------- questions -> batches
@@ -241,88 +136,6 @@ def check_media(dataset: QuestionDataset, indices: Optional[Sequence[int]] = Non
     if missing:
         raise FileNotFoundError(f"{dataset.benchmark.name}: the media of {len(missing)} of {len(chosen)} questions not found "
                                 f"(--image-folder {dataset.folder}), e.g. " + "; ".join(missing[:3]))
-
-
-# --------------------------------------------------------------------------- answers files
-def read_finished(path: Path) -> List[Dict[str, Any]]:
-    """The complete answer lines of a (possibly interrupted) answers file; a last line cut off mid-write is
-    dropped from the file (it is regenerated)."""
-    if not path.is_file():
-        return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):  # killed while writing its last line
-        cut = data.rfind(b"\n") + 1
-        log.warning("%s: dropping an unfinished last line (%d bytes)", path, len(data) - cut)
-        with path.open("r+b") as f:
-            f.truncate(cut)
-    return read_answers(path)
-
-
-def check_resumable(path: Path, done: Sequence[Mapping[str, Any]], keys: Sequence[Tuple[Any, str]],
-                    expected: Mapping[str, Any]) -> None:
-    """An existing answers file continues this run only if it answers this run's questions, in order, and was
-    written by this run's model, weights and generation options (``expected``: an answers line of this run, whose
-    :func:`provenance` every line must share)."""
-    if len(done) > len(keys):
-        raise ValueError(f"{path} holds {len(done)} answers but this run has {len(keys)} questions: "
-                         "another question file or chunk? Pass another --answers-file or delete it")
-    for i, (a, k) in enumerate(zip(done, keys)):
-        if answer_key(a) != k:
-            raise ValueError(f"{path}: line {i + 1} answers question {a['question_id']!r} where this run's question "
-                             f"{i + 1} is {k[0]!r} (another question file, chunk or benchmark?). Pass another "
-                             "--answers-file or delete it")
-        if provenance(a) != provenance(expected):
-            raise MixedAnswers(f"{path}: line {i + 1} was written by {describe_provenance(a)}; this run is "
-                               f"{describe_provenance(expected)}. Its answers are not continued with another model, "
-                               "checkpoint or generation options: pass another --answers-file (or --model-id) or "
-                               "delete it")
-
-
-@dataclass
-class Merged:
-    """What :func:`merge_chunks` wrote."""
-
-    answers_file: Path
-    chunks: int  # chunk files concatenated
-    answers: List[Dict[str, Any]]
-
-
-def merge_chunks(answers_file: PathLike, num_chunks: int, questions: Optional[Sequence[Tuple[Any, str]]] = None) -> Merged:
-    """Concatenate the chunk files of ``answers_file`` in chunk order into it (LLaVA's merge loop). With the
-    questions' answer keys, each chunk must answer exactly its piece of them (no merge of an unfinished job); the
-    chunks must come from one model, checkpoint and set of generation options (a chunk left by an earlier
-    checkpoint or setting is named, not mixed in)."""
-    out = Path(answers_file)
-    parts = [chunk_file(out, num_chunks, k) for k in range(num_chunks)]
-    absent = [str(p) for p in parts if not p.is_file()]
-    pieces = split_list(list(questions), num_chunks) if questions is not None else None
-    if pieces is not None:  # chunks past the last piece have no questions: an absent file is fine there
-        absent = [str(p) for k, p in enumerate(parts) if not p.is_file() and k < len(pieces)]
-    if absent:
-        raise FileNotFoundError(f"--merge {out}: chunk file(s) missing: {', '.join(absent)}")
-    merged: List[Dict[str, Any]] = []
-    lines: List[Tuple[str, Dict[str, Any]]] = []
-    found = 0
-    for k, part in enumerate(parts):
-        if not part.is_file():
-            continue
-        found += 1
-        answers = read_answers(part)
-        if pieces is not None:
-            want = list(pieces[k]) if k < len(pieces) else []
-            got = [answer_key(a) for a in answers]
-            if got != want:
-                raise ValueError(f"--merge: {part} has {len(got)} answers, chunk {k} of {num_chunks} has {len(want)} "
-                                 "questions" + ("" if len(got) != len(want) else " (other questions)")
-                                 + ": finish that chunk first (run it again with the same --answers-file)")
-        lines += [(f"{part}:{i}", a) for i, a in enumerate(answers, 1)]
-        merged += answers
-    check_one_source(lines, f"--merge {out}: the chunks")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(a) + "\n" for a in merged), encoding="utf-8")
-    tmp.replace(out)
-    return Merged(out, found, merged)
 
 
 # --------------------------------------------------------------------------- generation

@@ -13,6 +13,7 @@ from toy_benchmark import SUFFIX
 
 from lm_mini.cli import main
 from lm_mini.constants import IMAGE_TOKEN_INDEX
+from lm_mini.eval import answers_files, suites
 from lm_mini.eval import benchmark_runner as runner
 from lm_mini.eval import generation
 from lm_mini.eval.benchmarks.base import BENCHMARKS, read_answers
@@ -51,11 +52,11 @@ def _strip(lines):
 
 def test_chunks_follow_llava_get_chunk():
     # split_list: pieces of ceil(len / n) -> 10 items in 4 chunks are 3, 3, 3, 1; 5 items in 4 chunks are 2, 2, 1
-    assert [len(runner.get_chunk(list(range(10)), 4, k)) for k in range(4)] == [3, 3, 3, 1]
-    assert [runner.get_chunk(list(range(5)), 4, k) for k in range(4)] == [[0, 1], [2, 3], [4], []]
-    assert runner.chunk_file("answers/ckpt.jsonl", 4, 1) == Path("answers/ckpt/4_1.jsonl")
+    assert [len(answers_files.get_chunk(list(range(10)), 4, k)) for k in range(4)] == [3, 3, 3, 1]
+    assert [answers_files.get_chunk(list(range(5)), 4, k) for k in range(4)] == [[0, 1], [2, 3], [4], []]
+    assert answers_files.chunk_file("answers/ckpt.jsonl", 4, 1) == Path("answers/ckpt/4_1.jsonl")
     with pytest.raises(ValueError, match="--chunk-idx"):
-        runner.get_chunk([1, 2], 2, 2)
+        answers_files.get_chunk([1, 2], 2, 2)
 
 
 def test_answers_file_has_one_line_per_question_with_original_ids(tiny_model_dir, bench_files, tmp_path, capsys):
@@ -172,7 +173,7 @@ def test_scores_go_to_the_sources_mlflow_run(tiny_model_dir, bench_files, tmp_pa
     run_id = client.create_run(client.create_experiment("bench")).info.run_id
     loaded = runner.load_for_benchmarks(tiny_model_dir, "cpu")
     loaded.info = {"run_id": run_id, "tracking_uri": uri, "global_step": 5}
-    spec = runner.BenchmarkSpec("toy_vqa", str(bench_files / "questions.jsonl"), str(bench_files / "images"),
+    spec = suites.BenchmarkSpec("toy_vqa", str(bench_files / "questions.jsonl"), str(bench_files / "images"),
                                 str(bench_files / "gold.json"), label="toy vqa+val")  # characters MLflow refuses
     run = runner.run_benchmark(loaded, spec, tmp_path / "answers.jsonl")
     assert run.mlflow_run_id == run_id
@@ -215,7 +216,7 @@ benchmarks:
 @pytest.mark.parametrize("suite", sorted((Path(__file__).resolve().parents[2] / "experiments" / "benchmarks").glob("*.yaml")))
 def test_shipped_suites_name_registered_benchmarks(suite, monkeypatch):
     monkeypatch.setenv("LLAVA_EVAL_ROOT", "/data/eval")
-    loaded = runner.load_suite(suite)
+    loaded = suites.load_suite(suite)
     assert loaded.benchmarks and all(BENCHMARKS.get(b.name) for b in loaded.benchmarks)
     if "video" not in suite.name:
         assert loaded.root == "/data/eval" and all(b.questions.startswith("/data/eval/") for b in loaded.benchmarks)
@@ -246,7 +247,7 @@ def test_a_registered_benchmark_runs_end_to_end(tiny_model_dir, tmp_path):
     run_id = client.create_run(client.create_experiment("pope")).info.run_id
     loaded = runner.load_for_benchmarks(tiny_model_dir, "cpu")
     loaded.info = {"run_id": run_id, "tracking_uri": uri}
-    spec = runner.BenchmarkSpec("pope", str(tmp_path / "q.jsonl"), str(tmp_path / "img"), str(tmp_path / "coco"))
+    spec = suites.BenchmarkSpec("pope", str(tmp_path / "q.jsonl"), str(tmp_path / "img"), str(tmp_path / "coco"))
     run = runner.run_benchmark(loaded, spec, tmp_path / "answers.jsonl")
     again = score_answers("pope", tmp_path / "answers.jsonl", tmp_path / "q.jsonl", tmp_path / "coco")
     assert run.result.scores == again.scores and run.result.n == 4
