@@ -105,17 +105,34 @@ def score(predictions: Sequence[Mapping[str, Any]], records: Mapping[str, Mappin
     return out
 
 
-def records_by_id(shard_dirs: Sequence[str]) -> Dict[str, Dict[str, Any]]:
-    """The records of the evaluated shard sets under the data module's sample ids."""
+def records_by_id(shard_dirs: Sequence[str], remote: Any = None) -> Dict[str, Dict[str, Any]]:
+    """The records of the evaluated shard sets under the data module's sample ids. ``shard_dirs``: local paths or
+    remote shard sets (URLs, ``pipe:``), read with ``remote`` (``data.remote``'s :class:`RemoteOptions`)."""
     from lm_mini.data.errors import SkipCounter
     from lm_mini.data.shard_reader import find_shards, iter_raw_samples
     from lm_mini.data.streaming import shard_set_names
 
     out = {}
     for path, name in zip(shard_dirs, shard_set_names(shard_dirs)):
-        for s in iter_raw_samples(find_shards(path)[0], SkipCounter()):
+        for s in iter_raw_samples(find_shards(path, remote)[0], SkipCounter(), remote):
             out[f"{name}/{s.key}"] = s.record
     return out
+
+
+def check_shard_sets(data: Sequence[str], remote: Any) -> None:
+    """Every ``--data`` set is readable now, before any weights are loaded: a local shard directory, tar or pattern,
+    or a remote set (``http(s)://``, ``s3://`` and other fsspec URLs, ``pipe:``) whose ``index.json`` answers with
+    the environment's credentials, as ``lm-mini train`` checks its sets. Errors name the set (URLs redacted)."""
+    from lm_mini.data.remote import is_remote, redact
+    from lm_mini.data.shard_reader import find_shards
+
+    for d in data:
+        try:
+            counts = find_shards(d, remote)[1]
+        except (OSError, ValueError) as e:
+            raise FileNotFoundError(f"--data {redact(str(d))}: {e}") from e
+        if counts is not None and sum(counts) == 0:
+            raise FileNotFoundError(f"--data {redact(str(d))}: the set holds no samples (its index.json says 0)")
 
 
 # --------------------------------------------------------------------------- the held-out evaluation (test loop)
@@ -237,10 +254,15 @@ def evaluate_source(source_path: str, data: Sequence[str], metrics: Optional[Seq
     from lm_mini.quiet import quiet_libraries
 
     quiet_libraries()
-    for d in data:
-        if not Path(d).exists():
+    from lm_mini.data.remote import RemoteOptions, is_remote
+
+    for d in data:  # a mistyped local path fails first, before any config is read
+        if not is_remote(d) and not Path(d).exists() and not any(c in str(d) for c in "*?[{"):
             raise FileNotFoundError(f"--data {d}: no such shard directory")
-    source = resolve_source(source_path)
+    source = resolve_source(source_path)  # the config only: the sets are checked before the weights are read
+    remote = RemoteOptions.from_config(getattr(apply_overrides(OmegaConf.merge(schema(), source.cfg), overrides).data,
+                                               "remote", None))
+    check_shard_sets(data, remote)
     model, cfg = load_model(source)
     cfg = OmegaConf.merge(schema(), cfg)  # validated again, with every default filled in
     cfg.data.val = [ShardSetConfig(path=str(d)) for d in data]
@@ -254,9 +276,9 @@ def evaluate_source(source_path: str, data: Sequence[str], metrics: Optional[Seq
     datamodule = build_datamodule(cfg)
     trainer = L.Trainer(accelerator="cpu" if device == "cpu" else "auto", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    records = records_by_id(data)
+    records = records_by_id(data, remote)
     result = evaluate(trainer, GenerationModule(model), datamodule, cfg, records)
-    file_name = metric_name("+".join(Path(d).name for d in data)).replace("/", "_")
+    file_name = metric_name("+".join(name if is_remote(d) else Path(d).name for d, name in zip(data, names))).replace("/", "_")
     out_path = Path(out) if out else (source.run_dir or source.path) / "eval" / f"{file_name}.jsonl"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with out_path.open("w") as f:  # first: the generated answers are kept whatever the scoring says

@@ -222,3 +222,31 @@ def test_score_dispatches_on_each_metrics_target_kind():
     assert (s["all/multiple_choice"], s["all/multiple_choice_lenient"]) == (0.0, 1.0)  # "(b)": official parser says no
     p = score(preds[1:], {}, ["pope", "pope_lenient"])
     assert p["all/pope_accuracy"] == 0.0 and p["all/pope_lenient_accuracy"] == 1.0  # eval_pope.py reads "NO" as yes
+
+
+def test_eval_data_reads_shard_sets_over_http_as_train_does(tmp_path, capsys):
+    """`lm-mini eval SOURCE --data URL` (issue 18): a shard set served over HTTP is evaluated as its local copy is,
+    the same samples and predictions (it used to be refused: `--data URL: no such shard directory`); a URL that
+    names no set fails before the model is loaded, naming it."""
+    from remote_servers import ShardServer
+
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "red.png")
+    records = [{"id": f"q{i}", "image": "red.png", "conversations": _turns("<image>\nWhat colour is the square?", "red")}
+               for i in range(3)] + [{"id": "t", "conversations": _turns("Name a colour.", "blue")}]
+    (tmp_path / "q.json").write_text(json.dumps(records))
+    build_shards([tmp_path / "q.json"], tmp_path, tmp_path / "served" / "colours")
+    model = _model_dir(tmp_path)
+    common = ["--metric", "exact_match", "eval.max_new_tokens=2", "--no-mlflow", "--json"]
+    assert cli_main(["eval", str(model), "--data", str(tmp_path / "served" / "colours"), "--out", str(tmp_path / "local.jsonl"),
+                     *common]) == 0
+    local = json.loads(capsys.readouterr().out)
+    with ShardServer(tmp_path / "served") as server:
+        assert cli_main(["eval", str(model), "--data", server.url("colours"), "--out", str(tmp_path / "http.jsonl"), *common]) == 0
+        remote = json.loads(capsys.readouterr().out)
+        assert server.requests["/colours/index.json"] >= 1
+        assert cli_main(["eval", str(model), "--data", server.url("nothing"), *common]) == 2
+    err = capsys.readouterr().err
+    assert f"--data {server.url('nothing')}:" in err and "index.json" in err
+    assert remote["n"] == local["n"] == 4 and remote["scores"] == local["scores"]
+    read = lambda name: [json.loads(l) for l in (tmp_path / name).read_text().splitlines()]
+    assert read("http.jsonl") == read("local.jsonl")  # same ids (the set's folder name), answers, record ids
