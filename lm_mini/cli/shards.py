@@ -37,8 +37,8 @@ def add_commands(sub: Any) -> None:
 # --------------------------------------------------------------------------- build
 def build(args: argparse.Namespace) -> int:
     from lm_mini.data.remote import is_remote, join
-    from lm_mini.data.shard_builder import ShardBuildError, build_shards
-    from lm_mini.data.shard_format import SKIPPED_FILE
+    from lm_mini.data.shard_builder import build_shards
+    from lm_mini.data.shard_format import SKIPPED_FILE, ShardBuildError
 
     data_log = logging.getLogger("lm_mini.data")
     level = data_log.level

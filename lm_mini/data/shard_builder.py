@@ -1,8 +1,8 @@
 """Building shard sets: LLaVA JSON/JSONL + media -> WebDataset shards with ``index.json`` (``lm-mini shards build``).
 
 Input records are LLaVA's (``conversations`` + an ``image`` or ``video`` path) or Video-ChatGPT's own
-(``video_id``, ``q``, ``a``), which are turned into LLaVA records (:func:`from_video_chatgpt`). The layout written
-is :mod:`lm_mini.data.shard_format`'s.
+(``video_id``, ``q``, ``a``), read by :mod:`lm_mini.data.llava_records`. The layout written is
+:mod:`lm_mini.data.shard_format`'s.
 
 Building is deterministic: shard i depends only on its range of input records, so the same input
 gives byte-identical shards with any number of worker processes. Shards are written under temporary
@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import multiprocessing
@@ -31,137 +30,16 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import webdataset as wds
-from PIL import Image
 
-from lm_mini.constants import VIDEO_PLACEHOLDER
 from lm_mini.data.errors import SampleError, SkipCounter
-from lm_mini.data.media import decode_image, probe_video
+from lm_mini.data.llava_records import BadLine, InputFile, check_media_root, load_media, media_file, read_input
 from lm_mini.data.remote import RemoteOptions, check_writable, is_remote, local_path, redact, scheme, upload
-from lm_mini.data.shard_format import (EXT_ALIASES, FORMAT, IMAGE_EXTS, INDEX_FILE, SKIPPED_FILE, STATE_DIR, VIDEO_EXTS,
-                                       check_record, media_kind, media_path, shard_name)
+from lm_mini.data.shard_format import (FORMAT, INDEX_FILE, SKIPPED_FILE, STATE_DIR, ShardBuildError, check_record, media_kind,
+                                       media_path, shard_name)
 from lm_mini.data.shard_reader import read_index
 
-_PIL_EXTS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # PIL's format name -> member extension
 TAR_MTIME = 0  # fixed member time/owner so the same input gives byte-identical tars
 log = logging.getLogger(__name__)
-
-
-class ShardBuildError(RuntimeError):
-    """The build cannot start (unreadable input file, output directory in the way, ...)."""
-
-
-# ------------------------------------------------------------------------------------- records
-
-
-def from_video_chatgpt(record: Any) -> Any:
-    """Video-ChatGPT's own record (``VideoInstruct100K.json``: ``{"video_id", "q", "a"}``) as a LLaVA
-    record: one exchange about the video ``video_id`` (see :func:`media_file`). Anything else is returned as is."""
-    if not (isinstance(record, dict) and "conversations" not in record and _is_record(record)):
-        return record
-    q, a = record["q"], record["a"]
-    return {"id": record["video_id"], "video": record["video_id"],
-            "conversations": [{"from": "human", "value": f"{VIDEO_PLACEHOLDER}\n{q}" if isinstance(q, str) else q},
-                              {"from": "gpt", "value": a}]}
-
-
-def media_file(media_root: Path, kind: str, rel: str) -> Path:
-    """The file a record's media path names under ``media_root``.
-
-    A video path without a video suffix names the video of that name in any container: a bare id
-    (Video-ChatGPT's own records) or a feature file such as ``v_x.pkl`` (Video-ChatGPT's converted
-    training JSON points at its CLIP features) finds ``v_x.mp4`` / ``.mkv`` / ``.webm`` ... beside it
-    (ActivityNet mixes containers). Without such a file the path is returned as given."""
-    path = media_root / rel
-    if kind != "video" or media_kind(path.suffix.lower().lstrip(".")) == "video" or path.is_file():
-        return path
-    names = [path.name] + ([path.stem] if path.suffix else [])
-    for name in names:
-        for ext in (*VIDEO_EXTS, *EXT_ALIASES):
-            candidate = path.with_name(f"{name}.{ext}")
-            if media_kind(ext) == "video" and candidate.is_file():
-                return candidate
-    return path
-
-
-def _load_media(kind: str, path: Path, sample_id: str) -> Tuple[str, bytes]:
-    """Read and check one media file -> (member extension, bytes to store)."""
-    try:
-        if not path.is_file():
-            raise SampleError("missing_media", f"{kind} file not found: {path}", sample_id)
-        data = path.read_bytes()
-    except (OSError, ValueError) as e:  # name too long, NUL byte, permission denied, I/O error: skip this record only
-        raise SampleError("missing_media", f"cannot read {kind} file {str(path)[:200]!r}: {getattr(e, 'strerror', None) or e}",
-                          sample_id) from e
-    ext = path.suffix.lower().lstrip(".")
-    ext = EXT_ALIASES.get(ext, ext)
-    if kind == "image":
-        image = decode_image(data, sample_id)  # full decode: a truncated JPEG fails here, not in training
-        # The member is named by what the bytes are, not by the file's suffix (a PNG saved as .jpg is png).
-        ext = _PIL_EXTS.get(Image.open(io.BytesIO(data)).format, ext)
-        if ext not in IMAGE_EXTS:  # gif, bmp, tiff, ...: store losslessly as PNG
-            buf = io.BytesIO()
-            image.save(buf, format="PNG")
-            ext, data = "png", buf.getvalue()
-        return ext, data
-    if ext not in VIDEO_EXTS:
-        raise SampleError("bad_video", f"unsupported video container '.{ext}' ({', '.join(VIDEO_EXTS)})", sample_id)
-    probe_video(data, sample_id)
-    return ext, data
-
-
-# ------------------------------------------------------------------------------------- input
-
-
-@dataclass
-class _Source:
-    path: str
-    sha256: str
-    records: List[Tuple[int, Any]]  # (line or list position, record or a JSONL parse error)
-
-
-class _BadLine(str):
-    """A JSONL line that is not JSON; kept in place so it is reported as a malformed record."""
-
-
-def _read_source(path: Union[str, Path]) -> _Source:
-    """A LLaVA JSON list or a JSONL file (one record per line), told apart by the first character."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-        text = raw.decode("utf-8-sig")  # a leading BOM (Windows tools) is not part of the data
-    except (OSError, UnicodeDecodeError) as e:
-        raise ShardBuildError(f"cannot read {path}: {e}") from e
-    sha = hashlib.sha256(raw).hexdigest()
-    if text.lstrip().startswith("{"):  # one JSON object over the whole file: one record, or a wrapper of records
-        try:
-            whole = json.loads(text)
-        except json.JSONDecodeError:
-            whole = None  # JSON lines
-        if isinstance(whole, dict) and not _is_record(whole):
-            keys = ", ".join(map(repr, list(whole)[:5]))
-            raise ShardBuildError(f"{path} holds one JSON object (keys {keys}), not LLaVA records: expected a JSON list "
-                                  "of records or JSON lines (one record per line)")
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ShardBuildError(f"{path} is not valid JSON: {e}") from e
-        return _Source(str(path), sha, [(i, from_video_chatgpt(r)) for i, r in enumerate(records)])
-    out: List[Tuple[int, Any]] = []
-    for line_no, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                out.append((line_no, from_video_chatgpt(json.loads(line))))
-            except json.JSONDecodeError as e:
-                out.append((line_no, _BadLine(f"line is not JSON: {e}")))
-    if out and not any(isinstance(r, dict) for _, r in out):  # e.g. pretty-printed JSON that is not records
-        raise ShardBuildError(f"{path} is neither a JSON list of records nor JSON lines of records (no line is a "
-                              "JSON object)")
-    return _Source(str(path), sha, out)
-
-
-def _is_record(obj: dict) -> bool:
-    return "conversations" in obj or {"video_id", "q", "a"} <= obj.keys()
 
 
 # ------------------------------------------------------------------------------------- writing
@@ -178,7 +56,7 @@ class _ShardTask:
 
 def _make_sample(key: str, source: str, record: Any, media_root: Path) -> dict:
     """One input record -> the tar members of its sample (raises ``SampleError``)."""
-    if isinstance(record, _BadLine):
+    if isinstance(record, BadLine):
         raise SampleError("malformed_record", str(record))
     sample_id = str(record.get("id")) if isinstance(record, dict) and record.get("id") is not None else None
     kind, rel = media_path(record, sample_id) if isinstance(record, dict) else (None, None)
@@ -191,7 +69,7 @@ def _make_sample(key: str, source: str, record: Any, media_root: Path) -> dict:
                           sample_id) from e
     sample = {"__key__": key, "json": encoded}
     if kind is not None:
-        ext, data = _load_media(kind, media_file(media_root, kind, rel), sample_id)
+        ext, data = load_media(kind, media_file(media_root, kind, rel), sample_id)
         sample[ext] = data
     return sample
 
@@ -259,7 +137,7 @@ class BuildReport:
                 f"wrote {self.shards_written} shards; skipped: {skipped}")
 
 
-def _build_params(sources: Sequence[_Source], shard_size: int) -> dict:
+def _build_params(sources: Sequence[InputFile], shard_size: int) -> dict:
     """What makes two builds the same build (compared on resume). Worker count is not part of it."""
     return {"shard_size": shard_size,
             "sources": [{"path": s.path, "sha256": s.sha256, "records": len(s.records)} for s in sources]}
@@ -367,10 +245,10 @@ def build_shards(json_files: Sequence[Union[str, Path]], media_root: Union[str, 
     if not Path(media_root).is_dir():
         raise ShardBuildError(f"media root {media_root} is not a directory (--media-root: the records' media paths "
                               "are relative to it)")
-    sources = [_read_source(p) for p in json_files]
+    sources = [read_input(p) for p in json_files]
     if not any(s.records for s in sources):
         raise ShardBuildError(f"no records in {', '.join(s.path for s in sources)}")
-    _check_media_root(sources, Path(media_root))
+    check_media_root(sources, Path(media_root))
     params = {**_build_params(sources, shard_size), "media_root": str(Path(media_root).resolve())}
     out = Path(out_dir)
     action = _check_out_dir(out, params, resume)
@@ -424,7 +302,7 @@ def _build_and_upload(json_files: Sequence[Union[str, Path]], media_root: Union[
             raise ShardBuildError(f"{redact(url)} already holds a finished shard set (index.json); choose another --out "
                                   "or delete it (nothing was written)")
         diff = _same_build({"shard_size": existing.get("build", {}).get("shard_size"), "sources": existing.get("sources", [])},
-                           _build_params([_read_source(p) for p in json_files], shard_size))
+                           _build_params([read_input(p) for p in json_files], shard_size))
         if diff:
             raise ShardBuildError(f"{redact(url)} holds a finished build of other inputs ({diff}); refusing to overwrite it")
         return _report(Path(), existing, [], shards_written=0)._replace_out(url)
@@ -446,25 +324,6 @@ def _build_and_upload(json_files: Sequence[Union[str, Path]], media_root: Union[
     if staging is None:
         shutil.rmtree(stage, ignore_errors=True)
     return report._replace_out(url)
-
-
-def _check_media_root(sources: Sequence[_Source], media_root: Path, probe: int = 100) -> None:
-    """Refuse a media root under which none of the first ``probe`` media paths exists: a wrong
-    ``--media-root`` would otherwise skip every media record as ``missing_media`` and still succeed."""
-    checked: List[Tuple[str, bool]] = []
-    for rec in (rec for s in sources for _, rec in s.records if isinstance(rec, dict)):
-        try:
-            kind, rel = media_path(rec)
-            if rel is not None:
-                checked.append((rel, media_file(media_root, kind, rel).exists()))
-        except (SampleError, OSError, ValueError):  # malformed path, name the OS refuses: no clue to the root
-            continue
-        if len(checked) == probe:
-            break
-    if checked and not any(exists for _, exists in checked):
-        raise ShardBuildError(f"none of the first {len(checked)} media files exists under the media root "
-                              f"{media_root.resolve()} (e.g. {media_root / checked[0][0]}); pass the directory the "
-                              "records' paths are relative to as --media-root")
 
 
 def _read_skipped(out: Path) -> List[dict]:

@@ -95,3 +95,7 @@ def media_path(record: dict, sample_id: Optional[str] = None) -> Tuple[Optional[
                 raise SampleError("malformed_record", f"'{kind}' must be one file path, got {path!r:.80}", sample_id)
             return kind, path
     return None, None
+
+
+class ShardBuildError(RuntimeError):
+    """The build cannot start (unreadable input file, output directory in the way, ...)."""

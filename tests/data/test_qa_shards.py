@@ -181,7 +181,7 @@ def test_tokenizer_without_pad_unk_or_eos_is_refused_clearly(tmp_path):
 def test_resume_refuses_another_media_root(odd_set, tmp_path, monkeypatch):
     """Finishing a build with other media would mix two data sets in one shard set."""
     from lm_mini.data import shard_builder
-    from lm_mini.data.shard_builder import ShardBuildError
+    from lm_mini.data.shard_format import ShardBuildError
 
     src, media = odd_set
     monkeypatch.setattr(shard_builder, "_write_shard", lambda task: (_ for _ in ()).throw(KeyboardInterrupt))

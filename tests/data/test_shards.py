@@ -13,7 +13,8 @@ from lm_mini.cli import main
 from lm_mini.data import shard_builder, shard_reader
 from lm_mini.data.conversation import render
 from lm_mini.data.errors import SkipCounter
-from lm_mini.data.shard_builder import ShardBuildError, build_shards
+from lm_mini.data.shard_builder import build_shards
+from lm_mini.data.shard_format import ShardBuildError
 from lm_mini.data.shard_reader import iter_raw_samples, read_index, shard_paths
 from media_fixtures import gray_video, image_bytes
 
