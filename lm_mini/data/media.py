@@ -4,6 +4,8 @@
 sample is skipped and counted, never a crash). ``ImageProcessor`` turns PIL images into the encoder's
 uint8 pixel views: one view per image (plus R*R crops at high resolution), one per video frame (or 1 + R*R),
 as official LLaVA-Mini preprocesses them (``llavamini/mm_utils.py``, ``llavamini/train/train.py``).
+
+A little over ~450 lines on purpose: decoding and the pixel views are read side by side with the official loaders.
 """
 from __future__ import annotations
 
