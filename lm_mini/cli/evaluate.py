@@ -23,7 +23,9 @@ def add_commands(sub: Any) -> None:
                        "answers file, scored as the official script scores it; lm-mini eval SOURCE --suite FILE: a list of "
                        "benchmarks; lm-mini eval SOURCE --data SHARDS: shard sets, scored with --metric.")
     p.add_argument("source", nargs="?", default=None, help="run directory, checkpoint (*.ckpt) or model directory")
-    p.add_argument("--data", nargs="+", default=None, help="shard directories (with index.json) to evaluate on")
+    p.add_argument("--data", nargs="+", default=None, help="shard sets to evaluate on: directories (with index.json), "
+                   "tars or patterns, or remote sets as lm-mini train reads them (http(s)://, s3:// and other fsspec "
+                   "URLs, pipe: commands)")
     p.add_argument("--metric", nargs="*", default=None,
                    help="with --data: exact_match, vqa_accuracy, multiple_choice, pope, or their lenient variants "
                    "multiple_choice_lenient, pope_lenient (default: the config's eval.metrics)")
@@ -95,8 +97,11 @@ def evaluate(args: argparse.Namespace) -> int:
         return 2
     from lm_mini.eval.evaluate import evaluate_source
 
-    # `--data A B key=value` / `--metric m key=value`: argparse hands the overrides to the option; take them back.
-    data = [d for d in args.data if "=" not in d or Path(d).exists()]
+    # `--data A B key=value` / `--metric m key=value`: argparse hands the overrides to the option; take them back
+    # (a shard set URL or pipe: command may hold "=": it is data).
+    from lm_mini.data.remote import is_remote
+
+    data = [d for d in args.data if "=" not in d or Path(d).exists() or is_remote(d)]
     metrics = [m for m in args.metric or [] if "=" not in m] or None  # None: eval.metrics
     overrides = list(args.overrides) + [d for d in args.data if d not in data] + [m for m in args.metric or [] if "=" in m]
     for flag in ("temperature", "top_p", "num_beams", "max_new_tokens"):  # the generation flags are eval.* keys here

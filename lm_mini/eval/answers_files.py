@@ -116,7 +116,7 @@ def merge_chunks(answers_file: PathLike, num_chunks: int, questions: Optional[Se
                                  + ": finish that chunk first (run it again with the same --answers-file)")
         lines += [(f"{part}:{i}", a) for i, a in enumerate(answers, 1)]
         merged += answers
-    check_one_source(lines, f"--merge {out}: the chunks")
+    check_one_source(lines, f"--merge {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text("".join(json.dumps(a) + "\n" for a in merged), encoding="utf-8")

@@ -114,7 +114,7 @@ def test_merge_refuses_chunks_of_other_weights_or_options_and_says_what_it_merge
              str(files / "gold.json"), "--answers-file", str(out), "--num-chunks", "2"]
     assert main(merge) == 2
     err = capsys.readouterr().err
-    assert "mixes answers of different models, weights or generation options" in err
+    assert f"--merge {out}: answers of different models, weights or generation options" in err
     assert f"{out.parent / 'toy' / '2_0.jsonl'}:1" in err and f"{out.parent / 'toy' / '2_1.jsonl'}:1" in err
     assert not out.exists()
     # chunk 1 again by step 2 but with other generation options: refused too

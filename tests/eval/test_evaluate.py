@@ -250,3 +250,19 @@ def test_eval_data_reads_shard_sets_over_http_as_train_does(tmp_path, capsys):
     assert remote["n"] == local["n"] == 4 and remote["scores"] == local["scores"]
     read = lambda name: [json.loads(l) for l in (tmp_path / name).read_text().splitlines()]
     assert read("http.jsonl") == read("local.jsonl")  # same ids (the set's folder name), answers, record ids
+
+
+def test_eval_data_keeps_a_url_or_pipe_holding_an_equals_sign_as_data(monkeypatch, tmp_path):
+    """`--data A key=value` hands the override to --data; a shard set URL or pipe: command with "=" in it is data."""
+    from lm_mini.eval import evaluate as evaluate_module
+
+    seen = {}
+
+    def fake(source, data, metrics, out, overrides, device, log_mlflow):
+        seen.update(data=list(data), overrides=list(overrides))
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(evaluate_module, "evaluate_source", fake)
+    pipe = "pipe:aws s3 cp s3://bucket/split=val/shard-{000000..000003}.tar -"
+    assert cli_main(["eval", str(tmp_path), "--data", pipe, "https://host/sets?version=2", "eval.max_samples=2"]) == 2
+    assert seen == {"data": [pipe, "https://host/sets?version=2"], "overrides": ["eval.max_samples=2"]}

@@ -240,7 +240,7 @@ def check_one_source(answers: Sequence[Tuple[str, Mapping[str, Any]]], what: str
     source = provenance(first)
     for where, a in answers[1:]:
         if provenance(a) != source:
-            raise MixedAnswers(f"{what} mixes answers of different models, weights or generation options: {first_where} "
+            raise MixedAnswers(f"{what}: answers of different models, weights or generation options: {first_where} "
                                f"({describe_provenance(first)}) and {where} ({describe_provenance(a)}). Score or merge "
                                "the answers of one model and checkpoint only (re-run the other part with the same "
                                "model, checkpoint and options, or delete it)")
