@@ -64,7 +64,8 @@ class GenerationOptions:
 
 
 def stop_token_ids(tokenizer: Any, template: Any) -> List[int]:
-    """Ids that end an answer: the template's end-of-turn token (when it is one token) and EOS."""
+    """Ids that end an answer: the template's end-of-turn token and its other stop strings (each when it is one
+    token; Llama-3: <|eot_id|>, <|eom_id|>, <|end_of_text|>) and EOS."""
     from lm_mini.registry import TEMPLATES
 
     template = TEMPLATES.get(template) if isinstance(template, str) else template
@@ -119,7 +120,9 @@ def split_prompt_answer(batch: Dict[str, Any]) -> tuple:
     whose ``<image>`` sits in a later human turn would lose its slot (its pixels would have nowhere to go).
     When the evaluated answer is the record's last turn, the prompt is exactly what ``build_prompt``
     renders, because the conversation tokenizer checks that every prefix tokenizes the same alone and in
-    the whole text. A record with no answer turn gets an empty gold (no reference: left out of scores).
+    the whole text; but for ``llava_llama_3_1``, whose generation prompts also carry the tokenizer's own BOS
+    (official inference), these training-cut prompts have one BOS, as the model was trained. A record with no
+    answer turn gets an empty gold (no reference: left out of scores).
     """
     from lm_mini.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
