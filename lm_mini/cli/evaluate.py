@@ -161,7 +161,7 @@ def benchmark(args: argparse.Namespace) -> int:
 
 def _benchmark(args: argparse.Namespace) -> int:
     from lm_mini.eval.benchmark_runner import (BenchmarkRun, LoadedModel, default_answers_file, load_for_benchmarks,
-                                               run_benchmark, run_suite)
+                                               prepare, prepare_suite, run_benchmark, run_suite)
     from lm_mini.eval.suites import BenchmarkSpec, load_suite
     from lm_mini.eval.benchmarks.base import BENCHMARKS
 
@@ -181,8 +181,13 @@ def _benchmark(args: argparse.Namespace) -> int:
         raise ValueError("--merge: give --answers-file (the merged file; its chunks lie in <dir>/<stem>/N_K.jsonl)")
     if not args.merge and not args.source:
         raise ValueError("give the model to evaluate (run directory, checkpoint or model directory)")
+    # the files are checked and the questions read before a model is loaded (minutes for a large one)
     if args.suite:
-        suite = load_suite(args.suite)
+        prepared = prepare_suite(load_suite(args.suite), args.only or ())
+    else:
+        spec = BenchmarkSpec(args.benchmark, args.questions, args.image_folder, args.annotations, args.label,
+                             submission_questions=args.submission_questions)
+        prepared = [prepare(spec, scoring=not args.merge and args.num_chunks == 1)]
     from lm_mini.eval.mlflow_scores import metric_name  # noqa: F401  (fail fast on a broken install)
 
     devices = [d.strip() for d in (args.devices or "").split(",") if d.strip()]
@@ -201,8 +206,6 @@ def _benchmark(args: argparse.Namespace) -> int:
         found = resolve_source(args.source)
         loaded = LoadedModel(None, found.cfg, None, None, args.model_id or "", dict(found.info), found.run_dir, Path(found.path))
         if devices:
-            spec = BenchmarkSpec(args.benchmark, args.questions, args.image_folder, args.annotations, args.label,
-                                 submission_questions=args.submission_questions)
             answers_file = Path(args.answers_file) if args.answers_file else default_answers_file(loaded, spec.key)
             run_chunks_on_devices(args, devices, answers_file)
             args.answers_file, args.num_chunks, args.merge = str(answers_file), len(devices), True
@@ -219,15 +222,13 @@ def _benchmark(args: argparse.Namespace) -> int:
     runs: List[BenchmarkRun] = []
     if args.suite:
         options_for = (lambda spec: _options(args, loaded, BENCHMARKS.get(spec.name).max_new_tokens, spec))
-        for run in run_suite(loaded, suite, args.only or (), args.answers_dir, options_for, **common):
+        for run in run_suite(loaded, prepared, (), args.answers_dir, options_for, **common):
             runs.append(run)
             if not args.json:
                 _print_run(run)
     else:
-        spec = BenchmarkSpec(args.benchmark, args.questions, args.image_folder, args.annotations, args.label,
-                             submission_questions=args.submission_questions)
         options = None if args.merge else _options(args, loaded, BENCHMARKS.get(spec.name).max_new_tokens, spec)
-        run = run_benchmark(loaded, spec, args.answers_file, options, merge=args.merge, **common)
+        run = run_benchmark(loaded, prepared[0], args.answers_file, options, merge=args.merge, **common)
         runs.append(run)
         if not args.json:
             _print_run(run)

@@ -1,6 +1,7 @@
 """LLaVA's answers files on disk: chunks (``get_chunk``, ``<dir>/<stem>/N_K.jsonl``), continuing an interrupted
-file, merging chunks. One JSON line per question (:class:`lm_mini.eval.benchmarks.base.Answer`); a file continues
-only the run that wrote it (same questions in order, same model, weights and generation options)."""
+file, merging chunks, and which weights wrote them. One JSON line per question
+(:class:`lm_mini.eval.benchmarks.base.Answer`); a file continues only the run that wrote it (same questions in
+order, same model, weights and generation options: ``metadata.weights`` holds :func:`weights_record`)."""
 from __future__ import annotations
 
 import json
@@ -122,3 +123,49 @@ def merge_chunks(answers_file: PathLike, num_chunks: int, questions: Optional[Se
     tmp.write_text("".join(json.dumps(a) + "\n" for a in merged), encoding="utf-8")
     tmp.replace(out)
     return Merged(out, found, merged)
+
+
+# --------------------------------------------------------------------------- which weights wrote them
+def weights_fingerprint(model: Any, samples: int = 4096) -> str:
+    """A fingerprint of a model's weights: SHA-256 over every tensor of its state dict (name, dtype, shape and the
+    bytes of ``samples`` evenly spaced elements), 16 hex digits. Two checkpoints of one run differ in it (every
+    trained tensor moves), the same weights loaded twice, on any device, do not; it costs one small gather per
+    tensor, not a pass over the weights."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        flat = tensor.detach().reshape(-1)
+        if flat.numel() > samples:
+            index = torch.arange(samples, device=flat.device) * (flat.numel() - 1) // (samples - 1)
+            flat = flat[index]
+        digest.update(flat.contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def checkpoint_tag(info: Mapping[str, Any]) -> Optional[str]:
+    """The checkpoint a source's weights come from, as a folder name (``step=00000200``); None for a model directory."""
+    name = info.get("checkpoint")
+    return str(name).split(".ckpt")[0] if name else None
+
+
+def weights_record(model: Any, info: Mapping[str, Any], path: Optional[Path]) -> Dict[str, Any]:
+    """``metadata.weights`` of the answers lines: the weights' fingerprint, and where they come from (checkpoint
+    file and global step of a run, or the model directory)."""
+    record: Dict[str, Any] = {"fingerprint": weights_fingerprint(model)}
+    if info.get("checkpoint"):
+        record["checkpoint"] = str(info["checkpoint"])
+    if info.get("global_step") is not None:
+        record["step"] = int(info["global_step"])
+    record["source"] = str(Path(info["run_dir"]) if info.get("run_dir") else path)
+    return record
+
+
+def answers_weights(answers: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The ``metadata.weights`` record of an answers file (one source: checked by scoring), {} where it has none."""
+    meta = answers[0].get("metadata") if answers else None
+    weights = meta.get("weights") if isinstance(meta, Mapping) else None
+    return weights if isinstance(weights, Mapping) else {}

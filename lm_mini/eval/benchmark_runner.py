@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
-from lm_mini.eval.answers_files import chunk_file, check_resumable, get_chunk, merge_chunks, read_finished
+from lm_mini.eval.answers_files import (answers_weights, check_resumable, checkpoint_tag, chunk_file, get_chunk, merge_chunks,
+                                         read_finished, weights_record)
 from lm_mini.eval.benchmarks.base import BENCHMARKS, Answer, Benchmark, BenchmarkResult, MixedAnswers, Question, read_answers
 from lm_mini.eval.suites import BenchmarkSpec, Suite, missing_files
 
@@ -164,44 +165,6 @@ class Interrupted(Exception):
         of = f" of {total}" if total is not None else ""
         super().__init__(f"interrupted: {done}{of} answers kept in {answers_file}; run the same command again to continue")
         self.answers_file, self.done, self.total = answers_file, done, total
-
-
-def weights_fingerprint(model: Any, samples: int = 4096) -> str:
-    """A fingerprint of a model's weights: SHA-256 over every tensor of its state dict (name, dtype, shape and the
-    bytes of ``samples`` evenly spaced elements), 16 hex digits. Two checkpoints of one run differ in it (every
-    trained tensor moves), the same weights loaded twice, on any device, do not; it costs one small gather per
-    tensor, not a pass over the weights."""
-    import hashlib
-
-    import torch
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        flat = tensor.detach().reshape(-1)
-        if flat.numel() > samples:
-            index = torch.arange(samples, device=flat.device) * (flat.numel() - 1) // (samples - 1)
-            flat = flat[index]
-        digest.update(flat.contiguous().cpu().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def checkpoint_tag(info: Mapping[str, Any]) -> Optional[str]:
-    """The checkpoint a source's weights come from, as a folder name (``step=00000200``); None for a model directory."""
-    name = info.get("checkpoint")
-    return str(name).split(".ckpt")[0] if name else None
-
-
-def weights_record(model: Any, info: Mapping[str, Any], path: Optional[Path]) -> Dict[str, Any]:
-    """``metadata.weights`` of the answers lines: the weights' fingerprint, and where they come from (checkpoint
-    file and global step of a run, or the model directory)."""
-    record: Dict[str, Any] = {"fingerprint": weights_fingerprint(model)}
-    if info.get("checkpoint"):
-        record["checkpoint"] = str(info["checkpoint"])
-    if info.get("global_step") is not None:
-        record["step"] = int(info["global_step"])
-    record["source"] = str(Path(info["run_dir"]) if info.get("run_dir") else path)
-    return record
 
 
 def load_for_benchmarks(source: PathLike, device: Optional[str] = None, model_id: Optional[str] = None) -> LoadedModel:
@@ -343,13 +306,6 @@ def default_answers_file(loaded_or_root: Any, label: str) -> Path:
     return (root / tag if tag else root) / f"{label}.jsonl"
 
 
-def answers_weights(answers: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
-    """The ``metadata.weights`` record of an answers file (one source: checked by scoring), {} where it has none."""
-    meta = answers[0].get("metadata") if answers else None
-    weights = meta.get("weights") if isinstance(meta, Mapping) else None
-    return weights if isinstance(weights, Mapping) else {}
-
-
 def check_answers_of_source(answers: Sequence[Mapping[str, Any]], loaded: LoadedModel, answers_file: Path) -> None:
     """Merged answers logged to SOURCE's MLflow run must come from SOURCE's checkpoint (when both say which)."""
     written = answers_weights(answers).get("checkpoint")
@@ -360,22 +316,43 @@ def check_answers_of_source(answers: Sequence[Mapping[str, Any]], loaded: Loaded
                            "without logging)")
 
 
-def run_benchmark(loaded: Optional[LoadedModel], spec: BenchmarkSpec, answers_file: Optional[PathLike] = None,
-                  options: Any = None, num_chunks: int = 1, chunk_idx: int = 0, batch_size: int = 1, num_workers: int = 0,
-                  merge: bool = False, log_mlflow: bool = True, judge: Optional[str] = None,
-                  progress: Optional[Callable[[int, int], None]] = None, seed: int = 0) -> BenchmarkRun:
-    """Generate (this chunk of) ``spec``'s answers, or merge the chunks (``merge``), then score the whole answers
-    file and log the scores to the source's MLflow run, at the step of the checkpoint that answered. A chunk of
-    several is only generated (merge, then score). A benchmark that could not be scored with the files given
-    says so before generating (:meth:`Benchmark.check_scorable`)."""
-    from lm_mini.eval.generation import GenerationOptions
-    from lm_mini.eval.mlflow_scores import log_scores
+@dataclass
+class PreparedBenchmark:
+    """A benchmark run whose files were checked and whose questions were read (:func:`prepare`), ready for a model."""
 
+    spec: BenchmarkSpec
+    benchmark: Benchmark
+    questions: List[Question]
+
+
+def prepare(spec: BenchmarkSpec, scoring: bool = True) -> PreparedBenchmark:
+    """What can fail without the model fails here, before a model is loaded (minutes for a large one): the spec's
+    files exist, its question file reads, and -- for a run that scores (``scoring``: not one chunk of several) --
+    the benchmark can be scored with the files given (:meth:`Benchmark.check_scorable`: POPE without labels)."""
     benchmark: Benchmark = BENCHMARKS.create(spec.name)
     missing = missing_files(spec)
     if missing:
         raise FileNotFoundError("not found: " + "; ".join(missing))
     questions = benchmark.read_questions(spec.questions)
+    if scoring:
+        benchmark.check_scorable(questions, spec.annotations)
+    return PreparedBenchmark(spec, benchmark, questions)
+
+
+def run_benchmark(loaded: Optional[LoadedModel], spec: Union[BenchmarkSpec, PreparedBenchmark],
+                  answers_file: Optional[PathLike] = None, options: Any = None, num_chunks: int = 1, chunk_idx: int = 0,
+                  batch_size: int = 1, num_workers: int = 0, merge: bool = False, log_mlflow: bool = True,
+                  judge: Optional[str] = None, progress: Optional[Callable[[int, int], None]] = None,
+                  seed: int = 0) -> BenchmarkRun:
+    """Generate (this chunk of) ``spec``'s answers, or merge the chunks (``merge``), then score the whole answers
+    file and log the scores to the source's MLflow run, at the step of the checkpoint that answered. A chunk of
+    several is only generated (merge, then score). ``spec`` may come :func:`prepare`-d (checked before the model
+    was loaded); else it is prepared here, before generating."""
+    from lm_mini.eval.generation import GenerationOptions
+    from lm_mini.eval.mlflow_scores import log_scores
+
+    prepared = spec if isinstance(spec, PreparedBenchmark) else prepare(spec, scoring=not merge and num_chunks == 1)
+    spec, benchmark, questions = prepared.spec, prepared.benchmark, prepared.questions
     if answers_file is None:
         if loaded is None:
             raise ValueError("give --answers-file (the merged file) or the model it came from")
@@ -393,8 +370,6 @@ def run_benchmark(loaded: Optional[LoadedModel], spec: BenchmarkSpec, answers_fi
         if loaded is None:
             raise ValueError("give the model to evaluate (run directory, checkpoint or model directory)")
         options = options or GenerationOptions.from_config(loaded.cfg.eval, max_new_tokens=spec.max_new_tokens or benchmark.max_new_tokens)
-        if num_chunks == 1:
-            benchmark.check_scorable(questions, spec.annotations)
         mine = get_chunk(questions, num_chunks, chunk_idx)
         first = chunk_idx * max(1, math.ceil(len(questions) / num_chunks))  # split_list's piece size
         target = chunk_file(answers_file, num_chunks, chunk_idx) if num_chunks > 1 else answers_file
@@ -413,9 +388,9 @@ def run_benchmark(loaded: Optional[LoadedModel], spec: BenchmarkSpec, answers_fi
     return run
 
 
-def run_suite(loaded: LoadedModel, suite: Suite, only: Sequence[str] = (), answers_dir: Optional[PathLike] = None,
-              options_for: Optional[Callable[[BenchmarkSpec], Any]] = None, **kwargs: Any) -> Iterator[BenchmarkRun]:
-    """Each benchmark of ``suite`` (``only``: these labels) in turn; every path is checked before the first one runs."""
+def prepare_suite(suite: Suite, only: Sequence[str] = ()) -> List[PreparedBenchmark]:
+    """The benchmarks of ``suite`` to run (``only``: these names or labels), every one :func:`prepare`-d: all missing
+    paths are named at once, before anything runs (and before a model is loaded)."""
     specs = [s for s in suite.benchmarks if not only or s.key in only or s.name in only]
     unknown = [o for o in only if not any(o in (s.key, s.name) for s in suite.benchmarks)]
     if unknown:
@@ -425,6 +400,14 @@ def run_suite(loaded: LoadedModel, suite: Suite, only: Sequence[str] = (), answe
     missing = [m for s in specs for m in missing_files(s)]
     if missing:
         raise FileNotFoundError(f"{len(missing)} suite path(s) not found (suite root {suite.root}): " + "; ".join(missing))
-    for spec in specs:
-        out = Path(answers_dir) / f"{spec.key}.jsonl" if answers_dir else None
-        yield run_benchmark(loaded, spec, out, options_for(spec) if options_for else None, **kwargs)
+    return [prepare(spec) for spec in specs]
+
+
+def run_suite(loaded: LoadedModel, suite: Union[Suite, Sequence[PreparedBenchmark]], only: Sequence[str] = (),
+              answers_dir: Optional[PathLike] = None, options_for: Optional[Callable[[BenchmarkSpec], Any]] = None,
+              **kwargs: Any) -> Iterator[BenchmarkRun]:
+    """Each benchmark of ``suite`` (``only``: these labels; or the :func:`prepare_suite` list) in turn."""
+    prepared = prepare_suite(suite, only) if isinstance(suite, Suite) else list(suite)
+    for item in prepared:
+        out = Path(answers_dir) / f"{item.spec.key}.jsonl" if answers_dir else None
+        yield run_benchmark(loaded, item, out, options_for(item.spec) if options_for else None, **kwargs)

@@ -166,7 +166,14 @@ def test_a_prompt_the_template_cannot_render_fails_before_any_answer(tiny_model_
     assert not out.exists() or not out.read_text()  # it used to answer questions 0-2 first
 
 
-def test_pope_without_labels_or_annotations_is_refused_before_generating(tiny_model_dir, files, tmp_path, capsys):
+def test_pope_without_labels_or_annotations_is_refused_before_generating(tiny_model_dir, files, tmp_path, capsys,
+                                                                         monkeypatch):
+    """Said before the model is even loaded (it used to answer every question, then fail: 'is it the annotation
+    file of these questions?' although none was given)."""
+    def not_now(*args, **kwargs):
+        raise AssertionError("the model was loaded before the files were checked")
+
+    monkeypatch.setattr(runner, "load_for_benchmarks", not_now)
     (tmp_path / "llava_pope_test.jsonl").write_text(json.dumps(
         {"question_id": 1, "image": "red.png", "text": "Is there a dog?" + SUFFIX, "category": "random"}) + "\n")
     out = tmp_path / "pope.jsonl"

@@ -38,7 +38,7 @@ chunks and scoring refuse a file that mixes them (:func:`check_one_source`).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Dict, Hashable, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 

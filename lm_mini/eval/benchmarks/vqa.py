@@ -10,10 +10,10 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from lm_mini.eval.answer_processing import evalai_answer, textvqa_accuracy, vqaeval_accuracy
-from lm_mini.eval.benchmarks.base import (BENCHMARKS, Benchmark, BenchmarkResult, IncompleteAnswers, PathLike, Question,
+from lm_mini.eval.benchmarks.base import (BENCHMARKS, Benchmark, BenchmarkResult, IncompleteAnswers, PathLike,
                                           SubmissionNotWritten)
 from lm_mini.eval.benchmarks.common import Referenced, load_json, mean, pair_answers, percent, require, write_json
 
