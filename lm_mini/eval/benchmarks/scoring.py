@@ -79,7 +79,7 @@ def score_answers(benchmark: Union[str, Benchmark], answers: Answers, questions:
 
 def format_result(result: BenchmarkResult) -> str:
     """A result as lines for a terminal."""
-    lines = [f"{result.benchmark}: {result.n} questions scored"]
+    lines = [f"{result.benchmark}: {result.n} questions scored" if result.scores or result.n else f"{result.benchmark}: not scored"]
     width = max((len(k) for k in result.scores), default=0)
     lines += [f"  {k:<{width}}  {v:.2f}" if isinstance(v, float) and math.isfinite(v) else f"  {k:<{width}}  {v}"
               for k, v in result.scores.items()]

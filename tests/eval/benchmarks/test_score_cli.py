@@ -27,6 +27,10 @@ def test_score_json_object(tmp_path, capsys):
     assert cli_main(["score", "--benchmark", "pope", "--answers", str(tmp_path / "a.jsonl"),
                      "--questions", str(tmp_path / "q.jsonl")]) == 0
     assert re.search(r"random/accuracy +100.00", capsys.readouterr().out)
+    # nothing scored (test-dev without annotations): said so, not "0 questions scored"
+    assert cli_main(["score", "--benchmark", "vqav2", "--answers", str(tmp_path / "a.jsonl")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("vqav2: not scored\n") and "no --annotations: vqav2 is not scored here" in printed
 
 
 def test_score_errors_name_the_problem(tmp_path, capsys):
