@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Dict, List, Optional, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -77,12 +77,44 @@ class LaunchError(RuntimeError):
     """The ranks of a job could not start together (a rank missing, an unsupported launch)."""
 
 
-def check_launch(launch: Launch, num_nodes: int) -> None:
-    """Several nodes need a launcher that starts every rank (torchrun, srun): Lightning's own launcher would run
-    the set-up on the first process of every node at once, each choosing its own run."""
+def check_launch(launch: Launch, train_cfg: Any) -> None:
+    """Refuse, on every rank and before anything is created, a launch that cannot run ``train_cfg``:
+
+    - several nodes need a launcher that starts every rank (torchrun, srun): Lightning's own launcher would run
+      the set-up on the first process of every node at once, each choosing its own run;
+    - under torchrun/srun, the processes started must be ``train.devices`` x ``train.num_nodes`` (Lightning finds
+      out only once the run exists, with a traceback per rank);
+    - ``train.accelerator=gpu|cuda`` needs a CUDA GPU here."""
+    num_nodes, devices, accelerator = train_cfg.num_nodes, train_cfg.devices, train_cfg.accelerator
     if num_nodes > 1 and launch.launcher == "lightning":
         raise LaunchError(f"train.num_nodes={num_nodes} needs every node's processes started by torchrun or srun "
                           "(README, Training: `torchrun --nnodes=... -m lm_mini.cli train ...` or tools/slurm/train.sbatch)")
+    per_node = devices if isinstance(devices, int) and devices > 0 else (
+        len(devices) if isinstance(devices, Sequence) and not isinstance(devices, str) else
+        len(devices.split(",")) if isinstance(devices, str) and devices.replace(",", "").strip().isdigit() else None)
+    if launch.launcher in ("torchrun", "srun") and per_node is not None and per_node * num_nodes != launch.world_size:
+        raise LaunchError(f"rank {launch.rank}: {launch.launcher} started {launch.world_size} processes, but train.devices x "
+                          f"train.num_nodes = {per_node} x {num_nodes} = {per_node * num_nodes}; set them to the processes "
+                          "per node and the nodes the launcher starts")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise LaunchError(f"train.accelerator={accelerator}, but this machine has no CUDA GPU that torch can use "
+                          "(train.accelerator=cpu, or auto: a GPU when there is one)")
+
+
+def check_same_config(launch: Launch, flat_config: Dict[str, Any]) -> None:
+    """Every rank of a torchrun/srun job runs its own command line: refuse, on every rank, a job whose ranks were
+    given different configurations (another batch size on one node trained silently, config.yaml recording rank
+    0's; another length made the ranks blame each other for dying). ``flat_config``: ``config.flatten(cfg)``."""
+    if not launch.started_together:
+        return
+    configs = gather_from_ranks(flat_config, launch.world_size)
+    for rank, other in enumerate(configs):
+        keys = sorted(k for k in set(other) | set(configs[0]) if other.get(k) != configs[0].get(k))
+        if keys:
+            shown = "; ".join(f"{k}: {configs[0].get(k)!r} on rank 0, {other.get(k)!r} on rank {rank}" for k in keys[:5])
+            raise LaunchError(f"rank {launch.rank}: the ranks of this {launch.launcher} job were given different "
+                              f"configurations ({shown}{' ...' if len(keys) > 5 else ''}); every rank must run the "
+                              "same command and config files")
 
 
 def uses_cuda(accelerator: str) -> bool:
@@ -133,7 +165,14 @@ def from_rank_zero(launch: Launch, decide: Callable[[], T], exit_code: Callable[
             dist.broadcast_object_list(box, src=0)
             raise
         box[0] = ("ok", result)
-    dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0)
+        return result
+    try:
+        dist.broadcast_object_list(box, src=0)
+    except (dist.DistError, RuntimeError) as e:  # rank 0 died, or its set-up outlasted the timeout
+        raise LaunchError(f"rank {launch.rank}: rank 0 did not finish setting the run up (checks, the MLflow store and "
+                          f"run, the run directory) within train.dist_timeout_s, or died doing it ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})") from e
     if box[0][0] == "error":
         raise StartFailed(f"rank 0 could not start the run ({box[0][1]})", box[0][2])
     return box[0][1]

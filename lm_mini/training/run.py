@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
-from lm_mini.config import differences, read_saved_config, to_yaml, tracking_uri
+from lm_mini.config import differences, flatten, read_saved_config, to_yaml, tracking_uri
 from lm_mini.interop import checkpoint as ckpt
 from lm_mini.quiet import quiet_libraries
 from lm_mini.models.attention import AttentionBackendError
@@ -29,7 +29,7 @@ from lm_mini.runs import (RUN_NAME_ENV, Run, checkpoint_step, is_model_dir, late
                           resolve_init_from, resolve_run)
 from lm_mini.training.checkpoint_io import AtomicCheckpointIO
 from lm_mini.trust import UntrustedCheckpoint, checkpoints_trusted
-from lm_mini.training.distributed import (Heartbeat, LaunchError, check_launch, detect_launch, from_rank_zero,
+from lm_mini.training.distributed import (Heartbeat, LaunchError, check_launch, check_same_config, detect_launch, from_rank_zero,
                                           join_process_group, lost_rank_message)
 from lm_mini.training.callbacks import (PartsSummary, PerRankLoaderState, PreemptionHandler, SkippedSamplesLogger, StepCheckpoint,
                                        ThroughputLogger, requeue_slurm_job)
@@ -186,10 +186,11 @@ def train(cfg: DictConfig, resume: Optional[str] = None, model_factory: Optional
     wait for its decisions (``training/distributed.py``). A rank lost mid-run raises :class:`LostRank`."""
     quiet_libraries()
     launch = detect_launch()
-    check_launch(launch, cfg.train.num_nodes)
+    check_launch(launch, cfg.train)
     heartbeat = None
     if launch.started_together:
         join_process_group(launch, cfg.train.accelerator, cfg.train.dist_timeout_s)
+        check_same_config(launch, flatten(cfg))
         heartbeat = Heartbeat(launch).start()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     loggers: Dict[str, Any] = {}

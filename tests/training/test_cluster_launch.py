@@ -181,3 +181,37 @@ def test_the_lost_rank_message_names_the_silent_rank_or_says_it_is_this_ranks_ow
     lightning = Launch("lightning", 0, 2, 0)
     assert "another rank died" in lost_rank_message(lightning, None, RuntimeError("Connection closed by peer [127.0.0.1]:1"), 30)
     assert lost_rank_message(lightning, None, ValueError("shapes do not match"), 30) is None
+
+
+def test_ranks_given_different_configurations_stop_at_start_naming_the_keys(tmp_path):
+    """Each rank of a torchrun job runs its own command line: another batch size on one node is refused on both."""
+    port = _free_port()
+    nodes = [_torchrun(tmp_path, ["--nnodes=2", f"--node_rank={n}", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+                                  f"--master_port={port}"],
+                       ["train.strategy=ddp", "train.num_nodes=2", f"data.batch_size={4 if n == 0 else 2}"], f"node{n}")
+             for n in (0, 1)]
+    assert [node.wait(timeout=200) for node in nodes] == [1, 1]
+    for n in (0, 1):
+        assert (f"lm-mini: rank {n}: the ranks of this torchrun job were given different configurations "
+                "(data.batch_size: 4 on rank 0, 2 on rank 1)") in (tmp_path / f"node{n}").read_text()
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.timeout(60)
+def test_a_launch_that_cannot_run_the_config_is_refused_before_anything_exists(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from lm_mini.training.distributed import Launch, LaunchError, check_launch
+
+    def train_cfg(**kw):
+        return OmegaConf.create({"num_nodes": 1, "devices": 1, "accelerator": "cpu", **kw})
+
+    with pytest.raises(LaunchError, match=r"rank 1: torchrun started 4 processes, but train.devices x train.num_nodes = 2 x 1 = 2"):
+        check_launch(Launch("torchrun", 1, 4, 1), train_cfg(devices=2))
+    check_launch(Launch("srun", 3, 4, 1), train_cfg(devices=[0, 1], num_nodes=2))  # 2 per node x 2 nodes
+    check_launch(Launch("torchrun", 0, 4, 0), train_cfg(devices="auto"))  # Lightning counts them itself
+    with pytest.raises(LaunchError, match="needs every node's processes started by torchrun or srun"):
+        check_launch(Launch("lightning", 0, 1, 0), train_cfg(num_nodes=2))
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(LaunchError, match="train.accelerator=gpu, but this machine has no CUDA GPU"):
+        check_launch(Launch("lightning", 0, 1, 0), train_cfg(accelerator="gpu"))
