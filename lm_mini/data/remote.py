@@ -106,6 +106,8 @@ def redact(text: str) -> str:
     header or option values, replaced by ``***``."""
     def one(m: "re.Match[str]") -> str:
         parts = urlsplit(m.group(0))
+        if parts.password is None and not any(_SECRET_PARAM.search(k) for k, _ in parse_qsl(parts.query, keep_blank_values=True)):
+            return m.group(0)  # nothing to hide: as written (urlunsplit would turn sqlite:////abs into sqlite://abs)
         netloc = parts.netloc
         if parts.password is not None:
             userinfo, _, host = netloc.rpartition("@")
