@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, GrammarParseError, InterpolationResolutionError,
+                              OmegaConfBaseException, ValidationError)
 
 from lm_mini import registry
 from lm_mini.constants import ATTENTION_BACKENDS, CUDA_ONLY_ATTENTION
@@ -341,8 +342,23 @@ def check_cross_fields(cfg: Any, source: str) -> None:
                                   "GPUs only and train.accelerator is cpu; use sdpa (or eager) on CPU")
 
 
+def check_interpolations(cfg: DictConfig, source: str) -> None:
+    """Resolve every ``${...}`` once: a bad one (unknown key, ``oc.env`` of an unset variable, ``oc.decode`` to the
+    wrong type) is a :class:`ConfigError` naming the key, instead of OmegaConf's traceback from wherever the value
+    is first read."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationResolutionError as e:
+        key = _error_key(e)
+        raw: Any = OmegaConf.to_container(cfg, resolve=False)
+        for part in key.split(".") if key else []:
+            raw = raw[int(part)] if isinstance(raw, list) else raw.get(part) if isinstance(raw, dict) else None
+        raise ConfigError(f"{source}: config key '{key}': interpolation {raw}: {_first_line(e)}") from None
+
+
 def validate(cfg: DictConfig, source: str = "config") -> DictConfig:
     """Refuse values their fields' rules refuse, naming the key (types are OmegaConf's job)."""
+    check_interpolations(cfg, source)
     check_fields(cfg, Config, "", source)
     check_cross_fields(cfg, source)
     return cfg
@@ -374,10 +390,20 @@ def _valid_keys(schema: Any, dotted: str) -> List[str]:
     return []
 
 
+def _error_key(err: OmegaConfBaseException) -> str:
+    """The dotted key an OmegaConf error is about (``data.train[0].path`` -> ``data.train.0.path``)."""
+    return (getattr(err, "full_key", None) or "").replace("[", ".").replace("]", "")
+
+
+def _first_line(err: OmegaConfBaseException) -> str:
+    """OmegaConf's message without the ``full_key: ... object_type=...`` lines it appends."""
+    return str(getattr(err, "msg", None) or err).splitlines()[0]
+
+
 def _explain(err: OmegaConfBaseException, schema: DictConfig, source: str, under: Optional[str] = None) -> ConfigError:
     """A ConfigError naming the key. ``under``: the overridden key, when the error's key is relative to it
     (an item of an assigned list reports only its own field)."""
-    key = (getattr(err, "full_key", None) or "").replace("[", ".").replace("]", "")
+    key = _error_key(err)
     if under and key and not (key == under or key.startswith(under + ".") or under.startswith(key)):
         node = OmegaConf.select(schema, under)
         key = f"{under}.{'*.' if isinstance(node, ListConfig) else ''}{key}"
@@ -387,9 +413,11 @@ def _explain(err: OmegaConfBaseException, schema: DictConfig, source: str, under
         close = difflib.get_close_matches(leaf, valid, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         return ConfigError(f"{source}: unknown config key '{key}'. Valid keys here: {', '.join(valid)}.{hint}")
+    if isinstance(err, GrammarParseError):  # `${...` that does not parse, found when the YAML is read
+        return ConfigError(f"{source}: config key '{key}': not a valid interpolation: {_first_line(err)}")
     if isinstance(err, ValidationError):
-        return ConfigError(f"{source}: bad value for config key '{key}': {str(err.msg).splitlines()[0]}")
-    return ConfigError(f"{source}: {err}")
+        return ConfigError(f"{source}: bad value for config key '{key}': {_first_line(err)}")
+    return ConfigError(f"{source}: {_first_line(err)}")
 
 
 # The presets a user's YAML may build on from anywhere (``defaults: [base.yaml, models/tiny.yaml]``): the
@@ -498,7 +526,7 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
         try:
             value = OmegaConf.select(OmegaConf.from_dotlist([item]), key)
         except OmegaConfBaseException as e:
-            raise ConfigError(f"{source}: cannot parse it: {e}") from None
+            raise ConfigError(f"{source}: cannot parse it: {_first_line(e)}") from None
         _check_list_index(cfg, key, source)
         try:
             # update, not merge of a dotlist: a dotlist turns "train.0" into a mapping key, which cannot merge into a list

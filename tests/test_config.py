@@ -124,3 +124,29 @@ def test_defaults_are_looked_up_next_to_the_file_then_among_the_presets(tmp_path
     with pytest.raises(ConfigError, match=rf"config file not found: models/tinny.yaml \(listed in the defaults of {missing}\); "
                                           rf"looked for {tmp_path / 'models' / 'tinny.yaml'} and {PRESETS_DIR / 'models' / 'tinny.yaml'}"):
         load_config(missing)
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("${nosuch.key}", "Interpolation key 'nosuch.key' not found"),
+    ('${oc.decode:"[1,2]"}', "Cannot convert 'list' to string"),
+    ("${oc.env:LM_MINI_TEST_UNSET_VARIABLE}", "LM_MINI_TEST_UNSET_VARIABLE"),
+    ("${nosuch", None),  # does not parse: found when the file is read
+])
+def test_a_bad_interpolation_in_a_yaml_file_is_a_config_error_naming_the_file_and_key(tmp_path, value, problem):
+    """As the same mistake in a key=value override: one line naming the file, the key and the interpolation,
+    not OmegaConf's traceback (whichever key it sits in: a checked field, a free-form mapping, a list item)."""
+    for key, text in (("run_name", f"run_name: '{value}'\n"), ("logging.tags.who", f"logging:\n  tags:\n    who: '{value}'\n"),
+                      ("data.train.0.path", f"data:\n  train:\n    - path: '{value}'\n")):
+        path = write(tmp_path / "interp.yaml", text)
+        with pytest.raises(ConfigError) as e:
+            load_config(path)
+        msg = str(e.value)
+        if problem is None:
+            assert msg.startswith(f"{path}: config key '{key}': not a valid interpolation: ") and "'${nosuch'" in msg, msg
+        else:
+            assert msg.startswith(f"{path}: config key '{key}': interpolation {value}: ") and problem in msg, msg
+        assert "\n" not in msg and "full_key" not in msg
+    with pytest.raises(ConfigError, match=rf"^override 'run_name=\${{nosuch.key}}': .*'nosuch.key' not found$"):
+        load_config(None, ["run_name=${nosuch.key}"])
+    good = write(tmp_path / "good.yaml", "experiment: e1\nrun_name: ${experiment}-r\n")  # a good one still resolves
+    assert load_config(good).run_name == "e1-r"
