@@ -83,7 +83,9 @@ def score(predictions: Sequence[Mapping[str, Any]], records: Mapping[str, Mappin
         if not preds:
             continue
         for name in metrics:
-            metric = build_metric(name)
+            # the predictions are all here (every rank's, gathered): a rank that scores them alone must not wait
+            # for the others in a process-group sync (torchmetrics syncs at compute by default)
+            metric = build_metric(name, sync_on_compute=False)
             texts = [p["prediction"] for p in preds]
             recs = [records.get(p["id"], {}) for p in preds]
             golds = [p["gold"] for p in preds]
@@ -160,7 +162,8 @@ def evaluate(trainer: Any, module: Any, datamodule: Any, cfg: Any, records: Mapp
     trainer.test(module, dataloaders=loader, verbose=False)
     skips = getattr(loader, "skips", None)  # ours counts what it skipped; the evaluated samples are the rest
     skipped = sum_over_ranks(dict(skips or {}), trainer.strategy.reduce if trainer.world_size > 1 else None, module.device)
-    gathered = module.gathered_answers()  # (sample id, gold) of every rank
+    examples = module.gathered_examples()  # every rank's predictions: the scores and eval.json cover them all
+    gathered = [(e["id"], e["gold"]) for e in examples]
     evaluated = {sid: gold for sid, gold in gathered if has_reference({"gold": gold}, records.get(sid, {}))}
     excluded = [sid for sid, gold in gathered if sid not in evaluated]
     top, hits = Counter(g for g in evaluated.values() if g).most_common(1)[0] if any(evaluated.values()) else ("", 0)
@@ -169,7 +172,7 @@ def evaluate(trainer: Any, module: Any, datamodule: Any, cfg: Any, records: Mapp
               "per_set": dict(Counter(set_name(str(sid)) for sid in evaluated)),
               "excluded": {"n": len(excluded), "ids": excluded},
               "majority_baseline": hits / max(1, len(evaluated)), "majority_answer": top,
-              "skipped": skipped, "predictions": module.eval_examples}
+              "skipped": skipped, "predictions": examples}
     per_type = majority_per_question_type(records, set(evaluated))
     if per_type is not None:  # records that say their question type: the stronger, per-type majority guess
         result["majority_baseline"] = max(result["majority_baseline"], per_type)

@@ -154,7 +154,7 @@ class GenerationEval:
     Mixed into a ``LightningModule`` whose ``self.model`` is a ``LlavaMini`` (``LmMiniModule``, or
     :class:`GenerationModule` around a loaded model). Call :meth:`start_generation_eval` before
     ``trainer.test``; afterwards ``eval_examples`` holds ``{id, prediction, gold}`` per evaluated sample of
-    this rank and :meth:`gathered_answers` the gold answers of all ranks. Samples whose record has no
+    this rank and :meth:`gathered_examples` those of all ranks. Samples whose record has no
     answer (empty gold) are generated and kept in ``eval_examples`` but left out of the exact match."""
 
     model: Optional[nn.Module]
@@ -169,8 +169,6 @@ class GenerationEval:
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         self._generation: Optional[Dict[str, Any]] = {
             "tokenizer": tokenizer, "stop": sorted(set(stop_ids + eos)), "options": options, "max_samples": max_samples, "seen": 0}
-        self.eval_answers: List[str] = []
-        self.eval_ids: List[Any] = []
         self.eval_examples: List[Dict[str, Any]] = []
 
     def test_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
@@ -190,8 +188,6 @@ class GenerationEval:
         answered = [j for j, a in enumerate(golds) if a]
         self.exact_match.update([preds[j] for j in answered], [golds[j] for j in answered])
         self.log("eval/exact_match", self.exact_match, on_step=False, on_epoch=True, batch_size=max(1, len(answered)))
-        self.eval_answers.extend(golds)
-        self.eval_ids.extend(batch["sample_ids"][i] for i in keep)
         self.eval_examples.extend({"id": batch["sample_ids"][i], "prediction": p, "gold": a} for i, p, a in zip(keep, preds, golds))
 
     def _generate(self, prompt: Dict[str, Any], g: Dict[str, Any]) -> List[str]:
@@ -199,14 +195,14 @@ class GenerationEval:
         return generate_answers(self.model, prompt, g["tokenizer"], g["stop"], g["options"],
                                 synced_gpus=self.trainer.world_size > 1)
 
-    def gathered_answers(self) -> List[tuple]:
-        """(sample id, gold answer) of every evaluated sample on every rank (padding excluded)."""
-        mine = list(zip(self.eval_ids, self.eval_answers))
+    def gathered_examples(self) -> List[Dict[str, Any]]:
+        """``{id, prediction, gold}`` of every evaluated sample on every rank (padding excluded), rank by rank;
+        every rank must call it (a collective)."""
         if self.trainer.world_size == 1:
-            return mine
-        out: List[List[tuple]] = [None] * self.trainer.world_size  # type: ignore[list-item]
-        torch.distributed.all_gather_object(out, mine)
-        return [a for part in out for a in part]
+            return list(self.eval_examples)
+        out: List[List[Dict[str, Any]]] = [None] * self.trainer.world_size  # type: ignore[list-item]
+        torch.distributed.all_gather_object(out, self.eval_examples)
+        return [e for part in out for e in part]
 
 
 class GenerationModule(GenerationEval, L.LightningModule):

@@ -17,7 +17,7 @@ annotator answers per prediction), ``"choice"`` (a gold letter plus the options 
 from __future__ import annotations
 
 import re
-from typing import ClassVar, Dict, List, Optional, Sequence, Union
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Union
 
 import torch
 from torchmetrics import Metric
@@ -232,9 +232,10 @@ class LenientPOPEMetrics(POPEMetrics):
         return parse_yes_no_lenient(text)
 
 
-def build_metric(name: str) -> Metric:
-    """A metric by its registered name (or ``package.module:Class``); unknown names list the known ones."""
-    return METRICS.create(name)
+def build_metric(name: str, **kwargs: Any) -> Metric:
+    """A metric by its registered name (or ``package.module:Class``); unknown names list the known ones.
+    ``kwargs`` go to the torchmetrics ``Metric`` (e.g. ``sync_on_compute=False``)."""
+    return METRICS.create(name, **kwargs)
 
 
 def _check_lengths(a: Sequence, b: Sequence) -> None:

@@ -76,7 +76,10 @@ def _check_one_mlflow_run_with_every_step_once(tmp: Path) -> None:
 def test_torchrun_ddp_on_a_fresh_store_a_lost_rank_stops_the_job_and_resume_matches_an_uninterrupted_run(tmp_path):
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
     reference.mkdir(), interrupted.mkdir()
-    straight = _one_node(reference, [], "log")
+    # the uninterrupted run also evaluates at the end, every rank its share: eval.json and every eval.metrics score
+    # cover both ranks' predictions
+    straight = _one_node(reference, ["train.eval_at_end=true", "eval.max_samples=15", "eval.batch_size=4", "eval.max_new_tokens=2",
+                                     "eval.metrics=[exact_match,vqa_accuracy]"], "log")
     # rank 1 dies after step 3 (the checkpoint of step 2 is complete); torchrun stops rank 0
     job = _one_node(interrupted, [], "log", fault="1:3:kill")
     assert job.wait(timeout=300) != 0
@@ -93,6 +96,9 @@ def test_torchrun_ddp_on_a_fresh_store_a_lost_rank_stops_the_job_and_resume_matc
     assert set(final) == set(expected) and all(torch.equal(final[k], expected[k]) for k in expected)
     for tmp in (reference, interrupted):
         _check_one_mlflow_run_with_every_step_once(tmp)
+    evaluated = json.loads((_run_dir(reference) / "eval.json").read_text())
+    assert evaluated["n"] == len(evaluated["predictions"]) == 15 and len({p["id"] for p in evaluated["predictions"]}) == 15
+    assert evaluated["scores"]["all/n"] == 15 and 0.0 <= evaluated["scores"]["all/vqa_accuracy"] <= 1.0
 
 
 def test_torchrun_two_nodes_fsdp_a_hung_rank_fails_the_other_within_the_timeout_and_resume_finishes(tmp_path):
