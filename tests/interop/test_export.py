@@ -250,3 +250,45 @@ def test_an_exported_model_with_a_user_compressor_names_that_code_in_its_card_an
     plain = tiny_config(template="vicuna_v1")
     out = export(run_dir(tmp_path / "b", tokenizer_dir, LlavaMini.from_config(plain.model), plain), tmp_path / "plain")
     assert "## Code this model needs" not in (out / "README.md").read_text()
+
+
+class _RunsCode:
+    """Unpickling it creates ``marker``: proof that reading the file ran code from it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+def test_consolidate_tool_refuses_a_code_running_checkpoint_in_one_line_and_takes_trust_checkpoint(trained, tmp_path, capsys, monkeypatch):
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from lm_mini.trust import TRUST_CHECKPOINTS_ENV
+
+    monkeypatch.delenv(TRUST_CHECKPOINTS_ENV, raising=False)
+    model, run = trained
+    folder = run / "checkpoints" / "step=00000008.ckpt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one process saves every shard
+        dcp.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, checkpoint_id=folder)
+    marker = tmp_path / "ran"
+    torch.save({"global_step": 8, "epoch": 0, "loops": _RunsCode(marker)}, folder / "meta.pt")
+    tool = importlib.util.spec_from_file_location("consolidate", ROOT / "tools" / "consolidate_checkpoint.py")
+    consolidate = importlib.util.module_from_spec(tool)
+    tool.loader.exec_module(consolidate)
+
+    assert consolidate.main([str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"consolidate_checkpoint: {folder / 'meta.pt'}: refused to open this checkpoint") and err.count("\n") == 1
+    assert "--trust-checkpoint" in err and "Traceback" not in err
+    assert not marker.exists() and not folder.with_name(folder.name + ".consolidated").exists()
+    # the flag the message names is the tool's own (and, as it warns, runs the file's code)
+    assert consolidate.main([str(folder), "--trust-checkpoint"]) == 0
+    assert marker.exists() and folder.with_name(folder.name + ".consolidated").is_file()
+    assert TRUST_CHECKPOINTS_ENV not in __import__("os").environ  # the opt-in lasts for the call only
+    assert consolidate.main([str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
