@@ -107,9 +107,11 @@ def evaluate(args: argparse.Namespace) -> int:
     for flag in ("temperature", "top_p", "num_beams", "max_new_tokens"):  # the generation flags are eval.* keys here
         if getattr(args, flag, None) is not None:
             overrides.append(f"eval.{flag}={getattr(args, flag)}")
+    from lm_mini.tracking_store import TrackingUnavailable
+
     try:
         result = evaluate_source(args.source, data, metrics, args.out, overrides, args.device, not args.no_mlflow)
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (FileNotFoundError, ValueError, KeyError, TrackingUnavailable) as e:
         print(f"lm-mini eval: {e}", file=sys.stderr)
         return 2
     if args.json:
@@ -144,10 +146,11 @@ def _print_shard_result(result: Any) -> None:
 def benchmark(args: argparse.Namespace) -> int:
     """Exit 0, 2 on a user error (one line), 130 on Ctrl-C (one line: what is kept, and that a re-run continues)."""
     from lm_mini.eval.benchmark_runner import Interrupted
+    from lm_mini.tracking_store import TrackingUnavailable
 
     try:
         return _benchmark(args)
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (FileNotFoundError, ValueError, KeyError, TrackingUnavailable) as e:
         print(error("eval", e), file=sys.stderr)
         return 2
     except Interrupted as e:

@@ -339,12 +339,13 @@ def mlflow_metrics(report: Mapping[str, Any]) -> Dict[str, float]:
 
 
 def log_to_mlflow(report: Mapping[str, Any], run_id: str, tracking_uri: str) -> None:
-    from mlflow import MlflowClient
     from mlflow.entities import Metric
+
+    from lm_mini.tracking_store import mlflow_client
 
     stamp = int(time.time() * 1000)
     metrics = [Metric(name, value, stamp, 0) for name, value in mlflow_metrics(report).items()]
-    MlflowClient(tracking_uri).log_batch(run_id, metrics=metrics)
+    mlflow_client(tracking_uri).log_batch(run_id, metrics=metrics)
 
 
 def log_report(report: Mapping[str, Any], target: str, default_uri: str) -> Tuple[str, str]:

@@ -40,15 +40,16 @@ def log_scores(info: Mapping[str, Any], scores: Mapping[str, float], artifacts: 
     run_id, uri = info.get("run_id"), info.get("tracking_uri")
     if not run_id or not uri:
         return None
-    from mlflow import MlflowClient
     from mlflow.entities import Metric
+
+    from lm_mini.tracking_store import mlflow_client
 
     bad = [k for k in scores if metric_name(k) != k]
     if bad:
         raise ValueError(f"not valid MLflow metric names: {', '.join(bad[:5])} (build them with metric_name)")
     import time
 
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)  # the source's store: never made anew here
     step, now = int(info.get("global_step", 0) or 0), int(time.time() * 1000)
     metrics = [Metric(k, float(v), now, step) for k, v in scores.items()]
     for i in range(0, len(metrics), 1000):  # log_batch takes at most 1000 metrics a call

@@ -93,8 +93,7 @@ def read_runs(experiment: str, sweep: Optional[str] = None, tracking_uri: Option
               keys: Sequence[str] = ()) -> List[RunRow]:
     """Runs of an experiment (optionally one sweep), oldest first, with the values of their sweep's keys (and of
     ``keys``, any config keys, e.g. ``--group-by``). Raises LookupError with a clear message."""
-    from mlflow.tracking import MlflowClient
-
+    from lm_mini.tracking_store import mlflow_client
     from lm_mini.training.tracking import TrackingUnavailable, check_tracking_server
 
     uri = tracking_uri or resolve_tracking_uri()
@@ -105,7 +104,10 @@ def read_runs(experiment: str, sweep: Optional[str] = None, tracking_uri: Option
     db = _sqlite_file(uri)
     if db is not None and not db.is_file():  # opening it would create an empty store there
         raise LookupError(f"no MLflow store at {db}: the file does not exist")
-    client = MlflowClient(uri)
+    try:
+        client = mlflow_client(uri)
+    except TrackingUnavailable as e:  # e.g. a store an interrupted first run left half-created
+        raise LookupError(str(e)) from None
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         known = sorted(e.name for e in client.search_experiments())

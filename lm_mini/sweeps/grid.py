@@ -292,9 +292,9 @@ def _log_efficiency(sweep: Sweep, run: SweepRun) -> None:
 def _mark_failed(sweep: Sweep, run_name: str) -> None:
     """Make sure a crashed run shows as FAILED in MLflow (the run may have died before it could say so)."""
     try:
-        from mlflow.tracking import MlflowClient
+        from lm_mini.tracking_store import mlflow_client
 
-        client = MlflowClient(tracking_uri(load_config(sweep.base, sweep.overrides)))
+        client = mlflow_client(tracking_uri(load_config(sweep.base, sweep.overrides)))
         exp = client.get_experiment_by_name(sweep.experiment)
         if exp is None:
             return

@@ -35,6 +35,7 @@ from lm_mini.training.callbacks import (PartsSummary, PerRankLoaderState, Preemp
                                        ThroughputLogger, requeue_slurm_job)
 from lm_mini.training.module import LmMiniModule
 from lm_mini.training.strategy import build_strategy, cluster_plugins
+from lm_mini.tracking_store import prepare_store
 from lm_mini.training.tracking import (CheckpointedMetrics, OtherRankLogger, TrackingUnavailable, check_same_tracking_store,
                                       check_tracking_server, setup_tracking)
 
@@ -137,6 +138,7 @@ def prepare_run(cfg: DictConfig, resume: Optional[str], check_data: bool) -> Tup
     """Rank 0's set-up, before any training: every check that can refuse the run, then the run directory and its
     ``config.yaml``. Returns the run and the resolved ``train.init_from`` checkpoint (None: none, or resuming)."""
     check_tracking_server(tracking_uri(cfg), cfg.logging.connect_timeout_s)  # an unreachable server: an error before any work
+    prepare_store(tracking_uri(cfg))  # likewise a broken SQLite store; a new one is made whole (lm_mini/tracking_store.py)
     run = resolve_run(cfg, resume)
     if run.resume_from is not None:  # before anything of the run is touched
         check_resumable(run.config_file, cfg)

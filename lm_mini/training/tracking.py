@@ -14,7 +14,8 @@
   not confirmed when the job was killed travel in the checkpoint (:class:`CheckpointedMetrics`) and
   are sent on resume, so every step appears once in the history.
 - :func:`setup_tracking`: rank 0 opens the run's MLflow run (params = the flattened config, tags, the config
-  artifact) or reopens it on resume; the run directory's ``mlflow.json`` names it.
+  artifact) or reopens it on resume; the run directory's ``mlflow.json`` names it. A new SQLite store is made
+  whole or not at all (``lm_mini.tracking_store``, through which every command opens a store).
 """
 from __future__ import annotations
 
@@ -37,15 +38,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
 from lm_mini.data.remote import redact, without_credentials
 from lm_mini.runs import Run
+from lm_mini.tracking_store import TrackingUnavailable, mlflow_client
 
 log = logging.getLogger(__name__)
 
 Item = Tuple[Dict[str, float], Optional[int], int]  # (metrics, step, timestamp in ms)
 _METRIC_NAME = re.compile("[^a-zA-Z0-9_/. -]+")  # characters MLflow refuses in metric names (as Lightning strips them)
-
-
-class TrackingUnavailable(RuntimeError):
-    """The configured MLflow tracking server does not answer."""
 
 
 def _health_request(uri: str) -> urllib.request.Request:
@@ -382,9 +380,7 @@ def replace_abandoned_attempt(uri: str, run_id: str, run: Run) -> None:
     first checkpoint, or its checkpoints were deleted) gets a new MLflow run: params are immutable, so the
     old one would show the old config, and its steps would hide the new ones. The old run is marked
     FAILED, tagged and soft-deleted (``mlflow runs restore --run-id ...`` brings it back)."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     try:
         if client.get_run(run_id).info.status in ("RUNNING", "SCHEDULED"):
             client.set_terminated(run_id, "FAILED")
@@ -403,15 +399,13 @@ def setup_tracking(cfg: Any, run: Run) -> BufferedMLFlowLogger:
     from lm_mini.config import flatten, tracking_uri
 
     uri = tracking_uri(cfg)
+    client = mlflow_client(uri, create=True)  # a new SQLite store is made whole or not at all
     run_id = run.mlflow_info().get("run_id")  # the MLflow run of an earlier session of this run
     stored: Dict[str, int] = {}
     if run_id is not None and run.resume_from is None:
         replace_abandoned_attempt(uri, run_id, run)
         run_id = None
     if run_id is not None:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(uri)
         for name in client.get_run(run_id).data.metrics:  # each metric's last stored step
             stored[name] = max((m.step for m in client.get_metric_history(run_id, name)), default=-1)
         client.update_run(run_id, status="RUNNING")

@@ -156,3 +156,81 @@ def test_a_dead_tracking_server_fails_fast_with_a_clear_message(tmp_path, capsys
     assert rc == 2 and time.monotonic() - start < 15
     assert f"MLflow tracking server http://127.0.0.1:{port} is not reachable" in err and "MLFLOW_TRACKING_URI" in err
     assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+# ----------------------------------------------------------------------------- a fresh SQLite store, interrupted
+def _tables(db: Path) -> int:
+    """How many tables the SQLite file has now (0 while it is locked or not there)."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.05)
+        try:
+            return con.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0
+
+
+def _kill_while_creating(cmd, folder: Path, name: str = "mlflow.db", **popen) -> None:
+    """Start ``cmd`` and SIGKILL it (no clean-up runs) while it migrates a new store in ``folder``: once any
+    file of the store there (``name``, or lm_mini's ``.<name>.tmp-<pid>``) has 20 of MLflow's ~65 tables."""
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
+    deadline = time.monotonic() + 120
+    try:
+        while not any(_tables(f) >= 20 for f in [folder / name, *folder.glob(f".{name}.tmp-*")]):
+            assert proc.poll() is None, "the process ended before it was caught creating the store"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.timeout(240)
+def test_a_run_killed_while_it_creates_a_fresh_store_leaves_no_store_and_the_next_run_works(tmp_path):
+    """MLflow migrates a new SQLite store in ~50 steps that SQLite cannot make one transaction; lm-mini train
+    killed among them (preemption, Ctrl-C, torchrun ending rank 0) left a store that crashed every later run.
+    Now the store is built beside its place and appears complete or not at all."""
+    db = tmp_path / "mlflow.db"
+    _kill_while_creating([PYTHON, "-m", "lm_mini.cli", "train", "experiments/demo.yaml", f"logging.tracking_uri=sqlite:///{db}",
+                          f"logging.runs_dir={tmp_path / 'runs'}", "train.max_steps=1"], tmp_path, cwd=ROOT)
+    assert not db.exists()
+    leftovers = list(tmp_path.glob(".mlflow.db.tmp-*"))  # the killed process's half-built store (and its journal)
+    assert any(_tables(f) >= 20 for f in leftovers)
+    for f in leftovers:  # an hour later they are known to be abandoned
+        os.utime(f, (time.time() - 3600, time.time() - 3600))
+
+    result = train(tiny_config(tmp_path, "train.max_steps=2"), datamodule=TinyData(64))  # the same store, as a new job would
+    run = MlflowClient(f"sqlite:///{db}").get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["train/loss"] > 0
+    assert not list(tmp_path.glob(".mlflow.db.tmp-*"))
+
+
+@pytest.mark.timeout(240)
+def test_a_store_left_half_created_is_refused_in_one_line_naming_the_file_to_delete(tmp_path, capsys):
+    """A store an interrupted first run of an earlier version (or plain MLflow) left half-migrated: every command
+    says what it is and what to delete, before anything is created (MLflow's traceback was 'table ... already
+    exists' at every start)."""
+    from lm_mini.eval.mlflow_scores import log_scores
+    from lm_mini.sweeps.compare import read_runs
+    from lm_mini.tracking_store import TrackingUnavailable
+
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    _kill_while_creating([PYTHON, "-c", f"from mlflow import MlflowClient; MlflowClient({uri!r}).search_experiments()"], tmp_path)
+    assert 0 < _tables(db) < 60
+    expected = f"{db} was left half-created by an interrupted first run"
+    rc = cli_main(["train", str(ROOT / "experiments" / "demo.yaml"), f"logging.tracking_uri={uri}", f"logging.runs_dir={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"lm-mini: {expected}") and err.count("\n") == 1, err
+    assert f"holds no runs: delete it (rm {db}) and run again" in err
+    assert not (tmp_path / "runs").exists()  # refused before the run directory was made
+    with pytest.raises(LookupError, match="left half-created"):
+        read_runs("demo", tracking_uri=uri)
+    with pytest.raises(TrackingUnavailable, match="left half-created"):
+        log_scores({"run_id": "abc", "tracking_uri": uri}, {"eval/x": 1.0})
+    db.unlink()  # as the message says: the next run makes a new store
+    result = train(tiny_config(tmp_path, "train.max_steps=1"), datamodule=TinyData(64))
+    assert MlflowClient(uri).get_run(result.mlflow_run_id).info.status == "FINISHED"
