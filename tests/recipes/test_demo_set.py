@@ -114,13 +114,12 @@ def see_cells(image: Image.Image):
 
 def answer_scene(question: str, things) -> str:
     """A scene question, answered from (shape, colour, cell) triples: the one shape the question's shape or colour
-    word names (it must be the only one of its kind), and the attribute asked for."""
+    word names (it must be the only one of its kind), and the other attribute."""
     words = set(re.findall(r"[a-z]+", question.lower()))
     shape, colour = words & set(syn.SHAPES), words & set(syn.COLORS)
     picked = [t for t in things if (not shape or t[0] in shape) and (not colour or t[1] in colour)]
     assert len(shape | colour) == 1 and len(picked) == 1, (question, things)  # named by one unique attribute
-    asked = 1 if question.startswith("What color") else 0 if question.startswith("What shape") else 2
-    return picked[0][asked]
+    return picked[0][1 if question.startswith("What color") else 0]
 
 
 def answer(question: str, things) -> str:
@@ -182,7 +181,7 @@ def test_counts_kinds_and_llava_form(raw):
     for r in recs["scenes"] + recs["scenes_eval"]:
         assert r["conversations"][0] == {"from": "system", "value": syn.SCENE_SYSTEM}
     assert all(len(qa_pairs(r)) == 1 and r["question_type"] in syn.SCENE_QUESTION_TYPES for r in recs["scenes_eval"])
-    assert sum(len(qa_pairs(r)) for r in recs["scenes"]) > 2.5 * len(recs["scenes"])  # ~3 questions a training scene
+    assert sum(len(qa_pairs(r)) for r in recs["scenes"]) > 1.7 * len(recs["scenes"])  # mostly one of each type
 
 
 def test_image_answers_are_true_of_the_pixels(raw):
@@ -207,7 +206,7 @@ def test_scene_answers_are_true_of_the_pixels(raw):
         for question, given in qa_pairs(r):
             assert answer_scene(question, things) == given, (r["id"], question, things)
             checked[question.split(" the ")[0]] += 1
-    assert set(checked) == {"What color is", "What shape is", "Where is"}
+    assert set(checked) == {"What color is", "What shape is"}
 
 
 def test_captions_are_true_of_the_pixels(raw):
@@ -381,7 +380,8 @@ def test_refuses_a_non_empty_out(built):
 
 
 def test_shipped_demo_set_is_complete_and_small():
-    """The committed data_shards/demo: the scale-1 sizes, intact shards, under 20 MB."""
+    """The committed data_shards/demo: the scale-1 sizes, intact shards, under 30 MB on disk (git stores them
+    compressed: ~8 MB, the tar padding and the repeated JPEG headers compress away)."""
     from lm_mini.data.shard_reader import read_index
 
     shipped = Path(__file__).resolve().parents[2] / "data_shards" / "demo"
@@ -397,11 +397,11 @@ def test_shipped_demo_set_is_complete_and_small():
         assert index["num_samples"] == sub["records"] and len(index["shards"]) == syn.SHARDS_PER_SET
         for shard in index["shards"]:
             assert hashlib.sha256((shipped / sub["path"] / shard["name"]).read_bytes()).hexdigest() == shard["sha256"]
-    assert sum(p.stat().st_size for p in shipped.rglob("*") if p.is_file()) < 20 * 2**20
+    assert sum(p.stat().st_size for p in shipped.rglob("*") if p.is_file()) < 30 * 2**20
 
 
 def test_built_encoder_is_the_model_tower_and_holds_what_its_pretraining_says(built):
-    """The encoder folder loads as ``model.encoder.path`` of the demo config; the model reads the layer the
+    """The encoder folder loads as ``model.encoder.path`` of the ablation config; the model reads the layer the
     pretraining heads were trained on; the heads score on the held-out draw what pretraining.json records."""
     import random
 
@@ -413,7 +413,7 @@ def test_built_encoder_is_the_model_tower_and_holds_what_its_pretraining_says(bu
     from lm_mini.recipes import demo_encoder as de
 
     root = Path(__file__).resolve().parents[2]
-    cfg = load_config(root / "experiments" / "demo.yaml", [f"model.encoder.path={built / 'encoder'}"])
+    cfg = load_config(root / "experiments" / "ablation.yaml", [f"model.encoder.path={built / 'encoder'}"])
     tower = build_encoder(cfg.model.encoder).eval()
     assert (tower.hidden_size, tower.grid, tower.image_size) == (64, 8, 64)
     assert cfg.model.encoder.select_layer == de.SELECT_LAYER and not cfg.train.parts.encoder.train  # frozen, that layer
