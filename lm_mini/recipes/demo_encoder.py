@@ -3,7 +3,7 @@
 LLaVA-Mini (like LLaVA-1.5) starts from a pretrained CLIP and keeps it frozen; its compressor and pre-fusion then
 learn to pick out of good patch features what a question needs. Trained from scratch together with the rest, a tiny
 encoder learns slowest where it matters most (the model that reads all patch tokens must first make them mean
-something), so the demo ships one that was pretrained here, on images drawn by :mod:`lm_mini.recipes.demo`:
+something), so the demo ships one that was pretrained here, on images drawn by :mod:`lm_mini.recipes.demo_world`:
 single shapes in four slots, 4-6 shapes on a 3x3 grid and freely placed shapes, through the same JPEG round trip
 as the shards. The objective is per patch (the 8x8 grid of 8-pixel patches): from the last layer's feature of a
 patch, linear heads predict the colour and the shape of the object that covers most of it (or "none" under 20%
@@ -33,7 +33,7 @@ from PIL import Image
 from torch import nn
 
 from lm_mini.models.encoders import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize_pixels
-from lm_mini.recipes import demo
+from lm_mini.recipes import demo_world as world
 
 # The tiny preset's tower (experiments/models/tiny.yaml): 64x64 images, 8x8 patches of 8 pixels, 64 wide.
 ENCODER_CONFIG = {"image_size": 64, "patch_size": 8, "hidden_size": 64, "intermediate_size": 256,
@@ -41,9 +41,9 @@ ENCODER_CONFIG = {"image_size": 64, "patch_size": 8, "hidden_size": 64, "interme
 # The LLaVA models read the last layer (model.encoder.select_layer: -1): the one the heads were trained on.
 SELECT_LAYER = -1
 COVERED = 0.2  # a patch belongs to the object covering the largest share of it, when that share is at least this
-COLOR_CLASSES = ("none", *demo.COLORS)
-SHAPE_CLASSES = ("none", *demo.SHAPES)
-REGION_CLASSES = ("none", *demo.CELLS)  # the 3x3 regions, row-major (the scenes' cells)
+COLOR_CLASSES = ("none", *world.COLORS)
+SHAPE_CLASSES = ("none", *world.SHAPES)
+REGION_CLASSES = ("none", *world.CELLS)  # the 3x3 regions, row-major (the scenes' cells)
 
 
 @dataclass(frozen=True)
@@ -65,48 +65,48 @@ class PretrainSettings:
 
 
 # --------------------------------------------------------------------------- images and per-patch targets
-def free_scene(rng: random.Random, n: int) -> List[demo.Thing]:
+def free_scene(rng: random.Random, n: int) -> List[world.Thing]:
     """``n`` shapes anywhere on the canvas (as in the demo's videos), not overlapping."""
-    things: List[demo.Thing] = []
+    things: List[world.Thing] = []
     while len(things) < n:
-        r = rng.uniform(demo.MIN_RADIUS, demo.MAX_RADIUS)
-        cx, cy = rng.uniform(r + 1, demo.IMAGE_SIZE - r - 1), rng.uniform(r + 1, demo.IMAGE_SIZE - r - 1)
+        r = rng.uniform(world.MIN_RADIUS, world.MAX_RADIUS)
+        cx, cy = rng.uniform(r + 1, world.IMAGE_SIZE - r - 1), rng.uniform(r + 1, world.IMAGE_SIZE - r - 1)
         if all(math.hypot(cx - t.cx, cy - t.cy) > (r + t.r) * math.sqrt(2) + 1 for t in things):
-            things.append(demo.Thing(rng.choice(demo.SHAPES), rng.choice(tuple(demo.COLORS)), cx, cy, r))
+            things.append(world.Thing(rng.choice(world.SHAPES), rng.choice(tuple(world.COLORS)), cx, cy, r))
     return things
 
 
-def pretraining_scene(rng: random.Random) -> List[demo.Thing]:
+def pretraining_scene(rng: random.Random) -> List[world.Thing]:
     """One of the demo's three kinds of picture, in equal shares."""
     kind = rng.randrange(3)
     if kind == 0:
-        return demo.random_scene(rng, rng.randint(1, 3))
+        return world.random_scene(rng, rng.randint(1, 3))
     if kind == 1:
-        return demo.grid_scene(rng, rng.randint(*demo.SCENE_OBJECTS))
+        return world.grid_scene(rng, rng.randint(*world.SCENE_OBJECTS))
     return free_scene(rng, rng.randint(1, 3))
 
 
-def region(t: demo.Thing) -> int:
+def region(t: world.Thing) -> int:
     """Index in :data:`REGION_CLASSES` of the 3x3 region holding the shape's centre."""
-    col, row = (min(demo.SCENE_GRID - 1, int(c // demo.CELL)) for c in (t.cx, t.cy))
-    return 1 + row * demo.SCENE_GRID + col
+    col, row = (min(world.SCENE_GRID - 1, int(c // world.CELL)) for c in (t.cx, t.cy))
+    return 1 + row * world.SCENE_GRID + col
 
 
-def patch_targets(things: Sequence[demo.Thing], patch: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def patch_targets(things: Sequence[world.Thing], patch: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per patch (row-major): colour, shape and region class (0 = none) of the covering object, and its centre over
     the image size ([P], [P], [P], [P, 2])."""
-    g = demo.IMAGE_SIZE // patch
+    g = world.IMAGE_SIZE // patch
     if not things:
         return (np.zeros(g * g, np.int64), np.zeros(g * g, np.int64), np.zeros(g * g, np.int64),
                 np.zeros((g * g, 2), np.float32))
-    cover = np.stack([np.asarray(demo.coverage(t), np.float32) / 255.0 for t in things])  # [K, H, W]
+    cover = np.stack([np.asarray(world.coverage(t), np.float32) / 255.0 for t in things])  # [K, H, W]
     per_patch = cover.reshape(len(things), g, patch, g, patch).mean(axis=(2, 4)).reshape(len(things), g * g)  # [K, P]
     best, share = per_patch.argmax(0), per_patch.max(0)
     covered = share >= COVERED
     colors = np.array([COLOR_CLASSES.index(t.color) for t in things])[best] * covered
     shapes = np.array([SHAPE_CLASSES.index(t.shape) for t in things])[best] * covered
     regions = np.array([region(t) for t in things])[best] * covered
-    centres = np.array([(t.cx, t.cy) for t in things], np.float32)[best] / demo.IMAGE_SIZE
+    centres = np.array([(t.cx, t.cy) for t in things], np.float32)[best] / world.IMAGE_SIZE
     return colors.astype(np.int64), shapes.astype(np.int64), regions.astype(np.int64), centres * covered[:, None]
 
 
@@ -115,7 +115,7 @@ def draw_images(rng: random.Random, n: int, patch: int) -> Dict[str, np.ndarray]
     pixels, colors, shapes, regions, centres = [], [], [], [], []
     for _ in range(n):
         things = pretraining_scene(rng)
-        jpeg = demo.jpeg_bytes(demo.render(things, demo._background(rng)))
+        jpeg = world.jpeg_bytes(world.render(things, world.random_background(rng)))
         pixels.append(np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")).transpose(2, 0, 1))
         c, s, r, xy = patch_targets(things, patch)
         colors.append(c)
@@ -175,7 +175,7 @@ def probe_accuracy(encoder: nn.Module, probe: Probe, data: Dict[str, np.ndarray]
             hits["shape"] += int((shape.argmax(-1) == gold_s)[cov].sum())
             hits["region"] += int((where.argmax(-1) == gold_r)[cov].sum())
             hits["empty"] += int((color.argmax(-1) == 0)[~cov].sum())
-            err += float((centre - gold_xy)[cov].norm(dim=-1).sum()) * demo.IMAGE_SIZE
+            err += float((centre - gold_xy)[cov].norm(dim=-1).sum()) * world.IMAGE_SIZE
             n_cov += int(cov.sum())
             n_empty += int((~cov).sum())
     return {"color_accuracy": hits["color"] / max(1, n_cov), "shape_accuracy": hits["shape"] / max(1, n_cov),
@@ -233,8 +233,8 @@ def pretrain_encoder(out: Path, seed: int = 0, scale: float = 1.0) -> dict:
     encoder.save_pretrained(out, safe_serialization=True)
     save_file({k: v.contiguous() for k, v in probe.head.state_dict().items()}, str(out / "probe.safetensors"))
     (out / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": demo.IMAGE_SIZE},
-        "crop_size": {"height": demo.IMAGE_SIZE, "width": demo.IMAGE_SIZE},
+        "image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": world.IMAGE_SIZE},
+        "crop_size": {"height": world.IMAGE_SIZE, "width": world.IMAGE_SIZE},
         "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD)}, indent=2) + "\n")
     report = {"objective": "per patch: colour, shape, 3x3 region and centre of the covering object (linear heads on the last layer)",
               "select_layer": SELECT_LAYER, "covered_threshold": COVERED, "seed": seed, **asdict(settings),

@@ -18,6 +18,7 @@ from PIL import Image
 
 from lm_mini.constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from lm_mini.recipes import demo as syn
+from lm_mini.recipes import demo_world as world
 from lm_mini.data.conversation import normalize_turns
 
 SCALE = 0.05  # ~250 records: a fraction of a second
@@ -38,13 +39,13 @@ def qa_pairs(record):
 
 
 # --------------------------------------------------------------------------- pixel oracle
-PIXEL_CENTRES = np.mgrid[0:syn.IMAGE_SIZE, 0:syn.IMAGE_SIZE] + 0.5  # (y, x) of every pixel
-SLOT_CENTRES = np.array(list(syn.SLOTS.values()))
+PIXEL_CENTRES = np.mgrid[0:world.IMAGE_SIZE, 0:world.IMAGE_SIZE] + 0.5  # (y, x) of every pixel
+SLOT_CENTRES = np.array(list(world.SLOTS.values()))
 YY, XX = PIXEL_CENTRES
 # Each pixel belongs to the nearest slot centre (the slots' shapes never cross these borders).
 SLOT_OF_PIXEL = np.argmin((XX[..., None] - SLOT_CENTRES[:, 0]) ** 2 + (YY[..., None] - SLOT_CENTRES[:, 1]) ** 2, axis=-1)
-ATTRIBUTE_WORDS = (set(syn.SHAPES), set(syn.COLORS), set(syn.SLOTS))  # words naming each part of a triple
-PALETTE = np.array(list(syn.COLORS.values()), dtype=float)
+ATTRIBUTE_WORDS = (set(world.SHAPES), set(world.COLORS), set(world.SLOTS))  # words naming each part of a triple
+PALETTE = np.array(list(world.COLORS.values()), dtype=float)
 
 
 def colour_labels(pixels: np.ndarray) -> np.ndarray:
@@ -81,22 +82,22 @@ def ideal_mask(shape: str, mask: np.ndarray) -> np.ndarray:
 
 def shape_of(mask: np.ndarray) -> str:
     """The shape whose ideal outline overlaps the mask best (intersection over union)."""
-    return max(syn.SHAPES, key=lambda s: (mask & ideal_mask(s, mask)).sum() / (mask | ideal_mask(s, mask)).sum())
+    return max(world.SHAPES, key=lambda s: (mask & ideal_mask(s, mask)).sum() / (mask | ideal_mask(s, mask)).sum())
 
 
 def see(image: Image.Image):
     """The shapes in an image as (shape, colour, slot), read from the pixels alone."""
     labels = colour_labels(np.asarray(image.convert("RGB")))
     found = []
-    for s, slot in enumerate(syn.SLOTS):
-        for c, colour in enumerate(syn.COLORS):
+    for s, slot in enumerate(world.SLOTS):
+        for c, colour in enumerate(world.COLORS):
             mask = (labels == c) & (SLOT_OF_PIXEL == s)
             if mask.sum() >= 30:  # a shape has >= ~70 pixels; JPEG fringes have a few
                 found.append((shape_of(mask), colour, slot))
     return found
 
 
-CELL_CENTRES = np.array(list(syn.CELLS.values()))
+CELL_CENTRES = np.array(list(world.CELLS.values()))
 CELL_OF_PIXEL = np.argmin((XX[..., None] - CELL_CENTRES[:, 0]) ** 2 + (YY[..., None] - CELL_CENTRES[:, 1]) ** 2, axis=-1)
 
 
@@ -104,8 +105,8 @@ def see_cells(image: Image.Image):
     """The shapes of a multi-object scene as (shape, colour, cell), read from the pixels alone."""
     labels = colour_labels(np.asarray(image.convert("RGB")))
     found = []
-    for k, cell in enumerate(syn.CELLS):
-        for c, colour in enumerate(syn.COLORS):
+    for k, cell in enumerate(world.CELLS):
+        for c, colour in enumerate(world.COLORS):
             mask = (labels == c) & (CELL_OF_PIXEL == k)
             if mask.sum() >= 20:  # a scene's shape has >= ~45 pixels
                 found.append((shape_of(mask), colour, cell))
@@ -116,7 +117,7 @@ def answer_scene(question: str, things) -> str:
     """A scene question, answered from (shape, colour, cell) triples: the one shape the question's shape or colour
     word names (it must be the only one of its kind), and the other attribute."""
     words = set(re.findall(r"[a-z]+", question.lower()))
-    shape, colour = words & set(syn.SHAPES), words & set(syn.COLORS)
+    shape, colour = words & set(world.SHAPES), words & set(world.COLORS)
     picked = [t for t in things if (not shape or t[0] in shape) and (not colour or t[1] in colour)]
     assert len(shape | colour) == 1 and len(picked) == 1, (question, things)  # named by one unique attribute
     return picked[0][1 if question.startswith("What color") else 0]
@@ -145,7 +146,7 @@ def blob(frame: np.ndarray):
     """Centre and colour of the one shape in a video frame."""
     labels = colour_labels(frame)
     ys, xs = np.nonzero(labels >= 0)
-    colour = list(syn.COLORS)[Counter(labels[labels >= 0].tolist()).most_common(1)[0][0]]
+    colour = list(world.COLORS)[Counter(labels[labels >= 0].tolist()).most_common(1)[0][0]]
     return xs.mean(), ys.mean(), colour
 
 
@@ -180,7 +181,7 @@ def test_counts_kinds_and_llava_form(raw):
     # scenes: a short system turn, then questions; held-out scenes ask one each
     for r in recs["scenes"] + recs["scenes_eval"]:
         assert r["conversations"][0] == {"from": "system", "value": syn.SCENE_SYSTEM}
-    assert all(len(qa_pairs(r)) == 1 and r["question_type"] in syn.SCENE_QUESTION_TYPES for r in recs["scenes_eval"])
+    assert all(len(qa_pairs(r)) == 1 and r["question_type"] in world.SCENE_QUESTION_TYPES for r in recs["scenes_eval"])
     assert sum(len(qa_pairs(r)) for r in recs["scenes"]) > 1.7 * len(recs["scenes"])  # mostly one of each type
 
 
@@ -202,7 +203,7 @@ def test_scene_answers_are_true_of_the_pixels(raw):
     checked = Counter()
     for r in recs["scenes"] + recs["scenes_eval"]:
         things = see_cells(Image.open(root / r["image"]))
-        assert syn.SCENE_OBJECTS[0] <= len(things) <= syn.SCENE_OBJECTS[1], (r["id"], things)
+        assert world.SCENE_OBJECTS[0] <= len(things) <= world.SCENE_OBJECTS[1], (r["id"], things)
         for question, given in qa_pairs(r):
             assert answer_scene(question, things) == given, (r["id"], question, things)
             checked[question.split(" the ")[0]] += 1
@@ -223,7 +224,7 @@ def test_video_answers_are_true_of_the_frames(raw):
         if "video" not in r:
             continue
         frames = frames_of(root / r["video"])
-        assert len(frames) == syn.VIDEO_FRAMES and frames[0].shape == (syn.IMAGE_SIZE, syn.IMAGE_SIZE, 3)
+        assert len(frames) == world.VIDEO_FRAMES and frames[0].shape == (world.IMAGE_SIZE, world.IMAGE_SIZE, 3)
         (x0, y0, c0), (x1, y1, c1) = blob(frames[0]), blob(frames[-1])
         (question, given), = qa_pairs(r)
         if r["question_type"] == "direction":
@@ -246,7 +247,7 @@ def test_text_only_answers(raw):
             a, b = int(m[1]), int(m[3])
             assert int(given) == (a + b if m[2] == "plus" else a - b)
         else:
-            assert (question, given) in syn.FACTS
+            assert (question, given) in world.FACTS
 
 
 def test_eval_is_disjoint_from_train(raw):
@@ -260,8 +261,8 @@ def test_eval_is_disjoint_from_train(raw):
     assert len(held_scenes) == len(recs["scenes_eval"]) and not scenes & held_scenes
 
 
-@pytest.mark.parametrize("subset, qtypes", [("eval", syn.IMAGE_QUESTION_TYPES + syn.VIDEO_QUESTION_TYPES),
-                                             ("scenes_eval", syn.SCENE_QUESTION_TYPES)])
+@pytest.mark.parametrize("subset, qtypes", [("eval", world.IMAGE_QUESTION_TYPES + world.VIDEO_QUESTION_TYPES),
+                                             ("scenes_eval", world.SCENE_QUESTION_TYPES)])
 def test_eval_answers_are_balanced(raw, subset, qtypes):
     _, recs = raw
     by_type = {}
@@ -269,21 +270,21 @@ def test_eval_answers_are_balanced(raw, subset, qtypes):
         by_type.setdefault(r["question_type"], Counter())[qa_pairs(r)[0][1]] += 1
     assert set(by_type) == set(qtypes)
     for qtype, counts in by_type.items():
-        assert set(counts) <= set(syn.ANSWERS[qtype])
-        assert max(counts.values()) - min(counts.get(a, 0) for a in syn.ANSWERS[qtype]) <= 1, (qtype, counts)
+        assert set(counts) <= set(world.ANSWERS[qtype])
+        assert max(counts.values()) - min(counts.get(a, 0) for a in world.ANSWERS[qtype]) <= 1, (qtype, counts)
 
 
 def test_balanced_plan_at_scale_one():
     import random
 
-    plan = syn.balanced_plan(random.Random(1), syn.IMAGE_QUESTION_TYPES, 400)
+    plan = world.balanced_plan(random.Random(1), world.IMAGE_QUESTION_TYPES, 400)
     per_type = Counter(q for q, _ in plan)
     assert set(per_type.values()) == {100}
-    for qtype in syn.IMAGE_QUESTION_TYPES:
+    for qtype in world.IMAGE_QUESTION_TYPES:
         counts = Counter(a for q, a in plan if q == qtype)
         assert max(counts.values()) - min(counts.values()) <= 1
         # majority baseline of this type is chance level
-        assert max(counts.values()) / 100 <= 1 / len(syn.ANSWERS[qtype]) + 0.01
+        assert max(counts.values()) / 100 <= 1 / len(world.ANSWERS[qtype]) + 0.01
 
 
 def test_majority_baseline_hand_worked():
@@ -435,7 +436,7 @@ def test_built_encoder_is_the_model_tower_and_holds_what_its_pretraining_says(bu
 def test_patch_targets_follow_the_drawn_shapes():
     from lm_mini.recipes import demo_encoder as de
 
-    big = syn.Thing("square", "red", 20.0, 20.0, 8.0)  # covers the pixels 12..28: patches 1..3 of rows 1..3
+    big = world.Thing("square", "red", 20.0, 20.0, 8.0)  # covers the pixels 12..28: patches 1..3 of rows 1..3
     colors, shapes, regions, centres = de.patch_targets([big], 8)
     grid = colors.reshape(8, 8)
     assert (grid[1:4, 1:4] > 0).all() and grid.sum() == 9 * de.COLOR_CLASSES.index("red")
@@ -443,7 +444,7 @@ def test_patch_targets_follow_the_drawn_shapes():
     assert set(regions[colors > 0]) == {de.REGION_CLASSES.index("top-left")}
     assert np.allclose(centres[colors > 0], [20 / 64, 20 / 64]) and (centres[colors == 0] == 0).all()
     # a patch a shape covers under 20% of belongs to no shape
-    small = syn.Thing("circle", "blue", 8.0, 8.0, 1.0)
+    small = world.Thing("circle", "blue", 8.0, 8.0, 1.0)
     assert de.patch_targets([small], 8)[0].sum() == 0
 
 
