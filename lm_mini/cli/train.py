@@ -56,7 +56,7 @@ def report(result: Any) -> None:
     """What a finished :class:`~lm_mini.training.run.TrainResult` tells the user."""
     from lm_mini.data.errors import describe_skips
     from lm_mini.data.remote import redact
-    from lm_mini.training.tracking import how_to_view
+    from lm_mini.training.tracking import PENDING_TAG, how_to_view
 
     print(f"lm-mini: finished at step {result.global_step}; run directory {result.run.dir}")
     if result.skipped is not None:  # the data module's counts, as logged to MLflow (data/skipped/<reason>)
@@ -72,3 +72,10 @@ def report(result: Any) -> None:
             print(f"lm-mini: held-out data: {describe_skips(e['skipped'])}")
     print(f"lm-mini: MLflow run {result.mlflow_run_id} in {redact(result.tracking_uri)} "
           f"(view: {how_to_view(result.tracking_uri, result.mlflow_experiment_id, result.mlflow_run_id)})")
+    if result.pending_metrics:
+        state = f"is tagged {PENDING_TAG}={result.pending_metrics}" if result.mlflow_marked else "shows RUNNING"
+        print(f"lm-mini: {result.pending_metrics} steps of metrics did not reach the MLflow store: they are in "
+              f"{result.run.pending_file} and the MLflow run {state}; to send them, run the same command again with "
+              f"--resume auto train.eval_at_end=false once the store answers")
+    elif not result.mlflow_marked:
+        print("lm-mini: the MLflow store did not answer at the end: every metric reached it, but the MLflow run shows RUNNING")

@@ -132,6 +132,8 @@ class TrainResult:
     trainer: Optional[L.Trainer] = None  # for programmatic use: trainer.lightning_module.model is the trained model
     skipped: Optional[Dict[str, int]] = None  # training samples skipped/altered per reason, all ranks (None: no batch ran)
     stopped_by: Optional[int] = None  # the signal that stopped a preempted run (as this rank received it)
+    pending_metrics: int = 0  # steps of metrics the tracking store did not take (in run.pending_file; sent on resume)
+    mlflow_marked: bool = True  # the MLflow run got its final status (False: the store did not answer at the end)
 
 
 def prepare_run(cfg: DictConfig, resume: Optional[str], check_data: bool) -> Tuple[Run, Optional[str]]:
@@ -278,4 +280,5 @@ def _fit(cfg: DictConfig, run: Run, init_from: Optional[str], logger: Any, model
         run.finished_file.write_text(json.dumps({"checkpoint": final.name if final else None, "global_step": trainer.global_step,
                                                  "max_steps": cfg.train.max_steps, "max_epochs": cfg.train.max_epochs}))
     logger.close("FINISHED")
+    result.pending_metrics, result.mlflow_marked = getattr(logger, "pending_steps", 0), getattr(logger, "marked", True)
     return result

@@ -5,9 +5,13 @@
   stores (``sqlite:///mlflow.db``, the default) need no server.
 - :class:`BufferedMLFlowLogger`: Lightning's ``MLFlowLogger`` whose metric writes are sent by a
   background thread. If the server goes away mid-run, training does not wait: the thread keeps
-  the metrics and retries; at the end it waits ``logging.flush_timeout_s`` and then writes what is
-  still unsent to ``<run>/mlflow_pending.jsonl`` (with a warning); the next start of the run
-  (``--resume auto``) sends that file first.
+  the metrics and retries with its own backoff (at most 10 s apart); its requests make one attempt each
+  (:class:`ShortRequestClient`: MLflow's own policy retries one call for ~2 minutes), so metrics flow
+  again as soon as the server is back. At the end it waits ``logging.flush_timeout_s`` and then writes
+  what is still unsent to ``<run>/mlflow_pending.jsonl`` (with a warning); closing the run tries that
+  file once more; what is still pending is counted in steps, tagged on the MLflow run
+  (``lm_mini.pending_metrics``) and reported, and the next start of the run (``--resume auto``) sends
+  it first.
 - Exactly once: a resumed run re-executes the steps after its checkpoint; a metric's steps that the
   MLflow run already has are dropped (``stored_steps``: per metric, the last step stored; per metric,
   since a job can die between the learning rate and the loss of one step). Steps before the checkpoint that the store had
@@ -93,6 +97,68 @@ def how_to_view(uri: str, experiment_id: Optional[str] = None, run_id: Optional[
     return f"mlflow ui --backend-store-uri {uri}"
 
 
+PENDING_TAG = "lm_mini.pending_metrics"  # on an MLflow run: how many steps of metrics wait in its run's pending file
+
+
+def _steps(items: List[Item]) -> int:
+    """How many steps ``items`` hold metrics of: the one unit every message about unsent metrics counts in."""
+    return len({step for _, step, _ in items})
+
+
+class ShortRequestClient:
+    """The calls the metric sender makes to a tracking *server* (``log_batch``, ``set_tag``, ``delete_tag``,
+    ``set_terminated``, as :class:`mlflow.MlflowClient` names them), one attempt each, at most ``timeout`` seconds.
+
+    MLflow retries every request itself (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` = 7, backoff factor 2: about two
+    minutes for one call), read from the environment, for the whole process: it has no per-client setting.
+    A sender inside such a call did not see a server that came back, and the run ended with its metrics
+    spilled. The sender retries with its own backoff, so here a request that fails, fails at once.
+    """
+
+    def __init__(self, uri: str, timeout: float):
+        from functools import partial
+
+        from mlflow.store.tracking.rest_store import RestStore
+        from mlflow.utils.credentials import get_default_host_creds
+
+        class OneAttemptRestStore(RestStore):
+            def _call_endpoint(self, api: Any, json_body: Any = None, endpoint: Any = None, retry_timeout_seconds: Any = None,
+                               response_proto: Any = None) -> Any:
+                # RestStore._call_endpoint -> rest_utils.call_endpoint, with the retry policy as an argument
+                from mlflow.utils.proto_json_utils import parse_dict
+                from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+                default, method = (self._V3_METHOD_TO_INFO if api in self._V3_APIS else self._METHOD_TO_INFO)[api]
+                endpoint = endpoint or default
+                body = json.loads(json_body) if json_body is not None else None
+                response = http_request(self.get_host_creds(), endpoint, method, max_retries=0, backoff_factor=0,
+                                        timeout=timeout, **({"params": body} if method == "GET" else {"json": body}))
+                response = verify_rest_response(response, endpoint)
+                proto = response_proto or api.Response()
+                if response.status_code != 204:
+                    parse_dict(js_dict=response.json(), message=proto)
+                return proto
+
+        self.store = OneAttemptRestStore(partial(get_default_host_creds, uri))
+
+    def log_batch(self, run_id: str, metrics: Any = ()) -> None:
+        self.store.log_batch(run_id, metrics=list(metrics), params=[], tags=[])
+
+    def set_tag(self, run_id: str, key: str, value: Any) -> None:
+        from mlflow.entities import RunTag
+
+        self.store.set_tag(run_id, RunTag(key, str(value)))
+
+    def delete_tag(self, run_id: str, key: str) -> None:
+        self.store.delete_tag(run_id, key)
+
+    def set_terminated(self, run_id: str, status: str = "FINISHED") -> None:
+        from mlflow.entities import RunStatus
+
+        self.store.update_run_info(run_id, run_status=RunStatus.from_string(status), end_time=int(time.time() * 1000),
+                                   run_name=None)
+
+
 class BufferedMLFlowLogger(MLFlowLogger):
     """``MLFlowLogger`` with non-blocking metric writes, local fallback and exactly-once steps on resume."""
 
@@ -110,7 +176,20 @@ class BufferedMLFlowLogger(MLFlowLogger):
         self._closing = False
         self._warned = False
         self._step_logged: Tuple[Optional[int], Dict[str, Any]] = (None, {})  # the latest step and what it logged
+        self._short: Any = None
         self.status: Optional[str] = None
+        self.pending_steps = 0  # at close: steps of metrics left in the pending file (reported, and tagged on the run)
+        self.marked = False  # at close: the MLflow run got its status (and tag): the store answered
+
+    @property
+    def _sender(self) -> Any:
+        """What the sender writes through: one-attempt requests to a tracking server (:class:`ShortRequestClient`,
+        ``logging.flush_timeout_s`` at most each); MLflow's client for a local store."""
+        if self._short is None:
+            uri = self._tracking_uri
+            self._short = (ShortRequestClient(uri, max(1.0, self.flush_timeout)) if uri.startswith(("http://", "https://"))
+                           else self._mlflow_client)
+        return self._short
 
     # ------------------------------------------------------------------ writing
     @rank_zero_only
@@ -158,14 +237,14 @@ class BufferedMLFlowLogger(MLFlowLogger):
         batch = [Metric(key=_METRIC_NAME.sub("", k), value=float(v), timestamp=ts, step=step or 0)
                  for metrics, step, ts in items for k, v in metrics.items() if not isinstance(v, str)]
         for i in range(0, len(batch), 1000):
-            self._mlflow_client.log_batch(self.run_id, metrics=batch[i: i + 1000])
+            self._sender.log_batch(self.run_id, metrics=batch[i: i + 1000])
 
     def _send_loop(self) -> None:
         """Send what is unsent, many steps per request, oldest first; on failure keep it and retry with backoff.
 
         A sender that was replaced (``_write_pending`` gave up on it while a request hung) leaves the
         list alone when its request finally returns."""
-        me, backoff = threading.current_thread(), 0.5
+        me, backoff, failing = threading.current_thread(), 0.5, False
         while True:
             with self._lock:
                 while not self._unsent and not self._closing and self._worker is me:
@@ -180,11 +259,14 @@ class BufferedMLFlowLogger(MLFlowLogger):
                     rank_zero_warn(f"MLflow tracking store {redact(self._tracking_uri)} failed ({type(e).__name__}: "
                                    f"{str(e)[:200]}); training continues, metrics are kept and retried")
                     self._warned = True
+                failing = True
                 with self._lock:
                     self._lock.wait(backoff)  # woken early by closing
                 backoff = min(backoff * 2, 10.0)
                 continue
-            backoff = 0.5
+            if failing:
+                log.info("MLflow tracking store %s takes metrics again", redact(self._tracking_uri))
+            backoff, failing = 0.5, False
             with self._lock:
                 if self._worker is not me:
                     return
@@ -202,7 +284,7 @@ class BufferedMLFlowLogger(MLFlowLogger):
         items = self._take_unstored(items)
         if items:
             self._enqueue(items)
-        return len({step for _, step, _ in items})
+        return _steps(items)
 
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Wait until every logged metric is stored; False if the store did not take them in time."""
@@ -213,7 +295,7 @@ class BufferedMLFlowLogger(MLFlowLogger):
             return not self._unsent
 
     def _write_pending(self) -> int:
-        """Stop the sender and append everything unsent to the pending file; returns the number of steps written."""
+        """Stop the sender and append everything unsent to the pending file; returns how many steps it holds metrics of."""
         with self._lock:
             self._closing = True
             self._lock.notify_all()
@@ -228,25 +310,33 @@ class BufferedMLFlowLogger(MLFlowLogger):
             with open(self.pending_file, "a") as f:
                 for metrics, step, ts in items:
                     f.write(json.dumps({"step": step, "metrics": metrics, "timestamp": ts}) + "\n")
-        return len(items)
+        return _steps(items)
+
+    def _read_pending(self) -> List[Item]:
+        if self.pending_file is None or not self.pending_file.is_file():
+            return []
+        lines = [json.loads(line) for line in self.pending_file.read_text().splitlines() if line.strip()]
+        return [(e["metrics"], e["step"], e["timestamp"]) for e in lines]
 
     def replay_pending(self) -> int:
-        """Send the metrics an earlier, disconnected session of this run wrote locally; returns how many steps."""
-        if self.pending_file is None or not self.pending_file.is_file():
+        """Send the metrics that a session of this run could not deliver and wrote locally (an earlier one's, on
+        resume; this one's, at close); returns how many steps. Raises if the store does not take them."""
+        items = self._read_pending()
+        if not items:
             return 0
-        lines = [json.loads(line) for line in self.pending_file.read_text().splitlines() if line.strip()]
-        items = self._take_unstored([(e["metrics"], e["step"], e["timestamp"]) for e in lines])
+        items = self._take_unstored(items)
         self._send(items)
         self.pending_file.unlink()
-        return len({step for _, step, _ in items})
+        return _steps(items)
 
     # ------------------------------------------------------------------ ending
     def _flush_or_spill(self) -> bool:
         if self.flush():
             return True
         n = self._write_pending()
-        rank_zero_warn(f"MLflow tracking store {redact(self._tracking_uri)} unreachable: {n} metric steps written to "
-                       f"{self.pending_file}; they are sent when this run is resumed (--resume auto)")
+        rank_zero_warn(f"MLflow tracking store {redact(self._tracking_uri)} did not take {n} steps of metrics within "
+                       f"logging.flush_timeout_s={self.flush_timeout:g}: written to {self.pending_file}; they are tried "
+                       "again when the run closes, else sent when it is resumed (--resume auto)")
         return False
 
     @rank_zero_only
@@ -261,22 +351,35 @@ class BufferedMLFlowLogger(MLFlowLogger):
 
     @rank_zero_only
     def close(self, status: str = "FINISHED") -> None:
-        """Flush and mark the MLflow run ``status`` (FINISHED, FAILED, KILLED) without waiting on a dead server."""
+        """Flush, try the pending file once more, and mark the MLflow run ``status`` (FINISHED, FAILED, KILLED),
+        tagged ``lm_mini.pending_metrics=N`` when N steps of metrics are still pending (``pending_steps``): a run
+        is never shown as complete while its metrics wait on this machine. Does not wait on a dead server."""
         if not self._initialized:
             return
         self.status = status
-        if not self._flush_or_spill():
-            return
+        self._flush_or_spill()
 
         def terminate() -> None:
             try:
-                self._mlflow_client.set_terminated(self.run_id, status)
+                if self._read_pending():
+                    sent = self.replay_pending()  # the store may be back by now
+                    log.info("sent %d steps of metrics that had been written to %s", sent, self.pending_file)
+            except Exception as e:  # still not taken: they stay in the file
+                log.debug("pending metrics not sent at close: %s", e)
+            self.pending_steps = _steps(self._read_pending())
+            try:
+                if self.pending_steps:
+                    self._sender.set_tag(self.run_id, PENDING_TAG, self.pending_steps)
+                self._sender.set_terminated(self.run_id, status)
+                self.marked = True
             except Exception as e:
-                rank_zero_warn(f"could not mark MLflow run {self.run_id} {status}: {e}")
+                rank_zero_warn(f"could not mark MLflow run {self.run_id} {status}: {type(e).__name__}: {str(e)[:200]}")
 
         thread = threading.Thread(target=terminate, daemon=True)
         thread.start()
-        thread.join(self.flush_timeout)
+        thread.join(max(self.flush_timeout, 1.0) * 3)  # a few requests of at most flush_timeout each
+        if thread.is_alive():  # counted from the file, whatever the thread has reached
+            self.pending_steps = _steps(self._read_pending())
 
 
 class OtherRankLogger(Logger):
@@ -347,7 +450,7 @@ class CheckpointedMetrics(Callback):
         if isinstance(logger, BufferedMLFlowLogger) and trainer.is_global_zero:
             sent = logger.resend([tuple(item) for item in checkpoint.get(self.KEY, [])])
             if sent:
-                log.info("sent %d metric steps that the interrupted session had not delivered", sent)
+                log.info("sending %d steps of metrics that the interrupted session had not delivered", sent)
 
 
 # --------------------------------------------------------------------------- the run's MLflow run
@@ -405,9 +508,12 @@ def setup_tracking(cfg: Any, run: Run) -> BufferedMLFlowLogger:
     if run_id is not None and run.resume_from is None:
         replace_abandoned_attempt(uri, run_id, run)
         run_id = None
+    pending_tag = False
     if run_id is not None:
-        for name in client.get_run(run_id).data.metrics:  # each metric's last stored step
+        earlier = client.get_run(run_id)
+        for name in earlier.data.metrics:  # each metric's last stored step
             stored[name] = max((m.step for m in client.get_metric_history(run_id, name)), default=-1)
+        pending_tag = PENDING_TAG in earlier.data.tags
         client.update_run(run_id, status="RUNNING")
     logger = BufferedMLFlowLogger(
         experiment_name=cfg.experiment, run_name=run.name, tracking_uri=uri, tags=run_tags(cfg), run_id=run_id,
@@ -422,5 +528,7 @@ def setup_tracking(cfg: Any, run: Run) -> BufferedMLFlowLogger:
     else:
         sent = logger.replay_pending()  # steps the run already has are skipped, like any re-logged step
         if sent:
-            log.info("sent %d metric steps that an earlier session could not deliver", sent)
+            log.info("sent %d steps of metrics that an earlier session could not deliver", sent)
+        if pending_tag:  # delivered: the run no longer waits on this machine
+            client.delete_tag(run_id, PENDING_TAG)
     return logger

@@ -132,3 +132,59 @@ def test_a_tracking_uri_with_a_password_is_refused_in_the_config_and_kept_out_of
     assert run.mlflow_info()["tracking_uri"] == "http://host:5000"
     assert how_to_view("http://alice:s3cret@host:5000/", "3", "abc") == "open http://alice:***@host:5000/#/experiments/3/runs/abc"
     assert how_to_view("sqlite:///m.db") == "mlflow ui --backend-store-uri sqlite:///m.db"
+
+
+# ----------------------------------------------------------------------------- an unreachable store
+def test_the_sender_makes_one_attempt_per_request_against_a_tracking_server(monkeypatch):
+    """MLflow's client retries a request itself for ~2 minutes (7 retries, backoff factor 2); a sender inside such
+    a call did not see the server come back, and the run ended with its metrics spilled. The sender retries with
+    its own backoff, so each of its requests fails at once (here: nothing listens on the port)."""
+    import concurrent.futures
+    import socket
+    import time
+
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)  # MLflow's defaults, as a user has them
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    logger = BufferedMLFlowLogger(experiment_name="t", tracking_uri=f"http://127.0.0.1:{port}", run_id="0" * 32, flush_timeout=5)
+    logger._initialized = True  # as setup_tracking leaves it: the run opened (no server here to open it on)
+    start = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        request = pool.submit(logger._send, [({"train/loss": 1.0}, 0, 0)])
+        with pytest.raises(Exception, match="127.0.0.1"):
+            request.result(timeout=20)
+        assert time.monotonic() - start < 5
+
+
+def test_metrics_the_store_did_not_take_are_counted_in_steps_tagged_on_the_run_and_sent_at_close_if_it_is_back(tmp_path, monkeypatch):
+    send = BufferedMLFlowLogger._send
+
+    def down(self, items):
+        raise ConnectionError("store down")
+
+    def run_with_an_outage(name, back_at_close):
+        monkeypatch.setattr(BufferedMLFlowLogger, "_send", down)
+        logger = _logger(tmp_path, run_name=name, pending_file=tmp_path / name / "mlflow_pending.jsonl", flush_timeout=0.3)
+        for step in range(3):  # two logging calls per step (the learning rate goes out before the loss)
+            logger.log_metrics({"lr-AdamW/llm": 0.1}, step=step)
+            logger.log_metrics({"train/loss": 1.0 / (step + 1)}, step=step)
+        with pytest.warns(UserWarning, match=r"did not take 3 steps of metrics within logging.flush_timeout_s=0.3: written to"):
+            logger.finalize("success")  # Lightning, at the end of fit
+        assert len(logger.pending_file.read_text().splitlines()) == 6
+        if back_at_close:
+            monkeypatch.setattr(BufferedMLFlowLogger, "_send", send)
+        logger.close("FINISHED")
+        return logger, MlflowClient(logger._tracking_uri).get_run(logger.run_id)
+
+    # the store takes metrics again by the time the run closes: the spilled steps are sent then, nothing is left
+    logger, run = run_with_an_outage("back", back_at_close=True)
+    assert logger.pending_steps == 0 and not logger.pending_file.exists()
+    assert run.info.status == "FINISHED" and "lm_mini.pending_metrics" not in run.data.tags
+    assert [s for s, _ in _history(logger)] == [0, 1, 2] and [s for s, _ in _history(logger, "lr-AdamW/llm")] == [0, 1, 2]
+    # it does not: the run is not shown as complete without a word (it is marked, where the store answers, and tagged)
+    logger, run = run_with_an_outage("still_down", back_at_close=False)
+    assert logger.pending_steps == 3 and logger.marked and logger.pending_file.is_file()
+    assert run.info.status == "FINISHED" and run.data.tags["lm_mini.pending_metrics"] == "3"
+    assert _history(logger) == []
