@@ -140,7 +140,6 @@ def prepare_run(cfg: DictConfig, resume: Optional[str], check_data: bool) -> Tup
     """Rank 0's set-up, before any training: every check that can refuse the run, then the run directory and its
     ``config.yaml``. Returns the run and the resolved ``train.init_from`` checkpoint (None: none, or resuming)."""
     check_tracking_server(tracking_uri(cfg), cfg.logging.connect_timeout_s)  # an unreachable server: an error before any work
-    prepare_store(tracking_uri(cfg))  # likewise a broken SQLite store; a new one is made whole (lm_mini/tracking_store.py)
     run = resolve_run(cfg, resume)
     if run.resume_from is not None:  # before anything of the run is touched
         check_resumable(run.config_file, cfg)
@@ -162,6 +161,9 @@ def prepare_run(cfg: DictConfig, resume: Optional[str], check_data: bool) -> Tup
         ckpt.verify_checkpoint(init_from)
     if change:
         log.info("%s", change)
+    # last of the checks, first of the writes: a broken SQLite store is refused, a new one is made whole
+    # (lm_mini/tracking_store.py); a run refused above leaves no store behind either
+    prepare_store(tracking_uri(cfg))
     run.dir.mkdir(parents=True, exist_ok=True)
     remove_incomplete(run.checkpoints)  # leftovers of a save that was killed
     run.config_file.write_text(to_yaml(cfg))

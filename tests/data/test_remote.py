@@ -247,8 +247,11 @@ def test_a_url_holding_credentials_is_refused_and_params_never_show_one():
         with pytest.raises(ConfigError, match=rf"data\.train\.0\.path.*{what}.*environment") as e:
             load_config(overrides=[f'data.train=[{{path: "{path}"}}]'])
         assert "hunter2" not in str(e.value) and "abc" not in str(e.value)
-    cfg = load_config(overrides=['data.train=[{path: "s3://bucket/set"}]',
-                                 "logging.tracking_uri=https://me:secret@mlflow.example/"])
+    with pytest.raises(ConfigError, match=r"logging\.tracking_uri.*password.*MLFLOW_TRACKING_PASSWORD") as e:
+        load_config(overrides=["logging.tracking_uri=https://me:secret@mlflow.example/"])
+    assert "secret" not in str(e.value)
+    cfg = load_config(overrides=['data.train=[{path: "s3://bucket/set"}]'])
+    cfg.logging.tracking_uri = "https://me:secret@mlflow.example/"  # set in code, past the checks: params still hide it
     params = flatten(cfg)
     assert params["data.train.0.path"] == "s3://bucket/set"
     assert params["logging.tracking_uri"] == "https://me:***@mlflow.example/" and "secret" not in json.dumps(params)
