@@ -70,7 +70,8 @@ def sweep(args: argparse.Namespace) -> int:
         for run in sweep.runs:
             print(" ".join(shlex.quote(a) for a in grid.train_command(sweep, run)))
         return 0
-    from lm_mini.training.tracking import TrackingUnavailable, check_tracking_server
+    from lm_mini.tracking_server import check_tracking_server
+    from lm_mini.tracking_store import TrackingUnavailable
 
     try:  # a dead tracking server fails every run, then hangs marking each failed: say so first
         check_tracking_server(tracking_uri(load_config(sweep.base, sweep.overrides)))

@@ -56,7 +56,8 @@ def report(result: Any) -> None:
     """What a finished :class:`~lm_mini.training.run.TrainResult` tells the user."""
     from lm_mini.data.errors import describe_skips
     from lm_mini.data.remote import redact
-    from lm_mini.training.tracking import PENDING_TAG, how_to_view
+    from lm_mini.tracking_server import how_to_view
+    from lm_mini.training.tracking import PENDING_TAG
 
     print(f"lm-mini: finished at step {result.global_step}; run directory {result.run.dir}")
     if result.skipped is not None:  # the data module's counts, as logged to MLflow (data/skipped/<reason>)

@@ -19,7 +19,6 @@ Everything except latency is computed on the ``meta`` device: real sizes, no wei
 from __future__ import annotations
 
 import copy
-import json
 import statistics
 import time
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple

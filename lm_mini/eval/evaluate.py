@@ -125,7 +125,7 @@ def check_shard_sets(data: Sequence[str], remote: Any) -> None:
     """Every ``--data`` set is readable now, before any weights are loaded: a local shard directory, tar or pattern,
     or a remote set (``http(s)://``, ``s3://`` and other fsspec URLs, ``pipe:``) whose ``index.json`` answers with
     the environment's credentials, as ``lm-mini train`` checks its sets. Errors name the set (URLs redacted)."""
-    from lm_mini.data.remote import is_remote, redact
+    from lm_mini.data.remote import redact
     from lm_mini.data.shard_reader import find_shards
 
     for d in data:

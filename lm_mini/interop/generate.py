@@ -12,7 +12,6 @@ text into the vision tokens, so a new question changes every token the LLM sees.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, TextIO

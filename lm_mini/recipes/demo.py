@@ -251,7 +251,7 @@ def build_demo(out: Path, seed: int = 0, scale: float = 1.0) -> dict:
     )
     from lm_mini.recipes.demo_encoder import pretrain_encoder
 
-    encoder = pretrain_encoder(staging / "encoder", seed=seed, scale=scale)
+    pretrain_encoder(staging / "encoder", seed=seed, scale=scale)
     manifest = make_manifest(records, seed, scale, len(tokenizer))
     manifest["encoder"] = {"path": "encoder", **json.loads((staging / "encoder" / "pretraining.json").read_text())}
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

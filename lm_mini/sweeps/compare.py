@@ -94,7 +94,8 @@ def read_runs(experiment: str, sweep: Optional[str] = None, tracking_uri: Option
     """Runs of an experiment (optionally one sweep), oldest first, with the values of their sweep's keys (and of
     ``keys``, any config keys, e.g. ``--group-by``). Raises LookupError with a clear message."""
     from lm_mini.tracking_store import mlflow_client
-    from lm_mini.training.tracking import TrackingUnavailable, check_tracking_server
+    from lm_mini.tracking_server import check_tracking_server
+    from lm_mini.tracking_store import TrackingUnavailable
 
     uri = tracking_uri or resolve_tracking_uri()
     try:  # MLflow's client would retry a dead server for minutes without a word

@@ -9,6 +9,7 @@ import time
 from typing import Any, Dict, Optional
 
 import lightning as L
+import torch
 from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn

@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from lm_mini.eval.generation import GenerationEval, split_prompt_answer  # noqa: F401  (split_prompt_answer: re-exported)
+from lm_mini.eval.generation import GenerationEval
 from lm_mini.models.build import build_model
 from lm_mini.training import strategy as strategies
 from lm_mini.training.distributed import gather_from_ranks, own_share

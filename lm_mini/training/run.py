@@ -35,9 +35,9 @@ from lm_mini.training.callbacks import (PartsSummary, PerRankLoaderState, Preemp
                                        ThroughputLogger, requeue_slurm_job)
 from lm_mini.training.module import LmMiniModule
 from lm_mini.training.strategy import build_strategy, cluster_plugins
-from lm_mini.tracking_store import prepare_store
-from lm_mini.training.tracking import (CheckpointedMetrics, OtherRankLogger, TrackingUnavailable, check_same_tracking_store,
-                                      check_tracking_server, setup_tracking)
+from lm_mini.tracking_server import check_tracking_server
+from lm_mini.tracking_store import TrackingUnavailable, prepare_store
+from lm_mini.training.tracking import CheckpointedMetrics, OtherRankLogger, check_same_tracking_store, setup_tracking
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ from lm_mini.data.conversation import build_prompt, tokenize_conversation
 from lm_mini.data.tokenizer import load_tokenizer
 from lm_mini.models.llava_mini import LlavaMini
 from lm_mini import runs
-from lm_mini.training.module import apply_stage, cosine_with_warmup, init_weights_from, param_groups, split_prompt_answer
+from lm_mini.eval.generation import split_prompt_answer
+from lm_mini.training.module import apply_stage, cosine_with_warmup, init_weights_from, param_groups
 from lm_mini.training.run import train
 from lm_mini.training.strategy import apply_activation_checkpointing, model_blocks
 

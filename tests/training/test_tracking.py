@@ -100,7 +100,8 @@ def auth_server():
 
 
 def test_a_tracking_server_behind_basic_auth_is_checked_with_mlflows_credentials_and_never_printed(auth_server, monkeypatch):
-    from lm_mini.training.tracking import TrackingUnavailable, check_tracking_server
+    from lm_mini.tracking_server import check_tracking_server
+    from lm_mini.tracking_store import TrackingUnavailable
 
     monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
@@ -116,7 +117,7 @@ def test_a_tracking_server_behind_basic_auth_is_checked_with_mlflows_credentials
 def test_a_tracking_uri_with_a_password_is_refused_in_the_config_and_kept_out_of_the_run_directory(tmp_path, monkeypatch):
     from lm_mini.config import ConfigError, load_config
     from lm_mini.runs import Run
-    from lm_mini.training.tracking import how_to_view
+    from lm_mini.tracking_server import how_to_view
 
     with pytest.raises(ConfigError, match="MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD") as info:
         load_config(None, ["logging.tracking_uri=http://alice:s3cret@host:5000"])
