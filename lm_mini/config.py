@@ -537,6 +537,28 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     return cfg
 
 
+# The model keys a command that loads a saved model (eval, analyze) takes as overrides: the attention kernel is a
+# run-time choice (every backend computes the same function); the rest of the model comes from its weights' config.
+INFERENCE_MODEL_KEYS = ("model.attn_implementation", "model.llm.attn_implementation")
+
+
+def saved_model_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
+    """The :data:`INFERENCE_MODEL_KEYS` among ``key=value`` overrides for a saved model, with their values. Any other
+    ``model.*`` key is refused (it would be silently ignored: the model is built from the config saved with it)."""
+    found, other = {}, []
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key in INFERENCE_MODEL_KEYS:
+            found[key] = OmegaConf.select(apply_overrides(schema(), [item]), key)
+        elif key.startswith("model."):
+            other.append(item)
+    if other:
+        raise ConfigError(f"{', '.join(other)}: a saved model is built from the config saved with its weights; of the "
+                          f"model's keys only {' and '.join(INFERENCE_MODEL_KEYS)} may be given here (to change the "
+                          f"model, train or fine-tune one: lm-mini train ... train.init_from=...)")
+    return found
+
+
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 

@@ -170,6 +170,13 @@ def _benchmark(args: argparse.Namespace) -> int:
 
     if args.data:
         raise ValueError("--data (shard sets) and --benchmark/--suite (benchmark files) are separate evaluations")
+    from lm_mini.config import INFERENCE_MODEL_KEYS, saved_model_overrides
+
+    ignored = [o for o in args.overrides if o.partition("=")[0].strip() not in INFERENCE_MODEL_KEYS]
+    if ignored:  # the generation settings are flags here (--temperature, --max-new-tokens, ...), as in LLaVA's scripts
+        raise ValueError(f"{' '.join(ignored)}: a benchmark run takes only {' / '.join(INFERENCE_MODEL_KEYS)} as key=value "
+                         "(its generation settings are flags: --temperature, --top-p, --num-beams, --max-new-tokens)")
+    backends = saved_model_overrides(args.overrides)
     if args.suite and (args.benchmark or args.merge):
         raise ValueError("--suite runs its own benchmarks: no --benchmark / --merge with it")
     if args.num_chunks < 1 or not 0 <= args.chunk_idx < args.num_chunks:
@@ -214,7 +221,7 @@ def _benchmark(args: argparse.Namespace) -> int:
             args.answers_file, args.num_chunks, args.merge = str(answers_file), len(devices), True
     elif args.source:
         device = None if args.device == "auto" else args.device
-        loaded = load_for_benchmarks(args.source, device, args.model_id)
+        loaded = load_for_benchmarks(args.source, device, args.model_id, backends)
 
     def progress(done: int, total: int) -> None:
         if done == total or done % max(1, args.progress_every) < args.batch_size:
@@ -288,6 +295,7 @@ def run_chunks_on_devices(args: argparse.Namespace, devices: Sequence[str], answ
     base += [x for k, v in flags.items() if v is not None for x in (k, str(v))]
     if args.trust_checkpoint:
         base.append("--trust-checkpoint")
+    base += list(args.overrides)  # the attention backends, checked by the caller
     procs = [subprocess.Popen(base + ["--chunk-idx", str(k), "--device", dev, "--json"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for k, dev in enumerate(devices)]
     failed = []

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from lm_mini.cli.common import add_trust_args, device
+from lm_mini.constants import ATTENTION_BACKENDS
 
 
 def add_commands(sub: Any) -> None:
@@ -43,6 +44,9 @@ def add_commands(sub: Any) -> None:
         p.add_argument("--json", action="store_true", help="print a JSON object per answer instead of streaming text")
         p.add_argument("--max-new-tokens", type=int, default=128)
         p.add_argument("--device", type=device, default=None, help="default: cuda if available, else cpu")
+        p.add_argument("--attn-implementation", default=None, choices=ATTENTION_BACKENDS,
+                       help="attention backend for every part (default: the one the model was saved with; sdpa where "
+                            "that cannot run here); every backend computes the same attention")
         add_trust_args(p)
         p.set_defaults(func=generate if name == "generate" else chat)
 
@@ -92,7 +96,7 @@ def _open_or_report(args: argparse.Namespace, command: str) -> Optional[Any]:
     from lm_mini.interop.generate import open_conversation
 
     try:
-        return open_conversation(args.source, args.image, args.video, args.device)
+        return open_conversation(args.source, args.image, args.video, args.device, args.attn_implementation)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"lm-mini {command}: {e}", file=sys.stderr)
         return None

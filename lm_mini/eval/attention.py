@@ -320,7 +320,7 @@ def load_model(target: str, overrides: List[str]) -> tuple:
     (``<logging.runs_dir>/*/<name>``), a checkpoint, or a YAML config (random weights, or the weights its model paths name)."""
     from omegaconf import OmegaConf
 
-    from lm_mini.config import apply_overrides, load_config, schema
+    from lm_mini.config import apply_overrides, load_config, saved_model_overrides, schema
     from lm_mini.eval.efficiency import measured_model
     from lm_mini.interop.export import load_model as load_source
     from lm_mini.runs import runs_named
@@ -332,7 +332,7 @@ def load_model(target: str, overrides: List[str]) -> tuple:
     if not path.exists():  # a run name: <logging.runs_dir>/<experiment>/<name> (runs_dir: default, or an override)
         named = runs_named(target, load_config(None, overrides).logging.runs_dir)
         path = named[0] if len(named) == 1 else path
-    model, cfg = load_source(path)
+    model, cfg = load_source(path, backends=saved_model_overrides(overrides))
     return model, apply_overrides(OmegaConf.merge(schema(), cfg), overrides)
 
 

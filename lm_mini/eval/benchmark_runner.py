@@ -167,7 +167,8 @@ class Interrupted(Exception):
         self.answers_file, self.done, self.total = answers_file, done, total
 
 
-def load_for_benchmarks(source: PathLike, device: Optional[str] = None, model_id: Optional[str] = None) -> LoadedModel:
+def load_for_benchmarks(source: PathLike, device: Optional[str] = None, model_id: Optional[str] = None,
+                        backends: Optional[Mapping[str, str]] = None) -> LoadedModel:
     import torch
 
     from lm_mini.data.streaming import build_processor
@@ -176,7 +177,7 @@ def load_for_benchmarks(source: PathLike, device: Optional[str] = None, model_id
 
     found = resolve_source(source)
     device = device if device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
-    model, cfg = load_model(found, device)
+    model, cfg = load_model(found, device, backends)  # backends: {"model.attn_implementation": ...} or the saved ones
     processor = build_processor(cfg)
     name = model_id or (found.run_dir.name if found.run_dir is not None else Path(found.path).name)
     info = dict(found.info)  # with the checkpoint's global_step, read with its weights

@@ -246,7 +246,7 @@ def evaluate_source(source_path: str, data: Sequence[str], metrics: Optional[Seq
     import lightning as L
     from omegaconf import OmegaConf
 
-    from lm_mini.config import ShardSetConfig, apply_overrides, schema
+    from lm_mini.config import ShardSetConfig, apply_overrides, saved_model_overrides, schema
     from lm_mini.data.datamodule import build_datamodule
     from lm_mini.data.streaming import shard_set_names
     from lm_mini.eval.generation import GenerationModule
@@ -266,7 +266,7 @@ def evaluate_source(source_path: str, data: Sequence[str], metrics: Optional[Seq
     remote = RemoteOptions.from_config(getattr(apply_overrides(OmegaConf.merge(schema(), source.cfg), overrides).data,
                                                "remote", None))
     check_shard_sets(data, remote)
-    model, cfg = load_model(source)
+    model, cfg = load_model(source, backends=saved_model_overrides(overrides))
     cfg = OmegaConf.merge(schema(), cfg)  # validated again, with every default filled in
     cfg.data.val = [ShardSetConfig(path=str(d)) for d in data]
     cfg = apply_overrides(cfg, overrides)

@@ -13,8 +13,9 @@ get that path's config written out and the path removed, since every weight now 
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any, Dict, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -23,6 +24,8 @@ from lm_mini.interop.pretrained import (PathLike, check_weights, floating_dtype,
                                         save_pretrained, tied_aliases)
 from lm_mini.models.build import build_model
 from lm_mini.runs import Source, resolve_source
+
+log = logging.getLogger(__name__)
 
 
 def source_weights(source: Source) -> Dict[str, torch.Tensor]:
@@ -53,13 +56,20 @@ def pin_config(cfg: DictConfig) -> Tuple[DictConfig, torch.nn.Module]:
     return cfg, model
 
 
-def load_model(path: Union[PathLike, Source], device: Any = None) -> Tuple[torch.nn.Module, DictConfig]:
+def load_model(path: Union[PathLike, Source], device: Any = None,
+               backends: Optional[Mapping[str, str]] = None) -> Tuple[torch.nn.Module, DictConfig]:
     """``(model in eval mode, config)`` for a model directory, run directory or checkpoint (or its :class:`Source`).
 
-    The config's ``data.tokenizer`` is resolved to the directory found (see :func:`tokenizer_dir`).
+    The config's ``data.tokenizer`` is resolved to the directory found (see :func:`tokenizer_dir`). The attention
+    backends are the saved ones, or ``backends`` (``{"model.attn_implementation": "eager"}``), or ``sdpa`` where a
+    saved one cannot run here (logged): see :func:`~lm_mini.models.attention.choose_inference_backends`.
     """
+    from lm_mini.models.attention import choose_inference_backends
+
     source = path if isinstance(path, Source) else resolve_source(path)
     cfg, _ = pin_config(source.cfg)
+    for note in choose_inference_backends(cfg.model, backends, None if device is None else str(device)):
+        log.warning("%s: %s", source.path, note)
     cfg.data.tokenizer = str(tokenizer_dir(cfg, source))
     model = load_weights(build_model(cfg.model, for_loading=True), source_weights(source), str(source.checkpoint or source.path))
     model = model.to(device) if device is not None else model

@@ -118,8 +118,10 @@ class StreamTo(TextStreamer):
         self.stream.flush()
 
 
-def open_conversation(source: str, image: Optional[str], video: Optional[str], device: Optional[str] = None) -> Conversation:
-    """Load the model named by ``source`` and the media item (exactly one of ``image`` / ``video``)."""
+def open_conversation(source: str, image: Optional[str], video: Optional[str], device: Optional[str] = None,
+                      attn_implementation: Optional[str] = None) -> Conversation:
+    """Load the model named by ``source`` and the media item (exactly one of ``image`` / ``video``).
+    ``attn_implementation``: the attention backend to run with (default: the saved one, or sdpa where that cannot run)."""
     from lm_mini.data.tokenizer import load_tokenizer
     from lm_mini.interop.export import load_model
     from lm_mini.runs import resolve_source
@@ -129,5 +131,6 @@ def open_conversation(source: str, image: Optional[str], video: Optional[str], d
     media_file(video or image, video is not None)  # a wrong path fails now, not after minutes of loading
     found = resolve_source(source)  # reads the config only
     media = load_media(video or image, video is not None, found.cfg)
-    model, cfg = load_model(found, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, cfg = load_model(found, device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                            {"model.attn_implementation": attn_implementation} if attn_implementation else None)
     return Conversation(model, load_tokenizer(cfg.data.tokenizer), cfg.data.template, media)

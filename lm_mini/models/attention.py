@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from typing import Any, Optional, Tuple
+from typing import Any, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -95,6 +95,44 @@ def check_model_backends(model_cfg: Any, accelerator: Optional[str] = None) -> N
     check_backend(encoder_attn, "model.attn_implementation", accelerator)
     own = getattr(getattr(model_cfg, "llm", None), "attn_implementation", None)
     check_backend(llm_attn, "model.llm.attn_implementation" if own else "model.attn_implementation", accelerator)
+
+
+def choose_inference_backends(model_cfg: Any, requested: Optional[Mapping[str, str]] = None,
+                              device: Optional[str] = None) -> List[str]:
+    """Set, in place, the attention backends a *saved* model runs with in this process; returns what was changed.
+
+    Every backend computes the same attention (sdpa / eager / xformers parity: tests/models/test_attention_backends.py),
+    so the backend a model was trained with is a run-time choice: a model trained with xformers or flash-attention
+    on a GPU cluster must still answer on a laptop. ``requested`` (``{"model.attn_implementation": name}`` and/or
+    ``{"model.llm.attn_implementation": name}``): the user's choice, checked (an error if it cannot run here);
+    ``model.attn_implementation`` alone sets every part, the LLM included. Otherwise a saved backend that cannot
+    run here (``device``: ``cpu`` rules out the CUDA-only ones) is replaced with ``sdpa``, and the returned
+    message says so.
+    """
+    requested = dict(requested or {})
+    accelerator = "cpu" if device is not None and str(device).startswith("cpu") else None
+    llm = getattr(model_cfg, "llm", None)
+    saved = resolve_backends(model_cfg)
+    if requested:
+        for key, name in requested.items():
+            check_backend(name, key, accelerator)
+        if "model.attn_implementation" in requested:
+            model_cfg.attn_implementation = requested["model.attn_implementation"]
+            if llm is not None:
+                llm.attn_implementation = None
+        if "model.llm.attn_implementation" in requested and llm is not None:
+            llm.attn_implementation = requested["model.llm.attn_implementation"]
+        chosen = resolve_backends(model_cfg)
+        return [] if chosen == saved else [f"attention backends (encoder, LLM) {saved} -> {chosen}, as asked"]
+    notes = []
+    for key, owner in (("model.attn_implementation", model_cfg), ("model.llm.attn_implementation", llm)):
+        name = getattr(owner, "attn_implementation", None) if owner is not None else None
+        problem = backend_problem(name, accelerator) if name else None
+        if problem is not None:
+            owner.attn_implementation = "sdpa"
+            notes.append(f"{key}={name} cannot run here ({problem}); using sdpa, which computes the same attention "
+                         f"(choose another with {key}=...)")
+    return notes
 
 
 def backend_for_build(name: str, key: str = "model.attn_implementation") -> str:

@@ -153,6 +153,23 @@ def _model_dir(tmp_path):
     return save_pretrained(tmp_path / "model", build_model(cfg.model).state_dict(), cfg, ROOT / cfg.data.tokenizer, card="")
 
 
+def test_eval_takes_the_attention_backend_as_an_override_and_refuses_other_model_keys(tmp_path, capsys):
+    """A saved model is built from its own config: `model.attn_implementation=...` chooses the kernel (the same
+    answers), and any other model key, which the built model would silently ignore, is refused before loading."""
+    model = _model_dir(tmp_path)
+    data = str(ROOT / "data_shards" / "demo" / "eval")
+    base = ["eval", str(model), "--data", data, "--no-mlflow", "--json", "eval.max_samples=4", "eval.max_new_tokens=3"]
+    answers = []
+    for extra in ([], ["model.attn_implementation=eager"]):
+        assert cli_main(base + extra) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["n"] == 4
+        answers.append([json.loads(line)["prediction"] for line in Path(result["predictions_file"]).read_text().splitlines()])
+    assert answers[0] == answers[1] and len(answers[0]) == 4
+    assert cli_main(base + ["model.compressor.grid=2"]) == 2
+    assert "model.compressor.grid=2: a saved model is built from the config saved with its weights" in capsys.readouterr().err
+
+
 def test_multi_set_eval_logs_each_set_to_mlflow_and_leaves_out_unanswered_questions(tmp_path, capsys, monkeypatch):
     """Two shard sets, one with questions that have no reference answer: every set's score is printed and logged
     (names MLflow accepts: "eval/A+B/..." was refused and lost the run), eval.max_samples is per set, and the

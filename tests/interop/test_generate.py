@@ -125,3 +125,48 @@ def test_generate_on_the_demo_set(tmp_path, capsys):
         record = _json(capsys)
         assert record["kind"] == kind and record["tokens"] and record["template"] == "vicuna_v1"
         assert (record["frames"] == 1) if kind == "image" else (1 < record["frames"] <= cfg.data.max_frames)
+
+
+# ----------------------------------------------------------------------------- the attention backend at inference
+@pytest.fixture(scope="module")
+def xformers_model_dir(model_dir, tmp_path_factory):
+    """The same model saved as a GPU run with xformers would save it (xformers is not installed here, no CUDA)."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("xf") / "model"
+    shutil.copytree(model_dir, out)
+    text = (out / "config.yaml").read_text()
+    assert "  attn_implementation: sdpa\n" in text
+    (out / "config.yaml").write_text(text.replace("  attn_implementation: sdpa\n", "  attn_implementation: xformers\n", 1))
+    return out
+
+
+def test_a_model_saved_with_a_backend_that_cannot_run_here_answers_with_sdpa_and_says_so(model_dir, xformers_model_dir, media,
+                                                                                       capsys, caplog):
+    from lm_mini.models.attention import backend_problem
+
+    assert backend_problem("xformers") is not None  # this machine cannot run it
+    args = ["--image", str(media["image"]), "--prompt", "What colour is the square?", "--max-new-tokens", "6", "--json"]
+    assert main(["generate", str(model_dir)] + args) == 0
+    expected = _json(capsys)["answer"]
+    with caplog.at_level("WARNING"):
+        assert main(["generate", str(xformers_model_dir)] + args) == 0
+    assert _json(capsys)["answer"] == expected
+    assert "model.attn_implementation=xformers cannot run here" in caplog.text and "using sdpa" in caplog.text
+    # the user's choice: eager computes the same answer; a backend that cannot run is refused, naming the way out
+    assert main(["generate", str(xformers_model_dir), "--attn-implementation", "eager"] + args) == 0
+    assert _json(capsys)["answer"] == expected
+    assert main(["generate", str(xformers_model_dir), "--attn-implementation", "xformers"] + args) == 2
+    assert "xformers needs the xformers package" in capsys.readouterr().err
+
+
+def test_a_saved_model_takes_only_its_attention_backends_as_overrides():
+    from lm_mini.config import ConfigError, saved_model_overrides
+
+    assert saved_model_overrides(["eval.max_samples=3", "model.attn_implementation=eager"]) == {"model.attn_implementation": "eager"}
+    assert saved_model_overrides(["model.llm.attn_implementation=sdpa"]) == {"model.llm.attn_implementation": "sdpa"}
+    with pytest.raises(ConfigError, match=r"model.compressor.grid=2: a saved model is built from the config saved with its "
+                                          r"weights; of the model's keys only model.attn_implementation and"):
+        saved_model_overrides(["model.attn_implementation=eager", "model.compressor.grid=2"])
+    with pytest.raises(ConfigError, match="model.attn_implementation"):
+        saved_model_overrides(["model.attn_implementation=nonsense"])
