@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -31,6 +32,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger, MLFlowLogger
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
 from lm_mini.data.remote import redact, without_credentials
@@ -73,6 +75,23 @@ class BufferedMLFlowLogger(MLFlowLogger):
         self.status: Optional[str] = None
         self.pending_steps = 0  # at close: steps of metrics left in the pending file (reported, and tagged on the run)
         self.marked = False  # at close: the MLflow run got its status (and tag): the store answered
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> Any:
+        """Lightning's, without its side effect on the process. ``MLFlowLogger`` calls ``mlflow.set_tracking_uri``,
+        which also sets ``MLFLOW_TRACKING_URI`` in ``os.environ`` (for subprocesses): a later ``train()``, ``compare``
+        or sweep in the same Python process (a notebook; a sweep's child runs inherit the environment) then used this
+        run's store instead of its own. Everything here goes through ``MlflowClient(tracking_uri)``, never the global."""
+        if self._initialized:
+            return self._mlflow_client
+        import mlflow
+
+        before = os.environ.get("MLFLOW_TRACKING_URI")
+        try:
+            return MLFlowLogger.experiment.fget(self)
+        finally:
+            mlflow.set_tracking_uri(before)  # None: unset again, as it was
 
     @property
     def _sender(self) -> Any:

@@ -170,7 +170,7 @@ def test_a_kill_right_after_a_checkpoint_loses_no_metric_the_store_had_not_confi
     resumed = subprocess.run(_cmd(tmp_path, "job", "--resume", "auto"), cwd=ROOT, env=subprocess_env(),
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
-    assert "lm-mini: sent 3 metric steps that the interrupted session had not delivered" in resumed.stdout
+    assert "lm-mini: sending 3 steps of metrics that the interrupted session had not delivered" in resumed.stdout
     for name in LOGGED_EVERY_STEP:
         assert sorted(m.step for m in client.get_metric_history(run_id, name)) == list(range(STEPS)), name
 

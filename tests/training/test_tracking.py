@@ -189,3 +189,22 @@ def test_metrics_the_store_did_not_take_are_counted_in_steps_tagged_on_the_run_a
     assert logger.pending_steps == 3 and logger.marked and logger.pending_file.is_file()
     assert run.info.status == "FINISHED" and run.data.tags["lm_mini.pending_metrics"] == "3"
     assert _history(logger) == []
+
+
+def test_opening_the_run_leaves_the_process_tracking_uri_as_it_was(tmp_path, monkeypatch):
+    """Lightning's MLFlowLogger sets MLFLOW_TRACKING_URI in os.environ (through mlflow.set_tracking_uri): a later
+    compare or sweep in the same process read the previous run's store ("no experiment named ..."). Not any more."""
+    import os
+
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mlflow.set_tracking_uri(None)
+    logger = _logger(tmp_path, run_name="r")
+    assert logger.experiment is logger._mlflow_client and logger.run_id
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")  # the user's own choice is kept
+    mlflow.set_tracking_uri("sqlite:///elsewhere.db")
+    _logger(tmp_path, run_name="r2").experiment
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///elsewhere.db"
+    mlflow.set_tracking_uri(None)
