@@ -95,6 +95,9 @@ def _shard_and_save(rank: int, world: int, store: str, cfg_yaml: str, folder: st
     dcp.save({"state_dict": state}, checkpoint_id=folder)
     if rank == 0:
         torch.save({"global_step": 6, "epoch": 0}, Path(folder) / "meta.pt")  # Lightning's extra file
+    # Both ranks done before either tears gloo down: a rank that destroyed its group while the other still held
+    # connections aborted now and then ("terminate called without an active exception", SIGABRT in CI).
+    dist.barrier()
     dist.destroy_process_group()
 
 
