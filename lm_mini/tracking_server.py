@@ -23,6 +23,11 @@ from lm_mini.data.remote import redact
 from lm_mini.tracking_store import TrackingUnavailable
 
 
+def is_server(uri: str) -> bool:
+    """Whether a tracking URI names a server (``http(s)://``), not a local store."""
+    return uri.startswith(("http://", "https://"))
+
+
 def _health_request(uri: str) -> urllib.request.Request:
     """``GET <server>/health`` with the credentials MLflow itself would send: a ``user:password@`` in the URI
     (basic auth; urllib cannot open such a URL), else MLFLOW_TRACKING_USERNAME / _PASSWORD or MLFLOW_TRACKING_TOKEN."""
@@ -43,7 +48,7 @@ def _health_request(uri: str) -> urllib.request.Request:
 
 def check_tracking_server(uri: str, timeout: float = 10.0) -> None:
     """Fail fast, before any work, when an ``http(s)`` tracking server is not reachable."""
-    if not uri.startswith(("http://", "https://")):
+    if not is_server(uri):
         return
     request = _health_request(uri)
     try:
@@ -64,7 +69,7 @@ def check_tracking_server(uri: str, timeout: float = 10.0) -> None:
 
 def how_to_view(uri: str, experiment_id: Optional[str] = None, run_id: Optional[str] = None) -> str:
     """Where to look at a run: the server's page for an http(s) store, else the ``mlflow ui`` command for it."""
-    if uri.startswith(("http://", "https://")):
+    if is_server(uri):
         page = f"#/experiments/{experiment_id}/runs/{run_id}" if experiment_id and run_id else ""
         return f"open {redact(uri).rstrip('/')}/{page}"
     return f"mlflow ui --backend-store-uri {uri}"

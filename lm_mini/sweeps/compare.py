@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from lm_mini.config import LoggingConfig
 from lm_mini.config import tracking_uri as resolve_tracking_uri
 from lm_mini.runs import MLFLOW_FILE, Run, experiment_dir
+from lm_mini.tracking_store import sqlite_file
 
 C_KEY = "model.compressor.grid"
 DEPTH_KEY = "model.prefusion.depth"
@@ -44,11 +45,6 @@ def _parse(value: Optional[str]) -> Any:
         return value
 
 
-def _sqlite_file(uri: str) -> Optional[Path]:
-    """The database file of a ``sqlite:///`` URI (None for any other store)."""
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
-
-
 def find_tracking_store(experiment: str, tracking_uri: Optional[str] = None, runs_dir: Optional[str] = None,
                         cwd: Optional[Path] = None) -> Tuple[str, str]:
     """``(uri, how it was found)`` of the MLflow store that holds ``experiment``'s runs.
@@ -60,7 +56,7 @@ def find_tracking_store(experiment: str, tracking_uri: Optional[str] = None, run
     cwd = Path(cwd or Path.cwd())
     explicit = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if explicit:
-        db = _sqlite_file(explicit)
+        db = sqlite_file(explicit)
         if db is not None and not db.is_file():
             source = "--tracking-uri" if tracking_uri else "$MLFLOW_TRACKING_URI"
             raise LookupError(f"no MLflow store at {db} ({source}={explicit}): the file does not exist")
@@ -71,7 +67,7 @@ def find_tracking_store(experiment: str, tracking_uri: Optional[str] = None, run
     for runs, folder in places:
         looked.append(str(experiment_dir(runs, experiment) / "*" / MLFLOW_FILE))
         named = sorted({Run.at(d).mlflow_info().get("tracking_uri", "") for d in experiment_dir(runs, experiment).glob("*")} - {""})
-        named = [u for u in named if _sqlite_file(u) is None or _sqlite_file(u).is_file()]
+        named = [u for u in named if sqlite_file(u) is None or sqlite_file(u).is_file()]
         if len(named) > 1:
             raise LookupError(f"the runs of '{experiment}' in {runs} logged to {len(named)} MLflow stores ({', '.join(named)}); "
                               "pick one with --tracking-uri")
@@ -93,21 +89,17 @@ def read_runs(experiment: str, sweep: Optional[str] = None, tracking_uri: Option
               keys: Sequence[str] = ()) -> List[RunRow]:
     """Runs of an experiment (optionally one sweep), oldest first, with the values of their sweep's keys (and of
     ``keys``, any config keys, e.g. ``--group-by``). Raises LookupError with a clear message."""
-    from lm_mini.tracking_store import mlflow_client
     from lm_mini.tracking_server import check_tracking_server
-    from lm_mini.tracking_store import TrackingUnavailable
+    from lm_mini.tracking_store import TrackingUnavailable, mlflow_client
 
     uri = tracking_uri or resolve_tracking_uri()
     try:  # MLflow's client would retry a dead server for minutes without a word
         check_tracking_server(uri)
     except TrackingUnavailable as e:
         raise LookupError(str(e)) from None
-    db = _sqlite_file(uri)
-    if db is not None and not db.is_file():  # opening it would create an empty store there
-        raise LookupError(f"no MLflow store at {db}: the file does not exist")
     try:
-        client = mlflow_client(uri)
-    except TrackingUnavailable as e:  # e.g. a store an interrupted first run left half-created
+        client = mlflow_client(uri)  # a missing SQLite file is refused, not created
+    except TrackingUnavailable as e:  # no such store, or one an interrupted first run left half-created
         raise LookupError(str(e)) from None
     exp = client.get_experiment_by_name(experiment)
     if exp is None:

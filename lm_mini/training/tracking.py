@@ -37,7 +37,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
 from lm_mini.data.remote import redact, without_credentials
 from lm_mini.runs import Run
-from lm_mini.tracking_server import ShortRequestClient
+from lm_mini.tracking_server import ShortRequestClient, is_server
 from lm_mini.tracking_store import TrackingUnavailable, mlflow_client
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class BufferedMLFlowLogger(MLFlowLogger):
         ``logging.flush_timeout_s`` at most each); MLflow's client for a local store."""
         if self._short is None:
             uri = self._tracking_uri
-            self._short = (ShortRequestClient(uri, max(1.0, self.flush_timeout)) if uri.startswith(("http://", "https://"))
+            self._short = (ShortRequestClient(uri, max(1.0, self.flush_timeout)) if is_server(uri)
                            else self._mlflow_client)
         return self._short
 
@@ -273,8 +273,8 @@ class BufferedMLFlowLogger(MLFlowLogger):
 
         def terminate() -> None:
             try:
-                if self._read_pending():
-                    sent = self.replay_pending()  # the store may be back by now
+                sent = self.replay_pending()  # the store may be back by now
+                if sent:
                     log.info("sent %d steps of metrics that had been written to %s", sent, self.pending_file)
             except Exception as e:  # still not taken: they stay in the file
                 log.debug("pending metrics not sent at close: %s", e)
