@@ -85,16 +85,21 @@ def shape_of(mask: np.ndarray) -> str:
     return max(world.SHAPES, key=lambda s: (mask & ideal_mask(s, mask)).sum() / (mask | ideal_mask(s, mask)).sum())
 
 
-def see(image: Image.Image):
-    """The shapes in an image as (shape, colour, slot), read from the pixels alone."""
+def _shapes_in(image: Image.Image, regions, region_of_pixel, min_pixels: int):
+    """(shape, colour, region) of each shape in ``image``: the pixels of one colour within one region."""
     labels = colour_labels(np.asarray(image.convert("RGB")))
     found = []
-    for s, slot in enumerate(world.SLOTS):
+    for k, region in enumerate(regions):
         for c, colour in enumerate(world.COLORS):
-            mask = (labels == c) & (SLOT_OF_PIXEL == s)
-            if mask.sum() >= 30:  # a shape has >= ~70 pixels; JPEG fringes have a few
-                found.append((shape_of(mask), colour, slot))
+            mask = (labels == c) & (region_of_pixel == k)
+            if mask.sum() >= min_pixels:
+                found.append((shape_of(mask), colour, region))
     return found
+
+
+def see(image: Image.Image):
+    """The shapes in an image as (shape, colour, slot), read from the pixels alone."""
+    return _shapes_in(image, world.SLOTS, SLOT_OF_PIXEL, 30)  # a shape has >= ~70 pixels; JPEG fringes have a few
 
 
 CELL_CENTRES = np.array(list(world.CELLS.values()))
@@ -103,14 +108,7 @@ CELL_OF_PIXEL = np.argmin((XX[..., None] - CELL_CENTRES[:, 0]) ** 2 + (YY[..., N
 
 def see_cells(image: Image.Image):
     """The shapes of a multi-object scene as (shape, colour, cell), read from the pixels alone."""
-    labels = colour_labels(np.asarray(image.convert("RGB")))
-    found = []
-    for k, cell in enumerate(world.CELLS):
-        for c, colour in enumerate(world.COLORS):
-            mask = (labels == c) & (CELL_OF_PIXEL == k)
-            if mask.sum() >= 20:  # a scene's shape has >= ~45 pixels
-                found.append((shape_of(mask), colour, cell))
-    return found
+    return _shapes_in(image, world.CELLS, CELL_OF_PIXEL, 20)  # a scene's shape has >= ~45 pixels
 
 
 def answer_scene(question: str, things) -> str:
