@@ -20,7 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 
 from lm_mini.data.errors import SampleError
-from lm_mini.models.encoders import normalize_pixels
+from lm_mini.models.encoders import normalize_pixels, views_per_image
 
 # ------------------------------------------------------------------------------------------- decoding
 
@@ -405,8 +405,7 @@ class ImageProcessor:
 
     @property
     def views_per_image(self) -> int:
-        r = self.resolution_ratio
-        return 1 + r * r if r > 1 else 1
+        return views_per_image(self.resolution_ratio)
 
     @property
     def views_per_frame(self) -> int:

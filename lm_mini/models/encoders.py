@@ -75,6 +75,12 @@ def normalize_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[
     return pixels.float().mul_(1.0 / (255.0 * std_t)).sub_(mean_t / std_t)
 
 
+def views_per_image(resolution_ratio: int) -> int:
+    """How many encoder views one image becomes: the global view, plus R*R crops at ``resolution_ratio`` R > 1
+    (official LLaVA-Mini's high resolution). The loader makes them, the model reads them in groups of this size."""
+    return 1 + resolution_ratio * resolution_ratio if resolution_ratio > 1 else 1
+
+
 def hf_block_stack(model: nn.Module) -> Optional[nn.Module]:
     """A transformers model's stack of repeated layers: the container whose children are all of a class the model
     names in ``_no_split_modules`` (what accelerate's device maps and FSDP's auto-wrap policy go by). Children

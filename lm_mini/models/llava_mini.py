@@ -25,7 +25,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from lm_mini.config import ModelConfig, check_fields
 from lm_mini.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from lm_mini.models.attention import backend_for_build, resolve_backends
-from lm_mini.models.encoders import build_encoder, normalize_pixels, plain
+from lm_mini.models.encoders import build_encoder, normalize_pixels, plain, views_per_image
 from lm_mini.models.llm import decoder_layers
 from lm_mini.models.prefusion import PreFusion
 from lm_mini.registry import COMPRESSORS, LLMS, PROJECTORS
@@ -146,7 +146,7 @@ class LlavaMini(nn.Module):
     # ------------------------------------------------------------------ media
     @property
     def views_per_image(self) -> int:
-        return 1 + self.resolution_ratio**2 if self.resolution_ratio > 1 else 1
+        return views_per_image(self.resolution_ratio)
 
     def _media_units(self, batch: Batch) -> Tuple[List[int], List[int]]:
         """Split the batch's views into media units: (views per unit, sample of each unit), in batch order.
