@@ -25,6 +25,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
+from lm_mini.config import differences
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _HEARTBEAT_KEY = "lm_mini/alive/{rank}"
@@ -109,11 +111,11 @@ def check_same_config(launch: Launch, flat_config: Dict[str, Any]) -> None:
         return
     configs = gather_from_ranks(flat_config, launch.world_size)
     for rank, other in enumerate(configs):
-        keys = sorted(k for k in set(other) | set(configs[0]) if other.get(k) != configs[0].get(k))
-        if keys:
-            shown = "; ".join(f"{k}: {configs[0].get(k)!r} on rank 0, {other.get(k)!r} on rank {rank}" for k in keys[:5])
+        differ = differences(configs[0], other)
+        if differ:
+            shown = "; ".join(f"{k}: {mine!r} on rank 0, {theirs!r} on rank {rank}" for k, mine, theirs in differ[:5])
             raise LaunchError(f"rank {launch.rank}: the ranks of this {launch.launcher} job were given different "
-                              f"configurations ({shown}{' ...' if len(keys) > 5 else ''}); every rank must run the "
+                              f"configurations ({shown}{' ...' if len(differ) > 5 else ''}); every rank must run the "
                               "same command and config files")
 
 
